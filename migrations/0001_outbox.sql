@@ -1,0 +1,56 @@
+-- outbox-relay schema for public.outbox. Idempotent: safe to apply again.
+CREATE SCHEMA IF NOT EXISTS "public";
+
+CREATE TABLE IF NOT EXISTS "public"."outbox" (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic        text NOT NULL,
+    key          text,
+    payload      bytea,
+    headers      jsonb,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Written by the relay only:
+    published_at timestamptz,
+    attempts     integer NOT NULL DEFAULT 0,
+    last_error   text,
+    failed_at    timestamptz
+);
+
+-- The relay reads pending rows in id order through this small partial index.
+CREATE INDEX IF NOT EXISTS "outbox_pending_idx" ON "public"."outbox" (id)
+    WHERE published_at IS NULL AND failed_at IS NULL;
+
+-- Cleanup finds old published rows here; parked rows are listed from here.
+CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (published_at)
+    WHERE published_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS "outbox_failed_idx" ON "public"."outbox" (id)
+    WHERE failed_at IS NOT NULL;
+
+-- Queue table: vacuum early so dead tuples from marking never pile up.
+ALTER TABLE "public"."outbox" SET (
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_analyze_scale_factor = 0.02
+);
+
+-- Convenience for JSON events: SELECT "public"."outbox_enqueue_json"('orders', 'order-42', '{"total": 10}');
+CREATE OR REPLACE FUNCTION "public"."outbox_enqueue_json"(topic text, key text, payload jsonb, headers jsonb DEFAULT NULL)
+RETURNS bigint LANGUAGE sql AS $$
+    INSERT INTO "public"."outbox" (topic, key, payload, headers)
+    VALUES (topic, key, convert_to(payload::text, 'UTF8'), headers)
+    RETURNING id
+$$;
+
+-- Wake-up hint for the relay (one notification per inserting statement, delivered at commit).
+CREATE OR REPLACE FUNCTION "public"."outbox_notify"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox_relay.outbox', '');
+    RETURN NULL;
+END
+$$;
+
+DO $do$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = '"public"."outbox"'::regclass AND tgname = 'outbox_notify') THEN
+        CREATE TRIGGER "outbox_notify" AFTER INSERT ON "public"."outbox"
+            FOR EACH STATEMENT EXECUTE FUNCTION "public"."outbox_notify"();
+    END IF;
+END $do$;

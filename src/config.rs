@@ -1,0 +1,525 @@
+//! Command line and environment: raw clap flags, parsed once into a validated [`Config`].
+//!
+//! Every flag is also an environment variable `OUTBOX_RELAY_<FLAG>`. Secrets (the database
+//! URL or password, Kafka SASL/TLS secrets) can come from the environment or from a file
+//! (`*_FILE`), so they never have to appear in argv, and are wrapped in [`Secret`] so that
+//! `Debug` output never shows them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::table::TableName;
+
+/// A string that must never be printed. `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Relays a PostgreSQL transactional outbox table to Apache Kafka"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay: read committed outbox rows, publish them to Kafka, mark them published.
+    Run(RunArgs),
+    /// Create or upgrade the outbox table (idempotent, safe from several replicas at once).
+    Migrate(MigrateArgs),
+    /// Delete published rows older than the retention, in small batches, then exit.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://relay@db:5432/app?sslmode=verify-full&sslrootcert=/ca.pem.
+    /// Prefer the environment variable or --database-url-file: argv is visible to every local user.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DATABASE_URL",
+        hide_env_values = true,
+        help_heading = "Database"
+    )]
+    pub database_url: Option<String>,
+    /// File holding the PostgreSQL URL (e.g. a mounted Kubernetes Secret).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DATABASE_URL_FILE",
+        help_heading = "Database"
+    )]
+    pub database_url_file: Option<PathBuf>,
+    /// Password for the database role; overrides any password in the URL.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DATABASE_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Database"
+    )]
+    pub database_password: Option<String>,
+    /// File holding the database password.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_DATABASE_PASSWORD_FILE",
+        help_heading = "Database"
+    )]
+    pub database_password_file: Option<PathBuf>,
+    /// Outbox table, optionally schema-qualified: `outbox` or `events.outbox`.
+    #[arg(long, env = "OUTBOX_RELAY_TABLE", default_value = "outbox", value_parser = TableName::parse, help_heading = "Database")]
+    pub table: TableName,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS", help_heading = "Kafka")]
+    pub kafka_brokers: String,
+    /// Any librdkafka producer property as key=value; repeatable (in the environment,
+    /// separate several with `;`). Put secrets in --kafka-config-file, not here.
+    #[arg(long = "kafka-config", env = "OUTBOX_RELAY_KAFKA_CONFIG", value_delimiter = ';', value_parser = parse_key_value, help_heading = "Kafka")]
+    pub kafka_config: Vec<(String, String)>,
+    /// File of librdkafka properties, one key=value per line (# comments). Use it for SASL and TLS secrets.
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_CONFIG_FILE", help_heading = "Kafka")]
+    pub kafka_config_file: Option<PathBuf>,
+    /// Compression codec for produced batches.
+    #[arg(long, env = "OUTBOX_RELAY_COMPRESSION", value_enum, default_value_t = Compression::Lz4, help_heading = "Kafka")]
+    pub compression: Compression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Maximum rows read, published and marked per batch.
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000), help_heading = "Relay")]
+    pub batch_size: u32,
+    /// Safety-net poll interval when no notification arrives (e.g. 250ms, 1s).
+    #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration, help_heading = "Relay")]
+    pub poll_interval: Duration,
+    /// Wake on LISTEN/NOTIFY from the table's insert trigger (poll-only when false).
+    #[arg(long, env = "OUTBOX_RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set, help_heading = "Relay")]
+    pub listen: bool,
+    /// Published rows older than this are deleted by the built-in cleanup (0s disables it).
+    #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration, help_heading = "Relay")]
+    pub retention: Duration,
+    /// How often the built-in cleanup runs.
+    #[arg(long, env = "OUTBOX_RELAY_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration, help_heading = "Relay")]
+    pub cleanup_interval: Duration,
+    /// Readiness fails when pending rows exist and no batch completed for this long.
+    #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "60s", value_parser = parse_nonzero_duration, help_heading = "Relay")]
+    pub stall_timeout: Duration,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_METRICS_ADDR",
+        default_value = "0.0.0.0:9464",
+        help_heading = "Operations"
+    )]
+    pub metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Operations")]
+    pub log_format: LogFormat,
+    /// Time allowed after SIGTERM/SIGINT to finish in-flight work, flush and mark.
+    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_nonzero_duration, help_heading = "Operations")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Install the statement-level NOTIFY trigger (false drops it: poll-only, no commit-time lock).
+    #[arg(long, env = "OUTBOX_RELAY_NOTIFY_TRIGGER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub notify_trigger: bool,
+    /// Print the SQL for --table instead of applying it (to feed your own migration tool).
+    #[arg(long)]
+    pub print_sql: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Delete published rows older than this.
+    #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub retention: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (use a duration such as 250ms, 5s or 1m)"))
+}
+
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!(
+            "expected key=value (a librdkafka property), got {s:?}"
+        )),
+    }
+}
+
+/// A configuration problem found after flag parsing (reading a file, a bad URL...).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{flag}: cannot read {path}: {source}")]
+    ReadFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--database-url (or OUTBOX_RELAY_DATABASE_URL / --database-url-file) is required")]
+    MissingDatabaseUrl,
+    #[error("--database-url: not a valid PostgreSQL URL ({0}); expected postgres://user@host:5432/dbname")]
+    BadDatabaseUrl(String),
+    #[error("--kafka-config-file {path}: line {line}: expected key=value")]
+    BadKafkaConfigLine { path: PathBuf, line: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn read_secret_file(flag: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+        .map_err(|source| ConfigError::ReadFile {
+            flag,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Database connection settings, validated.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    pub connect: sqlx::postgres::PgConnectOptions,
+    pub table: TableName,
+    /// Host, port and database, for logs (never the password).
+    pub display: String,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("server", &self.display)
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseArgs {
+    pub fn resolve(&self) -> Result<DatabaseConfig, ConfigError> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => Secret::new(url.clone()),
+            (None, Some(path)) => read_secret_file("--database-url-file", path)?,
+            (None, None) => return Err(ConfigError::MissingDatabaseUrl),
+        };
+        let mut connect: sqlx::postgres::PgConnectOptions =
+            url.expose().parse().map_err(|e: sqlx::Error| {
+                ConfigError::BadDatabaseUrl(redact_url_error(&e.to_string(), &url))
+            })?;
+        let password = match (&self.database_password, &self.database_password_file) {
+            (Some(p), _) => Some(Secret::new(p.clone())),
+            (None, Some(path)) => Some(read_secret_file("--database-password-file", path)?),
+            (None, None) => None,
+        };
+        if let Some(p) = password {
+            connect = connect.password(p.expose());
+        }
+        connect = connect.application_name("outbox-relay");
+        let display = format!(
+            "{}:{}/{}",
+            connect.get_host(),
+            connect.get_port(),
+            connect.get_database().unwrap_or("(default)")
+        );
+        Ok(DatabaseConfig {
+            connect,
+            table: self.table.clone(),
+            display,
+        })
+    }
+}
+
+fn redact_url_error(message: &str, url: &Secret) -> String {
+    // A parse error may echo the URL back; never let the password through.
+    if url.expose().is_empty() {
+        message.to_string()
+    } else {
+        message.replace(url.expose(), "<database url>")
+    }
+}
+
+/// Kafka producer settings, validated. `Debug` redacts every secret-looking property.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// Properties applied on top of the relay's defaults, in order.
+    pub properties: Vec<(String, Secret)>,
+}
+
+/// librdkafka property names whose values are secret.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "key.pem",
+        "private",
+        "token",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: Vec<String> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_property(k) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={}", v.expose())
+                }
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+impl KafkaArgs {
+    pub fn resolve(&self) -> Result<KafkaConfig, ConfigError> {
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "--kafka-brokers: must name at least one broker host:port".into(),
+            ));
+        }
+        let mut properties = vec![(
+            "compression.type".to_string(),
+            Secret::new(self.compression.as_str()),
+        )];
+        if let Some(path) = &self.kafka_config_file {
+            let text = read_secret_file("--kafka-config-file", path)?;
+            for (i, line) in text.expose().lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (k, v) =
+                    parse_key_value(line).map_err(|_| ConfigError::BadKafkaConfigLine {
+                        path: path.clone(),
+                        line: i + 1,
+                    })?;
+                properties.push((k, Secret::new(v)));
+            }
+        }
+        for (k, v) in &self.kafka_config {
+            if k == "bootstrap.servers" {
+                return Err(ConfigError::Invalid(
+                    "--kafka-config bootstrap.servers: use --kafka-brokers instead".into(),
+                ));
+            }
+            properties.push((k.clone(), Secret::new(v.clone())));
+        }
+        Ok(KafkaConfig {
+            brokers: self.kafka_brokers.trim().to_string(),
+            properties,
+        })
+    }
+}
+
+/// Everything `run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub db: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub batch_size: u32,
+    pub poll_interval: Duration,
+    pub listen: bool,
+    pub retention: Duration,
+    pub cleanup_interval: Duration,
+    pub stall_timeout: Duration,
+    pub metrics_addr: SocketAddr,
+    pub shutdown_timeout: Duration,
+}
+
+impl RunArgs {
+    pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
+        Ok(RelayConfig {
+            db: self.db.resolve()?,
+            kafka: self.kafka.resolve()?,
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            listen: self.listen,
+            retention: self.retention,
+            cleanup_interval: self.cleanup_interval,
+            stall_timeout: self.stall_timeout,
+            metrics_addr: self.metrics_addr,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["outbox-relay", "run", "--kafka-brokers", "k:9092"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let err = run_args(&["--poll-interval", "soon"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--poll-interval"), "{err}");
+        let err = run_args(&["--batch-size", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--batch-size"), "{err}");
+        let err = run_args(&["--table", "a.b.c"]).unwrap_err();
+        assert!(err.to_string().contains("--table"), "{err}");
+        let err = run_args(&["--kafka-config", "novalue"]).unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let cli = run_args(&[
+            "--database-url",
+            "postgres://u:hunter2-sentinel@db/app",
+            "--kafka-config",
+            "sasl.password=hunter2-sentinel",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let config = args.resolve().unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2-sentinel"), "{shown}");
+        assert!(shown.contains("sasl.password=***"), "{shown}");
+        assert!(shown.contains("db:5432/app"), "{shown}");
+    }
+
+    #[test]
+    fn password_file_overrides_url_password() {
+        let dir = std::env::temp_dir().join(format!("outbox-relay-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pw");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let cli = run_args(&[
+            "--database-url",
+            "postgres://u@db/app",
+            "--database-password-file",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert!(args.resolve().is_ok());
+        let missing = run_args(&["--database-url-file", "/nonexistent/url"]).unwrap();
+        let Command::Run(args) = missing.command else {
+            panic!("not run")
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--database-url-file") && err.contains("/nonexistent/url"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kafka_properties_keep_order_and_reject_bootstrap_override() {
+        let cli = run_args(&[
+            "--database-url",
+            "postgres://db/app",
+            "--kafka-config",
+            "linger.ms=2;acks=1",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let k = args.kafka.resolve().unwrap();
+        let keys: Vec<&str> = k.properties.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["compression.type", "linger.ms", "acks"]);
+        let cli = run_args(&[
+            "--database-url",
+            "postgres://db/app",
+            "--kafka-config",
+            "bootstrap.servers=x",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert!(args.kafka.resolve().is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! outbox-relay: publishes a PostgreSQL transactional outbox table to Apache Kafka,
+//! at-least-once, per-key order kept, never a rolled-back or lost row.
+//!
+//! # Layout
+//! - [`config`]: flags and environment parsed once into a validated config; secrets redacted.
+//! - [`table`]: the outbox table's name (always quoted) and its DDL.
+//! - [`event`]: a row and the Kafka message it becomes (validation, standard headers).
+//! - [`outbox`]: every SQL statement: read pending, mark, park, backlog, cleanup, LISTEN, leader lock.
+//! - [`publisher`]: the idempotent Kafka producer and the error classifier.
+//! - [`relay`]: the loop (read, publish, settle, mark) and its invariant.
+//! - [`telemetry`]: metrics, health, the HTTP endpoints, logging.
+//! - [`shutdown`]: signals to a cancellation token.
+
+pub mod config;
+pub mod event;
+pub mod outbox;
+pub mod publisher;
+pub mod relay;
+pub mod shutdown;
+pub mod table;
+pub mod telemetry;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use config::RelayConfig;
+use outbox::{Leadership, OutboxStore};
+use publisher::Publisher;
+use telemetry::{Health, Metrics};
+
+/// Run the relay until `cancel` fires, then drain: the loop settles and marks its in-flight
+/// batch (flushing the producer), background tasks stop, the pool closes.
+pub async fn run(
+    config: RelayConfig,
+    publisher: Publisher,
+    http: std::net::TcpListener,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::new(config.stall_timeout));
+    let tasks = CancellationToken::new();
+    tokio::spawn({
+        let (health, cancel) = (health.clone(), cancel.clone());
+        async move {
+            cancel.cancelled().await;
+            health.stopping.store(true, Ordering::Relaxed);
+        }
+    });
+    let http = tokio::net::TcpListener::from_std(http)?;
+    let server = tokio::spawn(telemetry::serve(
+        http,
+        metrics.clone(),
+        health.clone(),
+        tasks.clone(),
+    ));
+
+    let pool = outbox::pool(&config.db.connect, 4);
+    let store = OutboxStore::new(pool.clone(), config.db.table.clone());
+    let wake = Arc::new(Notify::new());
+    let listener = config.listen.then(|| {
+        tokio::spawn(outbox::listen(
+            pool.clone(),
+            config.db.table.channel(),
+            wake.clone(),
+            tasks.clone(),
+        ))
+    });
+    let (publisher_tx, publisher_rx) = watch::channel(publisher);
+    let monitor = tokio::spawn(monitor(
+        store.clone(),
+        publisher_rx,
+        metrics.clone(),
+        health.clone(),
+        tasks.clone(),
+    ));
+    let cleanup = tokio::spawn(cleanup(
+        store.clone(),
+        config.retention,
+        config.cleanup_interval,
+        metrics.clone(),
+        tasks.clone(),
+    ));
+
+    tracing::info!(database = %config.db.display, table = %config.db.table, kafka = %config.kafka.brokers,
+        batch_size = config.batch_size, poll_interval = ?config.poll_interval, listen = config.listen, "outbox-relay started");
+    let relay = relay::Relay {
+        leadership: Leadership::new(config.db.connect.clone(), &config.db.table),
+        config,
+        store,
+        publisher: publisher_tx,
+        metrics,
+        health: health.clone(),
+        wake,
+    };
+    relay.run(cancel).await;
+
+    tasks.cancel();
+    for task in [Some(monitor), Some(cleanup), listener]
+        .into_iter()
+        .flatten()
+    {
+        let _ = task.await;
+    }
+    pool.close().await;
+    let _ = server.await;
+    Ok(())
+}
+
+/// Every few seconds: backlog gauges, database and Kafka reachability (for /readyz).
+async fn monitor(
+    store: OutboxStore,
+    publisher: watch::Receiver<Publisher>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    while !cancel.is_cancelled() {
+        match store.backlog().await {
+            Ok(b) => {
+                health.database_ok.store(true, Ordering::Relaxed);
+                health.has_pending.store(b.pending > 0, Ordering::Relaxed);
+                metrics.pending_rows.set(b.pending);
+                metrics
+                    .oldest_pending_age
+                    .set(b.oldest_pending_age.unwrap_or(0.0).max(0.0));
+                metrics.parked_rows.set(b.parked);
+            }
+            Err(e) => {
+                health.database_ok.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, hint = outbox::hint(&e, store.table()), "backlog query failed");
+            }
+        }
+        let p = publisher.borrow().clone();
+        let kafka = p.check_connection(Duration::from_secs(5)).await;
+        if let Err(e) = &kafka {
+            tracing::warn!(error = %e, "Kafka metadata request failed: check --kafka-brokers and the network");
+        }
+        health.kafka_ok.store(kafka.is_ok(), Ordering::Relaxed);
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(5)) => {} }
+    }
+}
+
+/// Delete old published rows on a schedule (only while this replica leads).
+async fn cleanup(
+    store: OutboxStore,
+    retention: Duration,
+    every: Duration,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
+        if metrics.leader.get() != 1 {
+            continue;
+        }
+        match store.cleanup(retention, 5000).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.cleaned.inc_by(n);
+                tracing::info!(rows = n, retention = ?retention, "cleanup deleted published rows");
+            }
+            Err(e) => tracing::warn!(error = %e, "cleanup failed; will retry"),
+        }
+    }
+}

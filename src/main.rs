@@ -1,0 +1,171 @@
+//! The `outbox-relay` binary: parse flags, finish fallible setup, then hand over to the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+use outbox_relay::config::{CleanupArgs, Cli, Command, LogFormat, MigrateArgs, RunArgs};
+use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // a bad flag exits 2 with a message naming it
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Migrate(args) => migrate(args),
+        Command::Cleanup(args) => cleanup(args),
+    }
+}
+
+/// A configuration error found after parsing: same exit code as a bad flag.
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
+    telemetry::init_logging(args.log_format);
+    let publisher = match Publisher::new(&config.kafka) {
+        Ok(p) => p,
+        Err(e) => return usage_error(format!("invalid Kafka configuration (--kafka-config): {e}")),
+    };
+    let http = match std::net::TcpListener::bind(config.metrics_addr)
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            return usage_error(format!(
+                "--metrics-addr {}: cannot listen ({e}); pick a free address:port",
+                config.metrics_addr
+            ))
+        }
+    };
+    let shutdown_timeout = config.shutdown_timeout;
+    runtime().block_on(async move {
+        let cancel = CancellationToken::new();
+        if let Err(e) = shutdown::on_signal(cancel.clone()) {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+        let deadline = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(shutdown_timeout).await;
+        };
+        tokio::select! {
+            result = outbox_relay::run(config, publisher, http, cancel.clone()) => match result {
+                Ok(()) => {
+                    tracing::info!("stopped cleanly");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "relay failed");
+                    ExitCode::FAILURE
+                }
+            },
+            _ = deadline => {
+                tracing::error!(timeout = ?shutdown_timeout, "shutdown timed out; unmarked rows will be published again on restart");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Connect, retrying for up to a minute (an init container may start before the database).
+async fn connect(
+    db: &outbox_relay::config::DatabaseConfig,
+) -> Result<sqlx::PgConnection, sqlx::Error> {
+    let policy = backoff::ExponentialBackoff {
+        max_elapsed_time: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    backoff::future::retry(policy, || async {
+        sqlx::PgConnection::connect_with(&db.connect)
+            .await
+            .map_err(|e| {
+                let hint = outbox::hint(&e, &db.table);
+                eprintln!("connecting to {}: {e} ({hint})", db.display);
+                match e {
+                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => backoff::Error::transient(e),
+                    _ => backoff::Error::permanent(e),
+                }
+            })
+    })
+    .await
+}
+
+fn migrate(args: MigrateArgs) -> ExitCode {
+    if args.print_sql {
+        print!("{}", args.db.table.ddl(args.notify_trigger));
+        return ExitCode::SUCCESS;
+    }
+    let db = match args.db.resolve() {
+        Ok(d) => d,
+        Err(e) => return usage_error(e),
+    };
+    telemetry::init_logging(LogFormat::Text);
+    runtime().block_on(async {
+        let result = async {
+            let mut conn = connect(&db).await?;
+            outbox::migrate(&mut conn, &db.table, args.notify_trigger).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                println!(
+                    "outbox table {} is up to date (notify trigger: {})",
+                    db.table, args.notify_trigger
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: migrate failed: {e} ({})",
+                    outbox::hint(&e, &db.table)
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn cleanup(args: CleanupArgs) -> ExitCode {
+    let db = match args.db.resolve() {
+        Ok(d) => d,
+        Err(e) => return usage_error(e),
+    };
+    telemetry::init_logging(LogFormat::Text);
+    runtime().block_on(async {
+        let pool = outbox::pool(&db.connect, 1);
+        let store = outbox::OutboxStore::new(pool, db.table.clone());
+        match store.cleanup(args.retention, 5000).await {
+            Ok(n) => {
+                println!(
+                    "deleted {n} published rows older than {}",
+                    humantime::format_duration(args.retention)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: cleanup failed: {e} ({})",
+                    outbox::hint(&e, &db.table)
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,309 @@
+//! The outbox store: every SQL statement the relay runs against PostgreSQL.
+//!
+//! Rows are read by state (`published_at IS NULL AND failed_at IS NULL`), never by an id
+//! cursor, so a row whose transaction commits late with a lower id is simply read on the
+//! next pass. No statement holds a transaction or a row lock while Kafka is awaited: each
+//! read, mark and park is a single autocommit statement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::OutboxRow;
+use crate::table::TableName;
+
+/// A lazily connecting pool: the relay starts (and serves /healthz) even when the database
+/// is down, and every statement reconnects as needed.
+pub fn pool(connect: &PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(connect.clone())
+}
+
+/// Apply the table's DDL in one transaction under an advisory lock, so several replicas
+/// can run `migrate` at once. A short lock timeout keeps a busy table's writers from
+/// queueing behind the migration.
+pub async fn migrate(
+    conn: &mut PgConnection,
+    table: &TableName,
+    notify_trigger: bool,
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '10s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(table.lock_key())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(AssertSqlSafe(table.ddl(notify_trigger)))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Backlog figures for metrics and readiness.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Backlog {
+    pub pending: i64,
+    pub oldest_pending_age: Option<f64>,
+    pub parked: i64,
+}
+
+/// The relay's statements for one table, built once with the quoted table name.
+#[derive(Clone)]
+pub struct OutboxStore {
+    pool: PgPool,
+    table: TableName,
+    fetch_sql: Arc<str>,
+    mark_sql: Arc<str>,
+    park_sql: Arc<str>,
+    retry_sql: Arc<str>,
+    backlog_sql: Arc<str>,
+    cleanup_sql: Arc<str>,
+}
+
+const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
+
+impl OutboxStore {
+    pub fn new(pool: PgPool, table: TableName) -> Self {
+        let t = table.quoted();
+        let errors = "unnest($1::bigint[], $2::text[]) AS f(id, error)";
+        OutboxStore {
+            fetch_sql: format!(
+                "SELECT id, topic, key, payload, headers, created_at FROM {t} WHERE {PENDING} ORDER BY id LIMIT $1"
+            )
+            .into(),
+            mark_sql: format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL").into(),
+            park_sql: format!(
+                "UPDATE {t} AS o SET failed_at = now(), attempts = o.attempts + 1, last_error = f.error FROM {errors} WHERE o.id = f.id"
+            )
+            .into(),
+            retry_sql: format!(
+                "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.error FROM {errors} WHERE o.id = f.id"
+            )
+            .into(),
+            backlog_sql: format!(
+                "SELECT (SELECT count(*) FROM {t} WHERE {PENDING}), \
+                 (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} WHERE {PENDING} ORDER BY id LIMIT 1), \
+                 (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL)"
+            )
+            .into(),
+            cleanup_sql: format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE published_at < now() - make_interval(secs => $1) \
+                 ORDER BY published_at LIMIT $2)"
+            )
+            .into(),
+            pool,
+            table,
+        }
+    }
+
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The oldest committed, pending rows, in id order.
+    pub async fn fetch_pending(&self, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Mark rows published (only after each one's own delivery report).
+    pub async fn mark_published(&self, ids: &[i64]) -> Result<u64, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(AssertSqlSafe(self.mark_sql.clone()))
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Set rows aside as failed, with the reason; the relay will not read them again.
+    pub async fn park(&self, failures: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        self.record_errors(&self.park_sql, failures).await
+    }
+
+    /// Record a transient failure on rows that stay pending (visible to operators).
+    pub async fn note_retry(&self, failures: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        self.record_errors(&self.retry_sql, failures).await
+    }
+
+    async fn record_errors(
+        &self,
+        sql: &Arc<str>,
+        failures: &[(i64, String)],
+    ) -> Result<(), sqlx::Error> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let (ids, errors): (Vec<i64>, Vec<String>) = failures.iter().cloned().unzip();
+        sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(ids)
+            .bind(errors)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn backlog(&self) -> Result<Backlog, sqlx::Error> {
+        let (pending, oldest_pending_age, parked): (i64, Option<f64>, i64) =
+            sqlx::query_as(AssertSqlSafe(self.backlog_sql.clone()))
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Backlog {
+            pending,
+            oldest_pending_age,
+            parked,
+        })
+    }
+
+    /// Delete published rows older than `retention`, in batches of `batch` rows (each its own
+    /// short statement, so no long locks). Returns how many rows were deleted.
+    pub async fn cleanup(&self, retention: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(AssertSqlSafe(self.cleanup_sql.clone()))
+                .bind(retention.as_secs_f64())
+                .bind(batch)
+                .execute(&self.pool)
+                .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Forward LISTEN/NOTIFY wake-ups into `wake` until cancelled. A lost connection also wakes
+/// the relay (notifications sent while disconnected are gone, so it must poll at once).
+pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection failed; polling meanwhile");
+                tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
+            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+            continue;
+        }
+        tracing::debug!(%channel, "listening for outbox notifications");
+        backoff = Duration::from_millis(100);
+        wake.notify_one();
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                next = listener.try_recv() => next,
+            };
+            match next {
+                Ok(_) => wake.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                    wake.notify_one();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Single-leader election with a session advisory lock on a dedicated connection: only the
+/// holder publishes, so per-key order holds when several replicas run. The lock is released
+/// when the connection closes (shutdown, crash, or a network failure).
+pub struct Leadership {
+    connect: PgConnectOptions,
+    key: i64,
+    conn: Option<PgConnection>,
+    held: bool,
+}
+
+impl Leadership {
+    pub fn new(connect: PgConnectOptions, table: &TableName) -> Self {
+        Leadership {
+            connect,
+            key: table.lock_key(),
+            conn: None,
+            held: false,
+        }
+    }
+
+    /// True while this process holds the lock (checked with a round trip on the lock's own
+    /// connection); tries to take it when it does not.
+    pub async fn ensure(&mut self) -> Result<bool, sqlx::Error> {
+        let result = self.check().await;
+        if result.is_err() {
+            if self.held {
+                tracing::warn!("lost the leader connection; leadership released");
+            }
+            self.conn = None;
+            self.held = false;
+        }
+        result
+    }
+
+    async fn check(&mut self) -> Result<bool, sqlx::Error> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(PgConnection::connect_with(&self.connect).await?),
+        };
+        if self.held {
+            sqlx::query("SELECT 1").execute(&mut *conn).await?;
+        } else {
+            self.held = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(self.key)
+                .fetch_one(&mut *conn)
+                .await?;
+        }
+        Ok(self.held)
+    }
+
+    pub async fn release(&mut self) {
+        self.held = false;
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// An operator hint for a database error: what is probably wrong and how to fix it.
+pub fn hint(e: &sqlx::Error, table: &TableName) -> String {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .unwrap_or_default();
+    match (code.as_ref(), e) {
+        ("42P01", _) => format!("table {table} does not exist: run `outbox-relay migrate` (or apply migrations/)"),
+        ("42703", _) => format!("table {table} lacks a relay column: run `outbox-relay migrate` to upgrade it"),
+        ("42501", _) => format!("the role lacks privileges: GRANT SELECT, UPDATE, DELETE ON {table}"),
+        ("28P01", _) | ("28000", _) => "authentication failed: check the user and password".into(),
+        ("3D000", _) => "the database in --database-url does not exist".into(),
+        (_, sqlx::Error::Io(_)) | (_, sqlx::Error::PoolTimedOut) => {
+            "cannot reach PostgreSQL: check the host and port in --database-url and that the server is up".into()
+        }
+        (_, sqlx::Error::Tls(_)) => "TLS handshake failed: check sslmode and sslrootcert in --database-url".into(),
+        _ => "retrying".into(),
+    }
+}

@@ -1,0 +1,376 @@
+//! The relay loop: wait for a wake-up, read a batch, publish it, settle each row by its own
+//! delivery report, mark. One batch is in flight at a time, so the invariant is easy to read:
+//! **a row is marked published only after its own delivery report, and never ahead of an
+//! earlier row of the same key that is still unsettled.**
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::event::{to_message, Message};
+use crate::outbox::{Leadership, OutboxStore};
+use crate::publisher::{Failure, Publisher};
+use crate::telemetry::{Health, Metrics};
+
+/// What to do with each row of a published batch.
+#[derive(Debug, Default, PartialEq)]
+pub struct Settlement {
+    /// Delivered, and no earlier row of the same key is unsettled: mark published.
+    pub delivered: Vec<i64>,
+    /// Can never be published as is: park with (reason kind, message).
+    pub park: Vec<(i64, &'static str, String)>,
+    /// Failed transiently: stays pending; its key is blocked for the rest of the batch.
+    pub retry: Vec<(i64, String)>,
+    /// The producer reported a fatal error and must be recreated.
+    pub fatal: bool,
+}
+
+/// Decide each row's fate from its delivery outcome, keeping per-key order: after a row of a
+/// key fails transiently, later rows of that key stay pending even if Kafka acknowledged
+/// them (they are published again after it: a duplicate, never a reordering of marks).
+pub fn settle(messages: &[Message], outcomes: Vec<Result<(), Failure>>) -> Settlement {
+    let mut s = Settlement::default();
+    let mut blocked: HashSet<&str> = HashSet::new();
+    for (m, outcome) in messages.iter().zip(outcomes) {
+        let key_blocked = m.key.as_deref().is_some_and(|k| blocked.contains(k));
+        match outcome {
+            _ if key_blocked => {}
+            Ok(()) => s.delivered.push(m.id),
+            Err(Failure::Poison { kind, reason }) => s.park.push((m.id, kind, reason)),
+            Err(failure) => {
+                s.fatal |= matches!(failure, Failure::Fatal(_));
+                s.retry.push((m.id, failure.into_reason()));
+                if let Some(k) = m.key.as_deref() {
+                    blocked.insert(k);
+                }
+            }
+        }
+    }
+    s
+}
+
+pub struct Relay {
+    pub config: RelayConfig,
+    pub store: OutboxStore,
+    pub publisher: watch::Sender<Publisher>,
+    pub leadership: Leadership,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub wake: Arc<Notify>,
+}
+
+fn retry_backoff() -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(10),
+        max_elapsed_time: None,
+        ..Default::default()
+    }
+}
+
+impl Relay {
+    /// The loop. Returns when `cancel` fires, after the in-flight batch is settled and marked.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = retry_backoff();
+        let mut go_again = false;
+        while !cancel.is_cancelled() {
+            if !go_again {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
+            go_again = false;
+            match self.leadership.ensure().await {
+                Ok(true) => self.metrics.leader.set(1),
+                Ok(false) => {
+                    self.metrics.leader.set(0);
+                    self.health.progressed(); // a standby is healthy by definition
+                    continue;
+                }
+                Err(e) => {
+                    self.metrics.leader.set(0);
+                    self.database_failed("leader lock", &e, &mut backoff, &cancel)
+                        .await;
+                    continue;
+                }
+            }
+            match self.step(&cancel).await {
+                Ok(full) => {
+                    backoff.reset();
+                    self.health.progressed();
+                    go_again = full;
+                }
+                Err(StepError::Database(e)) => {
+                    self.database_failed("read", &e, &mut backoff, &cancel)
+                        .await
+                }
+                Err(StepError::Kafka) => sleep_or_cancel(backoff.next_backoff(), &cancel).await,
+            }
+        }
+        self.leadership.release().await;
+        self.metrics.leader.set(0);
+        tracing::info!("relay loop stopped");
+    }
+
+    /// One batch: read, publish, settle, mark. Ok(true) when the batch was full.
+    async fn step(&mut self, cancel: &CancellationToken) -> Result<bool, StepError> {
+        let timer = self
+            .metrics
+            .phase_seconds
+            .with_label_values(&["fetch"])
+            .start_timer();
+        let rows = self.store.fetch_pending(self.config.batch_size).await?;
+        timer.observe_duration();
+        self.health.database_ok.store(true, Ordering::Relaxed);
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let full = rows.len() == self.config.batch_size as usize;
+        self.metrics.batch_size.observe(rows.len() as f64);
+
+        let source = self.store.table().to_string();
+        let mut messages = Vec::with_capacity(rows.len());
+        let mut invalid = Vec::new();
+        for row in rows {
+            let id = row.id;
+            match to_message(row, &source) {
+                Ok(m) => messages.push(m),
+                Err(reason) => invalid.push((id, "invalid_row", reason)),
+            }
+        }
+        self.park(invalid, cancel).await;
+
+        let timer = self
+            .metrics
+            .phase_seconds
+            .with_label_values(&["publish"])
+            .start_timer();
+        let publisher = self.publisher.borrow().clone();
+        let outcomes = publisher
+            .publish(&messages, cancel, self.config.shutdown_timeout.mul_f32(0.8))
+            .await;
+        timer.observe_duration();
+        let settlement = settle(&messages, outcomes);
+
+        let timer = self
+            .metrics
+            .phase_seconds
+            .with_label_values(&["mark"])
+            .start_timer();
+        self.mark(&messages, &settlement.delivered, cancel).await;
+        timer.observe_duration();
+        self.park(settlement.park, cancel).await;
+        if settlement.retry.is_empty() {
+            return Ok(full);
+        }
+        self.metrics
+            .publish_errors
+            .with_label_values(&[if settlement.fatal {
+                "fatal"
+            } else {
+                "transient"
+            }])
+            .inc_by(settlement.retry.len() as u64);
+        tracing::warn!(
+            rows = settlement.retry.len(),
+            first_id = settlement.retry[0].0,
+            error = %settlement.retry[0].1,
+            "delivery failed; rows stay pending and are retried with backoff"
+        );
+        if let Err(e) = self.store.note_retry(&settlement.retry).await {
+            tracing::warn!(error = %e, "could not record the retry on the rows");
+        }
+        let fatal = settlement.fatal || publisher.fatal_error().is_some();
+        if fatal {
+            self.recreate_producer(&publisher, cancel).await;
+        }
+        Err(StepError::Kafka)
+    }
+
+    /// Mark delivered rows, retrying until it succeeds: giving up would publish them again.
+    async fn mark(&mut self, messages: &[Message], ids: &[i64], cancel: &CancellationToken) {
+        let mut backoff = retry_backoff();
+        loop {
+            match self.store.mark_published(ids).await {
+                Ok(_) => break,
+                Err(e) if cancel.is_cancelled() => {
+                    tracing::error!(error = %e, rows = ids.len(), "could not mark delivered rows before shutdown; they will be published again");
+                    return;
+                }
+                Err(e) => self.database_failed("mark", &e, &mut backoff, cancel).await,
+            }
+        }
+        let now = chrono::Utc::now();
+        let delivered: HashSet<i64> = ids.iter().copied().collect();
+        for m in messages.iter().filter(|m| delivered.contains(&m.id)) {
+            let age = (now - m.created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+            self.metrics.latency.observe(age.max(0.0));
+        }
+        self.metrics.published.inc_by(ids.len() as u64);
+    }
+
+    /// Park poison rows with their reason (retrying the write like a mark).
+    async fn park(&mut self, rows: Vec<(i64, &'static str, String)>, cancel: &CancellationToken) {
+        if rows.is_empty() {
+            return;
+        }
+        for (id, kind, reason) in &rows {
+            tracing::error!(row_id = id, kind, reason = %reason, "row parked as failed; fix it and retry it, or skip it");
+            self.metrics.parked.with_label_values(&[kind]).inc();
+            self.metrics
+                .publish_errors
+                .with_label_values(&["poison"])
+                .inc();
+        }
+        let failures: Vec<(i64, String)> = rows
+            .into_iter()
+            .map(|(id, _, reason)| (id, reason))
+            .collect();
+        let mut backoff = retry_backoff();
+        while let Err(e) = self.store.park(&failures).await {
+            if cancel.is_cancelled() {
+                return; // still pending: the next run parks them again
+            }
+            self.database_failed("park", &e, &mut backoff, cancel).await;
+        }
+    }
+
+    async fn recreate_producer(&mut self, old: &Publisher, cancel: &CancellationToken) {
+        tracing::error!(error = ?old.fatal_error(), "fatal producer error; recreating the producer and replaying unacknowledged rows");
+        match Publisher::new(&self.config.kafka) {
+            Ok(p) => {
+                self.publisher.send_replace(p);
+            }
+            Err(e) => tracing::error!(error = %e, "could not recreate the producer; retrying"),
+        }
+        sleep_or_cancel(Some(Duration::from_millis(100)), cancel).await;
+    }
+
+    async fn database_failed(
+        &self,
+        what: &str,
+        e: &sqlx::Error,
+        backoff: &mut backoff::ExponentialBackoff,
+        cancel: &CancellationToken,
+    ) {
+        self.health.database_ok.store(false, Ordering::Relaxed);
+        let wait = backoff.next_backoff();
+        tracing::warn!(step = what, error = %e, hint = crate::outbox::hint(e, self.store.table()), retry_in = ?wait, "database error");
+        sleep_or_cancel(wait, cancel).await;
+    }
+}
+
+#[derive(Debug)]
+enum StepError {
+    Database(sqlx::Error),
+    Kafka,
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(e: sqlx::Error) -> Self {
+        StepError::Database(e)
+    }
+}
+
+async fn sleep_or_cancel(wait: Option<Duration>, cancel: &CancellationToken) {
+    let wait = wait.unwrap_or(Duration::from_secs(10));
+    tokio::select! { _ = cancel.cancelled() => {}, _ = tokio::time::sleep(wait) => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: i64, key: Option<&str>) -> Message {
+        Message {
+            id,
+            topic: "t".into(),
+            key: key.map(Into::into),
+            payload: None,
+            headers: vec![],
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn all_delivered_are_marked() {
+        let m = [msg(1, Some("a")), msg(2, Some("b")), msg(3, None)];
+        let s = settle(&m, vec![Ok(()), Ok(()), Ok(())]);
+        assert_eq!(s.delivered, vec![1, 2, 3]);
+        assert!(s.park.is_empty() && s.retry.is_empty() && !s.fatal);
+    }
+
+    #[test]
+    fn transient_failure_blocks_later_rows_of_its_key_only() {
+        let m = [
+            msg(1, Some("a")),
+            msg(2, Some("a")),
+            msg(3, Some("b")),
+            msg(4, Some("a")),
+            msg(5, None),
+        ];
+        let outcomes = vec![
+            Err(Failure::Transient("timed out".into())),
+            Ok(()),
+            Ok(()),
+            Err(Failure::Poison {
+                kind: "too_large",
+                reason: "big".into(),
+            }),
+            Ok(()),
+        ];
+        let s = settle(&m, outcomes);
+        assert_eq!(
+            s.delivered,
+            vec![3, 5],
+            "2 was acked after 1 failed: it must not be marked ahead of 1"
+        );
+        assert_eq!(s.retry, vec![(1, "timed out".to_string())]);
+        assert!(
+            s.park.is_empty(),
+            "4 waits behind 1; its poison is decided on its own turn"
+        );
+    }
+
+    #[test]
+    fn poison_is_parked_and_does_not_block() {
+        let m = [msg(1, Some("a")), msg(2, Some("a"))];
+        let s = settle(
+            &m,
+            vec![
+                Err(Failure::Poison {
+                    kind: "unknown_topic",
+                    reason: "x".into(),
+                }),
+                Ok(()),
+            ],
+        );
+        assert_eq!(s.park, vec![(1, "unknown_topic", "x".to_string())]);
+        assert_eq!(s.delivered, vec![2]);
+    }
+
+    #[test]
+    fn null_keys_never_block_each_other() {
+        let m = [msg(1, None), msg(2, None)];
+        let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())]);
+        assert_eq!(s.delivered, vec![2]);
+    }
+
+    #[test]
+    fn fatal_is_flagged() {
+        let m = [msg(1, Some("a"))];
+        let s = settle(
+            &m,
+            vec![Err(Failure::Fatal("Fatal: out of order sequence".into()))],
+        );
+        assert!(s.fatal);
+    }
+}

@@ -1,0 +1,238 @@
+//! The outbox table: its name (schema-qualified, always quoted) and its DDL.
+//!
+//! The DDL is generated here for any `--table`; `migrations/0001_outbox.sql` is exactly
+//! what it generates for the default table `public.outbox` (a unit test keeps the two
+//! equal), so teams with their own migration tool can apply that file instead.
+
+use std::fmt;
+
+/// A validated, schema-qualified table name. Both parts are quoted wherever SQL is built.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TableName {
+    schema: String,
+    table: String,
+}
+
+impl fmt::Debug for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Quote an identifier for PostgreSQL: wrap in double quotes, double any embedded quote.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quote a string literal for PostgreSQL (only used in DDL; queries bind parameters).
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl TableName {
+    /// Parse `table` or `schema.table`. Names are taken literally (case-sensitive) and quoted.
+    pub fn parse(s: &str) -> Result<TableName, String> {
+        let (schema, table) = match s.split_once('.') {
+            Some((schema, table)) => (schema, table),
+            None => ("public", s),
+        };
+        for part in [schema, table] {
+            if part.is_empty() || part.contains('.') {
+                return Err(format!("{s:?} is not `table` or `schema.table`"));
+            }
+            // Derived names (index, trigger, function) add up to 15 bytes to the table name.
+            if part.len() > 48 {
+                return Err(format!("{part:?} is longer than 48 bytes"));
+            }
+            if part.chars().any(|c| c.is_control() || c == '$') {
+                return Err(format!("{part:?} contains '$' or a control character"));
+            }
+        }
+        Ok(TableName {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The quoted, qualified name for use in SQL: `"schema"."table"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+
+    /// A quoted object name derived from the table, in the same schema.
+    fn derived(&self, suffix: &str) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&format!("{}_{suffix}", self.table))
+        )
+    }
+
+    /// The LISTEN/NOTIFY channel for this table.
+    pub fn channel(&self) -> String {
+        format!("outbox_relay.{}", self.table)
+    }
+
+    /// An advisory-lock key for this table (stable across processes and versions).
+    pub fn lock_key(&self) -> i64 {
+        // FNV-1a over "schema.table": stable, no dependency, no collisions in practice.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in self.to_string().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h as i64
+    }
+
+    /// The DDL that creates (or upgrades) this outbox table. Idempotent.
+    pub fn ddl(&self, notify_trigger: bool) -> String {
+        let t = self.quoted();
+        let pending_idx = quote_ident(&format!("{}_pending_idx", self.table));
+        let published_idx = quote_ident(&format!("{}_published_idx", self.table));
+        let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
+        let notify_fn = self.derived("notify");
+        let trigger = quote_ident(&format!("{}_notify", self.table));
+        let enqueue_fn = self.derived("enqueue_json");
+        let channel = quote_literal(&self.channel());
+        let mut sql = format!(
+            r#"-- outbox-relay schema for {self}. Idempotent: safe to apply again.
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+CREATE TABLE IF NOT EXISTS {t} (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic        text NOT NULL,
+    key          text,
+    payload      bytea,
+    headers      jsonb,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Written by the relay only:
+    published_at timestamptz,
+    attempts     integer NOT NULL DEFAULT 0,
+    last_error   text,
+    failed_at    timestamptz
+);
+
+-- The relay reads pending rows in id order through this small partial index.
+CREATE INDEX IF NOT EXISTS {pending_idx} ON {t} (id)
+    WHERE published_at IS NULL AND failed_at IS NULL;
+
+-- Cleanup finds old published rows here; parked rows are listed from here.
+CREATE INDEX IF NOT EXISTS {published_idx} ON {t} (published_at)
+    WHERE published_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {failed_idx} ON {t} (id)
+    WHERE failed_at IS NOT NULL;
+
+-- Queue table: vacuum early so dead tuples from marking never pile up.
+ALTER TABLE {t} SET (
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_analyze_scale_factor = 0.02
+);
+
+-- Convenience for JSON events: SELECT {enqueue_fn}('orders', 'order-42', '{{"total": 10}}');
+CREATE OR REPLACE FUNCTION {enqueue_fn}(topic text, key text, payload jsonb, headers jsonb DEFAULT NULL)
+RETURNS bigint LANGUAGE sql AS $$
+    INSERT INTO {t} (topic, key, payload, headers)
+    VALUES (topic, key, convert_to(payload::text, 'UTF8'), headers)
+    RETURNING id
+$$;
+
+-- Wake-up hint for the relay (one notification per inserting statement, delivered at commit).
+CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify({channel}, '');
+    RETURN NULL;
+END
+$$;
+
+"#,
+            schema = quote_ident(&self.schema),
+        );
+        let trigger_name = quote_literal(&format!("{}_notify", self.table));
+        let regclass = quote_literal(&t);
+        if notify_trigger {
+            sql.push_str(&format!(
+                r#"DO $do$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = {regclass}::regclass AND tgname = {trigger_name}) THEN
+        CREATE TRIGGER {trigger} AFTER INSERT ON {t}
+            FOR EACH STATEMENT EXECUTE FUNCTION {notify_fn}();
+    END IF;
+END $do$;
+"#
+            ));
+        } else {
+            sql.push_str(&format!(
+                "-- No NOTIFY trigger: the relay polls only (no commit-time notify lock).\nDROP TRIGGER IF EXISTS {trigger} ON {t};\n"
+            ));
+        }
+        sql
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_quotes_names() {
+        let t = TableName::parse("outbox").unwrap();
+        assert_eq!(t.quoted(), r#""public"."outbox""#);
+        let t = TableName::parse("Events.My\"Box").unwrap();
+        assert_eq!(t.quoted(), r#""Events"."My""Box""#);
+        assert!(TableName::parse("").is_err());
+        assert!(TableName::parse("a.").is_err());
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse(&"x".repeat(49)).is_err());
+        assert!(TableName::parse("bad\nname").is_err());
+        assert!(
+            TableName::parse("a$$b").is_err(),
+            "would end a dollar-quoted body"
+        );
+    }
+
+    #[test]
+    fn hostile_names_stay_inside_quotes() {
+        let t = TableName::parse("x\"; DROP TABLE users; --").unwrap();
+        let ddl = t.ddl(true);
+        assert!(ddl.contains(r#""public"."x""; DROP TABLE users; --""#));
+        let t = TableName::parse("o'box").unwrap();
+        assert!(t.ddl(true).contains("pg_notify('outbox_relay.o''box', '')"));
+    }
+
+    #[test]
+    fn lock_key_is_stable_and_distinct() {
+        let a = TableName::parse("outbox").unwrap();
+        assert_eq!(
+            a.lock_key(),
+            TableName::parse("public.outbox").unwrap().lock_key()
+        );
+        assert_ne!(
+            a.lock_key(),
+            TableName::parse("other.outbox").unwrap().lock_key()
+        );
+    }
+
+    #[test]
+    fn migration_file_matches_generated_ddl() {
+        let file = include_str!("../migrations/0001_outbox.sql");
+        let generated = TableName::parse("outbox").unwrap().ddl(true);
+        assert_eq!(
+            file, generated,
+            "migrations/0001_outbox.sql is stale: regenerate it with `outbox-relay migrate --print-sql`"
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! Metrics (explicit Prometheus registry), health state, the small HTTP server for
+//! `/metrics`, `/healthz` and `/readyz`, and log setup.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LogFormat;
+
+/// Every metric the relay exports. Names are `outbox_relay_*` with units; labels are bounded.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// How many events reached Kafka? (rows marked published after their delivery report)
+    pub published: IntCounter,
+    /// Is Kafka or the data failing us, and how? (kind = transient | poison | fatal)
+    pub publish_errors: IntCounterVec,
+    /// Which rows did we set aside, and why? (reason = invalid_row | too_large | unknown_topic | ...)
+    pub parked: IntCounterVec,
+    /// Are batches full (backlog) or tiny (idle)?
+    pub batch_size: Histogram,
+    /// How late do events arrive? (row created_at to Kafka acknowledgement)
+    pub latency: Histogram,
+    /// How much is waiting?
+    pub pending_rows: IntGauge,
+    /// How far behind are we? (age of the oldest pending row; 0 when none)
+    pub oldest_pending_age: prometheus::Gauge,
+    /// How many rows need an operator?
+    pub parked_rows: IntGauge,
+    /// Is this replica the one publishing? (1 leader, 0 standby)
+    pub leader: IntGauge,
+    /// How many published rows did cleanup delete?
+    pub cleaned: IntCounter,
+    /// Where does a batch's time go? (phase = fetch | publish | mark)
+    pub phase_seconds: prometheus::HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        let m = Metrics {
+            published: IntCounter::new(
+                "outbox_relay_published_total",
+                "Rows published to Kafka and marked",
+            )
+            .unwrap(),
+            publish_errors: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_publish_errors_total",
+                    "Failed deliveries by kind",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+            parked: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_parked_total",
+                    "Rows set aside as failed, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("outbox_relay_batch_rows", "Rows read per batch").buckets(vec![
+                    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+                ]),
+            )
+            .unwrap(),
+            latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_delivery_latency_seconds",
+                    "From the row's created_at to its Kafka acknowledgement",
+                )
+                .buckets(latency_buckets),
+            )
+            .unwrap(),
+            pending_rows: IntGauge::new(
+                "outbox_relay_pending_rows",
+                "Committed rows not yet published",
+            )
+            .unwrap(),
+            oldest_pending_age: prometheus::Gauge::new(
+                "outbox_relay_oldest_pending_age_seconds",
+                "Age of the oldest pending row (0 when none)",
+            )
+            .unwrap(),
+            parked_rows: IntGauge::new(
+                "outbox_relay_parked_rows",
+                "Rows parked as failed, awaiting an operator",
+            )
+            .unwrap(),
+            leader: IntGauge::new(
+                "outbox_relay_leader",
+                "1 when this replica holds the publishing lock",
+            )
+            .unwrap(),
+            cleaned: IntCounter::new(
+                "outbox_relay_cleanup_deleted_total",
+                "Published rows deleted by cleanup",
+            )
+            .unwrap(),
+            phase_seconds: prometheus::HistogramVec::new(
+                HistogramOpts::new("outbox_relay_batch_phase_seconds", "Time per batch phase")
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+                    ]),
+                &["phase"],
+            )
+            .unwrap(),
+            registry,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(m.published.clone()),
+            Box::new(m.publish_errors.clone()),
+            Box::new(m.parked.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.latency.clone()),
+            Box::new(m.pending_rows.clone()),
+            Box::new(m.oldest_pending_age.clone()),
+            Box::new(m.parked_rows.clone()),
+            Box::new(m.leader.clone()),
+            Box::new(m.cleaned.clone()),
+            Box::new(m.phase_seconds.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Readiness inputs, shared between the relay's tasks and the HTTP server.
+pub struct Health {
+    pub database_ok: AtomicBool,
+    pub kafka_ok: AtomicBool,
+    pub has_pending: AtomicBool,
+    /// Set once shutdown starts: readiness turns off so traffic and scrapes move on.
+    pub stopping: AtomicBool,
+    /// Unix millis of the last batch that completed (or found nothing to do).
+    last_progress_ms: AtomicU64,
+    stall_timeout: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl Health {
+    pub fn new(stall_timeout: Duration) -> Health {
+        Health {
+            database_ok: AtomicBool::new(false),
+            kafka_ok: AtomicBool::new(false),
+            has_pending: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            last_progress_ms: AtomicU64::new(now_ms()),
+            stall_timeout,
+        }
+    }
+
+    pub fn progressed(&self) {
+        self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready; otherwise the reasons, for the /readyz body.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.stopping.load(Ordering::Relaxed) {
+            problems.push("shutting down".to_string());
+        }
+        if !self.database_ok.load(Ordering::Relaxed) {
+            problems.push("postgres unreachable".to_string());
+        }
+        if !self.kafka_ok.load(Ordering::Relaxed) {
+            problems.push("kafka unreachable".to_string());
+        }
+        let idle_ms = now_ms().saturating_sub(self.last_progress_ms.load(Ordering::Relaxed));
+        if self.has_pending.load(Ordering::Relaxed)
+            && idle_ms > self.stall_timeout.as_millis() as u64
+        {
+            problems.push(format!(
+                "stalled: rows pending and no batch completed for {}s",
+                idle_ms / 1000
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// Serve /metrics, /healthz and /readyz until cancelled. A deliberately tiny HTTP/1.0 server:
+/// three GET endpoints do not justify a web framework in a relay.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, content_type, body) = route(path, &metrics, &health);
+            let head = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+fn route(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'static str, Vec<u8>) {
+    match path {
+        "/metrics" => {
+            let mut body = Vec::new();
+            match TextEncoder::new().encode(&metrics.registry.gather(), &mut body) {
+                Ok(()) => ("200 OK", "text/plain; version=0.0.4", body),
+                Err(e) => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    e.to_string().into_bytes(),
+                ),
+            }
+        }
+        "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
+        "/readyz" => match health.readiness() {
+            Ok(()) => ("200 OK", "text/plain", b"ready\n".to_vec()),
+            Err(why) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {why}\n").into_bytes(),
+            ),
+        },
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            b"try /metrics, /healthz or /readyz\n".to_vec(),
+        ),
+    }
+}
+
+/// Log to stderr as text or JSON; RUST_LOG filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_both_services_and_progress() {
+        let h = Health::new(Duration::from_millis(50));
+        assert!(h.readiness().unwrap_err().contains("postgres"));
+        h.database_ok.store(true, Ordering::Relaxed);
+        h.kafka_ok.store(true, Ordering::Relaxed);
+        assert!(h.readiness().is_ok());
+        h.has_pending.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(h.readiness().unwrap_err().contains("stalled"));
+        h.progressed();
+        assert!(h.readiness().is_ok());
+    }
+
+    #[test]
+    fn routes() {
+        let m = Metrics::new();
+        m.published.inc();
+        let h = Health::new(Duration::from_secs(60));
+        let (status, _, body) = route("/metrics", &m, &h);
+        assert_eq!(status, "200 OK");
+        assert!(String::from_utf8(body)
+            .unwrap()
+            .contains("outbox_relay_published_total 1"));
+        assert_eq!(route("/healthz", &m, &h).0, "200 OK");
+        assert_eq!(route("/readyz", &m, &h).0, "503 Service Unavailable");
+        assert_eq!(route("/nope", &m, &h).0, "404 Not Found");
+    }
+}
