@@ -53,7 +53,10 @@ pub fn classify(err: &KafkaError) -> Failure {
             "the message exceeds the broker's or topic's max.message.bytes (or the producer's message.max.bytes); \
              shrink the payload or raise the limit, then retry the row",
         ),
-        C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition => poison(
+        // The broker's UnknownTopicOrPartition may only mean its metadata lags a topic created
+        // a moment ago: retry. librdkafka's local UnknownTopic comes after it waited
+        // topic.metadata.propagation.max.ms and the cluster still says the topic is absent.
+        C::UnknownTopic | C::UnknownPartition => poison(
             "unknown_topic",
             "the topic does not exist; create it (automatic topic creation should stay off), then retry the row",
         ),

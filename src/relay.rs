@@ -25,20 +25,22 @@ pub struct Settlement {
     pub delivered: Vec<i64>,
     /// Can never be published as is: park with (reason kind, message).
     pub park: Vec<(i64, &'static str, String)>,
-    /// Failed transiently: stays pending; its key is blocked for the rest of the batch.
+    /// Failed transiently: stays pending; its (topic, key) is blocked for the rest of the batch.
     pub retry: Vec<(i64, String)>,
     /// The producer reported a fatal error and must be recreated.
     pub fatal: bool,
 }
 
 /// Decide each row's fate from its delivery outcome, keeping per-key order: after a row of a
-/// key fails transiently, later rows of that key stay pending even if Kafka acknowledged
-/// them (they are published again after it: a duplicate, never a reordering of marks).
+/// (topic, key) fails transiently, later rows of that topic and key stay pending even if
+/// Kafka acknowledged them (they are published again after it: a duplicate, never a
+/// reordering of marks).
 pub fn settle(messages: &[Message], outcomes: Vec<Result<(), Failure>>) -> Settlement {
     let mut s = Settlement::default();
-    let mut blocked: HashSet<&str> = HashSet::new();
+    let mut blocked: HashSet<(&str, &str)> = HashSet::new();
     for (m, outcome) in messages.iter().zip(outcomes) {
-        let key_blocked = m.key.as_deref().is_some_and(|k| blocked.contains(k));
+        let stream = m.key.as_deref().map(|k| (m.topic.as_str(), k));
+        let key_blocked = stream.is_some_and(|s| blocked.contains(&s));
         match outcome {
             _ if key_blocked => {}
             Ok(()) => s.delivered.push(m.id),
@@ -46,9 +48,7 @@ pub fn settle(messages: &[Message], outcomes: Vec<Result<(), Failure>>) -> Settl
             Err(failure) => {
                 s.fatal |= matches!(failure, Failure::Fatal(_));
                 s.retry.push((m.id, failure.into_reason()));
-                if let Some(k) = m.key.as_deref() {
-                    blocked.insert(k);
-                }
+                blocked.extend(stream);
             }
         }
     }
@@ -354,6 +354,15 @@ mod tests {
             ],
         );
         assert_eq!(s.park, vec![(1, "unknown_topic", "x".to_string())]);
+        assert_eq!(s.delivered, vec![2]);
+    }
+
+    #[test]
+    fn the_same_key_on_another_topic_is_another_stream() {
+        let mut other = msg(2, Some("a"));
+        other.topic = "u".into();
+        let m = [msg(1, Some("a")), other];
+        let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())]);
         assert_eq!(s.delivered, vec![2]);
     }
 

@@ -234,12 +234,23 @@ pub async fn serve(
         let metrics = metrics.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // Read the request head (up to 4 KiB) until the blank line.
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            let read_head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
             };
+            if tokio::time::timeout(Duration::from_secs(5), read_head)
+                .await
+                .is_err()
+            {
+                return;
+            }
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("");
             let (status, content_type, body) = route(path, &metrics, &health);

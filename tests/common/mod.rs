@@ -1,0 +1,372 @@
+//! Shared harness for the integration tests: a fresh database per test, Kafka topics,
+//! the relay binary as a child process, and a consumer that reads topics back.
+//!
+//! Services come from `scripts/services.sh up` (what `make test` runs); the URLs can be
+//! overridden with OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_KAFKA_BROKERS.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+
+pub fn database_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54329/postgres".into())
+}
+
+pub fn kafka_brokers() -> String {
+    std::env::var("OUTBOX_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// A short random suffix for names, so tests can run in parallel and re-run.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:08x}", rand::random::<u32>())
+}
+
+/// A fresh database with the outbox table migrated by the real binary.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin_url = database_url();
+        let name = unique("outbox_test");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin_url}: {e}; run `scripts/services.sh up` first"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let opts: PgConnectOptions = admin_url.parse().unwrap();
+        let opts = opts.database(&name);
+        let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+        let status = relay_command(&["migrate", "--database-url", &url])
+            .status()
+            .unwrap();
+        assert!(status.success(), "outbox-relay migrate failed");
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(opts)
+            .await
+            .unwrap();
+        TestDb { url, pool, name }
+    }
+
+    pub async fn count(&self, filter: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM outbox WHERE {filter}"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Wait until `filter` matches at least `n` rows.
+    pub async fn wait_count(&self, filter: &str, n: i64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let c = self.count(filter).await;
+            if c >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {n} rows WHERE {filter} (have {c})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn create_topics(names: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+    // The broker loads new topics asynchronously: wait until every partition has a leader.
+    let client = admin.inner();
+    let start = Instant::now();
+    for name in names {
+        loop {
+            let md = client
+                .fetch_metadata(Some(name), Duration::from_secs(5))
+                .unwrap();
+            let ready = md.topics().iter().any(|t| {
+                t.error().is_none()
+                    && t.partitions().len() == partitions as usize
+                    && t.partitions().iter().all(|p| p.leader() >= 0)
+            });
+            if ready {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "topic {name} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub fn relay_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    c.args(args);
+    c.env_remove("RUST_LOG");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The relay binary running as a child process, logging to target/test-logs/.
+pub struct Relay {
+    pub child: Child,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    pub fn start(db: &TestDb, extra: &[&str]) -> Relay {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{}.log", unique(&db.name)));
+        let mut args = vec![
+            "run",
+            "--kafka-brokers",
+            Box::leak(kafka_brokers().into_boxed_str()),
+            "--metrics-addr",
+            &metrics_addr,
+            "--poll-interval",
+            "100ms",
+        ];
+        args.extend_from_slice(extra);
+        let child = relay_command(&args)
+            .env("OUTBOX_RELAY_DATABASE_URL", &db.url)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Relay {
+            child,
+            metrics_addr,
+            log,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit (panics after `timeout`). Returns the exit code.
+    pub fn terminate(mut self, timeout: Duration) -> Option<i32> {
+        self.signal("-TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "relay did not exit within {timeout:?} of SIGTERM; log: {:?}",
+                self.log
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path from the relay's HTTP endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        self.try_http_get(path).unwrap()
+    }
+
+    fn try_http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics_addr)?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// Poll an HTTP path until it answers with `code`.
+    pub fn wait_http(&self, path: &str, code: u16, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok((c, body)) = self.try_http_get(path) {
+                if c == code {
+                    return body;
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{path} never answered {code}; log: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Consumed {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_ref())
+            .map(|v| String::from_utf8(v.clone()).unwrap())
+    }
+
+    pub fn event_id(&self) -> i64 {
+        self.header("outbox-event-id")
+            .expect("event id header")
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Read every record of `topics` from the beginning until `expected` arrived and then
+/// `quiet` passed with nothing new (so duplicates show up), or `timeout` ran out.
+pub fn consume(
+    topics: &[&str],
+    partitions: i32,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique("checker"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..partitions {
+            tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let start = Instant::now();
+    let mut last_new = Instant::now();
+    let mut out = Vec::new();
+    while start.elapsed() < timeout {
+        if out.len() >= expected && last_new.elapsed() >= quiet {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last_new = Instant::now();
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(|v| v.to_vec())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| k.to_vec()),
+                    payload: m.payload().map(|p| p.to_vec()),
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Event ids seen more than once.
+pub fn duplicates(records: &[Consumed]) -> Vec<i64> {
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for r in records {
+        *seen.entry(r.event_id()).or_default() += 1;
+    }
+    let mut d: Vec<i64> = seen
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    d.sort();
+    d
+}

@@ -1,0 +1,614 @@
+//! End-to-end tests: the real relay binary against the real PostgreSQL and Kafka.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{consume, create_topics, duplicates, unique, Consumed, Relay, TestDb};
+use serde_json::json;
+
+const PARTITIONS: i32 = 3;
+
+/// One committed event as the writer knows it.
+#[derive(Debug, Clone)]
+struct Written {
+    id: i64,
+    topic: String,
+    key: String,
+    seq: i64,
+    payload: Vec<u8>,
+}
+
+/// `total` events over `keys` keys spread on `topics`, from `writers` concurrent connections.
+/// Each transaction bumps the key's sequence first (serializing writers of one key, as an
+/// application updating its aggregate does), so per-key commit order is sequence order.
+async fn write_events(
+    db: &TestDb,
+    topics: &[String],
+    keys: usize,
+    total: usize,
+    writers: usize,
+) -> Vec<Written> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS key_seq (key text PRIMARY KEY, seq bigint NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let topics = Arc::new(topics.to_vec());
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let pool = db.pool.clone();
+        let topics = topics.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (w..total).step_by(writers) {
+                let k = (i * 7919) % keys;
+                let key = format!("key-{k}");
+                let topic = topics[k % topics.len()].clone();
+                let mut tx = pool.begin().await.unwrap();
+                let seq: i64 = sqlx::query_scalar(
+                    "INSERT INTO key_seq VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq",
+                )
+                .bind(&key)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                let mut payload = format!("{key}:{seq}:").into_bytes();
+                payload.extend_from_slice(&[0x00, 0xff, 0xfe, (seq % 251) as u8]);
+                let headers = json!({"seq": seq.to_string(), "note": "naïve ü 日本 🚀"});
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id",
+                )
+                .bind(&topic)
+                .bind(&key)
+                .bind(&payload)
+                .bind(&headers)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                out.push(Written { id, topic, key, seq, payload });
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// Every written event arrived with identical key, payload and headers, and each key's
+/// events arrived in sequence order (first occurrences). Returns the duplicate count.
+fn check_delivery(written: &[Written], consumed: &[Consumed]) -> usize {
+    let by_id: HashMap<i64, &Written> = written.iter().map(|w| (w.id, w)).collect();
+    let mut last_seq: HashMap<&str, i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut dups = 0;
+    for c in consumed {
+        let id = c.event_id();
+        let w = by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("consumed event {id} that was never committed"));
+        assert_eq!(c.topic, w.topic, "event {id}: topic");
+        assert_eq!(c.key.as_deref(), Some(w.key.as_bytes()), "event {id}: key");
+        assert_eq!(
+            c.payload.as_deref(),
+            Some(&w.payload[..]),
+            "event {id}: payload bytes"
+        );
+        assert_eq!(
+            c.header("seq"),
+            Some(w.seq.to_string()),
+            "event {id}: header"
+        );
+        assert_eq!(
+            c.header("note").as_deref(),
+            Some("naïve ü 日本 🚀"),
+            "event {id}: unicode header"
+        );
+        assert!(
+            c.header("outbox-created-at").is_some(),
+            "event {id}: created-at header"
+        );
+        if !seen.insert(id) {
+            dups += 1;
+            continue;
+        }
+        let last = last_seq.entry(&w.key).or_insert(0);
+        assert!(
+            w.seq > *last,
+            "key {}: seq {} arrived after seq {} (order broken)",
+            w.key,
+            w.seq,
+            last
+        );
+        *last = w.seq;
+    }
+    let missing: Vec<i64> = written
+        .iter()
+        .map(|w| w.id)
+        .filter(|id| !seen.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} committed events never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    dups
+}
+
+async fn topics(n: usize) -> Vec<String> {
+    let t: Vec<String> = (0..n).map(|i| unique(&format!("t{i}"))).collect();
+    create_topics(
+        &t.iter().map(String::as_str).collect::<Vec<_>>(),
+        PARTITIONS,
+    )
+    .await;
+    t
+}
+
+fn refs(t: &[String]) -> Vec<&str> {
+    t.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_rows_from_sixteen_writers_arrive_exactly_once_in_key_order() {
+    let db = TestDb::new().await;
+    let topics = topics(3).await;
+    let relay = Relay::start(&db, &["--batch-size", "500"]);
+    let written = write_events(&db, &topics, 100, 10_000, 16).await;
+    db.wait_count("published_at IS NOT NULL", 10_000, Duration::from_secs(60))
+        .await;
+    let consumed = tokio::task::spawn_blocking({
+        let t = topics.clone();
+        move || {
+            consume(
+                &refs(&t),
+                PARTITIONS,
+                10_000,
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        check_delivery(&written, &consumed),
+        0,
+        "duplicates: {:?}",
+        duplicates(&consumed)
+    );
+    assert_eq!(consumed.len(), 10_000);
+    let (code, metrics) = relay.http_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("outbox_relay_published_total 10000"),
+        "{metrics}"
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_commit_with_a_lower_id_is_delivered() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &[]);
+    // Take a low id and hold the transaction open.
+    let mut late = db.pool.begin().await.unwrap();
+    let late_id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'late', 'late') RETURNING id",
+    )
+    .bind(&topics[0])
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+    // Later ids commit and are published while it is open.
+    for i in 0..50 {
+        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, 'early')")
+            .bind(&topics[0])
+            .bind(format!("k{i}"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    db.wait_count("published_at IS NOT NULL", 50, Duration::from_secs(20))
+        .await;
+    // The later ids are in Kafka; the open, lower id is not (it is not committed).
+    let t = topics.clone();
+    let before = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            50,
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(before.len(), 50);
+    assert!(before.iter().all(|c| c.event_id() > late_id));
+    late.commit().await.unwrap();
+    db.wait_count("published_at IS NOT NULL", 51, Duration::from_secs(20))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            51,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(consumed.len(), 51);
+    let late_msg = consumed
+        .iter()
+        .find(|c| c.event_id() == late_id)
+        .expect("late row delivered");
+    assert_eq!(late_msg.payload.as_deref(), Some(&b"late"[..]));
+    assert!(duplicates(&consumed).is_empty());
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolled_back_rows_never_appear() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &[]);
+    for i in 0..200 {
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)")
+            .bind(&topics[0])
+            .bind(format!("k{}", i % 10))
+            .bind(if i % 2 == 0 {
+                b"commit".to_vec()
+            } else {
+                b"rollback".to_vec()
+            })
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+    }
+    db.wait_count("published_at IS NOT NULL", 100, Duration::from_secs(20))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            100,
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(consumed.len(), 100);
+    assert!(consumed
+        .iter()
+        .all(|c| c.payload.as_deref() == Some(&b"commit"[..])));
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let written = write_events(&db, &topics, 50, 20_000, 8).await;
+    let relay = Relay::start(&db, &["--batch-size", "500"]);
+    db.wait_count("published_at IS NOT NULL", 2_000, Duration::from_secs(60))
+        .await;
+    relay.kill9();
+    let published_at_kill = db.count("published_at IS NOT NULL").await;
+    assert!(
+        published_at_kill < 20_000,
+        "the kill should land mid-stream"
+    );
+    let relay = Relay::start(&db, &["--batch-size", "500"]);
+    db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            20_000,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let dups = check_delivery(&written, &consumed);
+    // At most the batch in flight at the kill is published twice.
+    assert!(dups <= 500, "{dups} duplicates exceed one batch");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let written = write_events(&db, &topics, 50, 20_000, 8).await;
+    let relay = Relay::start(&db, &["--batch-size", "500", "--shutdown-timeout", "10s"]);
+    db.wait_count("published_at IS NOT NULL", 2_000, Duration::from_secs(60))
+        .await;
+    let started = std::time::Instant::now();
+    let log = relay.log.clone();
+    assert_eq!(
+        relay.terminate(Duration::from_secs(15)),
+        Some(0),
+        "log: {log:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        db.count("published_at IS NOT NULL").await < 20_000,
+        "SIGTERM should land mid-stream"
+    );
+    let relay = Relay::start(&db, &["--batch-size", "500"]);
+    db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            20_000,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        check_delivery(&written, &consumed),
+        0,
+        "a graceful stop must not duplicate"
+    );
+    assert_eq!(consumed.len(), 20_000);
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tombstones_null_keys_and_json_helper() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &[]);
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'gone', NULL), ($1, NULL, 'no key')",
+    )
+    .bind(&topics[0])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT outbox_enqueue_json($1, 'j', '{\"a\": 1}')")
+        .bind(&topics[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            3,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(consumed.len(), 3);
+    let tomb = consumed
+        .iter()
+        .find(|c| c.key.as_deref() == Some(&b"gone"[..]))
+        .unwrap();
+    assert_eq!(tomb.payload, None, "NULL payload must be a tombstone");
+    let nokey = consumed.iter().find(|c| c.key.is_none()).unwrap();
+    assert_eq!(nokey.payload.as_deref(), Some(&b"no key"[..]));
+    let json = consumed
+        .iter()
+        .find(|c| c.key.as_deref() == Some(&b"j"[..]))
+        .unwrap();
+    assert_eq!(json.payload.as_deref(), Some(&br#"{"a": 1}"#[..]));
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_rows_are_parked_with_a_reason_and_others_flow() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let missing_topic = unique("never_created");
+    let relay = Relay::start(&db, &[]);
+    let t = &topics[0];
+    let rows: Vec<(&str, Option<serde_json::Value>, &str)> = vec![
+        (t, None, "ok-1"),
+        ("", None, "empty topic"),
+        ("bad topic!", None, "illegal topic"),
+        (t, Some(json!(["not", "an", "object"])), "array headers"),
+        (t, Some(json!({"n": 5})), "number header"),
+        (&missing_topic, None, "unknown topic"),
+        (t, None, "ok-2"),
+    ];
+    for (topic, headers, payload) in &rows {
+        sqlx::query(
+            "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, 'same-key', $2, $3)",
+        )
+        .bind(topic)
+        .bind(payload.as_bytes())
+        .bind(headers)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    db.wait_count("published_at IS NOT NULL", 2, Duration::from_secs(20))
+        .await;
+    db.wait_count("failed_at IS NOT NULL", 5, Duration::from_secs(40))
+        .await;
+    let reasons: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT convert_from(payload, 'UTF8'), last_error, attempts FROM outbox WHERE failed_at IS NOT NULL ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expect = [
+        ("empty topic", "topic is empty"),
+        ("illegal topic", "contains ' '"),
+        ("array headers", "headers is an array"),
+        ("number header", "\"n\" is a number"),
+        ("unknown topic", "does not exist"),
+    ];
+    for ((payload, error, attempts), (want_payload, want_error)) in reasons.iter().zip(expect) {
+        assert_eq!(payload, want_payload);
+        assert!(error.contains(want_error), "{payload}: {error}");
+        // Invalid rows are parked on sight; an unknown topic may first be retried while
+        // librdkafka waits for the topic to appear.
+        if payload == "unknown topic" {
+            assert!(*attempts >= 1);
+        } else {
+            assert_eq!(*attempts, 1, "{payload}");
+        }
+    }
+    let logs = relay.logs();
+    assert!(logs.contains("row parked as failed"), "{logs}");
+    let (_, metrics) = relay.http_get("/metrics");
+    assert!(
+        metrics.contains("outbox_relay_parked_total{reason=\"invalid_row\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outbox_relay_parked_total{reason=\"unknown_topic\"} 1"),
+        "{metrics}"
+    );
+    let t2 = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t2),
+            PARTITIONS,
+            2,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    let payloads: Vec<_> = consumed
+        .iter()
+        .map(|c| c.payload.clone().unwrap())
+        .collect();
+    assert_eq!(payloads, vec![b"ok-1".to_vec(), b"ok-2".to_vec()]);
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_publish_each_row_once_in_order() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let a = Relay::start(&db, &["--batch-size", "200"]);
+    let b = Relay::start(&db, &["--batch-size", "200"]);
+    let written = write_events(&db, &topics, 40, 4_000, 8).await;
+    db.wait_count("published_at IS NOT NULL", 4_000, Duration::from_secs(60))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            4_000,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(check_delivery(&written, &consumed), 0);
+    let leaders = [&a, &b]
+        .iter()
+        .filter(|r| {
+            r.http_get("/metrics")
+                .1
+                .lines()
+                .any(|l| l == "outbox_relay_leader 1")
+        })
+        .count();
+    assert_eq!(leaders, 1, "exactly one replica publishes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_database_keeps_the_process_up_and_not_ready() {
+    let db = TestDb::new().await;
+    // Pointed at a port where nothing listens.
+    let dead = TestDb {
+        url: "postgres://postgres@127.0.0.1:1/nothing".into(),
+        pool: db.pool.clone(),
+        name: db.name.clone(),
+    };
+    let mut relay = Relay::start(&dead, &[]);
+    assert_eq!(
+        relay.wait_http("/healthz", 200, Duration::from_secs(10)),
+        "ok\n"
+    );
+    let body = relay.wait_http("/readyz", 503, Duration::from_secs(10));
+    assert!(body.contains("postgres unreachable"), "{body}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay must not exit when the database is down"
+    );
+    let logs = relay.logs();
+    assert!(logs.contains("cannot reach PostgreSQL"), "{logs}");
+}
+
+#[test]
+fn bad_flags_exit_2_and_name_the_flag() {
+    let out = common::relay_command(&[
+        "run",
+        "--kafka-brokers",
+        "x:1",
+        "--database-url",
+        "postgres://h/d",
+        "--poll-interval",
+        "often",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--poll-interval"));
+    let out = common::relay_command(&["run", "--kafka-brokers", "x:1"])
+        .env_remove("OUTBOX_RELAY_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--database-url"));
+    let out = common::relay_command(&[
+        "run",
+        "--kafka-brokers",
+        "x:1",
+        "--database-url",
+        "postgres://h/d",
+        "--kafka-config",
+        "no.such.property=1",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no.such.property"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
