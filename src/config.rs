@@ -99,11 +99,26 @@ pub struct KafkaArgs {
     pub kafka_brokers: String,
     /// Any librdkafka producer property as key=value; repeatable (in the environment,
     /// separate several with `;`). Put secrets in --kafka-config-file, not here.
-    #[arg(long = "kafka-config", env = "OUTBOX_RELAY_KAFKA_CONFIG", value_delimiter = ';', value_parser = parse_key_value, help_heading = "Kafka")]
+    #[arg(long = "kafka-config", env = "OUTBOX_RELAY_KAFKA_CONFIG", hide_env_values = true, value_delimiter = ';', value_parser = parse_key_value, help_heading = "Kafka")]
     pub kafka_config: Vec<(String, String)>,
     /// File of librdkafka properties, one key=value per line (# comments). Use it for SASL and TLS secrets.
     #[arg(long, env = "OUTBOX_RELAY_KAFKA_CONFIG_FILE", help_heading = "Kafka")]
     pub kafka_config_file: Option<PathBuf>,
+    /// SASL password (sets sasl.password). Prefer the environment variable or the _FILE flag.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_KAFKA_SASL_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Kafka"
+    )]
+    pub kafka_sasl_password: Option<String>,
+    /// File holding the SASL password.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_KAFKA_SASL_PASSWORD_FILE",
+        help_heading = "Kafka"
+    )]
+    pub kafka_sasl_password_file: Option<PathBuf>,
     /// Compression codec for produced batches.
     #[arg(long, env = "OUTBOX_RELAY_COMPRESSION", value_enum, default_value_t = Compression::Lz4, help_heading = "Kafka")]
     pub compression: Compression,
@@ -160,6 +175,19 @@ pub struct RunArgs {
     /// Readiness fails when pending rows exist and no batch completed for this long.
     #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "60s", value_parser = parse_nonzero_duration, help_heading = "Relay")]
     pub stall_timeout: Duration,
+    /// Topics rows may name: exact names or prefixes ending in `*` (e.g. `orders.*,audit`).
+    /// A row naming any other topic is parked. Empty allows every legal topic name.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_ALLOWED_TOPICS",
+        value_delimiter = ',',
+        help_heading = "Relay"
+    )]
+    pub allowed_topics: Vec<String>,
+    /// Refuse to start unless PostgreSQL uses sslmode=verify-full and Kafka uses verified TLS
+    /// (without it, a plaintext or unverified connection only logs a warning).
+    #[arg(long, env = "OUTBOX_RELAY_REQUIRE_SECURE_TRANSPORT", default_value_t = false, action = clap::ArgAction::Set, help_heading = "Operations")]
+    pub require_secure_transport: bool,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -386,6 +414,14 @@ impl KafkaArgs {
             }
             properties.push((k.clone(), Secret::new(v.clone())));
         }
+        match (&self.kafka_sasl_password, &self.kafka_sasl_password_file) {
+            (Some(p), _) => properties.push(("sasl.password".into(), Secret::new(p.clone()))),
+            (None, Some(path)) => properties.push((
+                "sasl.password".into(),
+                read_secret_file("--kafka-sasl-password-file", path)?,
+            )),
+            (None, None) => {}
+        }
         Ok(KafkaConfig {
             brokers: self.kafka_brokers.trim().to_string(),
             properties,
@@ -406,6 +442,76 @@ pub struct RelayConfig {
     pub stall_timeout: Duration,
     pub metrics_addr: SocketAddr,
     pub shutdown_timeout: Duration,
+    pub allowed_topics: TopicAllowList,
+}
+
+/// Which topics rows may name (`--allowed-topics`): exact names, or prefixes ending in `*`.
+#[derive(Debug, Clone, Default)]
+pub struct TopicAllowList(Vec<String>);
+
+impl TopicAllowList {
+    pub fn new(entries: &[String]) -> Result<TopicAllowList, ConfigError> {
+        let entries: Vec<String> = entries
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        for e in &entries {
+            let name = e.strip_suffix('*').unwrap_or(e);
+            if name.contains('*') || (!name.is_empty() && crate::event::check_topic(name).is_err())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "--allowed-topics: {e:?} is not a topic name or a prefix ending in '*'"
+                )));
+            }
+        }
+        Ok(TopicAllowList(entries))
+    }
+
+    pub fn allows(&self, topic: &str) -> bool {
+        self.0.is_empty()
+            || self.0.iter().any(|e| match e.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => topic == e,
+            })
+    }
+}
+
+/// Problems with how the relay would connect: plaintext or unverified TLS.
+pub fn transport_findings(db: &DatabaseConfig, kafka: &KafkaConfig) -> Vec<String> {
+    use sqlx::postgres::PgSslMode;
+    let mut findings = Vec::new();
+    match db.connect.get_ssl_mode() {
+        PgSslMode::VerifyFull => {}
+        PgSslMode::VerifyCa => findings.push(
+            "PostgreSQL: sslmode=verify-ca checks the CA but not the host name; use sslmode=verify-full".into(),
+        ),
+        mode => findings.push(format!(
+            "PostgreSQL: sslmode={} may send credentials and data in plaintext or to an unverified server; \
+             use sslmode=verify-full&sslrootcert=/path/ca.pem",
+            format!("{mode:?}").to_lowercase()
+        )),
+    }
+    let prop = |key: &str| {
+        kafka
+            .properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.expose().to_ascii_lowercase())
+    };
+    let protocol = prop("security.protocol").unwrap_or_else(|| "plaintext".into());
+    if !matches!(protocol.as_str(), "ssl" | "sasl_ssl") {
+        findings.push(format!(
+            "Kafka: security.protocol={protocol} is not encrypted; use --kafka-config security.protocol=SASL_SSL (or SSL)"
+        ));
+    } else if prop("enable.ssl.certificate.verification").as_deref() == Some("false") {
+        findings.push(
+            "Kafka: enable.ssl.certificate.verification=false accepts any broker certificate"
+                .into(),
+        );
+    }
+    findings
 }
 
 impl RunArgs {
@@ -421,6 +527,7 @@ impl RunArgs {
             stall_timeout: self.stall_timeout,
             metrics_addr: self.metrics_addr,
             shutdown_timeout: self.shutdown_timeout,
+            allowed_topics: TopicAllowList::new(&self.allowed_topics)?,
         })
     }
 }
@@ -493,6 +600,57 @@ mod tests {
             err.contains("--database-url-file") && err.contains("/nonexistent/url"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn allow_list_matches_names_and_prefixes() {
+        let list = TopicAllowList::new(&["orders.*".into(), "audit".into()]).unwrap();
+        assert!(list.allows("orders.created") && list.allows("audit"));
+        assert!(!list.allows("audit2") && !list.allows("payments"));
+        assert!(TopicAllowList::new(&[]).unwrap().allows("anything"));
+        assert!(TopicAllowList::new(&["bad topic".into()]).is_err());
+        assert!(TopicAllowList::new(&["a*b".into()]).is_err());
+    }
+
+    #[test]
+    fn transport_findings_flag_plaintext_and_unverified() {
+        let resolve = |url: &str, kafka: &[&str]| {
+            let mut argv = vec![
+                "outbox-relay",
+                "run",
+                "--kafka-brokers",
+                "k:9092",
+                "--database-url",
+                url,
+            ];
+            for k in kafka {
+                argv.extend_from_slice(&["--kafka-config", k]);
+            }
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!()
+            };
+            let c = args.resolve().unwrap();
+            transport_findings(&c.db, &c.kafka)
+        };
+        let f = resolve("postgres://db/app", &[]);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(
+            f[0].contains("sslmode=prefer") && f[1].contains("plaintext"),
+            "{f:?}"
+        );
+        let f = resolve(
+            "postgres://db/app?sslmode=verify-full",
+            &["security.protocol=SASL_SSL"],
+        );
+        assert!(f.is_empty(), "{f:?}");
+        let f = resolve(
+            "postgres://db/app?sslmode=verify-full",
+            &[
+                "security.protocol=SSL",
+                "enable.ssl.certificate.verification=false",
+            ],
+        );
+        assert_eq!(f.len(), 1, "{f:?}");
     }
 
     #[test]

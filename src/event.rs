@@ -6,6 +6,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::config::TopicAllowList;
+
 /// Header carrying the row id: a stable event id for consumer-side deduplication.
 pub const HEADER_EVENT_ID: &str = "outbox-event-id";
 /// Header carrying the row's `created_at` (RFC 3339, microseconds, UTC).
@@ -63,8 +65,18 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
 }
 
 /// Turn a row into its Kafka message, or say why it cannot be published.
-pub fn to_message(row: OutboxRow, source: &str) -> Result<Message, String> {
+pub fn to_message(
+    row: OutboxRow,
+    source: &str,
+    allowed: &TopicAllowList,
+) -> Result<Message, String> {
     check_topic(&row.topic)?;
+    if !allowed.allows(&row.topic) {
+        return Err(format!(
+            "topic {:?} is not allowed by --allowed-topics; fix the row's topic or extend the list",
+            row.topic
+        ));
+    }
     let mut headers = Vec::new();
     match &row.headers {
         None | Some(serde_json::Value::Null) => {}
@@ -159,9 +171,22 @@ mod tests {
     }
 
     #[test]
+    fn topics_outside_the_allow_list_are_rejected() {
+        let list = TopicAllowList::new(&["orders.*".into()]).unwrap();
+        assert!(to_message(row("orders.v1", None), "s", &list).is_ok());
+        let err = to_message(row("payments", None), "s", &list).unwrap_err();
+        assert!(err.contains("--allowed-topics"), "{err}");
+    }
+
+    #[test]
     fn null_headers_are_fine() {
-        assert!(to_message(row("t", None), "s").is_ok());
-        assert!(to_message(row("t", Some(serde_json::Value::Null)), "s").is_ok());
+        assert!(to_message(row("t", None), "s", &TopicAllowList::default()).is_ok());
+        assert!(to_message(
+            row("t", Some(serde_json::Value::Null)),
+            "s",
+            &TopicAllowList::default()
+        )
+        .is_ok());
     }
 
     #[test]
@@ -173,7 +198,7 @@ mod tests {
             ("ordérs", "'é'"),
             (&"x".repeat(250), "249"),
         ] {
-            let err = to_message(row(topic, None), "s").unwrap_err();
+            let err = to_message(row(topic, None), "s", &TopicAllowList::default()).unwrap_err();
             assert!(err.contains(needle), "{topic:?}: {err}");
         }
         assert!(check_topic(&"x".repeat(249)).is_ok());
@@ -181,11 +206,26 @@ mod tests {
 
     #[test]
     fn bad_headers_are_rejected_with_reason() {
-        let err = to_message(row("t", Some(json!(["a"]))), "s").unwrap_err();
+        let err = to_message(
+            row("t", Some(json!(["a"]))),
+            "s",
+            &TopicAllowList::default(),
+        )
+        .unwrap_err();
         assert!(err.contains("headers is an array"), "{err}");
-        let err = to_message(row("t", Some(json!({"n": 1}))), "s").unwrap_err();
+        let err = to_message(
+            row("t", Some(json!({"n": 1}))),
+            "s",
+            &TopicAllowList::default(),
+        )
+        .unwrap_err();
         assert!(err.contains("\"n\" is a number"), "{err}");
-        let err = to_message(row("t", Some(json!({HEADER_EVENT_ID: "x"}))), "s").unwrap_err();
+        let err = to_message(
+            row("t", Some(json!({HEADER_EVENT_ID: "x"}))),
+            "s",
+            &TopicAllowList::default(),
+        )
+        .unwrap_err();
         assert!(err.contains("reserved"), "{err}");
     }
 }

@@ -39,6 +39,16 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     telemetry::init_logging(args.log_format);
+    let findings = outbox_relay::config::transport_findings(&config.db, &config.kafka);
+    if args.require_secure_transport && !findings.is_empty() {
+        return usage_error(format!(
+            "--require-secure-transport: {}",
+            findings.join("; ")
+        ));
+    }
+    for finding in &findings {
+        tracing::warn!("insecure transport: {finding} (--require-secure-transport refuses this)");
+    }
     let publisher = match Publisher::new(&config.kafka) {
         Ok(p) => p,
         Err(e) => return usage_error(format!("invalid Kafka configuration (--kafka-config): {e}")),

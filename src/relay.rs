@@ -141,7 +141,7 @@ impl Relay {
         let mut invalid = Vec::new();
         for row in rows {
             let id = row.id;
-            match to_message(row, &source) {
+            match to_message(row, &source, &self.config.allowed_topics) {
                 Ok(m) => messages.push(m),
                 Err(reason) => invalid.push((id, "invalid_row", reason)),
             }
