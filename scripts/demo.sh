@@ -9,7 +9,7 @@ cd "$ROOT"
 DB_URL="$(scripts/pg.sh url | sed 's#/postgres$#/outbox_demo#')"
 BROKERS="$(scripts/kafka.sh url)"
 METRICS="127.0.0.1:${OUTBOX_DEMO_METRICS_PORT:-9464}"
-TOPIC=demo.orders
+TOPIC=demo.orders.$(date +%s)  # a fresh topic per run, so the consumer shows only this run
 
 note "building the relay (release)"
 cargo build --release --locked --quiet
@@ -27,7 +27,8 @@ RELAY=$!
 trap 'kill $RELAY 2>/dev/null || true' EXIT
 
 note "inserting 3 events in one application transaction"
-psql "$DB_URL" -q <<SQL
+psql "$DB_URL" -q -v ON_ERROR_STOP=1 <<SQL
+\\o /dev/null
 BEGIN;
 INSERT INTO outbox (topic, key, payload, headers)
   VALUES ('$TOPIC', 'order-1', convert_to('{"status":"created"}', 'UTF8'), '{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}');

@@ -153,6 +153,7 @@ mod tests {
         let m = to_message(
             row("orders.v1", Some(json!({"trace": "ü-42"}))),
             "public.outbox",
+            &TopicAllowList::default(),
         )
         .unwrap();
         assert_eq!(
