@@ -47,7 +47,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay: read committed outbox rows, publish them to Kafka, mark them published.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create or upgrade the outbox table (idempotent, safe from several replicas at once).
     Migrate(MigrateArgs),
     /// Delete published rows older than the retention, in small batches, then exit.

@@ -13,7 +13,7 @@ use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
 fn main() -> ExitCode {
     let cli = Cli::parse(); // a bad flag exits 2 with a message naming it
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Migrate(args) => migrate(args),
         Command::Cleanup(args) => cleanup(args),
     }
