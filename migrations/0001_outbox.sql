@@ -25,6 +25,14 @@ CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (publishe
 CREATE INDEX IF NOT EXISTS "outbox_failed_idx" ON "public"."outbox" (id)
     WHERE failed_at IS NOT NULL;
 
+-- Leader election: the replica holding this lease publishes; the others stand by.
+CREATE TABLE IF NOT EXISTS "public"."outbox_lease" (
+    id         smallint PRIMARY KEY CHECK (id = 1),
+    holder     text NOT NULL,
+    epoch      bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+
 -- Queue table: vacuum early so dead tuples from marking never pile up.
 ALTER TABLE "public"."outbox" SET (
     autovacuum_vacuum_scale_factor = 0.01,

@@ -175,6 +175,10 @@ pub struct RunArgs {
     /// Readiness fails when pending rows exist and no batch completed for this long.
     #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "60s", value_parser = parse_nonzero_duration, help_heading = "Relay")]
     pub stall_timeout: Duration,
+    /// Leader lease: a replica that stops renewing (killed, paused, cut off) loses leadership
+    /// after this long and a standby takes over. Graceful shutdown hands over at once.
+    #[arg(long, env = "OUTBOX_RELAY_LEASE_DURATION", default_value = "10s", value_parser = parse_lease_duration, help_heading = "Relay")]
+    pub lease_duration: Duration,
     /// Topics rows may name: exact names or prefixes ending in `*` (e.g. `orders.*,audit`).
     /// A row naming any other topic is parked. Empty allows every legal topic name.
     #[arg(
@@ -233,6 +237,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn parse_lease_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d < Duration::from_secs(1) => Err("must be at least 1s".into()),
         d => Ok(d),
     }
 }
@@ -443,6 +454,7 @@ pub struct RelayConfig {
     pub metrics_addr: SocketAddr,
     pub shutdown_timeout: Duration,
     pub allowed_topics: TopicAllowList,
+    pub lease_duration: Duration,
 }
 
 /// Which topics rows may name (`--allowed-topics`): exact names, or prefixes ending in `*`.
@@ -528,6 +540,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             shutdown_timeout: self.shutdown_timeout,
             allowed_topics: TopicAllowList::new(&self.allowed_topics)?,
+            lease_duration: self.lease_duration,
         })
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use config::RelayConfig;
-use outbox::{Leadership, OutboxStore};
+use outbox::{Lease, OutboxStore};
 use publisher::Publisher;
 use telemetry::{Health, Metrics};
 
@@ -88,7 +88,7 @@ pub async fn run(
     tracing::info!(database = %config.db.display, table = %config.db.table, kafka = %config.kafka.brokers,
         batch_size = config.batch_size, poll_interval = ?config.poll_interval, listen = config.listen, "outbox-relay started");
     let relay = relay::Relay {
-        leadership: Leadership::new(config.db.connect.clone(), &config.db.table),
+        lease: Lease::new(pool.clone(), &config.db.table, config.lease_duration),
         config,
         store,
         publisher: publisher_tx,

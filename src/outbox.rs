@@ -21,7 +21,7 @@ use crate::table::TableName;
 pub fn pool(connect: &PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(3))
         .connect_lazy_with(connect.clone())
 }
 
@@ -228,62 +228,123 @@ pub async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>, cancel: Ca
     }
 }
 
-/// Single-leader election with a session advisory lock on a dedicated connection: only the
-/// holder publishes, so per-key order holds when several replicas run. The lock is released
-/// when the connection closes (shutdown, crash, or a network failure).
-pub struct Leadership {
-    connect: PgConnectOptions,
-    key: i64,
-    conn: Option<PgConnection>,
-    held: bool,
+/// Single-leader election with a time-bounded lease in `<table>_lease`: only the holder
+/// publishes, so per-key order holds when several replicas run. The leader renews the lease
+/// (one small UPDATE) once a third of it has passed; a replica that stops renewing (killed,
+/// paused, partitioned) loses it after `duration`, and a standby takes over. All lease times
+/// are the database's clock; the holder's own view of validity uses its monotonic clock, which
+/// keeps running while the process is paused, so a resumed zombie knows it must re-check.
+pub struct Lease {
+    pool: PgPool,
+    acquire_sql: Arc<str>,
+    release_sql: Arc<str>,
+    holder: String,
+    duration: Duration,
+    /// When the last successful acquire/renew started (the lease is valid for `duration` after).
+    renewed_at: Option<std::time::Instant>,
+    epoch: i64,
 }
 
-impl Leadership {
-    pub fn new(connect: PgConnectOptions, table: &TableName) -> Self {
-        Leadership {
-            connect,
-            key: table.lock_key(),
-            conn: None,
-            held: false,
+impl Lease {
+    pub fn new(pool: PgPool, table: &TableName, duration: Duration) -> Self {
+        let lease = table.lease_table();
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .unwrap_or_else(|| "unknown".into());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        Lease {
+            acquire_sql: format!(
+                "INSERT INTO {lease} AS l (id, holder, epoch, expires_at) \
+                 VALUES (1, $1, 1, clock_timestamp() + make_interval(secs => $2)) \
+                 ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, \
+                 epoch = l.epoch + (l.holder <> EXCLUDED.holder)::int, expires_at = EXCLUDED.expires_at \
+                 WHERE l.holder = EXCLUDED.holder OR l.expires_at < clock_timestamp() \
+                 RETURNING epoch"
+            )
+            .into(),
+            release_sql: format!(
+                "UPDATE {lease} SET expires_at = clock_timestamp() - interval '1 second' WHERE holder = $1"
+            )
+            .into(),
+            holder: format!("{}:{}:{nanos:08x}", host.trim(), std::process::id()),
+            pool,
+            duration,
+            renewed_at: None,
+            epoch: 0,
         }
     }
 
-    /// True while this process holds the lock (checked with a round trip on the lock's own
-    /// connection); tries to take it when it does not.
+    /// True while this process holds the lease; renews or tries to take it as needed.
     pub async fn ensure(&mut self) -> Result<bool, sqlx::Error> {
-        let result = self.check().await;
-        if result.is_err() {
-            if self.held {
-                tracing::warn!("lost the leader connection; leadership released");
+        let now = std::time::Instant::now();
+        if let Some(at) = self.renewed_at {
+            if now < at + self.duration / 3 {
+                return Ok(true);
             }
-            self.conn = None;
-            self.held = false;
+            if now >= at + self.duration {
+                tracing::warn!(
+                    epoch = self.epoch,
+                    "lease expired before it was renewed (paused or slow?); re-checking"
+                );
+            }
         }
-        result
-    }
-
-    async fn check(&mut self) -> Result<bool, sqlx::Error> {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self
-                .conn
-                .insert(PgConnection::connect_with(&self.connect).await?),
+        let epoch: Option<i64> = match sqlx::query_scalar(AssertSqlSafe(self.acquire_sql.clone()))
+            .bind(&self.holder)
+            .bind(self.duration.as_secs_f64())
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                if self.renewed_at.is_some_and(|at| now >= at + self.duration) {
+                    self.lost();
+                }
+                return Err(e);
+            }
         };
-        if self.held {
-            sqlx::query("SELECT 1").execute(&mut *conn).await?;
-        } else {
-            self.held = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(self.key)
-                .fetch_one(&mut *conn)
-                .await?;
+        match epoch {
+            Some(epoch) => {
+                if self.renewed_at.is_none() || epoch != self.epoch {
+                    tracing::info!(epoch, holder = %self.holder, "leader: this replica now publishes");
+                }
+                self.epoch = epoch;
+                self.renewed_at = Some(now);
+                Ok(true)
+            }
+            None => {
+                self.lost();
+                Ok(false)
+            }
         }
-        Ok(self.held)
     }
 
+    fn lost(&mut self) {
+        if self.renewed_at.take().is_some() {
+            tracing::warn!(
+                epoch = self.epoch,
+                "leadership lost: another replica holds the lease; standing by"
+            );
+        }
+    }
+
+    /// Give the lease up at once (graceful shutdown), so a standby takes over without waiting.
     pub async fn release(&mut self) {
-        self.held = false;
-        if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
+        if self.renewed_at.take().is_none() {
+            return;
+        }
+        match sqlx::query(AssertSqlSafe(self.release_sql.clone()))
+            .bind(&self.holder)
+            .execute(&self.pool)
+            .await
+        {
+            Ok(_) => tracing::info!("lease released"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the lease; a standby takes over when it expires")
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::event::{to_message, Message};
-use crate::outbox::{Leadership, OutboxStore};
+use crate::outbox::{Lease, OutboxStore};
 use crate::publisher::{Failure, Publisher};
 use crate::telemetry::{Health, Metrics};
 
@@ -59,7 +59,7 @@ pub struct Relay {
     pub config: RelayConfig,
     pub store: OutboxStore,
     pub publisher: watch::Sender<Publisher>,
-    pub leadership: Leadership,
+    pub lease: Lease,
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub wake: Arc<Notify>,
@@ -88,7 +88,7 @@ impl Relay {
                 }
             }
             go_again = false;
-            match self.leadership.ensure().await {
+            match self.lease.ensure().await {
                 Ok(true) => self.metrics.leader.set(1),
                 Ok(false) => {
                     self.metrics.leader.set(0);
@@ -115,7 +115,7 @@ impl Relay {
                 Err(StepError::Kafka) => sleep_or_cancel(backoff.next_backoff(), &cancel).await,
             }
         }
-        self.leadership.release().await;
+        self.lease.release().await;
         self.metrics.leader.set(0);
         tracing::info!("relay loop stopped");
     }

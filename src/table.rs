@@ -82,6 +82,11 @@ impl TableName {
         )
     }
 
+    /// The quoted name of the one-row leader-lease table that goes with this table.
+    pub fn lease_table(&self) -> String {
+        self.derived("lease")
+    }
+
     /// The LISTEN/NOTIFY channel for this table.
     pub fn channel(&self) -> String {
         format!("outbox_relay.{}", self.table)
@@ -105,6 +110,7 @@ impl TableName {
         let published_idx = quote_ident(&format!("{}_published_idx", self.table));
         let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
         let notify_fn = self.derived("notify");
+        let lease = self.lease_table();
         let trigger = quote_ident(&format!("{}_notify", self.table));
         let enqueue_fn = self.derived("enqueue_json");
         let channel = quote_literal(&self.channel());
@@ -135,6 +141,14 @@ CREATE INDEX IF NOT EXISTS {published_idx} ON {t} (published_at)
     WHERE published_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {failed_idx} ON {t} (id)
     WHERE failed_at IS NOT NULL;
+
+-- Leader election: the replica holding this lease publishes; the others stand by.
+CREATE TABLE IF NOT EXISTS {lease} (
+    id         smallint PRIMARY KEY CHECK (id = 1),
+    holder     text NOT NULL,
+    epoch      bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
 
 -- Queue table: vacuum early so dead tuples from marking never pile up.
 ALTER TABLE {t} SET (
