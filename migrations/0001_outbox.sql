@@ -19,10 +19,10 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
 CREATE INDEX IF NOT EXISTS "outbox_pending_idx" ON "public"."outbox" (id)
     WHERE published_at IS NULL AND failed_at IS NULL;
 
--- Cleanup finds old published rows here; parked rows are listed from here.
+-- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (published_at)
     WHERE published_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS "outbox_failed_idx" ON "public"."outbox" (id)
+CREATE INDEX IF NOT EXISTS "outbox_failed_idx" ON "public"."outbox" (topic, key)
     WHERE failed_at IS NOT NULL;
 
 -- Leader election: the replica holding this lease publishes; the others stand by.

@@ -145,6 +145,18 @@ impl Compression {
     }
 }
 
+/// What to do with a row that can never be published as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoisonPolicy {
+    /// Park it (failed_at, last_error) and keep publishing everything else, its key included.
+    Park,
+    /// Park it and hold back later rows of its topic and key until an operator retries or
+    /// deletes the parked row.
+    BlockKey,
+    /// Publish a copy to --dead-letter-topic with the error in headers, then mark it published.
+    DeadLetter,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -175,6 +187,13 @@ pub struct RunArgs {
     /// Readiness fails when pending rows exist and no batch completed for this long.
     #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "60s", value_parser = parse_nonzero_duration, help_heading = "Relay")]
     pub stall_timeout: Duration,
+    /// What to do with a row that can never be published (bad topic or headers, too large,
+    /// unknown topic, not authorized).
+    #[arg(long, env = "OUTBOX_RELAY_POISON_POLICY", value_enum, default_value_t = PoisonPolicy::Park, help_heading = "Relay")]
+    pub poison_policy: PoisonPolicy,
+    /// Topic for --poison-policy dead-letter.
+    #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", help_heading = "Relay")]
+    pub dead_letter_topic: Option<String>,
     /// Leader lease: a replica that stops renewing (killed, paused, cut off) loses leadership
     /// after this long and a standby takes over. Graceful shutdown hands over at once.
     #[arg(long, env = "OUTBOX_RELAY_LEASE_DURATION", default_value = "10s", value_parser = parse_lease_duration, help_heading = "Relay")]
@@ -455,6 +474,9 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     pub allowed_topics: TopicAllowList,
     pub lease_duration: Duration,
+    pub poison_policy: PoisonPolicy,
+    /// Set exactly when the policy is dead-letter.
+    pub dead_letter_topic: Option<String>,
 }
 
 /// Which topics rows may name (`--allowed-topics`): exact names, or prefixes ending in `*`.
@@ -527,6 +549,22 @@ pub fn transport_findings(db: &DatabaseConfig, kafka: &KafkaConfig) -> Vec<Strin
 }
 
 impl RunArgs {
+    fn dead_letter_topic(&self) -> Result<Option<String>, ConfigError> {
+        match (self.poison_policy, &self.dead_letter_topic) {
+            (PoisonPolicy::DeadLetter, Some(t)) => match crate::event::check_topic(t) {
+                Ok(()) => Ok(Some(t.clone())),
+                Err(e) => Err(ConfigError::Invalid(format!("--dead-letter-topic: {e}"))),
+            },
+            (PoisonPolicy::DeadLetter, None) => Err(ConfigError::Invalid(
+                "--poison-policy dead-letter needs --dead-letter-topic".into(),
+            )),
+            (_, Some(_)) => Err(ConfigError::Invalid(
+                "--dead-letter-topic is only used with --poison-policy dead-letter".into(),
+            )),
+            (_, None) => Ok(None),
+        }
+    }
+
     pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
         Ok(RelayConfig {
             db: self.db.resolve()?,
@@ -541,6 +579,8 @@ impl RunArgs {
             shutdown_timeout: self.shutdown_timeout,
             allowed_topics: TopicAllowList::new(&self.allowed_topics)?,
             lease_duration: self.lease_duration,
+            poison_policy: self.poison_policy,
+            dead_letter_topic: self.dead_letter_topic()?,
         })
     }
 }

@@ -15,7 +15,23 @@ pub const HEADER_CREATED_AT: &str = "outbox-created-at";
 /// Header naming the source table (`schema.table`).
 pub const HEADER_SOURCE: &str = "outbox-source";
 
-const RESERVED_HEADERS: [&str; 3] = [HEADER_EVENT_ID, HEADER_CREATED_AT, HEADER_SOURCE];
+/// Dead-letter headers: why the row could not be published, and where it was meant to go.
+pub const HEADER_ERROR: &str = "outbox-error";
+pub const HEADER_ERROR_KIND: &str = "outbox-error-kind";
+pub const HEADER_ORIGINAL_TOPIC: &str = "outbox-original-topic";
+pub const HEADER_ORIGINAL_HEADERS: &str = "outbox-original-headers";
+pub const HEADER_PAYLOAD_OMITTED: &str = "outbox-payload-omitted";
+
+const RESERVED_HEADERS: [&str; 8] = [
+    HEADER_EVENT_ID,
+    HEADER_CREATED_AT,
+    HEADER_SOURCE,
+    HEADER_ERROR,
+    HEADER_ERROR_KIND,
+    HEADER_ORIGINAL_TOPIC,
+    HEADER_ORIGINAL_HEADERS,
+    HEADER_PAYLOAD_OMITTED,
+];
 
 /// A committed, unpublished outbox row, as read from the table.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -64,12 +80,19 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Turn a row into its Kafka message, or say why it cannot be published.
+/// Turn a row into its Kafka message, or give the row back with why it cannot be published.
 pub fn to_message(
     row: OutboxRow,
     source: &str,
     allowed: &TopicAllowList,
-) -> Result<Message, String> {
+) -> Result<Message, Box<(OutboxRow, String)>> {
+    match check_row(&row, allowed) {
+        Ok(()) => Ok(build(row, source)),
+        Err(reason) => Err(Box::new((row, reason))),
+    }
+}
+
+fn check_row(row: &OutboxRow, allowed: &TopicAllowList) -> Result<(), String> {
     check_topic(&row.topic)?;
     if !allowed.allows(&row.topic) {
         return Err(format!(
@@ -77,9 +100,8 @@ pub fn to_message(
             row.topic
         ));
     }
-    let mut headers = Vec::new();
     match &row.headers {
-        None | Some(serde_json::Value::Null) => {}
+        None | Some(serde_json::Value::Null) => Ok(()),
         Some(serde_json::Value::Object(map)) => {
             for (name, value) in map {
                 if RESERVED_HEADERS.contains(&name.as_str()) {
@@ -87,38 +109,104 @@ pub fn to_message(
                         "header {name:?} is reserved for the relay; rename it"
                     ));
                 }
-                match value {
-                    serde_json::Value::String(s) => headers.push((name.clone(), s.clone())),
-                    other => {
-                        return Err(format!(
-                            "header {name:?} is {}; header values must be JSON strings",
-                            json_kind(other)
-                        ))
-                    }
+                if !value.is_string() {
+                    return Err(format!(
+                        "header {name:?} is {}; header values must be JSON strings",
+                        json_kind(value)
+                    ));
                 }
             }
+            Ok(())
         }
-        Some(other) => {
-            return Err(format!(
-                "headers is {}; it must be a JSON object of string values, or NULL",
-                json_kind(other)
-            ))
-        }
+        Some(other) => Err(format!(
+            "headers is {}; it must be a JSON object of string values, or NULL",
+            json_kind(other)
+        )),
     }
-    headers.push((HEADER_EVENT_ID.into(), row.id.to_string()));
-    headers.push((
-        HEADER_CREATED_AT.into(),
-        row.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-    ));
-    headers.push((HEADER_SOURCE.into(), source.to_string()));
-    Ok(Message {
+}
+
+fn standard_headers(id: i64, created_at: DateTime<Utc>, source: &str) -> [(String, String); 3] {
+    [
+        (HEADER_EVENT_ID.into(), id.to_string()),
+        (
+            HEADER_CREATED_AT.into(),
+            created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        ),
+        (HEADER_SOURCE.into(), source.to_string()),
+    ]
+}
+
+/// Build the message of a row that passed `check_row`.
+fn build(row: OutboxRow, source: &str) -> Message {
+    let mut headers: Vec<(String, String)> = match row.headers {
+        Some(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(s) => Some((k, s)),
+                _ => None, // unreachable: check_row accepts string values only
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    headers.extend(standard_headers(row.id, row.created_at, source));
+    Message {
         id: row.id,
         topic: row.topic,
         key: row.key,
         payload: row.payload,
         headers,
         created_at: row.created_at,
-    })
+    }
+}
+
+/// The dead-letter copy of a row that could not be published: same key, payload (unless the
+/// payload itself was the problem), the row's headers, and headers naming the error.
+pub fn dead_letter(
+    original: Poisoned,
+    kind: &str,
+    reason: &str,
+    dlq_topic: &str,
+    source: &str,
+) -> Message {
+    let (id, topic, key, payload, created_at, mut headers) = match original {
+        Poisoned::Message(m) => (m.id, m.topic, m.key, m.payload, m.created_at, m.headers),
+        Poisoned::Row(r) => {
+            let mut headers = Vec::new();
+            if let Some(h) = &r.headers {
+                headers.push((HEADER_ORIGINAL_HEADERS.to_string(), h.to_string()));
+            }
+            headers.extend(standard_headers(r.id, r.created_at, source));
+            (r.id, r.topic, r.key, r.payload, r.created_at, headers)
+        }
+    };
+    let payload = if kind == "too_large" {
+        headers.push((
+            HEADER_PAYLOAD_OMITTED.into(),
+            format!("{} bytes", payload.as_ref().map_or(0, Vec::len)),
+        ));
+        None
+    } else {
+        payload
+    };
+    headers.push((HEADER_ERROR.into(), reason.to_string()));
+    headers.push((HEADER_ERROR_KIND.into(), kind.to_string()));
+    headers.push((HEADER_ORIGINAL_TOPIC.into(), topic));
+    Message {
+        id,
+        topic: dlq_topic.to_string(),
+        key,
+        payload,
+        headers,
+        created_at,
+    }
+}
+
+/// What is left of a row that could not be published: the row itself (it failed validation)
+/// or its message (Kafka refused it).
+#[derive(Debug, Clone)]
+pub enum Poisoned {
+    Row(OutboxRow),
+    Message(Message),
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -175,8 +263,47 @@ mod tests {
     fn topics_outside_the_allow_list_are_rejected() {
         let list = TopicAllowList::new(&["orders.*".into()]).unwrap();
         assert!(to_message(row("orders.v1", None), "s", &list).is_ok());
-        let err = to_message(row("payments", None), "s", &list).unwrap_err();
+        let err = to_message(row("payments", None), "s", &list).unwrap_err().1;
         assert!(err.contains("--allowed-topics"), "{err}");
+    }
+
+    #[test]
+    fn dead_letter_copies_carry_the_error_and_drop_oversized_payloads() {
+        let m = to_message(
+            row("orders", Some(json!({"a": "b"}))),
+            "s",
+            &TopicAllowList::default(),
+        )
+        .unwrap();
+        let d = dead_letter(Poisoned::Message(m), "too_large", "way too big", "dlq", "s");
+        assert_eq!(
+            (d.topic.as_str(), d.key.as_deref(), d.payload.as_deref()),
+            ("dlq", Some("k"), None)
+        );
+        let h = |n: &str| {
+            d.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("a"), Some("b"));
+        assert_eq!(h(HEADER_ERROR), Some("way too big"));
+        assert_eq!(h(HEADER_ERROR_KIND), Some("too_large"));
+        assert_eq!(h(HEADER_ORIGINAL_TOPIC), Some("orders"));
+        assert_eq!(h(HEADER_PAYLOAD_OMITTED), Some("1 bytes"));
+        assert_eq!(h(HEADER_EVENT_ID), Some("42"));
+
+        let bad = row("bad topic", Some(json!([1])));
+        let d = dead_letter(Poisoned::Row(bad), "invalid_row", "illegal", "dlq", "s");
+        assert_eq!(d.payload.as_deref(), Some(&b"p"[..]), "the payload is kept");
+        let h = |n: &str| {
+            d.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h(HEADER_ORIGINAL_HEADERS), Some("[1]"));
+        assert_eq!(h(HEADER_ORIGINAL_TOPIC), Some("bad topic"));
     }
 
     #[test]
@@ -199,7 +326,9 @@ mod tests {
             ("ordérs", "'é'"),
             (&"x".repeat(250), "249"),
         ] {
-            let err = to_message(row(topic, None), "s", &TopicAllowList::default()).unwrap_err();
+            let err = to_message(row(topic, None), "s", &TopicAllowList::default())
+                .unwrap_err()
+                .1;
             assert!(err.contains(needle), "{topic:?}: {err}");
         }
         assert!(check_topic(&"x".repeat(249)).is_ok());
@@ -212,21 +341,24 @@ mod tests {
             "s",
             &TopicAllowList::default(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .1;
         assert!(err.contains("headers is an array"), "{err}");
         let err = to_message(
             row("t", Some(json!({"n": 1}))),
             "s",
             &TopicAllowList::default(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .1;
         assert!(err.contains("\"n\" is a number"), "{err}");
         let err = to_message(
             row("t", Some(json!({HEADER_EVENT_ID: "x"}))),
             "s",
             &TopicAllowList::default(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .1;
         assert!(err.contains("reserved"), "{err}");
     }
 }

@@ -59,7 +59,8 @@ pub async fn run(
     ));
 
     let pool = outbox::pool(&config.db.connect, 4);
-    let store = OutboxStore::new(pool.clone(), config.db.table.clone());
+    let block_keys = config.poison_policy == config::PoisonPolicy::BlockKey;
+    let store = OutboxStore::new(pool.clone(), config.db.table.clone(), block_keys);
     let wake = Arc::new(Notify::new());
     let listener = config.listen.then(|| {
         tokio::spawn(outbox::listen(

@@ -64,6 +64,7 @@ pub struct OutboxStore {
     mark_sql: Arc<str>,
     park_sql: Arc<str>,
     retry_sql: Arc<str>,
+    dead_lettered_sql: Arc<str>,
     backlog_sql: Arc<str>,
     cleanup_sql: Arc<str>,
 }
@@ -71,12 +72,20 @@ pub struct OutboxStore {
 const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 
 impl OutboxStore {
-    pub fn new(pool: PgPool, table: TableName) -> Self {
+    /// `block_parked_keys`: skip pending rows whose topic and key have a parked row.
+    pub fn new(pool: PgPool, table: TableName, block_parked_keys: bool) -> Self {
         let t = table.quoted();
+        let blocked = if block_parked_keys {
+            format!(
+                " AND NOT EXISTS (SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL AND f.topic = o.topic AND f.key = o.key)"
+            )
+        } else {
+            String::new()
+        };
         let errors = "unnest($1::bigint[], $2::text[]) AS f(id, error)";
         OutboxStore {
             fetch_sql: format!(
-                "SELECT id, topic, key, payload, headers, created_at FROM {t} WHERE {PENDING} ORDER BY id LIMIT $1"
+                "SELECT id, topic, key, payload, headers, created_at FROM {t} AS o WHERE {PENDING}{blocked} ORDER BY id LIMIT $1"
             )
             .into(),
             mark_sql: format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL").into(),
@@ -86,6 +95,10 @@ impl OutboxStore {
             .into(),
             retry_sql: format!(
                 "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.error FROM {errors} WHERE o.id = f.id"
+            )
+            .into(),
+            dead_lettered_sql: format!(
+                "UPDATE {t} AS o SET published_at = now(), attempts = o.attempts + 1, last_error = f.error FROM {errors} WHERE o.id = f.id"
             )
             .into(),
             backlog_sql: format!(
@@ -135,6 +148,11 @@ impl OutboxStore {
     /// Set rows aside as failed, with the reason; the relay will not read them again.
     pub async fn park(&self, failures: &[(i64, String)]) -> Result<(), sqlx::Error> {
         self.record_errors(&self.park_sql, failures).await
+    }
+
+    /// Mark rows published whose dead-letter copy was delivered, noting why in `last_error`.
+    pub async fn mark_dead_lettered(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        self.record_errors(&self.dead_lettered_sql, rows).await
     }
 
     /// Record a transient failure on rows that stay pending (visible to operators).

@@ -12,8 +12,8 @@ use backoff::backoff::Backoff;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RelayConfig;
-use crate::event::{to_message, Message};
+use crate::config::{PoisonPolicy, RelayConfig};
+use crate::event::{dead_letter, to_message, Message, OutboxRow, Poisoned};
 use crate::outbox::{Lease, OutboxStore};
 use crate::publisher::{Failure, Publisher};
 use crate::telemetry::{Health, Metrics};
@@ -32,10 +32,14 @@ pub struct Settlement {
 }
 
 /// Decide each row's fate from its delivery outcome, keeping per-key order: after a row of a
-/// (topic, key) fails transiently, later rows of that topic and key stay pending even if
-/// Kafka acknowledged them (they are published again after it: a duplicate, never a
-/// reordering of marks).
-pub fn settle(messages: &[Message], outcomes: Vec<Result<(), Failure>>) -> Settlement {
+/// (topic, key) fails transiently (or is poison, with `poison_blocks`), later rows of that
+/// topic and key stay pending even if Kafka acknowledged them (they are published again
+/// after it: a duplicate, never a reordering of marks).
+pub fn settle(
+    messages: &[Message],
+    outcomes: Vec<Result<(), Failure>>,
+    poison_blocks: bool,
+) -> Settlement {
     let mut s = Settlement::default();
     let mut blocked: HashSet<(&str, &str)> = HashSet::new();
     for (m, outcome) in messages.iter().zip(outcomes) {
@@ -44,7 +48,12 @@ pub fn settle(messages: &[Message], outcomes: Vec<Result<(), Failure>>) -> Settl
         match outcome {
             _ if key_blocked => {}
             Ok(()) => s.delivered.push(m.id),
-            Err(Failure::Poison { kind, reason }) => s.park.push((m.id, kind, reason)),
+            Err(Failure::Poison { kind, reason }) => {
+                s.park.push((m.id, kind, reason));
+                if poison_blocks {
+                    blocked.extend(stream);
+                }
+            }
             Err(failure) => {
                 s.fatal |= matches!(failure, Failure::Fatal(_));
                 s.retry.push((m.id, failure.into_reason()));
@@ -97,7 +106,7 @@ impl Relay {
                 }
                 Err(e) => {
                     self.metrics.leader.set(0);
-                    self.database_failed("leader lock", &e, &mut backoff, &cancel)
+                    self.database_failed("lease", &e, &mut backoff, &cancel)
                         .await;
                     continue;
                 }
@@ -136,18 +145,7 @@ impl Relay {
         let full = rows.len() == self.config.batch_size as usize;
         self.metrics.batch_size.observe(rows.len() as f64);
 
-        let source = self.store.table().to_string();
-        let mut messages = Vec::with_capacity(rows.len());
-        let mut invalid = Vec::new();
-        for row in rows {
-            let id = row.id;
-            match to_message(row, &source, &self.config.allowed_topics) {
-                Ok(m) => messages.push(m),
-                Err(reason) => invalid.push((id, "invalid_row", reason)),
-            }
-        }
-        self.park(invalid, cancel).await;
-
+        let (messages, mut poison) = self.prepare(rows);
         let timer = self
             .metrics
             .phase_seconds
@@ -158,7 +156,8 @@ impl Relay {
             .publish(&messages, cancel, self.config.shutdown_timeout.mul_f32(0.8))
             .await;
         timer.observe_duration();
-        let settlement = settle(&messages, outcomes);
+        let block = self.config.poison_policy == PoisonPolicy::BlockKey;
+        let settlement = settle(&messages, outcomes, block);
 
         let timer = self
             .metrics
@@ -167,7 +166,16 @@ impl Relay {
             .start_timer();
         self.mark(&messages, &settlement.delivered, cancel).await;
         timer.observe_duration();
-        self.park(settlement.park, cancel).await;
+        poison.extend(settlement.park.into_iter().map(|(id, kind, reason)| {
+            let i = messages.partition_point(|m| m.id < id);
+            Poison {
+                id,
+                kind,
+                reason,
+                original: Poisoned::Message(messages[i].clone()),
+            }
+        }));
+        self.set_aside(poison, cancel).await;
         if settlement.retry.is_empty() {
             return Ok(full);
         }
@@ -197,16 +205,18 @@ impl Relay {
 
     /// Mark delivered rows, retrying until it succeeds: giving up would publish them again.
     async fn mark(&mut self, messages: &[Message], ids: &[i64], cancel: &CancellationToken) {
-        let mut backoff = retry_backoff();
-        loop {
-            match self.store.mark_published(ids).await {
-                Ok(_) => break,
-                Err(e) if cancel.is_cancelled() => {
-                    tracing::error!(error = %e, rows = ids.len(), "could not mark delivered rows before shutdown; they will be published again");
-                    return;
-                }
-                Err(e) => self.database_failed("mark", &e, &mut backoff, cancel).await,
-            }
+        let marked = self
+            .write_retrying("mark", cancel, |store| {
+                let ids = ids.to_vec();
+                async move { store.mark_published(&ids).await.map(|_| ()) }
+            })
+            .await;
+        if !marked {
+            tracing::error!(
+                rows = ids.len(),
+                "could not mark delivered rows before shutdown; they will be published again"
+            );
+            return;
         }
         let now = chrono::Utc::now();
         let delivered: HashSet<i64> = ids.iter().copied().collect();
@@ -217,12 +227,91 @@ impl Relay {
         self.metrics.published.inc_by(ids.len() as u64);
     }
 
-    /// Park poison rows with their reason (retrying the write like a mark).
-    async fn park(&mut self, rows: Vec<(i64, &'static str, String)>, cancel: &CancellationToken) {
-        if rows.is_empty() {
+    /// Rows to messages. Invalid rows become poison; with block-key, later rows of an invalid
+    /// row's topic and key are left pending (the next read skips them while it is parked).
+    fn prepare(&self, rows: Vec<OutboxRow>) -> (Vec<Message>, Vec<Poison>) {
+        let source = self.store.table().to_string();
+        let block = self.config.poison_policy == PoisonPolicy::BlockKey;
+        let mut blocked: HashSet<(String, String)> = HashSet::new();
+        let mut messages = Vec::with_capacity(rows.len());
+        let mut poison = Vec::new();
+        for row in rows {
+            let stream = row.key.clone().map(|k| (row.topic.clone(), k));
+            if block && stream.as_ref().is_some_and(|s| blocked.contains(s)) {
+                continue;
+            }
+            match to_message(row, &source, &self.config.allowed_topics) {
+                Ok(m) => messages.push(m),
+                Err(invalid) => {
+                    let (row, reason) = *invalid;
+                    if block {
+                        blocked.extend(stream);
+                    }
+                    poison.push(Poison {
+                        id: row.id,
+                        kind: "invalid_row",
+                        reason,
+                        original: Poisoned::Row(row),
+                    });
+                }
+            }
+        }
+        (messages, poison)
+    }
+
+    /// Apply the poison policy: dead-letter (then mark published) or park, with the reason in
+    /// the row, a log line naming the row, and a metric. Writes are retried like a mark.
+    async fn set_aside(&mut self, poison: Vec<Poison>, cancel: &CancellationToken) {
+        if poison.is_empty() {
             return;
         }
-        for (id, kind, reason) in &rows {
+        let mut park = Vec::new();
+        match self.config.dead_letter_topic.clone() {
+            None => park.extend(poison.into_iter().map(|p| (p.id, p.kind, p.reason))),
+            Some(dlq) => {
+                let source = self.store.table().to_string();
+                let copies: Vec<Message> = poison
+                    .iter()
+                    .map(|p| dead_letter(p.original.clone(), p.kind, &p.reason, &dlq, &source))
+                    .collect();
+                let publisher = self.publisher.borrow().clone();
+                let outcomes = publisher
+                    .publish(&copies, cancel, self.config.shutdown_timeout.mul_f32(0.8))
+                    .await;
+                let mut sent = Vec::new();
+                for (p, outcome) in poison.into_iter().zip(outcomes) {
+                    match outcome {
+                        Ok(()) => {
+                            tracing::error!(row_id = p.id, kind = p.kind, reason = %p.reason, topic = %dlq, "row sent to the dead-letter topic");
+                            self.metrics
+                                .dead_lettered
+                                .with_label_values(&[p.kind])
+                                .inc();
+                            self.metrics
+                                .publish_errors
+                                .with_label_values(&["poison"])
+                                .inc();
+                            sent.push((p.id, format!("dead-lettered to {dlq}: {}", p.reason)));
+                        }
+                        Err(Failure::Poison { reason, .. }) => park.push((
+                            p.id,
+                            p.kind,
+                            format!("{}; the dead-letter copy failed too: {reason}", p.reason),
+                        )),
+                        // Kafka trouble: leave the row pending; it is retried with the next read.
+                        Err(other) => {
+                            tracing::warn!(row_id = p.id, error = %other.into_reason(), "dead-letter publish failed; will retry")
+                        }
+                    }
+                }
+                self.write_retrying("dead-letter mark", cancel, |store| {
+                    let sent = sent.clone();
+                    async move { store.mark_dead_lettered(&sent).await }
+                })
+                .await;
+            }
+        }
+        for (id, kind, reason) in &park {
             tracing::error!(row_id = id, kind, reason = %reason, "row parked as failed; fix it and retry it, or skip it");
             self.metrics.parked.with_label_values(&[kind]).inc();
             self.metrics
@@ -230,16 +319,31 @@ impl Relay {
                 .with_label_values(&["poison"])
                 .inc();
         }
-        let failures: Vec<(i64, String)> = rows
+        let failures: Vec<(i64, String)> = park
             .into_iter()
             .map(|(id, _, reason)| (id, reason))
             .collect();
+        self.write_retrying("park", cancel, |store| {
+            let failures = failures.clone();
+            async move { store.park(&failures).await }
+        })
+        .await;
+    }
+
+    /// Run a write until it succeeds (true) or shutdown interrupts it (false: the rows stay
+    /// pending and the next run handles them again). Giving up earlier would republish them.
+    async fn write_retrying<F, Fut>(&self, what: &str, cancel: &CancellationToken, write: F) -> bool
+    where
+        F: Fn(OutboxStore) -> Fut,
+        Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+    {
         let mut backoff = retry_backoff();
-        while let Err(e) = self.store.park(&failures).await {
-            if cancel.is_cancelled() {
-                return; // still pending: the next run parks them again
+        loop {
+            match write(self.store.clone()).await {
+                Ok(()) => return true,
+                Err(_) if cancel.is_cancelled() => return false,
+                Err(e) => self.database_failed(what, &e, &mut backoff, cancel).await,
             }
-            self.database_failed("park", &e, &mut backoff, cancel).await;
         }
     }
 
@@ -266,6 +370,14 @@ impl Relay {
         tracing::warn!(step = what, error = %e, hint = crate::outbox::hint(e, self.store.table()), retry_in = ?wait, "database error");
         sleep_or_cancel(wait, cancel).await;
     }
+}
+
+/// A row that can never be published as it is.
+struct Poison {
+    id: i64,
+    kind: &'static str,
+    reason: String,
+    original: Poisoned,
 }
 
 #[derive(Debug)]
@@ -303,7 +415,7 @@ mod tests {
     #[test]
     fn all_delivered_are_marked() {
         let m = [msg(1, Some("a")), msg(2, Some("b")), msg(3, None)];
-        let s = settle(&m, vec![Ok(()), Ok(()), Ok(())]);
+        let s = settle(&m, vec![Ok(()), Ok(()), Ok(())], false);
         assert_eq!(s.delivered, vec![1, 2, 3]);
         assert!(s.park.is_empty() && s.retry.is_empty() && !s.fatal);
     }
@@ -327,7 +439,7 @@ mod tests {
             }),
             Ok(()),
         ];
-        let s = settle(&m, outcomes);
+        let s = settle(&m, outcomes, false);
         assert_eq!(
             s.delivered,
             vec![3, 5],
@@ -352,6 +464,7 @@ mod tests {
                 }),
                 Ok(()),
             ],
+            false,
         );
         assert_eq!(s.park, vec![(1, "unknown_topic", "x".to_string())]);
         assert_eq!(s.delivered, vec![2]);
@@ -362,14 +475,26 @@ mod tests {
         let mut other = msg(2, Some("a"));
         other.topic = "u".into();
         let m = [msg(1, Some("a")), other];
-        let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())]);
+        let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())], false);
         assert_eq!(s.delivered, vec![2]);
+    }
+
+    #[test]
+    fn with_block_key_poison_holds_back_its_stream() {
+        let m = [msg(1, Some("a")), msg(2, Some("a")), msg(3, Some("b"))];
+        let poison = Failure::Poison {
+            kind: "too_large",
+            reason: "big".into(),
+        };
+        let s = settle(&m, vec![Err(poison), Ok(()), Ok(())], true);
+        assert_eq!(s.park, vec![(1, "too_large", "big".to_string())]);
+        assert_eq!(s.delivered, vec![3], "2 waits until the operator handles 1");
     }
 
     #[test]
     fn null_keys_never_block_each_other() {
         let m = [msg(1, None), msg(2, None)];
-        let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())]);
+        let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())], false);
         assert_eq!(s.delivered, vec![2]);
     }
 
@@ -379,6 +504,7 @@ mod tests {
         let s = settle(
             &m,
             vec![Err(Failure::Fatal("Fatal: out of order sequence".into()))],
+            false,
         );
         assert!(s.fatal);
     }

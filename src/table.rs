@@ -136,10 +136,10 @@ CREATE TABLE IF NOT EXISTS {t} (
 CREATE INDEX IF NOT EXISTS {pending_idx} ON {t} (id)
     WHERE published_at IS NULL AND failed_at IS NULL;
 
--- Cleanup finds old published rows here; parked rows are listed from here.
+-- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS {published_idx} ON {t} (published_at)
     WHERE published_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS {failed_idx} ON {t} (id)
+CREATE INDEX IF NOT EXISTS {failed_idx} ON {t} (topic, key)
     WHERE failed_at IS NOT NULL;
 
 -- Leader election: the replica holding this lease publishes; the others stand by.

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub pending_rows: IntGauge,
     /// How far behind are we? (age of the oldest pending row; 0 when none)
     pub oldest_pending_age: prometheus::Gauge,
+    /// Which poison rows went to the dead-letter topic, and why?
+    pub dead_lettered: IntCounterVec,
     /// How many rows need an operator?
     pub parked_rows: IntGauge,
     /// Is this replica the one publishing? (1 leader, 0 standby)
@@ -68,6 +70,14 @@ impl Metrics {
                 Opts::new(
                     "outbox_relay_parked_total",
                     "Rows set aside as failed, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            dead_lettered: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_dead_lettered_total",
+                    "Poison rows published to the dead-letter topic, by reason",
                 ),
                 &["reason"],
             )
@@ -121,10 +131,11 @@ impl Metrics {
             .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(m.published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.parked.clone()),
+            Box::new(m.dead_lettered.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.pending_rows.clone()),

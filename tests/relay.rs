@@ -619,3 +619,151 @@ fn bad_flags_exit_2_and_name_the_flag() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn block_key_policy_holds_a_key_until_its_parked_row_is_fixed() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &["--poison-policy", "block-key"]);
+    let insert = |key: &'static str, payload: &'static str, headers: Option<serde_json::Value>| {
+        let (pool, topic) = (db.pool.clone(), topics[0].clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id",
+            )
+            .bind(topic)
+            .bind(key)
+            .bind(payload.as_bytes())
+            .bind(headers)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let mut tx_rows = vec![insert("a", "a-1", None).await];
+    let bad = insert("a", "a-2", Some(json!(["not an object"]))).await;
+    tx_rows.push(insert("a", "a-3", None).await);
+    tx_rows.push(insert("b", "b-1", None).await);
+    db.wait_count("failed_at IS NOT NULL", 1, Duration::from_secs(20))
+        .await;
+    db.wait_count("published_at IS NOT NULL", 2, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        db.count("published_at IS NOT NULL").await,
+        2,
+        "a-3 must wait behind the parked a-2"
+    );
+    assert_eq!(
+        db.count(&format!("id = {} AND published_at IS NULL", tx_rows[1]))
+            .await,
+        1
+    );
+    // The operator fixes the row and sends it again: the key resumes in order.
+    sqlx::query("UPDATE outbox SET headers = NULL, failed_at = NULL WHERE id = $1")
+        .bind(bad)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.wait_count("published_at IS NOT NULL", 4, Duration::from_secs(20))
+        .await;
+    let t = topics.clone();
+    let consumed = tokio::task::spawn_blocking(move || {
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            4,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    let a: Vec<Vec<u8>> = consumed
+        .iter()
+        .filter(|c| c.key.as_deref() == Some(&b"a"[..]))
+        .map(|c| c.payload.clone().unwrap())
+        .collect();
+    assert_eq!(a, vec![b"a-1".to_vec(), b"a-2".to_vec(), b"a-3".to_vec()]);
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let (main, dlq) = (&topics[0], &topics[1]);
+    let relay = Relay::start(
+        &db,
+        &[
+            "--poison-policy",
+            "dead-letter",
+            "--dead-letter-topic",
+            dlq,
+            "--kafka-config",
+            "message.max.bytes=4000",
+        ],
+    );
+    for (payload, headers) in [
+        (b"fine".to_vec(), None),
+        (b"bad headers".to_vec(), Some(json!({"n": 1}))),
+        (vec![b'x'; 10_000], None),
+    ] {
+        sqlx::query("INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, 'k', $2, $3)")
+            .bind(main)
+            .bind(payload)
+            .bind(headers)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
+        .await;
+    assert_eq!(db.count("failed_at IS NOT NULL").await, 0);
+    assert_eq!(db.count("last_error LIKE 'dead-lettered to %'").await, 2);
+    let d = dlq.clone();
+    let dead = tokio::task::spawn_blocking(move || {
+        consume(
+            &[&d],
+            PARTITIONS,
+            2,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 2);
+    let invalid = dead
+        .iter()
+        .find(|c| c.header("outbox-error-kind").as_deref() == Some("invalid_row"))
+        .unwrap();
+    assert_eq!(invalid.payload.as_deref(), Some(&b"bad headers"[..]));
+    assert_eq!(
+        invalid.header("outbox-original-headers").as_deref(),
+        Some(r#"{"n":1}"#)
+    );
+    assert_eq!(
+        invalid.header("outbox-original-topic").as_deref(),
+        Some(main.as_str())
+    );
+    assert!(invalid
+        .header("outbox-error")
+        .unwrap()
+        .contains("must be JSON strings"));
+    let big = dead
+        .iter()
+        .find(|c| c.header("outbox-error-kind").as_deref() == Some("too_large"))
+        .unwrap();
+    assert_eq!(big.payload, None);
+    assert_eq!(
+        big.header("outbox-payload-omitted").as_deref(),
+        Some("10000 bytes")
+    );
+    let (_, metrics) = relay.http_get("/metrics");
+    assert!(
+        metrics.contains("outbox_relay_dead_lettered_total{reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    drop(relay);
+}
