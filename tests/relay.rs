@@ -767,3 +767,61 @@ async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
     );
     drop(relay);
 }
+
+/// librdkafka's mock cluster (a real Kafka-protocol server inside this test process) injects a
+/// fatal idempotent-producer error: the relay must recreate its producer and deliver every
+/// row, without exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fatal_producer_error_recreates_the_producer_and_loses_nothing() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let db = TestDb::new().await;
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("mocked", PARTITIONS, 1).unwrap();
+    // The broker refuses the producer id: librdkafka raises a fatal error.
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED; 3],
+    );
+    let relay = common::Relay::spawn(&db.name, &db.url, &mock.bootstrap_servers(), &[], &[]);
+    for i in 0..20 {
+        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ('mocked', $1, $2)")
+            .bind(format!("k{}", i % 4))
+            .bind(format!("p{i}").into_bytes())
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    relay.wait_log("recreating the producer", Duration::from_secs(30));
+    mock.clear_request_errors(RDKafkaApiKey::InitProducerId);
+    db.wait_count("published_at IS NOT NULL", 20, Duration::from_secs(60))
+        .await;
+    let brokers = mock.bootstrap_servers();
+    let consumed = tokio::task::spawn_blocking(move || {
+        common::consume_from(
+            &brokers,
+            &["mocked"],
+            PARTITIONS,
+            20,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    let mut ids: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        20,
+        "every row delivered after the producer was recreated"
+    );
+    let (_, metrics) = relay.http_get("/metrics");
+    assert!(
+        metrics.contains("outbox_relay_publish_errors_total{kind=\"fatal\"}"),
+        "{metrics}"
+    );
+    drop(relay);
+}
