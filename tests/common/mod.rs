@@ -2,7 +2,8 @@
 //! the relay binary as a child process, and a consumer that reads topics back.
 //!
 //! Services come from `scripts/services.sh up` (what `make test` runs); the URLs can be
-//! overridden with OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_KAFKA_BROKERS.
+//! overridden with OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_KAFKA_BROKERS (and, for the
+//! TLS tests, OUTBOX_TEST_KAFKA_SASL_BROKERS and OUTBOX_TEST_CERTS_DIR).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -25,6 +26,24 @@ pub fn database_url() -> String {
 
 pub fn kafka_brokers() -> String {
     std::env::var("OUTBOX_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// The broker's SASL_SSL (SCRAM-SHA-512) listener: `scripts/kafka.sh url-sasl`.
+pub fn kafka_sasl_brokers() -> String {
+    std::env::var("OUTBOX_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| "127.0.0.1:19094".into())
+}
+
+/// Where `scripts/certs.sh` put the test CA (`ca.pem`) and the unrelated CA (`other-ca.pem`):
+/// OUTBOX_TEST_CERTS_DIR, relative to the crate root unless absolute; default `.local/certs`.
+pub fn certs_dir() -> PathBuf {
+    let dir = std::env::var("OUTBOX_TEST_CERTS_DIR").unwrap_or_else(|_| ".local/certs".into());
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)
+}
+
+/// Host and port of the test PostgreSQL (from [`database_url`]).
+pub fn database_host_port() -> (String, u16) {
+    let opts: PgConnectOptions = database_url().parse().unwrap();
+    (opts.get_host().to_string(), opts.get_port())
 }
 
 /// A short random suffix for names, so tests can run in parallel and re-run.
@@ -72,6 +91,21 @@ impl TestDb {
         .fetch_one(&self.pool)
         .await
         .unwrap()
+    }
+
+    /// Let `role` run the relay on this database (it does not own it): connect, read and
+    /// mark the outbox. LISTEN and advisory locks need no grant.
+    pub async fn grant_relay(&self, role: &str) {
+        for sql in [
+            format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{role}\"", self.name),
+            format!("GRANT USAGE ON SCHEMA public TO \"{role}\""),
+            format!("GRANT SELECT, UPDATE, DELETE ON outbox TO \"{role}\""),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&self.pool)
+                .await
+                .unwrap();
+        }
     }
 
     /// Wait until `filter` matches at least `n` rows.
@@ -159,24 +193,41 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(db: &TestDb, extra: &[&str]) -> Relay {
+        Relay::spawn(&db.name, &db.url, &kafka_brokers(), extra, &[])
+    }
+
+    /// Like [`Relay::start`] with any database URL and brokers, and extra environment
+    /// (applied last: it may override RUST_LOG). Stdout goes to `<log>.stdout`.
+    pub fn spawn(
+        label: &str,
+        database_url: &str,
+        brokers: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
         std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join(format!("{}.log", unique(&db.name)));
+        let log = dir.join(format!("{}.log", unique(label)));
         let mut args = vec![
             "run",
             "--kafka-brokers",
-            Box::leak(kafka_brokers().into_boxed_str()),
+            brokers,
             "--metrics-addr",
             &metrics_addr,
             "--poll-interval",
             "100ms",
         ];
         args.extend_from_slice(extra);
-        let child = relay_command(&args)
-            .env("OUTBOX_RELAY_DATABASE_URL", &db.url)
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .stdout(Stdio::null())
+        let mut command = relay_command(&args);
+        command
+            .env("OUTBOX_RELAY_DATABASE_URL", database_url)
+            .env("RUST_LOG", "info,librdkafka=warn");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command
+            .stdout(std::fs::File::create(log.with_extension("stdout")).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -184,6 +235,24 @@ impl Relay {
             child,
             metrics_addr,
             log,
+        }
+    }
+
+    /// Everything the relay wrote to stdout.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("stdout")).unwrap_or_default()
+    }
+
+    /// Wait until the log contains `needle` (panics with the log after `timeout`).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.logs().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "the log never showed {needle:?}: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -309,8 +378,27 @@ pub fn consume(
     quiet: Duration,
     timeout: Duration,
 ) -> Vec<Consumed> {
+    consume_from(
+        &kafka_brokers(),
+        topics,
+        partitions,
+        expected,
+        quiet,
+        timeout,
+    )
+}
+
+/// `consume`, from the given bootstrap servers (e.g. a librdkafka mock cluster).
+pub fn consume_from(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("checker"))
         .set("enable.auto.commit", "false")
         .create()
