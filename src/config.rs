@@ -52,6 +52,82 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Delete published rows older than the retention, in small batches, then exit.
     Cleanup(CleanupArgs),
+    /// Backlog per topic, oldest pending age, parked rows, and which replica leads.
+    Status(StatusArgs),
+    /// Inspect and act on parked (failed) rows: list, retry, skip, purge.
+    Failed(FailedArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FailedArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(subcommand)]
+    pub action: FailedAction,
+}
+
+/// Which parked rows an action applies to: one id, one key (optionally of one topic), or all.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct RowSelector {
+    /// One row, by id.
+    #[arg(long)]
+    pub id: Option<i64>,
+    /// Every parked row with this key (narrow with --topic).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Every parked row.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum FailedAction {
+    /// List parked rows with their error and attempts, oldest first.
+    List {
+        /// Only rows of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make parked rows pending again (after fixing the cause); the relay publishes them.
+    Retry {
+        #[command(flatten)]
+        rows: RowSelector,
+        /// With --key: only rows of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Give up on parked rows: mark them handled without publishing, recording the reason.
+    Skip {
+        #[command(flatten)]
+        rows: RowSelector,
+        /// With --key: only rows of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Why (kept in last_error).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Delete parked rows that failed longer ago than --older-than.
+    Purge {
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

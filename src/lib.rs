@@ -10,7 +10,9 @@
 //! - [`relay`]: the loop (read, publish, settle, mark) and its invariant.
 //! - [`telemetry`]: metrics, health, the HTTP endpoints, logging.
 //! - [`shutdown`]: signals to a cancellation token.
+//! - [`admin`]: operator commands (`status`, `failed list|retry|skip|purge`).
 
+pub mod admin;
 pub mod config;
 pub mod event;
 pub mod outbox;

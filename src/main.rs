@@ -7,7 +7,10 @@ use clap::Parser;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use outbox_relay::config::{CleanupArgs, Cli, Command, LogFormat, MigrateArgs, RunArgs};
+use outbox_relay::config::{
+    CleanupArgs, Cli, Command, FailedAction, FailedArgs, LogFormat, MigrateArgs, RunArgs,
+    StatusArgs,
+};
 use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
 
 fn main() -> ExitCode {
@@ -16,6 +19,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Migrate(args) => migrate(args),
         Command::Cleanup(args) => cleanup(args),
+        Command::Status(args) => status(args),
+        Command::Failed(args) => failed(args),
     }
 }
 
@@ -174,6 +179,77 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
                     "error: cleanup failed: {e} ({})",
                     outbox::hint(&e, &db.table)
                 );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let db = match args.db.resolve() {
+        Ok(d) => d,
+        Err(e) => return usage_error(e),
+    };
+    runtime().block_on(async {
+        let admin = outbox_relay::admin::Admin::new(outbox::pool(&db.connect, 1), db.table.clone());
+        match admin.status().await {
+            Ok(s) if args.json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).expect("status serializes")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                print!("{}", outbox_relay::admin::status_text(&s));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: status failed: {e} ({})",
+                    outbox::hint(&e, &db.table)
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn failed(args: FailedArgs) -> ExitCode {
+    let db = match args.db.resolve() {
+        Ok(d) => d,
+        Err(e) => return usage_error(e),
+    };
+    telemetry::init_logging(LogFormat::Text);
+    runtime().block_on(async {
+        let admin = outbox_relay::admin::Admin::new(outbox::pool(&db.connect, 1), db.table.clone());
+        let result = match &args.action {
+            FailedAction::List { topic, limit, json } => admin.list_failed(topic.as_deref(), *limit).await.map(|rows| {
+                for r in &rows {
+                    if *json {
+                        println!("{}", serde_json::to_string(r).expect("row serializes"));
+                    } else {
+                        println!("{}", outbox_relay::admin::failed_text(r));
+                    }
+                }
+            }),
+            FailedAction::Retry { rows, topic } => admin.retry(rows, topic.as_deref()).await.map(|n| {
+                tracing::info!(action = "retry", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, "parked rows made pending again");
+                println!("{n} parked rows are pending again");
+            }),
+            FailedAction::Skip { rows, topic, reason } => admin.skip(rows, topic.as_deref(), reason).await.map(|n| {
+                tracing::info!(action = "skip", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, reason = %reason, "parked rows skipped");
+                println!("{n} parked rows skipped (marked handled, not published)");
+            }),
+            FailedAction::Purge { older_than } => admin.purge(*older_than).await.map(|n| {
+                tracing::info!(action = "purge", rows = n, older_than = ?older_than, "parked rows deleted");
+                println!("{n} parked rows deleted");
+            }),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: failed {:?}: {e} ({})", args.action, outbox::hint(&e, &db.table));
                 ExitCode::FAILURE
             }
         }

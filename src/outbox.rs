@@ -37,6 +37,9 @@ pub async fn migrate(
     sqlx::query("SET LOCAL lock_timeout = '10s'")
         .execute(&mut *tx)
         .await?;
+    sqlx::query("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(table.lock_key())
         .execute(&mut *tx)
@@ -374,7 +377,7 @@ pub fn hint(e: &sqlx::Error, table: &TableName) -> String {
         .and_then(|d| d.code())
         .unwrap_or_default();
     match (code.as_ref(), e) {
-        ("42P01", _) => format!("table {table} does not exist: run `outbox-relay migrate` (or apply migrations/)"),
+        ("42P01", _) => format!("table {table} or its {}_lease table does not exist: run `outbox-relay migrate` (or apply migrations/)", table.table()),
         ("42703", _) => format!("table {table} lacks a relay column: run `outbox-relay migrate` to upgrade it"),
         ("42501", _) => format!("the role lacks privileges: GRANT SELECT, UPDATE, DELETE ON {table}"),
         ("28P01", _) | ("28000", _) => "authentication failed: check the user and password".into(),

@@ -1,0 +1,221 @@
+//! Operator commands: `status` and `failed list|retry|skip|purge`. Each is a short statement
+//! against the outbox table (never a long lock), and each action is logged by the caller.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgPool;
+use sqlx::AssertSqlSafe;
+
+use crate::config::RowSelector;
+use crate::table::TableName;
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct TopicBacklog {
+    pub topic: String,
+    pub pending: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub parked: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct LeaseState {
+    pub holder: String,
+    pub epoch: i64,
+    pub expires_at: DateTime<Utc>,
+    pub valid: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub table: String,
+    pub topics: Vec<TopicBacklog>,
+    pub pending: i64,
+    pub parked: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// The replica holding the publishing lease (others stand by), if any ever held it.
+    pub leader: Option<LeaseState>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct FailedRow {
+    pub id: i64,
+    pub topic: String,
+    pub key: Option<String>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub failed_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+pub struct Admin {
+    pool: PgPool,
+    table: TableName,
+}
+
+/// Parked rows matching a selector: $1 id, $2 key, $3 topic (NULL = any).
+const SELECTED: &str = "failed_at IS NOT NULL AND ($1::bigint IS NULL OR id = $1) \
+     AND ($2::text IS NULL OR key = $2) AND ($3::text IS NULL OR topic = $3)";
+
+impl Admin {
+    pub fn new(pool: PgPool, table: TableName) -> Admin {
+        Admin { pool, table }
+    }
+
+    pub async fn status(&self) -> Result<Status, sqlx::Error> {
+        let t = self.table.quoted();
+        let topics: Vec<TopicBacklog> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT topic, sum(pending)::int8 AS pending, max(age) AS oldest_pending_age_seconds, sum(parked)::int8 AS parked FROM (
+               SELECT topic, count(*) AS pending, extract(epoch FROM now() - min(created_at))::float8 AS age, 0 AS parked
+                 FROM {t} WHERE published_at IS NULL AND failed_at IS NULL GROUP BY topic
+               UNION ALL
+               SELECT topic, 0, NULL, count(*) FROM {t} WHERE failed_at IS NOT NULL GROUP BY topic
+             ) s GROUP BY topic ORDER BY topic"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        let leader: Option<LeaseState> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT holder, epoch, expires_at, expires_at > clock_timestamp() AS valid FROM {}",
+            self.table.lease_table()
+        )))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Status {
+            table: self.table.to_string(),
+            pending: topics.iter().map(|t| t.pending).sum(),
+            parked: topics.iter().map(|t| t.parked).sum(),
+            oldest_pending_age_seconds: topics
+                .iter()
+                .filter_map(|t| t.oldest_pending_age_seconds)
+                .reduce(f64::max),
+            topics,
+            leader,
+        })
+    }
+
+    pub async fn list_failed(
+        &self,
+        topic: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<FailedRow>, sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT id, topic, key, attempts, created_at, failed_at, last_error FROM {} \
+             WHERE {SELECTED} ORDER BY id LIMIT $4",
+            self.table.quoted()
+        )))
+        .bind(None::<i64>)
+        .bind(None::<String>)
+        .bind(topic)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Make the selected parked rows pending again. Returns how many.
+    pub async fn retry(&self, rows: &RowSelector, topic: Option<&str>) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {} SET failed_at = NULL WHERE {SELECTED}",
+            self.table.quoted()
+        );
+        self.act(sql, rows, topic, None).await
+    }
+
+    /// Mark the selected parked rows handled without publishing them. Returns how many.
+    pub async fn skip(
+        &self,
+        rows: &RowSelector,
+        topic: Option<&str>,
+        reason: &str,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {} SET failed_at = NULL, published_at = now(), \
+             last_error = 'skipped by an operator: ' || $4 || ' (was: ' || coalesce(last_error, '') || ')' \
+             WHERE {SELECTED}",
+            self.table.quoted()
+        );
+        self.act(sql, rows, topic, Some(reason)).await
+    }
+
+    async fn act(
+        &self,
+        sql: String,
+        rows: &RowSelector,
+        topic: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<u64, sqlx::Error> {
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(rows.id)
+            .bind(rows.key.as_deref())
+            .bind(topic);
+        if let Some(reason) = reason {
+            q = q.bind(reason);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected())
+    }
+
+    /// Delete parked rows that failed longer ago than `older_than`. Returns how many.
+    pub async fn purge(&self, older_than: Duration) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE failed_at < now() - make_interval(secs => $1)",
+            self.table.quoted()
+        )))
+        .bind(older_than.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// `status` as text for a terminal.
+pub fn status_text(s: &Status) -> String {
+    let mut out = format!(
+        "table {}: {} pending, {} parked, oldest pending {}\n",
+        s.table,
+        s.pending,
+        s.parked,
+        s.oldest_pending_age_seconds
+            .map_or("-".to_string(), |a| format!("{a:.1}s ago"))
+    );
+    match &s.leader {
+        Some(l) if l.valid => out.push_str(&format!(
+            "leader: {} (epoch {}, lease until {})\n",
+            l.holder, l.epoch, l.expires_at
+        )),
+        Some(l) => out.push_str(&format!(
+            "leader: none (last: {} epoch {}, lease expired {})\n",
+            l.holder, l.epoch, l.expires_at
+        )),
+        None => out.push_str("leader: none yet\n"),
+    }
+    if !s.topics.is_empty() {
+        out.push_str(&format!(
+            "{:<40} {:>10} {:>10} {:>12}\n",
+            "TOPIC", "PENDING", "PARKED", "OLDEST(s)"
+        ));
+        for t in &s.topics {
+            out.push_str(&format!(
+                "{:<40} {:>10} {:>10} {:>12}\n",
+                t.topic,
+                t.pending,
+                t.parked,
+                t.oldest_pending_age_seconds
+                    .map_or("-".into(), |a| format!("{a:.1}"))
+            ));
+        }
+    }
+    out
+}
+
+/// One parked row as a text line.
+pub fn failed_text(r: &FailedRow) -> String {
+    format!(
+        "{}\t{}\t{}\tattempts={}\tfailed_at={}\t{}",
+        r.id,
+        r.topic,
+        r.key.as_deref().unwrap_or("<null>"),
+        r.attempts,
+        r.failed_at.to_rfc3339(),
+        r.last_error.as_deref().unwrap_or("")
+    )
+}
