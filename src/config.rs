@@ -52,10 +52,23 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Delete published rows older than the retention, in small batches, then exit.
     Cleanup(CleanupArgs),
+    /// Preflight: check the database, the table, privileges, Kafka, topics and limits.
+    Doctor(DoctorArgs),
     /// Backlog per topic, oldest pending age, parked rows, and which replica leads.
     Status(StatusArgs),
     /// Inspect and act on parked (failed) rows: list, retry, skip, purge.
     Failed(FailedArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,10 +10,12 @@
 //! - [`relay`]: the loop (read, publish, settle, mark) and its invariant.
 //! - [`telemetry`]: metrics, health, the HTTP endpoints, logging.
 //! - [`shutdown`]: signals to a cancellation token.
+//! - [`doctor`]: preflight checks against the real database and Kafka.
 //! - [`admin`]: operator commands (`status`, `failed list|retry|skip|purge`).
 
 pub mod admin;
 pub mod config;
+pub mod doctor;
 pub mod event;
 pub mod outbox;
 pub mod publisher;

@@ -8,8 +8,8 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use outbox_relay::config::{
-    CleanupArgs, Cli, Command, FailedAction, FailedArgs, LogFormat, MigrateArgs, RunArgs,
-    StatusArgs,
+    CleanupArgs, Cli, Command, DoctorArgs, FailedAction, FailedArgs, LogFormat, MigrateArgs,
+    RunArgs, StatusArgs,
 };
 use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
 
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Migrate(args) => migrate(args),
         Command::Cleanup(args) => cleanup(args),
+        Command::Doctor(args) => doctor(args),
         Command::Status(args) => status(args),
         Command::Failed(args) => failed(args),
     }
@@ -252,6 +253,32 @@ fn failed(args: FailedArgs) -> ExitCode {
                 eprintln!("error: failed {:?}: {e} ({})", args.action, outbox::hint(&e, &db.table));
                 ExitCode::FAILURE
             }
+        }
+    })
+}
+
+fn doctor(args: DoctorArgs) -> ExitCode {
+    let (db, kafka) = match (args.db.resolve(), args.kafka.resolve()) {
+        (Ok(db), Ok(kafka)) => (db, kafka),
+        (Err(e), _) | (_, Err(e)) => return usage_error(e),
+    };
+    runtime().block_on(async {
+        let findings = outbox_relay::doctor::run(&db, &kafka).await;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&findings).expect("findings serialize")
+            );
+        } else {
+            print!("{}", outbox_relay::doctor::text(&findings));
+        }
+        let failed = findings
+            .iter()
+            .any(|f| f.severity == outbox_relay::doctor::Severity::Error);
+        if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
         }
     })
 }

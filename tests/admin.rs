@@ -122,3 +122,63 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
     assert!(out.contains("0 pending, 0 parked"), "{out}");
     drop(relay);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_missing_topics_and_oversized_payloads_with_fixes() {
+    let db = TestDb::new().await;
+    let topic = unique("doc");
+    create_topics(&[&topic], 2).await;
+    let missing = unique("doc_missing");
+    sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, 'k', $2), ($3, 'k', 'x')")
+        .bind(&topic)
+        .bind(vec![b'x'; 1_200_000])
+        .bind(&missing)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let brokers = common::kafka_brokers();
+    let (code, out, err) = run(&db, &["doctor", "--kafka-brokers", &brokers, "--json"]);
+    assert_eq!(code, 1, "an error finding exits 1: {out} {err}");
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let find = |check: &str, severity: &str, needle: &str| {
+        findings.iter().any(|f| {
+            f["check"] == check
+                && f["severity"] == severity
+                && f["message"].as_str().unwrap().contains(needle)
+        })
+    };
+    assert!(find("database", "ok", "connected to"), "{out}");
+    assert!(find("table", "ok", "every column"), "{out}");
+    assert!(find("wake-up", "ok", "NOTIFY trigger installed"), "{out}");
+    assert!(find("producer", "ok", "enable.idempotence=true"), "{out}");
+    assert!(
+        find("topics", "ok", &format!("{topic}: 2 partitions")),
+        "{out}"
+    );
+    assert!(find("topics", "error", &missing), "{out}");
+    assert!(find("limits", "error", "1200000 bytes"), "{out}");
+    assert!(find("transport", "warn", "sslmode"), "{out}");
+    let (code, text, _) = run(&db, &["doctor", "--kafka-brokers", &brokers]);
+    assert_eq!(code, 1);
+    assert!(
+        text.contains("[FAIL] topics:") && text.contains("fix: create it"),
+        "{text}"
+    );
+    // An unreachable database is an error finding, not a crash.
+    let (code, out, _) = relay_command(&["doctor", "--kafka-brokers", &brokers])
+        .env(
+            "OUTBOX_RELAY_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/none",
+        )
+        .output()
+        .map(|o| {
+            (
+                o.status.code().unwrap(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                (),
+            )
+        })
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(out.contains("[FAIL] database: cannot connect"), "{out}");
+}
