@@ -41,10 +41,12 @@ ALTER TABLE "public"."outbox" SET (
 );
 
 -- Convenience for JSON events: SELECT "public"."outbox_enqueue_json"('orders', 'order-42', '{"total": 10}');
+-- Adds a content-type header (application/json) unless the given headers set one.
 CREATE OR REPLACE FUNCTION "public"."outbox_enqueue_json"(topic text, key text, payload jsonb, headers jsonb DEFAULT NULL)
 RETURNS bigint LANGUAGE sql AS $$
     INSERT INTO "public"."outbox" (topic, key, payload, headers)
-    VALUES (topic, key, convert_to(payload::text, 'UTF8'), headers)
+    VALUES (topic, key, convert_to(payload::text, 'UTF8'),
+            jsonb_build_object('content-type', 'application/json') || coalesce(headers, '{}'))
     RETURNING id
 $$;
 

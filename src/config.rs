@@ -296,6 +296,10 @@ pub struct RunArgs {
         help_heading = "Relay"
     )]
     pub allowed_topics: Vec<String>,
+    /// Add CloudEvents 1.0 binary-mode headers (ce_specversion, ce_id, ce_source, ce_type,
+    /// ce_time, ce_subject) to every message.
+    #[arg(long, env = "OUTBOX_RELAY_CLOUDEVENTS", default_value_t = false, action = clap::ArgAction::Set, help_heading = "Relay")]
+    pub cloudevents: bool,
     /// Refuse to start unless PostgreSQL uses sslmode=verify-full and Kafka uses verified TLS
     /// (without it, a plaintext or unverified connection only logs a warning).
     #[arg(long, env = "OUTBOX_RELAY_REQUIRE_SECURE_TRANSPORT", default_value_t = false, action = clap::ArgAction::Set, help_heading = "Operations")]
@@ -561,7 +565,8 @@ pub struct RelayConfig {
     pub stall_timeout: Duration,
     pub metrics_addr: SocketAddr,
     pub shutdown_timeout: Duration,
-    pub allowed_topics: TopicAllowList,
+    /// How rows become messages (source header, allowed topics, CloudEvents).
+    pub rules: crate::event::MessageRules,
     pub lease_duration: Duration,
     pub poison_policy: PoisonPolicy,
     /// Set exactly when the policy is dead-letter.
@@ -666,7 +671,11 @@ impl RunArgs {
             stall_timeout: self.stall_timeout,
             metrics_addr: self.metrics_addr,
             shutdown_timeout: self.shutdown_timeout,
-            allowed_topics: TopicAllowList::new(&self.allowed_topics)?,
+            rules: crate::event::MessageRules {
+                source: self.db.table.to_string(),
+                allowed_topics: TopicAllowList::new(&self.allowed_topics)?,
+                cloudevents: self.cloudevents,
+            },
             lease_duration: self.lease_duration,
             poison_policy: self.poison_policy,
             dead_letter_topic: self.dead_letter_topic()?,

@@ -80,14 +80,24 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How rows become messages, fixed at startup.
+#[derive(Debug, Clone, Default)]
+pub struct MessageRules {
+    /// `schema.table`, for the `outbox-source` header.
+    pub source: String,
+    /// `--allowed-topics`.
+    pub allowed_topics: TopicAllowList,
+    /// `--cloudevents`: add CloudEvents binary-mode `ce_*` headers.
+    pub cloudevents: bool,
+}
+
 /// Turn a row into its Kafka message, or give the row back with why it cannot be published.
 pub fn to_message(
     row: OutboxRow,
-    source: &str,
-    allowed: &TopicAllowList,
+    rules: &MessageRules,
 ) -> Result<Message, Box<(OutboxRow, String)>> {
-    match check_row(&row, allowed) {
-        Ok(()) => Ok(build(row, source)),
+    match check_row(&row, &rules.allowed_topics) {
+        Ok(()) => Ok(build(row, rules)),
         Err(reason) => Err(Box::new((row, reason))),
     }
 }
@@ -137,7 +147,7 @@ fn standard_headers(id: i64, created_at: DateTime<Utc>, source: &str) -> [(Strin
 }
 
 /// Build the message of a row that passed `check_row`.
-fn build(row: OutboxRow, source: &str) -> Message {
+fn build(row: OutboxRow, rules: &MessageRules) -> Message {
     let mut headers: Vec<(String, String)> = match row.headers {
         Some(serde_json::Value::Object(map)) => map
             .into_iter()
@@ -148,7 +158,18 @@ fn build(row: OutboxRow, source: &str) -> Message {
             .collect(),
         _ => Vec::new(),
     };
-    headers.extend(standard_headers(row.id, row.created_at, source));
+    headers.extend(standard_headers(row.id, row.created_at, &rules.source));
+    if rules.cloudevents {
+        let key = row.key.as_deref();
+        add_cloudevents(
+            &mut headers,
+            row.id,
+            &row.topic,
+            key,
+            row.created_at,
+            &rules.source,
+        );
+    }
     Message {
         id: row.id,
         topic: row.topic,
@@ -156,6 +177,41 @@ fn build(row: OutboxRow, source: &str) -> Message {
         payload: row.payload,
         headers,
         created_at: row.created_at,
+    }
+}
+
+/// CloudEvents 1.0 Kafka binary mode: `ce_*` headers, the payload as the event data. Headers
+/// the row already sets win; `ce_type` comes from the row's `type` header, else the topic.
+fn add_cloudevents(
+    headers: &mut Vec<(String, String)>,
+    id: i64,
+    topic: &str,
+    key: Option<&str>,
+    created_at: DateTime<Utc>,
+    source: &str,
+) {
+    let has = |h: &[(String, String)], name: &str| h.iter().any(|(k, _)| k == name);
+    let ce_type = headers
+        .iter()
+        .find(|(k, _)| k == "type")
+        .map_or_else(|| topic.to_string(), |(_, v)| v.clone());
+    let mut add = vec![
+        ("ce_specversion", "1.0".to_string()),
+        ("ce_id", id.to_string()),
+        ("ce_source", format!("/outbox/{source}")),
+        ("ce_type", ce_type),
+        (
+            "ce_time",
+            created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        ),
+    ];
+    if let Some(key) = key {
+        add.push(("ce_subject", key.to_string()));
+    }
+    for (name, value) in add {
+        if !has(headers, name) {
+            headers.push((name.to_string(), value));
+        }
     }
 }
 
@@ -225,6 +281,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn rules(source: &str, allowed: TopicAllowList) -> MessageRules {
+        MessageRules {
+            source: source.into(),
+            allowed_topics: allowed,
+            cloudevents: false,
+        }
+    }
+
     fn row(topic: &str, headers: Option<serde_json::Value>) -> OutboxRow {
         OutboxRow {
             id: 42,
@@ -240,8 +304,7 @@ mod tests {
     fn valid_row_gets_user_and_standard_headers() {
         let m = to_message(
             row("orders.v1", Some(json!({"trace": "ü-42"}))),
-            "public.outbox",
-            &TopicAllowList::default(),
+            &rules("public.outbox", TopicAllowList::default()),
         )
         .unwrap();
         assert_eq!(
@@ -262,8 +325,10 @@ mod tests {
     #[test]
     fn topics_outside_the_allow_list_are_rejected() {
         let list = TopicAllowList::new(&["orders.*".into()]).unwrap();
-        assert!(to_message(row("orders.v1", None), "s", &list).is_ok());
-        let err = to_message(row("payments", None), "s", &list).unwrap_err().1;
+        assert!(to_message(row("orders.v1", None), &rules("s", list.clone())).is_ok());
+        let err = to_message(row("payments", None), &rules("s", list.clone()))
+            .unwrap_err()
+            .1;
         assert!(err.contains("--allowed-topics"), "{err}");
     }
 
@@ -271,8 +336,7 @@ mod tests {
     fn dead_letter_copies_carry_the_error_and_drop_oversized_payloads() {
         let m = to_message(
             row("orders", Some(json!({"a": "b"}))),
-            "s",
-            &TopicAllowList::default(),
+            &rules("s", TopicAllowList::default()),
         )
         .unwrap();
         let d = dead_letter(Poisoned::Message(m), "too_large", "way too big", "dlq", "s");
@@ -307,12 +371,43 @@ mod tests {
     }
 
     #[test]
+    fn cloudevents_headers_follow_the_kafka_binary_mode() {
+        let mut r = rules("public.outbox", TopicAllowList::default());
+        r.cloudevents = true;
+        let m = to_message(row("orders", Some(json!({"type": "order.paid"}))), &r).unwrap();
+        let h = |n: &str| {
+            m.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("ce_specversion"), Some("1.0"));
+        assert_eq!(h("ce_id"), Some("42"));
+        assert_eq!(h("ce_source"), Some("/outbox/public.outbox"));
+        assert_eq!(h("ce_type"), Some("order.paid"));
+        assert_eq!(h("ce_subject"), Some("k"));
+        assert_eq!(h("ce_time"), Some("2023-11-14T22:13:20.123456Z"));
+        let m = to_message(row("orders", Some(json!({"ce_id": "mine"}))), &r).unwrap();
+        let h = |n: &str| {
+            m.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("ce_id"), Some("mine"), "the row's own ce_ header wins");
+        assert_eq!(
+            h("ce_type"),
+            Some("orders"),
+            "the topic when no type header"
+        );
+    }
+
+    #[test]
     fn null_headers_are_fine() {
-        assert!(to_message(row("t", None), "s", &TopicAllowList::default()).is_ok());
+        assert!(to_message(row("t", None), &rules("s", TopicAllowList::default())).is_ok());
         assert!(to_message(
             row("t", Some(serde_json::Value::Null)),
-            "s",
-            &TopicAllowList::default()
+            &rules("s", TopicAllowList::default())
         )
         .is_ok());
     }
@@ -326,7 +421,7 @@ mod tests {
             ("ordérs", "'é'"),
             (&"x".repeat(250), "249"),
         ] {
-            let err = to_message(row(topic, None), "s", &TopicAllowList::default())
+            let err = to_message(row(topic, None), &rules("s", TopicAllowList::default()))
                 .unwrap_err()
                 .1;
             assert!(err.contains(needle), "{topic:?}: {err}");
@@ -338,24 +433,21 @@ mod tests {
     fn bad_headers_are_rejected_with_reason() {
         let err = to_message(
             row("t", Some(json!(["a"]))),
-            "s",
-            &TopicAllowList::default(),
+            &rules("s", TopicAllowList::default()),
         )
         .unwrap_err()
         .1;
         assert!(err.contains("headers is an array"), "{err}");
         let err = to_message(
             row("t", Some(json!({"n": 1}))),
-            "s",
-            &TopicAllowList::default(),
+            &rules("s", TopicAllowList::default()),
         )
         .unwrap_err()
         .1;
         assert!(err.contains("\"n\" is a number"), "{err}");
         let err = to_message(
             row("t", Some(json!({HEADER_EVENT_ID: "x"}))),
-            "s",
-            &TopicAllowList::default(),
+            &rules("s", TopicAllowList::default()),
         )
         .unwrap_err()
         .1;

@@ -230,7 +230,6 @@ impl Relay {
     /// Rows to messages. Invalid rows become poison; with block-key, later rows of an invalid
     /// row's topic and key are left pending (the next read skips them while it is parked).
     fn prepare(&self, rows: Vec<OutboxRow>) -> (Vec<Message>, Vec<Poison>) {
-        let source = self.store.table().to_string();
         let block = self.config.poison_policy == PoisonPolicy::BlockKey;
         let mut blocked: HashSet<(String, String)> = HashSet::new();
         let mut messages = Vec::with_capacity(rows.len());
@@ -240,7 +239,7 @@ impl Relay {
             if block && stream.as_ref().is_some_and(|s| blocked.contains(s)) {
                 continue;
             }
-            match to_message(row, &source, &self.config.allowed_topics) {
+            match to_message(row, &self.config.rules) {
                 Ok(m) => messages.push(m),
                 Err(invalid) => {
                     let (row, reason) = *invalid;
@@ -269,10 +268,17 @@ impl Relay {
         match self.config.dead_letter_topic.clone() {
             None => park.extend(poison.into_iter().map(|p| (p.id, p.kind, p.reason))),
             Some(dlq) => {
-                let source = self.store.table().to_string();
                 let copies: Vec<Message> = poison
                     .iter()
-                    .map(|p| dead_letter(p.original.clone(), p.kind, &p.reason, &dlq, &source))
+                    .map(|p| {
+                        dead_letter(
+                            p.original.clone(),
+                            p.kind,
+                            &p.reason,
+                            &dlq,
+                            &self.config.rules.source,
+                        )
+                    })
                     .collect();
                 let publisher = self.publisher.borrow().clone();
                 let outcomes = publisher

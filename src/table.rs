@@ -158,10 +158,12 @@ ALTER TABLE {t} SET (
 );
 
 -- Convenience for JSON events: SELECT {enqueue_fn}('orders', 'order-42', '{{"total": 10}}');
+-- Adds a content-type header (application/json) unless the given headers set one.
 CREATE OR REPLACE FUNCTION {enqueue_fn}(topic text, key text, payload jsonb, headers jsonb DEFAULT NULL)
 RETURNS bigint LANGUAGE sql AS $$
     INSERT INTO {t} (topic, key, payload, headers)
-    VALUES (topic, key, convert_to(payload::text, 'UTF8'), headers)
+    VALUES (topic, key, convert_to(payload::text, 'UTF8'),
+            jsonb_build_object('content-type', 'application/json') || coalesce(headers, '{{}}'))
     RETURNING id
 $$;
 
