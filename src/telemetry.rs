@@ -339,6 +339,39 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_dashboard_uses_only_real_metrics() {
+        let dashboard = include_str!("../helm/outbox-relay/dashboards/outbox-relay.json");
+        let m = Metrics::new();
+        m.publish_errors.with_label_values(&["x"]);
+        m.parked.with_label_values(&["x"]);
+        m.dead_lettered.with_label_values(&["x"]);
+        m.phase_seconds.with_label_values(&["x"]);
+        let known: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        let mut used = 0;
+        for (i, _) in dashboard.match_indices("outbox_relay_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                known.iter().any(|k| k == base),
+                "dashboard uses unknown metric {name}"
+            );
+            used += 1;
+        }
+        assert!(used >= 10, "the dashboard should chart the relay's metrics");
+    }
+
+    #[test]
     fn routes() {
         let m = Metrics::new();
         m.published.inc();
