@@ -131,80 +131,69 @@ impl Relay {
 
     /// One batch: read, publish, settle, mark. Ok(true) when the batch was full.
     async fn step(&mut self, cancel: &CancellationToken) -> Result<bool, StepError> {
-        let timer = self
-            .metrics
-            .phase_seconds
-            .with_label_values(&["fetch"])
-            .start_timer();
-        let rows = self.store.fetch_pending(self.config.batch_size).await?;
-        timer.observe_duration();
+        let m = &self.metrics;
+        let rows = timed(m, "fetch", self.store.fetch_pending(self.config.batch_size)).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
         if rows.is_empty() {
             return Ok(false);
         }
         let full = rows.len() == self.config.batch_size as usize;
-        self.metrics.batch_size.observe(rows.len() as f64);
+        m.batch_size.observe(rows.len() as f64);
 
         let (messages, mut poison) = self.prepare(rows);
-        let timer = self
-            .metrics
-            .phase_seconds
-            .with_label_values(&["publish"])
-            .start_timer();
         let publisher = self.publisher.borrow().clone();
-        let outcomes = publisher
-            .publish(&messages, cancel, self.config.shutdown_timeout.mul_f32(0.8))
-            .await;
-        timer.observe_duration();
+        let outcomes = timed(
+            m,
+            "publish",
+            publisher.publish(&messages, cancel, self.flush_timeout()),
+        )
+        .await;
         let block = self.config.poison_policy == PoisonPolicy::BlockKey;
-        let settlement = settle(&messages, outcomes, block);
-
-        let timer = self
-            .metrics
-            .phase_seconds
-            .with_label_values(&["mark"])
-            .start_timer();
-        self.mark(&messages, &settlement.delivered, cancel).await;
-        timer.observe_duration();
-        poison.extend(settlement.park.into_iter().map(|(id, kind, reason)| {
-            let i = messages.partition_point(|m| m.id < id);
-            Poison {
-                id,
-                kind,
-                reason,
-                original: Poisoned::Message(messages[i].clone()),
-            }
-        }));
+        let mut settlement = settle(&messages, outcomes, block);
+        timed(
+            m,
+            "mark",
+            self.mark(&messages, &settlement.delivered, cancel),
+        )
+        .await;
+        poison.extend(rejected(&messages, std::mem::take(&mut settlement.park)));
         self.set_aside(poison, cancel).await;
         if settlement.retry.is_empty() {
             return Ok(full);
         }
-        self.metrics
-            .publish_errors
-            .with_label_values(&[if settlement.fatal {
-                "fatal"
-            } else {
-                "transient"
-            }])
-            .inc_by(settlement.retry.len() as u64);
-        tracing::warn!(
-            rows = settlement.retry.len(),
-            first_id = settlement.retry[0].0,
-            error = %settlement.retry[0].1,
-            "delivery failed; rows stay pending and are retried with backoff"
-        );
-        if let Err(e) = self.store.note_retry(&settlement.retry).await {
-            tracing::warn!(error = %e, "could not record the retry on the rows");
-        }
-        let fatal = settlement.fatal || publisher.fatal_error().is_some();
-        if fatal {
-            self.recreate_producer(&publisher, cancel).await;
-        }
+        self.retry_later(&publisher, &settlement, cancel).await;
         Err(StepError::Kafka)
     }
 
+    fn flush_timeout(&self) -> Duration {
+        self.config.shutdown_timeout.mul_f32(0.8)
+    }
+
+    /// After transient or fatal failures: count and record them, recreate a poisoned producer.
+    /// The rows stay pending; the caller backs off before the next read.
+    async fn retry_later(
+        &mut self,
+        publisher: &Publisher,
+        s: &Settlement,
+        cancel: &CancellationToken,
+    ) {
+        let kind = if s.fatal { "fatal" } else { "transient" };
+        self.metrics
+            .publish_errors
+            .with_label_values(&[kind])
+            .inc_by(s.retry.len() as u64);
+        tracing::warn!(rows = s.retry.len(), first_id = s.retry[0].0, error = %s.retry[0].1,
+            "delivery failed; rows stay pending and are retried with backoff");
+        if let Err(e) = self.store.note_retry(&s.retry).await {
+            tracing::warn!(error = %e, "could not record the retry on the rows");
+        }
+        if s.fatal || publisher.fatal_error().is_some() {
+            self.recreate_producer(publisher, cancel).await;
+        }
+    }
+
     /// Mark delivered rows, retrying until it succeeds: giving up would publish them again.
-    async fn mark(&mut self, messages: &[Message], ids: &[i64], cancel: &CancellationToken) {
+    async fn mark(&self, messages: &[Message], ids: &[i64], cancel: &CancellationToken) {
         let marked = self
             .write_retrying("mark", cancel, |store| {
                 let ids = ids.to_vec();
@@ -260,7 +249,7 @@ impl Relay {
 
     /// Apply the poison policy: dead-letter (then mark published) or park, with the reason in
     /// the row, a log line naming the row, and a metric. Writes are retried like a mark.
-    async fn set_aside(&mut self, poison: Vec<Poison>, cancel: &CancellationToken) {
+    async fn set_aside(&self, poison: Vec<Poison>, cancel: &CancellationToken) {
         if poison.is_empty() {
             return;
         }
@@ -396,6 +385,33 @@ impl From<sqlx::Error> for StepError {
     fn from(e: sqlx::Error) -> Self {
         StepError::Database(e)
     }
+}
+
+/// The poison that Kafka rejected, with a copy of each message (for a dead-letter copy).
+fn rejected(messages: &[Message], park: Vec<(i64, &'static str, String)>) -> Vec<Poison> {
+    park.into_iter()
+        .map(|(id, kind, reason)| {
+            // `messages` is in id order (the read is ORDER BY id).
+            let m = &messages[messages.partition_point(|m| m.id < id)];
+            Poison {
+                id,
+                kind,
+                reason,
+                original: Poisoned::Message(m.clone()),
+            }
+        })
+        .collect()
+}
+
+/// Await `fut`, recording its duration as a batch phase.
+async fn timed<T>(metrics: &Metrics, phase: &str, fut: impl std::future::Future<Output = T>) -> T {
+    let timer = metrics
+        .phase_seconds
+        .with_label_values(&[phase])
+        .start_timer();
+    let out = fut.await;
+    timer.observe_duration();
+    out
 }
 
 async fn sleep_or_cancel(wait: Option<Duration>, cancel: &CancellationToken) {
