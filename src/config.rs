@@ -27,6 +27,13 @@ impl Secret {
     }
 }
 
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret::new(s))
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"***\"")
@@ -153,7 +160,7 @@ pub struct DatabaseArgs {
         hide_env_values = true,
         help_heading = "Database"
     )]
-    pub database_url: Option<String>,
+    pub database_url: Option<Secret>,
     /// File holding the PostgreSQL URL (e.g. a mounted Kubernetes Secret).
     #[arg(
         long,
@@ -168,7 +175,7 @@ pub struct DatabaseArgs {
         hide_env_values = true,
         help_heading = "Database"
     )]
-    pub database_password: Option<String>,
+    pub database_password: Option<Secret>,
     /// File holding the database password.
     #[arg(
         long,
@@ -188,8 +195,14 @@ pub struct KafkaArgs {
     pub kafka_brokers: String,
     /// Any librdkafka producer property as key=value; repeatable (in the environment,
     /// separate several with `;`). Put secrets in --kafka-config-file, not here.
-    #[arg(long = "kafka-config", env = "OUTBOX_RELAY_KAFKA_CONFIG", hide_env_values = true, value_delimiter = ';', value_parser = parse_key_value, help_heading = "Kafka")]
-    pub kafka_config: Vec<(String, String)>,
+    #[arg(
+        long = "kafka-config",
+        env = "OUTBOX_RELAY_KAFKA_CONFIG",
+        hide_env_values = true,
+        value_delimiter = ';',
+        help_heading = "Kafka"
+    )]
+    pub kafka_config: Vec<Secret>,
     /// File of librdkafka properties, one key=value per line (# comments). Use it for SASL and TLS secrets.
     #[arg(long, env = "OUTBOX_RELAY_KAFKA_CONFIG_FILE", help_heading = "Kafka")]
     pub kafka_config_file: Option<PathBuf>,
@@ -200,7 +213,7 @@ pub struct KafkaArgs {
         hide_env_values = true,
         help_heading = "Kafka"
     )]
-    pub kafka_sasl_password: Option<String>,
+    pub kafka_sasl_password: Option<Secret>,
     /// File holding the SASL password.
     #[arg(
         long,
@@ -363,9 +376,7 @@ fn parse_lease_duration(s: &str) -> Result<Duration, String> {
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-        _ => Err(format!(
-            "expected key=value (a librdkafka property), got {s:?}"
-        )),
+        _ => Err("expected key=value (a librdkafka property)".to_string()),
     }
 }
 
@@ -419,7 +430,7 @@ impl fmt::Debug for DatabaseConfig {
 impl DatabaseArgs {
     pub fn resolve(&self) -> Result<DatabaseConfig, ConfigError> {
         let url = match (&self.database_url, &self.database_url_file) {
-            (Some(url), _) => Secret::new(url.clone()),
+            (Some(url), _) => url.clone(),
             (None, Some(path)) => read_secret_file("--database-url-file", path)?,
             (None, None) => return Err(ConfigError::MissingDatabaseUrl),
         };
@@ -428,7 +439,7 @@ impl DatabaseArgs {
                 ConfigError::BadDatabaseUrl(redact_url_error(&e.to_string(), &url))
             })?;
         let password = match (&self.database_password, &self.database_password_file) {
-            (Some(p), _) => Some(Secret::new(p.clone())),
+            (Some(p), _) => Some(p.clone()),
             (None, Some(path)) => Some(read_secret_file("--database-password-file", path)?),
             (None, None) => None,
         };
@@ -529,16 +540,24 @@ impl KafkaArgs {
                 properties.push((k, Secret::new(v)));
             }
         }
-        for (k, v) in &self.kafka_config {
+        for (i, entry) in self.kafka_config.iter().enumerate() {
+            // Parsed here, not by clap: clap echoes a rejected value, and it may be a secret.
+            let (k, v) = parse_key_value(entry.expose()).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "--kafka-config entry {} is not key=value (a librdkafka property); \
+                     the value is not shown as it may hold a secret",
+                    i + 1
+                ))
+            })?;
             if k == "bootstrap.servers" {
                 return Err(ConfigError::Invalid(
                     "--kafka-config bootstrap.servers: use --kafka-brokers instead".into(),
                 ));
             }
-            properties.push((k.clone(), Secret::new(v.clone())));
+            properties.push((k, Secret::new(v)));
         }
         match (&self.kafka_sasl_password, &self.kafka_sasl_password_file) {
-            (Some(p), _) => properties.push(("sasl.password".into(), Secret::new(p.clone()))),
+            (Some(p), _) => properties.push(("sasl.password".into(), p.clone())),
             (None, Some(path)) => properties.push((
                 "sasl.password".into(),
                 read_secret_file("--kafka-sasl-password-file", path)?,
@@ -702,8 +721,22 @@ mod tests {
         assert!(err.to_string().contains("--batch-size"), "{err}");
         let err = run_args(&["--table", "a.b.c"]).unwrap_err();
         assert!(err.to_string().contains("--table"), "{err}");
-        let err = run_args(&["--kafka-config", "novalue"]).unwrap_err();
-        assert!(err.to_string().contains("key=value"), "{err}");
+        let cli = run_args(&[
+            "--database-url",
+            "postgres://db/a",
+            "--kafka-config",
+            "sasl.password:hunter2",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains("entry 1 is not key=value"), "{err}");
+        assert!(
+            !err.contains("hunter2"),
+            "a malformed entry must not be echoed: {err}"
+        );
     }
 
     #[test]

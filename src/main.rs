@@ -115,6 +115,7 @@ async fn connect(
                 let hint = outbox::hint(&e, &db.table);
                 eprintln!("connecting to {}: {e} ({hint})", db.display);
                 match e {
+                    _ if outbox::is_tls_failure(&e) => backoff::Error::permanent(e),
                     sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => backoff::Error::transient(e),
                     _ => backoff::Error::permanent(e),
                 }

@@ -379,13 +379,30 @@ pub fn hint(e: &sqlx::Error, table: &TableName) -> String {
     match (code.as_ref(), e) {
         ("42P01", _) => format!("table {table} or its {}_lease table does not exist: run `outbox-relay migrate` (or apply migrations/)", table.table()),
         ("42703", _) => format!("table {table} lacks a relay column: run `outbox-relay migrate` to upgrade it"),
-        ("42501", _) => format!("the role lacks privileges: GRANT SELECT, UPDATE, DELETE ON {table}"),
+        ("42501", _) => format!(
+            "the role lacks privileges: GRANT SELECT, UPDATE, DELETE ON {table}; GRANT SELECT, INSERT, UPDATE ON {}",
+            table.lease_table()
+        ),
         ("28P01", _) | ("28000", _) => "authentication failed: check the user and password".into(),
         ("3D000", _) => "the database in --database-url does not exist".into(),
+        (_, sqlx::Error::Tls(_)) => "TLS handshake failed: check sslmode and sslrootcert in --database-url".into(),
+        _ if is_tls_failure(e) => "the server's TLS certificate was rejected: check sslrootcert (the CA) and that \
+            the host in --database-url matches the certificate"
+            .into(),
         (_, sqlx::Error::Io(_)) | (_, sqlx::Error::PoolTimedOut) => {
             "cannot reach PostgreSQL: check the host and port in --database-url and that the server is up".into()
         }
-        (_, sqlx::Error::Tls(_)) => "TLS handshake failed: check sslmode and sslrootcert in --database-url".into(),
         _ => "retrying".into(),
+    }
+}
+
+/// sqlx reports rustls certificate failures as I/O errors of kind `InvalidData`.
+pub fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::InvalidData || io.to_string().contains("certificate")
+        }
+        _ => false,
     }
 }

@@ -119,6 +119,10 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set_log_level(RDKafkaLogLevel::Warning);
     for (k, v) in &cfg.properties {
         c.set(k, v.expose());
+        if k == "debug" {
+            // librdkafka's debug contexts log at debug level: let them through.
+            c.set_log_level(RDKafkaLogLevel::Debug);
+        }
     }
     c
 }

@@ -426,7 +426,10 @@ async fn tombstones_null_keys_and_json_helper() {
         .find(|c| c.key.as_deref() == Some(&b"j"[..]))
         .unwrap();
     assert_eq!(json.payload.as_deref(), Some(&br#"{"a": 1}"#[..]));
-    assert_eq!(json.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        json.header("content-type").as_deref(),
+        Some("application/json")
+    );
     drop(relay);
 }
 

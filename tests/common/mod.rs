@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -93,13 +93,14 @@ impl TestDb {
         .unwrap()
     }
 
-    /// Let `role` run the relay on this database (it does not own it): connect, read and
-    /// mark the outbox. LISTEN and advisory locks need no grant.
+    /// Let `role` run the relay on this database (it does not own it): connect, read, mark
+    /// and clean the outbox, and take the leader lease. LISTEN needs no grant.
     pub async fn grant_relay(&self, role: &str) {
         for sql in [
             format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{role}\"", self.name),
             format!("GRANT USAGE ON SCHEMA public TO \"{role}\""),
             format!("GRANT SELECT, UPDATE, DELETE ON outbox TO \"{role}\""),
+            format!("GRANT SELECT, INSERT, UPDATE ON outbox_lease TO \"{role}\""),
         ] {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(&self.pool)
@@ -458,3 +459,6 @@ pub fn duplicates(records: &[Consumed]) -> Vec<i64> {
     d.sort();
     d
 }
+
+/// The fault-injection suite's harness (tests/faults.rs): its own PostgreSQL and Kafka.
+pub mod faults;
