@@ -2,6 +2,8 @@
 # Shared helpers for scripts/*.sh (sourced, not run).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOCAL=$ROOT/.local
+# TLS material made by scripts/certs.sh; a second instance may use its own (OUTBOX_CERTS_DIR).
+CERTS=$(realpath -m "${OUTBOX_CERTS_DIR:-$LOCAL/certs}")
 
 # Name the failing command instead of exiting silently under `set -e`.
 set -o errtrace

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Local PostgreSQL (Debian packages) for tests, the demo and benchmarks.
-# Own cluster in .local/pg, listening on 127.0.0.1:${OUTBOX_PG_PORT:-54329}, trust auth.
-# Usage: scripts/pg.sh {start|stop|status|kill9|restart-fast|url}
+# Own cluster in .local/pg, listening on 127.0.0.1:${OUTBOX_PG_PORT:-54329} (and 127.0.0.2, for
+# host name verification tests), trust auth for every role but one:
+# TLS is always on (certificates from scripts/certs.sh); plaintext clients keep working, but
+# the role relay_tls (password relay-tls-secret, SCRAM) may log in only over TLS (hostssl).
+# `start` on a running cluster re-applies this configuration (reload) and the role.
+# Usage: scripts/pg.sh {start|stop|status|kill9|restart-fast|url|url-tls}
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -11,6 +15,9 @@ DATA=$PG/data
 SOCK=$PG/run
 LOG=$PG/log
 TIMEOUT=${OUTBOX_PG_START_TIMEOUT:-60}
+TLS=$PG/tls  # copies of the server certificate and key, owned by the server's OS user
+TLS_ROLE=relay_tls
+TLS_PASSWORD=relay-tls-secret
 
 # The server refuses to run as root: as root, run it as the `postgres` OS user.
 if [ "$(id -u)" = 0 ]; then OWNER=postgres; else OWNER=$(id -un); fi
@@ -41,9 +48,31 @@ init_cluster() {
       || { tail_log "$PG/initdb.log"; die "initdb failed; fix the cause above, then rm -rf $PG and retry"; }
     echo "include_if_exists = 'outbox-relay.conf'" >> "$DATA/postgresql.conf"
   fi
-  # Rewritten on every start, so changes here reach existing clusters.
-  as_owner tee "$DATA/outbox-relay.conf" >/dev/null <<CONF
-listen_addresses = '127.0.0.1'
+}
+
+# put FILE MODE < content: write FILE as the server's user if its content changed;
+# sets CHANGED=1 when it did.
+put() {
+  local tmp; tmp=$(mktemp)
+  cat > "$tmp"
+  if ! cmp -s "$tmp" "$1" 2>/dev/null; then
+    as_owner tee "$1" < "$tmp" >/dev/null
+    CHANGED=1
+  fi
+  as_owner chmod "$2" "$1"
+  rm -f "$tmp"
+}
+
+# Rewritten on every start, so changes here reach existing clusters (a running one reloads).
+configure() {
+  CHANGED=0
+  "$ROOT/scripts/certs.sh" >/dev/null 9>&-
+  # The server wants its key owned by itself with mode 0600: copy it next to the data dir.
+  mkdir -p "$TLS" && give "$TLS" && chmod 700 "$TLS"
+  put "$TLS/server.pem" 644 < "$CERTS/server.pem"
+  put "$TLS/server.key" 600 < "$CERTS/server.key"
+  put "$DATA/outbox-relay.conf" 600 <<CONF
+listen_addresses = '127.0.0.1,127.0.0.2'
 port = $PORT
 unix_socket_directories = '$SOCK'
 max_connections = 300
@@ -52,23 +81,57 @@ max_wal_senders = 16
 max_replication_slots = 16
 track_commit_timestamp = on
 shared_preload_libraries = 'pg_stat_statements'
+ssl = on
+ssl_cert_file = '$TLS/server.pem'
+ssl_key_file = '$TLS/server.key'
+password_encryption = 'scram-sha-256'
 CONF
-  as_owner tee "$DATA/pg_hba.conf" >/dev/null <<HBA
-# Local test stack: trust on loopback and the private socket only.
-local all         all              trust
-local replication all              trust
-host  all         all 127.0.0.1/32 trust
-host  replication all 127.0.0.1/32 trust
+  put "$DATA/pg_hba.conf" 600 <<HBA
+# Local test stack: trust on loopback and the private socket, except for the TLS test role:
+# $TLS_ROLE (and roles granted it) log in only over TLS with a SCRAM password.
+hostssl all         +$TLS_ROLE 127.0.0.1/32 scram-sha-256
+hostssl all         +$TLS_ROLE 127.0.0.2/32 scram-sha-256
+host    all         +$TLS_ROLE all          reject
+local   all         +$TLS_ROLE              reject
+local   all         all              trust
+local   replication all              trust
+host    all         all 127.0.0.1/32 trust
+host    replication all 127.0.0.1/32 trust
+host    all         all 127.0.0.2/32 trust
 HBA
+}
+
+# The password-authenticated role for TLS tests (idempotent; the password is sent on stdin).
+ensure_role() {
+  as_owner "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PORT" -U postgres -d postgres >/dev/null <<SQL \
+    || die "could not create the role $TLS_ROLE (see above)"
+SELECT format('CREATE ROLE %I', '$TLS_ROLE') WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$TLS_ROLE')
+\\gexec
+ALTER ROLE $TLS_ROLE LOGIN NOSUPERUSER PASSWORD '$TLS_PASSWORD';
+SQL
 }
 
 start() {
   find_bin
-  if running; then echo "postgres already running on 127.0.0.1:$PORT (pid $(postmaster_pid))"; return 0; fi
+  if running; then
+    configure
+    if [ "$CHANGED" = 1 ]; then
+      note "configuration changed: reloading the running server"
+      as_owner "$BIN/pg_ctl" -D "$DATA" reload >/dev/null || die "pg_ctl reload failed"
+      sleep 0.5
+    fi
+    ensure_role
+    local pending
+    pending=$(as_owner "$BIN/psql" -X -At -h "$SOCK" -p "$PORT" -U postgres -d postgres \
+      -c "SELECT string_agg(name, ', ') FROM pg_settings WHERE pending_restart" 2>/dev/null || true)
+    [ -z "$pending" ] || note "settings waiting for a restart: $pending; apply them with: scripts/pg.sh restart-fast"
+    echo "postgres already running on 127.0.0.1:$PORT (pid $(postmaster_pid))"; return 0
+  fi
   local old; old=$(postmaster_pid)
   if zombie "$old" && ! wait_gone 10 "$old"; then die "the killed postmaster (pid $old) is still a zombie: init has not reaped it"; fi
   port_busy "$PORT" && die "127.0.0.1:$PORT is already in use by another process; stop it or set OUTBOX_PG_PORT"
   init_cluster
+  configure
   touch "$LOG" && give "$LOG"
   as_owner "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -W start >/dev/null 9>&- \
     || { tail_log "$LOG"; die "pg_ctl start failed (see log above)"; }
@@ -78,7 +141,8 @@ start() {
     if ! running; then sleep 1; running || { tail_log "$LOG"; die "postgres exited during startup (see log above)"; }; fi
     sleep 0.2
   done
-  echo "postgres running on 127.0.0.1:$PORT (pid $(postmaster_pid)), data $DATA, log $LOG"
+  ensure_role
+  echo "postgres running on 127.0.0.1:$PORT (pid $(postmaster_pid)), data $DATA, log $LOG, TLS on (CA $CERTS/ca.pem)"
 }
 
 stop() {
@@ -116,5 +180,7 @@ case "${1:-}" in
   kill9) kill9 ;;
   restart-fast) stop; start ;;
   url) echo "postgres://postgres@127.0.0.1:$PORT/postgres" ;;
-  *) echo "usage: $0 {start|stop|status|kill9|restart-fast|url}" >&2; exit 2 ;;
+  # Verified TLS as the password role (give the password separately, never in the URL).
+  url-tls) echo "postgres://$TLS_ROLE@127.0.0.1:$PORT/postgres?sslmode=verify-full&sslrootcert=$CERTS/ca.pem" ;;
+  *) echo "usage: $0 {start|stop|status|kill9|restart-fast|url|url-tls}" >&2; exit 2 ;;
 esac
