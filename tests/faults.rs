@@ -1,0 +1,966 @@
+//! Fault injection: per-key order and zero loss with several replicas, under every fault we
+//! can inject, against a real PostgreSQL and a real Kafka that this suite starts as its own
+//! instances (see `tests/common/faults.rs`), so it can kill and restart them freely.
+//!
+//! Every scenario runs writers concurrently with its faults, then ends with the same checker
+//! (`verify`): every committed event in Kafka byte for byte, no rolled-back event, per-key
+//! first occurrences in sequence order, duplicates within the scenario's bound (zero for
+//! graceful scenarios, batch size x faults for crashes), nothing left pending, parked rows only
+//! where expected. Scenarios run one at a time (a process-wide lock).
+//!
+//! `cargo test --test faults` runs the default suite; `OUTBOX_SOAK=1` runs longer scenarios with
+//! more faults and the 1,000,000-row backlog; `OUTBOX_FAULT_SEED=N` replays a seed (printed at
+//! the start of each scenario and in every assertion message). Relay logs are in
+//! `target/tmp/test-logs/faults-<scenario>-<seed>-r<replica>.<generation>.log`, and a summary
+//! of every run in `target/tmp/test-logs/faults-summary.log`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use common::faults::{
+    create_topics, delete_topics, metric, run_scenario, service, soak, vm_hwm_kb, wait_topic_ready,
+    Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec, TOKEN_HEADER,
+};
+use common::unique;
+
+/// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
+const BATCH: usize = 200;
+const BATCH_ARG: &str = "200";
+/// Generous waits: a 2-core machine running Kafka, PostgreSQL, three relays and the writers.
+const READY: Duration = Duration::from_secs(60);
+const PROGRESS: Duration = Duration::from_secs(90);
+const DRAIN: Duration = Duration::from_secs(180);
+
+fn minutes(n: u64) -> Duration {
+    Duration::from_secs(60 * n)
+}
+
+async fn sleep_ms(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+async fn setup(ctx: &Ctx, topics: usize) -> (FaultDb, Vec<String>) {
+    (FaultDb::create(ctx).await, create_topics(ctx, topics).await)
+}
+
+/// A passing scenario leaves nothing behind (a failing one keeps its database and topics).
+async fn finish(db: FaultDb, topics: &[String]) {
+    db.drop_database().await;
+    delete_topics(topics).await;
+}
+
+/// `n` replicas with the fault suite's batch size (plus `extra` flags), all ready.
+async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet {
+    let mut args = vec!["--batch-size", BATCH_ARG, "--shutdown-timeout", "20s"];
+    args.extend_from_slice(extra);
+    let mut fleet = Fleet::new(ctx, db, &args);
+    for _ in 0..n {
+        fleet.spawn();
+    }
+    fleet.wait_all_ready(READY).await;
+    fleet
+}
+
+/// Writers started, and publishing seen to work before any fault.
+async fn load(ctx: &Arc<Ctx>, db: &FaultDb, spec: LoadSpec) -> Load {
+    let load = Load::start(ctx, db, spec);
+    load.wait_committed(100, PROGRESS).await;
+    db.wait_progress(ctx, 50, PROGRESS).await;
+    load
+}
+
+/// Maybe (with probability `p`) commit a burst of 4000 events (20 batches) and let the leader
+/// start on it, so the fault that follows lands while it drains a backlog, mid-batch.
+async fn maybe_burst(bursts: &mut Bursts, db: &FaultDb, rng: &mut impl Rng, p: f64) {
+    if rng.random_bool(p) {
+        bursts.fire(db, 4000).await;
+        sleep_ms(rng.random_range(10..200)).await;
+    }
+}
+
+/// Stop the writers; everything committed (writers and bursts) goes to the checker.
+async fn stop(load: Load, bursts: Bursts) -> Ledger {
+    let mut ledger = load.stop().await;
+    ledger.merge(bursts.ledger);
+    ledger
+}
+
+fn expect(topics: &[String], max_duplicates: usize) -> Expect<'_> {
+    Expect {
+        topics,
+        max_duplicates,
+        parked: &[],
+        drain_timeout: DRAIN,
+    }
+}
+
+/// 1. Three replicas; random replicas (mostly the leader) are killed with SIGKILL and
+///    restarted, under load.
+#[test]
+fn replicas_sigkilled_under_load() {
+    run_scenario(
+        "replicas_sigkilled_under_load",
+        minutes(5),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let kills = if ctx.soak { 40 } else { 6 };
+            let mut rng = ctx.rng("kills");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for k in 1..=kills {
+                sleep_ms(rng.random_range(300..2500)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
+                let leaders = fleet.leaders().await;
+                let victim = match leaders.first() {
+                    Some(&leader) if rng.random_bool(0.7) => leader,
+                    _ => rng.random_range(0..3),
+                };
+                fleet.kill9(victim);
+                fleet.respawn(victim);
+                let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
+                ctx.say(&format!(
+                    "kill {k}/{kills}: replica {victim} (led: {}); publishing {:.1}s later",
+                    leaders.contains(&victim),
+                    resumed.as_secs_f64()
+                ));
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * kills)).await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// 2. Rolling restart under load: SIGTERM each replica in turn (it must exit 0; a leader hands
+///    over) and start a new one. Graceful, so not a single duplicate.
+#[test]
+fn rolling_restart_under_load() {
+    run_scenario("rolling_restart_under_load", minutes(5), |ctx| async move {
+        let (db, topics) = setup(&ctx, 2).await;
+        let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+        let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+        let rounds = if ctx.soak { 18 } else { 6 };
+        let mut rng = ctx.rng("restarts");
+        let mut bursts = Bursts::new(&ctx, &topics);
+        let mut leader_stops = 0;
+        for r in 0..rounds {
+            let slot = r % 3;
+            maybe_burst(&mut bursts, &db, &mut rng, 0.5).await;
+            let led = fleet.leaders().await.contains(&slot);
+            let log = fleet.log(slot);
+            let t = Instant::now();
+            let code = fleet.terminate(slot, Duration::from_secs(45)).await;
+            assert_eq!(
+                code,
+                Some(0),
+                "replica {slot} did not exit 0 on SIGTERM; log {log:?} {}",
+                ctx.tag()
+            );
+            let stopped = t.elapsed();
+            let mut handover = String::new();
+            if led {
+                leader_stops += 1;
+                let t = Instant::now();
+                let next = fleet.wait_single_leader(Duration::from_secs(30)).await;
+                handover = format!(
+                    "; replica {next} leads {:.2}s after the exit",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            fleet.respawn(slot);
+            fleet.wait_ready(slot, READY).await;
+            db.wait_progress(&ctx, 50, PROGRESS).await;
+            ctx.say(&format!(
+                "restart {}/{rounds}: replica {slot} (it led: {led}) exited 0 in {:.2}s{handover}",
+                r + 1,
+                stopped.as_secs_f64()
+            ));
+            sleep_ms(rng.random_range(300..1500)).await;
+        }
+        assert!(
+            leader_stops > 0,
+            "no round stopped the leader {}",
+            ctx.tag()
+        );
+        let mut ledger = stop(load, bursts).await;
+        common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, 0)).await;
+        fleet.wait_single_leader(Duration::from_secs(30)).await;
+        fleet.stop_all().await;
+        finish(db, &topics).await;
+    });
+}
+
+/// 3. A paused leader: SIGSTOP the current leader, wait past the lease until another replica
+///    takes over, keep writing, then SIGCONT it. Whatever it still had in flight must not
+///    break per-key first-occurrence order; duplicates stay within a batch per pause.
+#[test]
+fn paused_leader_loses_lease_and_order_holds() {
+    run_scenario(
+        "paused_leader_loses_lease_and_order_holds",
+        minutes(5),
+        |ctx| async move {
+            assert!(
+                ctx.lease,
+                "outbox-relay has no --lease-duration flag: this scenario needs the lease-based leader election {}",
+                ctx.tag()
+            );
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let pauses = if ctx.soak { 8 } else { 2 };
+            let mut rng = ctx.rng("pauses");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for p in 1..=pauses {
+                let old = fleet.wait_single_leader(Duration::from_secs(30)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+                fleet.pause(old);
+                let t = Instant::now();
+                // The lease is 3 s and standbys poll every 100 ms: another replica must take over.
+                let new = fleet.wait_single_leader(Duration::from_secs(30)).await;
+                let takeover = t.elapsed();
+                assert_ne!(new, old);
+                assert!(
+                    takeover < Duration::from_secs(15),
+                    "takeover took {takeover:?} with a 3s lease {}",
+                    ctx.tag()
+                );
+                db.wait_progress(&ctx, 100, PROGRESS).await;
+                sleep_ms(rng.random_range(500..2500)).await;
+                let paused_for = t.elapsed();
+                fleet.resume(old);
+                // The woken replica must find it lost the lease: one leader again, and progress.
+                sleep_ms(1000).await;
+                let leader = fleet.wait_single_leader(Duration::from_secs(30)).await;
+                db.wait_progress(&ctx, 50, PROGRESS).await;
+                ctx.say(&format!(
+                    "pause {p}/{pauses}: leader {old} stopped for {:.1}s; replica {new} took over after {:.2}s; leader now {leader}",
+                    paused_for.as_secs_f64(),
+                    takeover.as_secs_f64()
+                ));
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * pauses)).await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// 4. The broker is killed with SIGKILL and restarted during load.
+#[test]
+fn broker_sigkilled_and_restarted_under_load() {
+    run_scenario(
+        "broker_sigkilled_and_restarted_under_load",
+        minutes(5),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let kills = if ctx.soak { 6 } else { 2 };
+            let mut rng = ctx.rng("broker-kills");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for k in 1..=kills {
+                sleep_ms(rng.random_range(1000..3000)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+                service(&ctx, "kafka.sh", &["kill9"]).await;
+                sleep_ms(rng.random_range(1000..4000)).await;
+                service(&ctx, "kafka.sh", &["start"]).await;
+                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+                ctx.say(&format!(
+                    "broker kill {k}/{kills}: publishing again {:.1}s after the restart",
+                    resumed.as_secs_f64()
+                ));
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * kills)).await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// 5. The broker is paused (SIGSTOP) for ~10 s, then resumed, during load.
+#[test]
+fn broker_paused_and_resumed_under_load() {
+    run_scenario(
+        "broker_paused_and_resumed_under_load",
+        minutes(4),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let pauses = if ctx.soak { 4 } else { 1 };
+            let mut rng = ctx.rng("broker-pauses");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for p in 1..=pauses {
+                sleep_ms(rng.random_range(500..2000)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+                service(&ctx, "kafka.sh", &["pause"]).await;
+                sleep_ms(10_000).await;
+                service(&ctx, "kafka.sh", &["resume"]).await;
+                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+                ctx.say(&format!(
+                    "broker pause {p}/{pauses}: publishing again {:.1}s after the resume",
+                    resumed.as_secs_f64()
+                ));
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * pauses)).await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// 6. The broker is down for ~15 s, longer than `message.timeout.ms=5000`: messages time out
+///    in the producer. Nothing may be lost, and per-key first-occurrence order must hold.
+#[test]
+fn broker_down_longer_than_message_timeout() {
+    run_scenario(
+        "broker_down_longer_than_message_timeout",
+        minutes(4),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet =
+                fleet(&ctx, &db, 2, &["--kafka-config", "message.timeout.ms=5000"]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let outages = if ctx.soak { 3 } else { 1 };
+            let mut rng = ctx.rng("broker-outages");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for o in 1..=outages {
+                sleep_ms(rng.random_range(500..2000)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+                service(&ctx, "kafka.sh", &["stop"]).await;
+                sleep_ms(15_000).await;
+                service(&ctx, "kafka.sh", &["start"]).await;
+                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+                ctx.say(&format!(
+                    "broker outage {o}/{outages} (15s): publishing again {:.1}s after the restart",
+                    resumed.as_secs_f64()
+                ));
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * outages)).await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// 7. PostgreSQL restarted (fast shutdown) and crashed (SIGKILL of the postmaster, then start)
+///    under load. Writers retry their transactions and resolve unknown COMMIT outcomes.
+#[test]
+fn postgres_restarted_and_crashed_under_load() {
+    run_scenario(
+        "postgres_restarted_and_crashed_under_load",
+        minutes(5),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let rounds = if ctx.soak { 4 } else { 1 };
+            let mut rng = ctx.rng("postgres-faults");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for r in 1..=rounds {
+                sleep_ms(rng.random_range(1000..3000)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+                service(&ctx, "pg.sh", &["restart-fast"]).await;
+                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+                ctx.say(&format!(
+                    "round {r}/{rounds}: fast restart; publishing again after {:.1}s",
+                    resumed.as_secs_f64()
+                ));
+                sleep_ms(rng.random_range(1000..3000)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+                service(&ctx, "pg.sh", &["kill9"]).await;
+                sleep_ms(rng.random_range(500..2000)).await;
+                service(&ctx, "pg.sh", &["start"]).await;
+                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+                ctx.say(&format!(
+                    "round {r}/{rounds}: crash and start; publishing again after {:.1}s",
+                    resumed.as_secs_f64()
+                ));
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * 2 * rounds))
+                .await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// 8. `pg_terminate_backend` of every connection of the relays (application_name
+///    'outbox-relay') a few times under load.
+#[test]
+fn relay_connections_terminated_under_load() {
+    run_scenario(
+        "relay_connections_terminated_under_load",
+        minutes(4),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+            let rounds = if ctx.soak { 25 } else { 4 };
+            let mut rng = ctx.rng("terminations");
+            let mut bursts = Bursts::new(&ctx, &topics);
+            for r in 1..=rounds {
+                sleep_ms(rng.random_range(500..3000)).await;
+                maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
+                let killed = db
+                    .scalar(
+                        &ctx,
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE application_name = 'outbox-relay' AND datname = current_database()",
+                    )
+                    .await;
+                let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
+                ctx.say(&format!(
+                    "termination {r}/{rounds}: {killed} relay connections; publishing again after {:.1}s",
+                    resumed.as_secs_f64()
+                ));
+                assert!(killed > 0, "no relay connection to terminate {}", ctx.tag());
+            }
+            fleet.assert_all_running();
+            let mut ledger = stop(load, bursts).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * rounds)).await;
+            fleet.wait_single_leader(Duration::from_secs(30)).await;
+            fleet.stop_all().await;
+            finish(db, &topics).await;
+        },
+    );
+}
+
+/// A poison row and what must become of it.
+struct Poison {
+    id: i64,
+    what: &'static str,
+    /// `last_error` must contain this.
+    error: &'static str,
+    /// The `outbox_relay_parked_total` reason it is counted under.
+    reason: &'static str,
+}
+
+/// 9. Poison rows (payload larger than the topic allows, unknown topic, malformed headers,
+///    illegal topic names, a reserved header) interleaved with the load, some on the load's
+///    own keys: each is parked with a reason, counted, the process stays up, everything else
+///    keeps flowing in order. (Authorization failures need an authorizer, which the local
+///    broker does not run: not covered.)
+#[test]
+fn poison_rows_parked_while_others_flow() {
+    run_scenario(
+        "poison_rows_parked_while_others_flow",
+        minutes(5),
+        |ctx| async move {
+            let (db, topics) = setup(&ctx, 2).await;
+            let big = unique("fault_poison_small_max");
+            service(
+                &ctx,
+                "kafka.sh",
+                &[
+                    "create-topic",
+                    &big,
+                    "3",
+                    "--config",
+                    "max.message.bytes=1024",
+                ],
+            )
+            .await;
+            wait_topic_ready(&ctx, &big, 3).await;
+            let missing = unique("fault_poison_never_created");
+            let long_topic = "t".repeat(250);
+            let mut fleet = fleet(&ctx, &db, 1, &[]).await;
+            let spec = LoadSpec {
+                writers: 4,
+                ..LoadSpec::new(&topics)
+            };
+            let load = load(&ctx, &db, spec.clone()).await;
+            let mut rng = ctx.rng("poison");
+            let mut poison: Vec<Poison> = Vec::new();
+            let waves = if ctx.soak { 4 } else { 2 };
+            for wave in 0..waves {
+                // (what, topic, headers, payload size, expected error, parked reason)
+                let kinds: Vec<(
+                    &'static str,
+                    String,
+                    serde_json::Value,
+                    usize,
+                    &'static str,
+                    &'static str,
+                )> = vec![
+                    (
+                        "too large",
+                        big.clone(),
+                        serde_json::json!({}),
+                        4000,
+                        "max.message.bytes",
+                        "too_large",
+                    ),
+                    (
+                        "unknown topic",
+                        missing.clone(),
+                        serde_json::json!({}),
+                        10,
+                        "does not exist",
+                        "unknown_topic",
+                    ),
+                    (
+                        "headers array",
+                        String::new(),
+                        serde_json::json!(["a", "b"]),
+                        10,
+                        "headers is an array",
+                        "invalid_row",
+                    ),
+                    (
+                        "headers string",
+                        String::new(),
+                        serde_json::json!("just a string"),
+                        10,
+                        "headers is a string",
+                        "invalid_row",
+                    ),
+                    (
+                        "number header",
+                        String::new(),
+                        serde_json::json!({"n": 5}),
+                        10,
+                        "\"n\" is a number",
+                        "invalid_row",
+                    ),
+                    (
+                        "object header",
+                        String::new(),
+                        serde_json::json!({"n": {"x": "y"}}),
+                        10,
+                        "\"n\" is an object",
+                        "invalid_row",
+                    ),
+                    (
+                        "null header",
+                        String::new(),
+                        serde_json::json!({"n": null}),
+                        10,
+                        "\"n\" is null",
+                        "invalid_row",
+                    ),
+                    (
+                        "reserved header",
+                        String::new(),
+                        serde_json::json!({"outbox-event-id": "1"}),
+                        10,
+                        "is reserved",
+                        "invalid_row",
+                    ),
+                    (
+                        "illegal topic",
+                        "bad topic!".into(),
+                        serde_json::json!({}),
+                        10,
+                        "contains ' '",
+                        "invalid_row",
+                    ),
+                    (
+                        "long topic",
+                        long_topic.clone(),
+                        serde_json::json!({}),
+                        10,
+                        "250 characters long",
+                        "invalid_row",
+                    ),
+                ];
+                for (what, topic, headers, size, error, reason) in kinds {
+                    // Half of them on a key of the load (its stream must flow on past them).
+                    let k = rng.random_range(0..spec.keys);
+                    let (topic, key) = if rng.random_bool(0.5) {
+                        let topic = if topic.is_empty() {
+                            spec.topic_of(k).to_string()
+                        } else {
+                            topic
+                        };
+                        (topic, LoadSpec::key(k))
+                    } else {
+                        let topic = if topic.is_empty() {
+                            topics[0].clone()
+                        } else {
+                            topic
+                        };
+                        (topic, format!("poison-{wave}-{what}"))
+                    };
+                    let mut payload = format!("tok:poison-{wave}-{what}|").into_bytes();
+                    let mut noise = vec![0u8; size];
+                    rng.fill(&mut noise[..]);
+                    payload.extend_from_slice(&noise);
+                    let id: i64 = sqlx::query_scalar(
+                        "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id",
+                    )
+                    .bind(&topic)
+                    .bind(&key)
+                    .bind(&payload)
+                    .bind(&headers)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+                    poison.push(Poison {
+                        id,
+                        what,
+                        error,
+                        reason,
+                    });
+                    sleep_ms(rng.random_range(50..400)).await;
+                }
+                ctx.say(&format!("poison wave {}/{waves} inserted", wave + 1));
+            }
+            let ids: Vec<i64> = poison.iter().map(|p| p.id).collect();
+            let start = Instant::now();
+            loop {
+                let parked: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM outbox WHERE id = ANY($1) AND failed_at IS NOT NULL",
+                )
+                .bind(&ids)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+                if parked as usize == ids.len() {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "only {parked} of {} poison rows parked {}",
+                    ids.len(),
+                    ctx.tag()
+                );
+                sleep_ms(200).await;
+            }
+            ctx.say(&format!(
+                "all {} poison rows parked {:.1}s after the last insert",
+                ids.len(),
+                start.elapsed().as_secs_f64()
+            ));
+            db.wait_progress(&ctx, 50, PROGRESS).await;
+            fleet.assert_all_running();
+            let mut ledger = load.stop().await;
+            let mut all_topics = topics.clone();
+            all_topics.push(big.clone());
+            common::faults::verify(
+                &ctx,
+                &db,
+                &mut ledger,
+                Expect {
+                    topics: &all_topics,
+                    max_duplicates: 0,
+                    parked: &ids,
+                    drain_timeout: DRAIN,
+                },
+            )
+            .await;
+            // Each parked row says why, and was tried.
+            for p in &poison {
+                let (attempts, error): (i32, Option<String>) = sqlx::query_as(
+                    "SELECT attempts, last_error FROM outbox WHERE id = $1 AND failed_at IS NOT NULL",
+                )
+                .bind(p.id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+                let error = error.unwrap_or_default();
+                assert!(
+                    error.contains(p.error),
+                    "{} (row {}): last_error {error:?} does not say {:?} {}",
+                    p.what,
+                    p.id,
+                    p.error,
+                    ctx.tag()
+                );
+                assert!(
+                    attempts >= 1,
+                    "{} (row {}): attempts {attempts} {}",
+                    p.what,
+                    p.id,
+                    ctx.tag()
+                );
+            }
+            // Metrics count them, by reason; the gauge refreshes every 5 s.
+            let start = Instant::now();
+            let metrics = loop {
+                let m = fleet.metrics(0).await.unwrap_or_default();
+                if metric(&m, "outbox_relay_parked_rows") == Some(ids.len() as f64) {
+                    break m;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "outbox_relay_parked_rows never showed {}:\n{m} {}",
+                    ids.len(),
+                    ctx.tag()
+                );
+                sleep_ms(250).await;
+            };
+            for reason in ["invalid_row", "too_large", "unknown_topic"] {
+                let want = poison.iter().filter(|p| p.reason == reason).count() as f64;
+                let series = format!("outbox_relay_parked_total{{reason=\"{reason}\"}}");
+                assert_eq!(
+                    metric(&metrics, &series),
+                    Some(want),
+                    "{series}:\n{metrics} {}",
+                    ctx.tag()
+                );
+            }
+            fleet.assert_all_running();
+            fleet.stop_all().await;
+            finish(db, &all_topics).await;
+        },
+    );
+}
+
+/// 10. A backlog of `rows` rows (inserted with INSERT ... SELECT FROM generate_series in a few
+///     chunks) drained by one relay with `--batch-size 5000`: peak RSS under 128 MB; the drain
+///     time and rate are printed.
+async fn backlog(ctx: Arc<Ctx>, rows: i64) {
+    const KEYS: i64 = 100;
+    let (db, topics) = setup(&ctx, 2).await;
+    let prefix = format!("{}-{}-", ctx.name, ctx.seed);
+    let chunk = (rows / 4).max(1);
+    let t = Instant::now();
+    let mut from = 0;
+    while from < rows {
+        let to = (from + chunk).min(rows) - 1;
+        sqlx::query(
+            "INSERT INTO outbox (topic, key, payload, headers) \
+             SELECT CASE WHEN i % 2 = 0 THEN $1 ELSE $2 END, 'bk-' || (i % $6), \
+                    convert_to('tok:' || $3 || i || '|', 'UTF8') || '\\x00fffe'::bytea || convert_to(repeat('x', 64), 'UTF8'), \
+                    jsonb_build_object($7::text, $3 || i, 'seq', (i / $6 + 1)::text) \
+             FROM generate_series($4::bigint, $5::bigint) AS i ORDER BY i",
+        )
+        .bind(&topics[0])
+        .bind(&topics[1])
+        .bind(&prefix)
+        .bind(from)
+        .bind(to)
+        .bind(KEYS)
+        .bind(TOKEN_HEADER)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        from = to + 1;
+    }
+    ctx.say(&format!(
+        "{rows} rows inserted in {:.1}s",
+        t.elapsed().as_secs_f64()
+    ));
+    // What each row must look like in Kafka (mirrors the SQL above).
+    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, headers->>'fault-event' FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let mut ledger = Ledger::default();
+    for (id, token) in ids {
+        let i: i64 = token.strip_prefix(&prefix).unwrap().parse().unwrap();
+        let seq = i / KEYS + 1;
+        let mut payload = format!("tok:{token}|").into_bytes();
+        payload.extend_from_slice(&[0x00, 0xff, 0xfe]);
+        payload.extend_from_slice(&[b'x'; 64]);
+        ledger.add(Expected {
+            id,
+            topic: topics[(i % 2) as usize].clone(),
+            key: Some(format!("bk-{}", i % KEYS)),
+            seq: Some(seq),
+            payload: Some(payload),
+            headers: vec![
+                (TOKEN_HEADER.to_string(), token.clone().into_bytes()),
+                ("seq".to_string(), seq.to_string().into_bytes()),
+            ],
+            token,
+        });
+    }
+    let t = Instant::now();
+    let mut fleet = Fleet::new(&ctx, &db, &["--batch-size", "5000"]);
+    fleet.spawn();
+    let drain = db
+        .wait_drained(&ctx, Duration::from_secs(if ctx.soak { 1800 } else { 300 }))
+        .await;
+    let secs = t.elapsed().as_secs_f64();
+    let hwm = vm_hwm_kb(fleet.pid(0)).expect("VmHWM of the relay");
+    ctx.say(&format!(
+        "drained {rows} rows in {secs:.1}s from the relay's start ({:.0} rows/s); peak RSS (VmHWM) {:.1} MB",
+        rows as f64 / secs,
+        hwm as f64 / 1024.0
+    ));
+    let _ = drain;
+    assert!(
+        hwm < 128 * 1024,
+        "the relay's peak RSS {hwm} kB exceeds 128 MB draining {rows} rows {}",
+        ctx.tag()
+    );
+    fleet.assert_all_running();
+    common::faults::verify(
+        &ctx,
+        &db,
+        &mut ledger,
+        Expect {
+            topics: &topics,
+            max_duplicates: 0,
+            parked: &[],
+            drain_timeout: Duration::from_secs(60),
+        },
+    )
+    .await;
+    fleet.stop_all().await;
+    finish(db, &topics).await;
+}
+
+#[test]
+fn backlog_100k_drained_in_bounded_memory() {
+    run_scenario(
+        "backlog_100k_drained_in_bounded_memory",
+        minutes(5),
+        |ctx| backlog(ctx, 100_000),
+    );
+}
+
+/// The 1,000,000-row backlog: OUTBOX_SOAK=1 only (it takes a few minutes).
+#[test]
+fn soak_backlog_1m_drained_in_bounded_memory() {
+    if !soak() {
+        eprintln!("soak_backlog_1m_drained_in_bounded_memory: skipped (set OUTBOX_SOAK=1)");
+        return;
+    }
+    run_scenario(
+        "soak_backlog_1m_drained_in_bounded_memory",
+        minutes(5),
+        |ctx| backlog(ctx, 1_000_000),
+    );
+}
+
+/// The checker itself: fed records with a gap, a per-key reordering, a duplicate, a rolled-back
+/// event, an unknown event and a corrupted payload (produced straight to Kafka, no relay), it
+/// must report each one. Guards the suite against a checker that passes everything.
+#[test]
+fn checker_catches_loss_disorder_duplicates_and_strangers() {
+    run_scenario(
+        "checker_catches_loss_disorder_duplicates_and_strangers",
+        minutes(2),
+        |ctx| async move {
+            use rdkafka::message::{Header, OwnedHeaders};
+            use rdkafka::producer::{FutureProducer, FutureRecord};
+            use std::collections::{HashMap, HashSet};
+
+            let topics = create_topics(&ctx, 1).await;
+            let event = |id: i64, seq: i64| {
+                let token = format!("self-{}-{id}", ctx.seed);
+                let mut payload = format!("tok:{token}|").into_bytes();
+                payload.push(0xff);
+                Expected {
+                    id,
+                    topic: topics[0].clone(),
+                    key: Some("k".into()),
+                    seq: Some(seq),
+                    payload: Some(payload),
+                    headers: vec![(TOKEN_HEADER.to_string(), token.clone().into_bytes())],
+                    token,
+                }
+            };
+            let committed: Vec<Expected> = (1..=5).map(|i| event(i, i)).collect();
+            let rolled_back = event(6, 6);
+            let stranger = event(7, 7);
+            let mut corrupted = committed[3].clone();
+            corrupted.payload = Some(b"tok:corrupted|".to_vec());
+            // Arrival order: 1, 3, 2 (order broken), 4 with a wrong payload, 1 again (duplicate),
+            // the rolled-back event, a stranger; 5 never arrives.
+            let sent = [
+                &committed[0],
+                &committed[2],
+                &committed[1],
+                &corrupted,
+                &committed[0],
+                &rolled_back,
+                &stranger,
+            ];
+            let producer: FutureProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", common::faults::brokers())
+                .set("enable.idempotence", "true")
+                .set("partitioner", "murmur2_random")
+                .create()
+                .unwrap();
+            for e in sent {
+                let mut headers = OwnedHeaders::new();
+                for (k, v) in &e.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                let id = e.id.to_string();
+                for (k, v) in [
+                    ("outbox-event-id", id.as_str()),
+                    ("outbox-created-at", "2026-01-01T00:00:00.000000Z"),
+                    ("outbox-source", "public.outbox"),
+                ] {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                producer
+                    .send(
+                        FutureRecord::to(&e.topic)
+                            .key("k")
+                            .payload(e.payload.as_deref().unwrap())
+                            .headers(headers),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .unwrap();
+            }
+            let committed: HashMap<String, Expected> = committed
+                .into_iter()
+                .map(|e| (e.token.clone(), e))
+                .collect();
+            let not_committed: HashSet<String> = [rolled_back.token.clone()].into();
+            let t = topics.clone();
+            let (report, violations) = tokio::task::spawn_blocking(move || {
+                common::faults::consume_and_check(
+                    &t,
+                    &committed,
+                    &not_committed,
+                    Duration::from_secs(10),
+                )
+            })
+            .await
+            .unwrap();
+            let all = violations.join("\n");
+            for needle in [
+                "first occurrence of seq 2 after seq 3 (per-key order broken)",
+                "payload differs",
+                "was rolled back (or never committed) but reached Kafka",
+                "unknown event",
+                "1 committed events never reached Kafka",
+            ] {
+                assert!(
+                    all.contains(needle),
+                    "the checker missed {needle:?}; it said:\n{all} {}",
+                    ctx.tag()
+                );
+            }
+            assert_eq!(report.duplicates, 1, "{report:?} {}", ctx.tag());
+            delete_topics(&topics).await;
+        },
+    );
+}
