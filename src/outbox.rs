@@ -299,6 +299,11 @@ impl Lease {
         }
     }
 
+    /// How often a leader should call `ensure` to keep the lease while it is busy.
+    pub fn renew_every(&self) -> Duration {
+        self.duration / 3
+    }
+
     /// True while this process holds the lease; renews or tries to take it as needed.
     pub async fn ensure(&mut self) -> Result<bool, sqlx::Error> {
         let now = std::time::Instant::now();

@@ -131,7 +131,7 @@ impl Relay {
 
     /// One batch: read, publish, settle, mark. Ok(true) when the batch was full.
     async fn step(&mut self, cancel: &CancellationToken) -> Result<bool, StepError> {
-        let m = &self.metrics;
+        let m = &self.metrics.clone(); // shared handles: cheap to clone
         let rows = timed(m, "fetch", self.store.fetch_pending(self.config.batch_size)).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
         if rows.is_empty() {
@@ -142,12 +142,21 @@ impl Relay {
 
         let (messages, mut poison) = self.prepare(rows);
         let publisher = self.publisher.borrow().clone();
-        let outcomes = timed(
-            m,
-            "publish",
-            publisher.publish(&messages, cancel, self.flush_timeout()),
-        )
-        .await;
+        let publish = publisher.publish(&messages, cancel, self.flush_timeout());
+        let outcomes = match timed(m, "publish", self.await_holding_lease(publish)).await {
+            Ok(outcomes) => outcomes,
+            Err(why) => {
+                // Nothing is marked: the rows stay pending for whoever leads next (duplicates
+                // at most, never a reordering). A fresh producer drops the stuck queue.
+                tracing::warn!(
+                    reason = why,
+                    rows = messages.len(),
+                    "abandoning the in-flight batch"
+                );
+                self.recreate_producer(&publisher, cancel).await;
+                return Err(StepError::Kafka);
+            }
+        };
         let block = self.config.poison_policy == PoisonPolicy::BlockKey;
         let mut settlement = settle(&messages, outcomes, block);
         timed(
@@ -163,6 +172,37 @@ impl Relay {
         }
         self.retry_later(&publisher, &settlement, cancel).await;
         Err(StepError::Kafka)
+    }
+
+    /// Await a batch's delivery reports while renewing the lease, so a leader waiting on a slow
+    /// or absent Kafka keeps leading instead of handing the same rows to a standby. Gives up if
+    /// the lease is lost (someone else leads now) or nothing completes within --stall-timeout
+    /// (a stuck producer: recreating it is the cure).
+    async fn await_holding_lease<T>(
+        &mut self,
+        publish: impl std::future::Future<Output = T>,
+    ) -> Result<T, &'static str> {
+        tokio::pin!(publish);
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                outcomes = &mut publish => return Ok(outcomes),
+                _ = tokio::time::sleep(self.lease.renew_every()) => {}
+            }
+            match self.lease.ensure().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.metrics.leader.set(0);
+                    return Err("lost the lease to another replica");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the lease while waiting for Kafka")
+                }
+            }
+            if started.elapsed() > self.config.stall_timeout {
+                return Err("no delivery report within --stall-timeout; recreating the producer");
+            }
+        }
     }
 
     fn flush_timeout(&self) -> Duration {

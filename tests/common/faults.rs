@@ -8,9 +8,10 @@
 //!   `OUTBOX_PG_DIR=.local/fault-pg OUTBOX_PG_PORT=55433 scripts/pg.sh stop` and
 //!   `OUTBOX_KAFKA_DIR=.local/fault-kafka OUTBOX_KAFKA_PORT=29192 OUTBOX_KAFKA_CONTROLLER_PORT=29193
 //!   OUTBOX_KAFKA_SASL_PORT=29194 scripts/kafka.sh stop`.
-//! - **One scenario at a time** ([`run_scenario`] holds a process-wide lock), each with a
-//!   fresh database and fresh topics, a seed (`OUTBOX_FAULT_SEED`, else random) printed at the
-//!   start and in every assertion message.
+//! - **One scenario at a time** ([`run_scenario`] holds a lock within the process, and one
+//!   across processes: the listening socket 127.0.0.1:29195, so two `cargo test` runs in one
+//!   checkout take turns), each with a fresh database and fresh topics, and a seed
+//!   (`OUTBOX_FAULT_SEED`, else random) printed at the start and in every assertion message.
 //! - **Replicas** of the relay binary ([`Fleet`]), found as leader through `/metrics`.
 //! - **Writers** ([`Load`]) that commit events under load while faults happen: each
 //!   transaction bumps the key's sequence number first (serializing a key's writers, so a
