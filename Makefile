@@ -40,3 +40,11 @@ demo: services-up
 clean-local:
 	-scripts/services.sh down
 	rm -rf .local
+
+# Benchmarks (bench/): own PostgreSQL + Kafka instances on other ports. `bench` runs everything
+# (about an hour, Debezium included) and writes BENCHMARKS.md; `bench-smoke` runs each arm for seconds.
+.PHONY: bench bench-smoke
+bench:
+	bench/run.sh full
+bench-smoke:
+	bench/run.sh smoke

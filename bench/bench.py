@@ -1,0 +1,1276 @@
+#!/usr/bin/env python3
+"""outbox-relay benchmark harness: the relay side by side with baselines and Debezium Server.
+
+Run through bench/run.sh (`make bench`, `make bench-smoke`), which starts this harness's own
+PostgreSQL and Kafka instances with scripts/pg.sh and scripts/kafka.sh and sets the env below.
+
+Arms (each a way of getting outbox rows from PostgreSQL into Kafka, or a ceiling):
+  db-only       the load generator alone on the relay's table (insert-only ceiling, app baseline)
+  db-only-dbz   the load generator alone on the Debezium-style table (its app baseline)
+  kafka-only    a producer alone, same settings as the relay (producer-only ceiling)
+  relay         target/release/outbox-relay with its defaults (`migrate`, then `run`)
+  naive         bench/naive_relay.py: one row at a time, synchronous send, UPDATE per row
+  debezium-defaults / debezium-tuned   Debezium Server, outbox EventRouter, Kafka sink, pgoutput
+
+Cells: `step` (open-loop load at a fixed offered rate; the ladder of steps gives the sustained
+throughput and the latency at 1k and 5k events/s), `drain` (a pre-loaded backlog), `soak`
+(a long fixed-rate run sampling dead tuples and table size). Every cell writes to its own topic
+(6 partitions, message.timestamp.type=LogAppendTime) and is checked for loss, duplicates and
+per-key order by the same checker.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_PORT = int(os.environ.get("OUTBOX_PG_PORT", "56432"))
+PG_DIR = os.path.realpath(os.path.join(ROOT, os.environ.get("OUTBOX_PG_DIR", ".local/bench-pg")))
+KAFKA_PORT = int(os.environ.get("OUTBOX_KAFKA_PORT", "39092"))
+KAFKA_DIR = os.path.realpath(os.path.join(ROOT, os.environ.get("OUTBOX_KAFKA_DIR", ".local/bench-kafka")))
+BROKERS = f"127.0.0.1:{KAFKA_PORT}"
+METRICS_PORT = int(os.environ.get("BENCH_RELAY_METRICS_PORT", "39464"))
+DBZ_HTTP_PORT = int(os.environ.get("BENCH_DEBEZIUM_HTTP_PORT", "39080"))
+PGBIN = sorted(d for d in (os.path.join("/usr/lib/postgresql", v, "bin") for v in
+                           (os.listdir("/usr/lib/postgresql") if os.path.isdir("/usr/lib/postgresql") else []))
+               if os.path.exists(os.path.join(d, "pgbench")))
+PGBENCH = os.path.join(PGBIN[-1], "pgbench") if PGBIN else shutil.which("pgbench")
+DB = "bench"
+PARTITIONS = 6
+KEYS = 1000
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+RX = re.compile(rb"k=(\d+) s=(\d+)")
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def url(role="postgres", db=DB):
+    # Default sslmode (prefer): every client, like the relay's own default, talks TLS to this server.
+    return f"postgresql://{role}@127.0.0.1:{PG_PORT}/{db}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes and workloads
+
+@dataclass
+class Workload:
+    name: str
+    rows_per_tx: int
+    payload: int
+
+
+WORKLOADS = {w.name: w for w in (Workload("1x200B", 1, 200), Workload("10x200B", 10, 200),
+                                  Workload("1x1KB", 1, 1024), Workload("10x1KB", 10, 1024))}
+MAIN = "1x200B"
+
+
+@dataclass
+class Mode:
+    name: str
+    step_seconds: float
+    ladder: list
+    naive_ladder: list
+    drain_rows: int
+    naive_drain_seconds: float
+    soak_seconds: float
+    soak_rate: int
+    workloads: list
+    clients: int
+    drain_wait: float
+    sample_every: float
+
+
+def mode_config(name):
+    env = os.environ.get
+    if name == "smoke":
+        m = Mode("smoke", 3, [200, 500], [100], 3000, 4, 4, 200, ["1x200B", "10x1KB"], 10, 15, 0.5)
+    else:
+        m = Mode("full", 20, [1000, 2000, 3500, 5000, 7500, 10000, 15000, 20000, 30000, 45000, 70000, 100000],
+                 [100, 250, 500, 1000, 2000], 1_000_000, 30, 600, 5000, list(WORKLOADS), 40, 60, 1.0)
+    m.step_seconds = float(env("BENCH_STEP_SECONDS", m.step_seconds))
+    m.soak_seconds = float(env("BENCH_SOAK_SECONDS", m.soak_seconds))
+    m.soak_rate = int(env("BENCH_SOAK_RATE", m.soak_rate))
+    m.drain_rows = int(env("BENCH_DRAIN_ROWS", m.drain_rows))
+    if env("BENCH_LADDER"):
+        m.ladder = [int(x) for x in env("BENCH_LADDER").split(",")]
+    if env("BENCH_WORKLOADS"):
+        m.workloads = env("BENCH_WORKLOADS").split(",")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readings
+
+def proc_cpu(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_status(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM"):
+                    out[k] = int(v.split()[0]) / 1024  # MiB
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak_rss(pid):
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def postmaster_pid():
+    with open(os.path.join(PG_DIR, "data", "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def kafka_pid():
+    with open(os.path.join(KAFKA_DIR, "kafka.pid")) as f:
+        return int(f.read().strip())
+
+
+def machine_busy():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
+class CpuMeter:
+    """CPU-seconds of groups of processes over a window (processes that appear later count from 0)."""
+
+    def __init__(self, groups):
+        self.groups = groups  # name -> callable returning pids
+        self.first, self.last = {}, {}
+        for name, fn in groups.items():
+            for pid in fn():
+                t = proc_cpu(pid)
+                if t is not None:
+                    self.first[(name, pid)] = self.last[(name, pid)] = t
+        self.busy0 = machine_busy()
+        self.load0 = os.getloadavg()
+
+    def sample(self):
+        for name, fn in self.groups.items():
+            for pid in fn():
+                t = proc_cpu(pid)
+                if t is not None:
+                    self.first.setdefault((name, pid), 0.0)
+                    self.last[(name, pid)] = t
+
+    def totals(self):
+        self.sample()
+        out = {name: 0.0 for name in self.groups}
+        for (name, pid), t in self.last.items():
+            out[name] += t - self.first[(name, pid)]
+        b1 = machine_busy()
+        out["machine_busy_frac"] = (b1[0] - self.busy0[0]) / max(1, b1[1] - self.busy0[1])
+        out["loadavg_1m_end"] = os.getloadavg()[0]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka
+
+class Kafka:
+    def __init__(self):
+        self.admin = AdminClient({"bootstrap.servers": BROKERS})
+        self.wm = Consumer({"bootstrap.servers": BROKERS, "group.id": "bench-watermarks",
+                            "enable.auto.commit": False})
+        self.lock = threading.Lock()
+
+    def create_topic(self, name):
+        fs = self.admin.create_topics([NewTopic(name, PARTITIONS, 1, config={
+            "message.timestamp.type": "LogAppendTime"})], operation_timeout=30)
+        fs[name].result()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            md = self.admin.list_topics(name, timeout=10).topics.get(name)
+            if md and not md.error and len(md.partitions) == PARTITIONS and all(
+                    p.leader >= 0 for p in md.partitions.values()):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"topic {name} not ready")
+
+    def delete_topic(self, name):
+        try:
+            self.admin.delete_topics([name], operation_timeout=30)[name].result()
+        except Exception as e:  # noqa: BLE001 - best effort: only frees disk
+            log(f"  (could not delete topic {name}: {e})")
+
+    def high(self, name):
+        return sum(self.highs(name))
+
+    def highs(self, name):
+        """High watermarks of the topic's partitions (retried: a new topic's leaders settle)."""
+        for attempt in range(50):
+            try:
+                with self.lock:
+                    return [self.wm.get_watermark_offsets(TopicPartition(name, p), timeout=10, cached=False)[1]
+                            for p in range(PARTITIONS)]
+            except Exception:  # noqa: BLE001 - e.g. NOT_LEADER_FOR_PARTITION right after creation
+                if attempt == 49:
+                    raise
+                time.sleep(0.2)
+
+
+def check_topic(kafka, topic, expected, timeout=600):
+    """Consume the whole topic; expected maps (k << 40 | s) -> start time (commit or send, epoch s).
+    Returns loss / duplicates / per-key order of first occurrences, latencies and broker times."""
+    highs = kafka.highs(topic)
+    c = Consumer({"bootstrap.servers": BROKERS, "group.id": f"bench-check-{uuid.uuid4()}",
+                  "enable.auto.commit": False, "fetch.max.bytes": 64 << 20,
+                  "max.partition.fetch.bytes": 16 << 20, "queued.max.messages.kbytes": 256 << 10})
+    parts = [p for p in range(PARTITIONS) if highs[p] > 0]
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    remaining = set(parts)
+    seen, last_seq = set(), {}
+    dups = order = unparsed = unexpected = 0
+    lat, append_ms, partition_of = [], [], {}
+    key_partition_violations = 0
+    deadline = time.time() + timeout
+    while remaining and time.time() < deadline:
+        for m in c.consume(20000, 1.0):
+            if m.error():
+                continue
+            p = m.partition()
+            if m.offset() + 1 >= highs[p]:
+                remaining.discard(p)
+            mm = RX.search(m.value() or b"", 0, 80)
+            if not mm:
+                unparsed += 1
+                continue
+            k, s = int(mm.group(1)), int(mm.group(2))
+            ident = k << 40 | s
+            if ident in seen:
+                dups += 1
+                continue
+            seen.add(ident)
+            if partition_of.setdefault(k, p) != p:
+                key_partition_violations += 1
+            if s < last_seq.get(k, -1):
+                order += 1
+            else:
+                last_seq[k] = s
+            ts = m.timestamp()[1]
+            start = expected.get(ident)
+            if start is None:
+                unexpected += 1
+                continue
+            append_ms.append(ts)
+            lat.append(ts / 1000.0 - start)
+    c.close()
+    delivered = len(seen) - unexpected
+    return {"expected": len(expected), "delivered_unique": delivered, "missing": len(expected) - delivered,
+            "duplicates": dups, "order_violations": order, "unparsed": unparsed, "unexpected": unexpected,
+            "key_on_two_partitions": key_partition_violations, "complete": not remaining,
+            "_lat": np.array(lat), "_append_ms": np.array(append_ms, dtype=np.int64)}
+
+
+def lat_stats(lat_s):
+    """Commit (or send) to LogAppendTime. The broker stamps milliseconds: +-1 ms resolution."""
+    a = lat_s
+    if not len(a):
+        return {}
+    ms = a * 1000.0
+    return {"lat_p50_ms": float(np.percentile(ms, 50)), "lat_p99_ms": float(np.percentile(ms, 99)),
+            "lat_p999_ms": float(np.percentile(ms, 99.9)), "lat_max_ms": float(ms.max()),
+            "lat_samples": int(len(ms))}
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+RELAY_TABLE, DBZ_TABLE = "outbox", "dbz_outbox"
+PUBLICATION, SLOT = "bench_dbz_pub", "bench_dbz"
+
+
+class Pg:
+    def __init__(self):
+        self.c = psycopg.connect(url("postgres", "postgres"), autocommit=True)
+        for role in ("bench_app", "bench_relay", "bench_naive", "bench_dbz"):
+            self.c.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
+                           f"CREATE ROLE {role} LOGIN SUPERUSER REPLICATION PASSWORD 'bench'; END IF; END $$")
+        if not self.c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB,)).fetchone():
+            self.c.execute(f"CREATE DATABASE {DB}")
+        self.c.close()
+        self.c = psycopg.connect(url(), autocommit=True)
+        self.x("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.x("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        self.lock = threading.Lock()
+
+    def x(self, sql, args=None):
+        with self.c.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else None
+
+    def one(self, sql, args=None):
+        r = self.x(sql, args)
+        return r[0] if r else None
+
+    def setup_relay_table(self, relay_bin):
+        env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"))
+        subprocess.run([relay_bin, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        # The relay's UPDATE replaces xmin; keep the inserting transaction's id to find its true
+        # commit time (pg_xact_commit_timestamp) after the row was marked. Costs app and baseline alike.
+        self.x(f"ALTER TABLE {RELAY_TABLE} ADD COLUMN IF NOT EXISTS bench_xid xid8 DEFAULT pg_current_xact_id()")
+
+    def setup_dbz_table(self):
+        self.x(f"""CREATE TABLE IF NOT EXISTS {DBZ_TABLE} (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            aggregatetype varchar(255) NOT NULL,
+            aggregateid varchar(255) NOT NULL,
+            type varchar(255) NOT NULL,
+            payload text)""")
+        if not self.one("SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)):
+            # Inserts only: TRUNCATE between cells is not streamed.
+            self.x(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE {DBZ_TABLE} WITH (publish = 'insert')")
+
+    def drop_slot(self):
+        for _ in range(30):
+            r = self.one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
+            if r is None:
+                return
+            if r[0] is None:
+                self.x("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+                return
+            time.sleep(1)
+        raise RuntimeError("replication slot still active")
+
+    def reset_table(self, table):
+        self.x(f"TRUNCATE {table}")
+        self.x(f"SELECT pg_stat_reset_single_table_counters('{table}'::regclass)")
+
+    def table_stats(self, table):
+        r = self.one("SELECT n_tup_ins, n_live_tup, n_dead_tup, pg_total_relation_size(relid), "
+                     "pg_relation_size(relid), autovacuum_count FROM pg_stat_user_tables WHERE relname = %s",
+                     (table,))
+        return dict(zip(("n_tup_ins", "n_live_tup", "n_dead_tup", "total_bytes", "heap_bytes",
+                         "autovacuum_count"), r))
+
+    def wal_lsn(self):
+        return int(self.one("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")[0])
+
+    def statements(self):
+        rows = self.x("""SELECT r.rolname, sum(s.calls)::bigint, sum(s.total_exec_time)::float8
+                         FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+                         WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                         GROUP BY 1""")
+        return {r[0]: {"calls": int(r[1]), "exec_ms": r[2]} for r in rows}
+
+    def top_statements(self, role, n=6):
+        rows = self.x("""SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 110), calls, mean_exec_time, rows
+                         FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
+                         WHERE r.rolname = %s AND s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                         ORDER BY total_exec_time DESC LIMIT %s""", (role, n))
+        return [{"query": q, "calls": int(c), "mean_ms": m, "rows": int(rw)} for q, c, m, rw in rows]
+
+    def expected(self, layout, topic):
+        if layout == "relay":
+            sql = (f"SELECT key::int, split_part(split_part(convert_from(substring(payload from 1 for 40), 'UTF8'), ' ', 2), '=', 2)::bigint, "
+                   f"extract(epoch FROM pg_xact_commit_timestamp((bench_xid::text::bigint %% 4294967296)::text::xid))::float8 "
+                   f"FROM {RELAY_TABLE} WHERE topic = %s")
+        else:
+            sql = (f"SELECT aggregateid::int, split_part(split_part(left(payload, 40), ' ', 2), '=', 2)::bigint, "
+                   f"extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 FROM {DBZ_TABLE} WHERE aggregatetype = %s")
+        with psycopg.connect(url()) as c, c.cursor() as cur:
+            cur.execute(sql, (topic,))
+            return {k << 40 | s: t for k, s, t in cur}
+
+    def count(self, layout, topic):
+        if layout == "relay":
+            return self.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE topic = %s", (topic,))[0]
+        return self.one(f"SELECT count(*) FROM {DBZ_TABLE} WHERE aggregatetype = %s", (topic,))[0]
+
+    def preload(self, layout, topic, n, payload):
+        """n rows in 1,000-row transactions; key g % 1000, sequence g (increasing per key, in id order)."""
+        with psycopg.connect(url("bench_app"), autocommit=True) as c:
+            for lo in range(1, n + 1, 1000):
+                hi = min(n, lo + 999)
+                if layout == "relay":
+                    c.execute(f"INSERT INTO {RELAY_TABLE} (topic, key, payload) SELECT %s, (g %% 1000)::text, "
+                              f"convert_to(rpad('k=' || (g %% 1000) || ' s=' || g || ' ', %s, 'x'), 'UTF8') "
+                              f"FROM generate_series(%s::bigint, %s::bigint) g ORDER BY g", (topic, payload, lo, hi))
+                else:
+                    c.execute(f"INSERT INTO {DBZ_TABLE} (aggregatetype, aggregateid, type, payload) SELECT %s, "
+                              f"(g %% 1000)::text, 'bench', rpad('k=' || (g %% 1000) || ' s=' || g || ' ', %s, 'x') "
+                              f"FROM generate_series(%s::bigint, %s::bigint) g ORDER BY g", (topic, payload, lo, hi))
+
+
+def pgbench_script(layout, wl, path):
+    """One host-app transaction: rows_per_tx rows in one INSERT (autocommit). Keys over 1,000
+    aggregates; each key belongs to one client (client_id + nclients * r), so a key's writers are
+    serialized and its per-key sequence (a per-client counter) increases in commit order."""
+    lines = []
+    values = []
+    for i in range(1, wl.rows_per_tx + 1):
+        lines.append(f"\\set k{i} :client_id + :nclients * random(0, :per - 1)")
+        lines.append(f"\\set s{i} :s + {i}")
+        body = f"rpad('k=' || :k{i} || ' s=' || :s{i} || ' ', {wl.payload}, 'x')"
+        if layout == "relay":
+            values.append(f"(:topic, :k{i}, convert_to({body}, 'UTF8'))")
+        else:
+            values.append(f"(:topic, :k{i}, 'bench', {body})")
+    lines.append(f"\\set s :s + {wl.rows_per_tx}")
+    if layout == "relay":
+        lines.append(f"INSERT INTO {RELAY_TABLE} (topic, key, payload) VALUES " + ", ".join(values) + ";")
+    else:
+        lines.append(f"INSERT INTO {DBZ_TABLE} (aggregatetype, aggregateid, type, payload) VALUES "
+                     + ", ".join(values) + ";")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_pgbench(layout, wl, topic, rate, seconds, clients, workdir):
+    script = os.path.join(workdir, f"pgbench-{layout}-{wl.name}.sql")
+    pgbench_script(layout, wl, script)
+    tx_rate = max(1.0, rate / wl.rows_per_tx)
+    per = -(-KEYS // clients)
+    cmd = [PGBENCH, "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-R", f"{tx_rate:.1f}",
+           "-T", str(max(1, int(round(seconds)))), "-D", f"topic={topic}", "-D", "s=0", "-D", f"per={per}",
+           "-D", f"nclients={clients}", "-f", script, "-h", "127.0.0.1", "-p", str(PG_PORT), "-U", "bench_app", DB]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    elapsed = time.time() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"pgbench failed ({p.returncode}): {p.stderr[-2000:]}")
+    out = p.stdout
+    g = lambda rx: (m.group(1) if (m := re.search(rx, out)) else None)  # noqa: E731
+    return {"pgbench_tx": int(g(r"actually processed: (\d+)") or 0),
+            "pgbench_tps": float(g(r"tps = ([\d.]+)") or 0),
+            "pgbench_lag_avg_ms": float(g(r"schedule lag: avg ([\d.]+)") or 0),
+            "pgbench_lag_max_ms": float(g(r"schedule lag: avg [\d.]+ \(max ([\d.]+)") or 0),
+            "pgbench_latency_avg_ms": float(g(r"latency average = ([\d.]+)") or 0),
+            "pgbench_seconds": elapsed}
+
+
+# ---------------------------------------------------------------------------------------------
+# Arms
+
+class Arm:
+    layout = "relay"
+    role = None
+    label = ""
+    process = None
+
+    def __init__(self, h):
+        self.h = h
+
+    def pid(self):
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def running(self):
+        return self.pid() is not None
+
+    def start(self, canary=True):
+        pass
+
+    def stop(self):
+        p = self.process
+        if p and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        self.process = None
+
+    def canary(self, timeout):
+        topic = f"bench.canary.{self.h.run_id}.{self.name}.{uuid.uuid4().hex[:6]}"
+        self.h.kafka.create_topic(topic)
+        deadline, next_insert = time.time() + timeout, 0.0
+        while time.time() < deadline:
+            if time.time() >= next_insert:  # again every 10 s: a row committed before the slot existed is never streamed
+                if self.layout == "relay":
+                    self.h.pg.x(f"INSERT INTO {RELAY_TABLE} (topic, key, payload) VALUES (%s, '0', 'canary')", (topic,))
+                else:
+                    self.h.pg.x(f"INSERT INTO {DBZ_TABLE} (aggregatetype, aggregateid, type, payload) "
+                                f"VALUES (%s, '0', 'canary', 'canary')", (topic,))
+                next_insert = time.time() + 10
+            if self.h.kafka.high(topic) >= 1:
+                return
+            if self.process and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.logfile}")
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name}: canary not delivered within {timeout}s; see {self.logfile}")
+
+    def extra_start(self):
+        return {}
+
+    def extra_end(self, start):
+        return {}
+
+
+class DbOnly(Arm):
+    def __init__(self, h, layout):
+        super().__init__(h)
+        self.layout = layout
+        self.name = "db-only" if layout == "relay" else "db-only-dbz"
+        self.label = ("load generator alone, relay's table" if layout == "relay"
+                      else "load generator alone, Debezium-style table")
+
+
+class Relay(Arm):
+    name = "relay"
+    role = "bench_relay"
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build, defaults)"
+        self.logfile = os.path.join(h.logdir, "relay.log")
+
+    def start(self, canary=True):
+        if self.running():
+            return
+        env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"), RUST_LOG="info")
+        self.process = subprocess.Popen(
+            [self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"), start_new_session=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/healthz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        if canary:
+            self.canary(60)
+
+    def scrape(self):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r'^(outbox_relay_\w+?)(\{[^}]*\})? (\S+)$', line)
+            if m:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        return out
+
+    def extra_start(self):
+        return self.scrape()
+
+    def extra_end(self, start):
+        end = self.scrape()
+        d = {k: end[k] - start.get(k, 0.0) for k in end}
+        prof = {}
+        for phase in ("fetch", "publish", "mark"):
+            cnt = d.get(f'outbox_relay_batch_phase_seconds_count{{phase="{phase}"}}', 0)
+            tot = d.get(f'outbox_relay_batch_phase_seconds_sum{{phase="{phase}"}}', 0)
+            buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)
+                             for k, v in d.items()
+                             if k.startswith("outbox_relay_batch_phase_seconds_bucket") and f'phase="{phase}"' in k)
+            prof[phase] = {"batches": cnt, "seconds": tot, "mean_ms": 1000 * tot / cnt if cnt else None,
+                           "p50_le_ms": _bucket_q(buckets, cnt, 0.5), "p99_le_ms": _bucket_q(buckets, cnt, 0.99)}
+        rows_cnt = d.get("outbox_relay_batch_rows_count", 0)
+        prof["batch_rows_mean"] = d.get("outbox_relay_batch_rows_sum", 0) / rows_cnt if rows_cnt else None
+        prof["published"] = d.get("outbox_relay_published_total", 0)
+        return {"relay_profile": prof}
+
+
+def _bucket_q(buckets, count, q):
+    if not count:
+        return None
+    for le, v in buckets:
+        if v >= q * count:
+            return le * 1000
+    return None
+
+
+class RelayNoNotify(Relay):
+    """Supplementary (only with BENCH_ARMS=...,relay-nonotify): the relay polling every 250 ms,
+    with the NOTIFY trigger dropped (`migrate --notify-trigger false`, `run --listen false`)."""
+    name = "relay-nonotify"
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build), --listen false, no NOTIFY trigger"
+
+    def start(self, canary=True):
+        if self.running():
+            return
+        env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"), RUST_LOG="info")
+        self.process = subprocess.Popen(
+            [self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}",
+             "--listen", "false"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"), start_new_session=True)
+        time.sleep(1)
+        if canary:
+            self.canary(60)
+
+
+class Naive(Arm):
+    name = "naive"
+    role = "bench_naive"
+    label = "naive relay (Python: row at a time, sync send, UPDATE per row)"
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.logfile = os.path.join(h.logdir, "naive.log")
+
+    def start(self, canary=True):
+        if self.running():
+            return
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "bench", "naive_relay.py"), url("bench_naive"), BROKERS],
+            stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"), start_new_session=True)
+        if canary:
+            self.canary(60)
+
+
+class Debezium(Arm):
+    layout = "dbz"
+    role = "bench_dbz"
+
+    def __init__(self, h, tuned):
+        super().__init__(h)
+        self.tuned = tuned
+        self.name = "debezium-tuned" if tuned else "debezium-defaults"
+        self.label = (f"Debezium Server {h.dbz_version}, " +
+                      ("tuned: poll.interval.ms=10, max.batch.size=8192, max.queue.size=32768, producer lz4 + linger.ms=2"
+                       if tuned else "defaults (poll.interval.ms=500, max.batch.size=2048, offset flush 60 s)"))
+        self.logfile = os.path.join(h.logdir, f"{self.name}.log")
+        self.data = os.path.join(h.dbz_dir, "bench-data")
+
+    def fresh(self):
+        """A fresh start: no offsets, no slot (the next start creates it, snapshot.mode=no_data)."""
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.h.pg.drop_slot()
+
+    def config(self):
+        p = {
+            "debezium.sink.type": "kafka",
+            "debezium.sink.kafka.producer.bootstrap.servers": BROKERS,
+            "debezium.sink.kafka.producer.key.serializer": "org.apache.kafka.common.serialization.StringSerializer",
+            "debezium.sink.kafka.producer.value.serializer": "org.apache.kafka.common.serialization.StringSerializer",
+            "debezium.sink.kafka.producer.acks": "all",
+            "debezium.sink.kafka.producer.enable.idempotence": "true",
+            "debezium.source.connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+            "debezium.source.offset.storage.file.filename": os.path.join(self.data, "offsets.dat"),
+            "debezium.source.database.hostname": "127.0.0.1",
+            "debezium.source.database.port": str(PG_PORT),
+            "debezium.source.database.user": "bench_dbz",
+            "debezium.source.database.password": "bench",
+            "debezium.source.database.dbname": DB,
+            "debezium.source.topic.prefix": "dbz",
+            "debezium.source.plugin.name": "pgoutput",
+            "debezium.source.slot.name": SLOT,
+            "debezium.source.publication.name": PUBLICATION,
+            "debezium.source.publication.autocreate.mode": "disabled",
+            "debezium.source.table.include.list": f"public.{DBZ_TABLE}",
+            "debezium.source.snapshot.mode": "no_data",
+            "debezium.transforms": "outbox",
+            "debezium.transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
+            # The topic is the aggregatetype column itself (`$$` is a literal `$` in this file).
+            "debezium.transforms.outbox.route.topic.replacement": "$${routedByValue}",
+            "debezium.format.key": "json",
+            "debezium.format.value": "json",
+            "debezium.format.key.schemas.enable": "false",
+            "debezium.format.value.schemas.enable": "false",
+            "quarkus.http.port": str(DBZ_HTTP_PORT),
+            "quarkus.http.host": "127.0.0.1",
+            "quarkus.log.console.json": "false",
+        }
+        if self.tuned:
+            p.update({"debezium.source.poll.interval.ms": "10", "debezium.source.max.batch.size": "8192",
+                      "debezium.source.max.queue.size": "32768",
+                      "debezium.sink.kafka.producer.compression.type": "lz4",
+                      "debezium.sink.kafka.producer.linger.ms": "2"})
+        return "".join(f"{k}={v}\n" for k, v in p.items())
+
+    def start(self, canary=True):
+        if self.running():
+            return
+        os.makedirs(self.data, exist_ok=True)
+        with open(os.path.join(self.h.dbz_home, "config", "application.properties"), "w") as f:
+            f.write(self.config())
+        env = dict(os.environ, JAVA_HOME=self.h.dbz_java_home)
+        env.pop("JAVA_OPTS", None)
+        self.process = subprocess.Popen(["./run.sh"], cwd=self.h.dbz_home, env=env, stdout=open(self.logfile, "a"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        if canary:
+            self.canary(240)
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness
+
+class Harness:
+    def __init__(self, args):
+        self.mode = mode_config(args.mode)
+        self.args = args
+        self.run_id = time.strftime("%m%d%H%M%S")
+        self.outdir = os.path.join(ROOT, "bench", "results", os.environ.get("BENCH_OUT", self.mode.name))
+        self.logdir = os.path.join(ROOT, ".local", "bench-logs", self.run_id)
+        os.makedirs(self.outdir, exist_ok=True)
+        os.makedirs(self.logdir, exist_ok=True)
+        self.relay_bin = args.relay_bin
+        self.relay_profile = "release" if "/release/" in self.relay_bin else "debug"
+        self.dbz_home = args.debezium_home
+        self.dbz_dir = os.path.dirname(os.path.dirname(self.dbz_home)) if self.dbz_home else None
+        self.dbz_java_home = args.debezium_java_home
+        self.dbz_version = args.debezium_version
+        self.results = []
+        self.timeline = []
+        self.pg = Pg()
+        self.kafka = Kafka()
+        self.pg.setup_relay_table(self.relay_bin)
+        self.pg.setup_dbz_table()
+        self.pg.drop_slot()
+        self.kafka.create_topic("bench.warmup") if "bench.warmup" not in self.kafka.admin.list_topics(timeout=10).topics else None
+        self.meta = self.machine()
+
+    def machine(self):
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1))
+        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
+        pgv = self.pg.one("SHOW server_version")[0]
+        kv = re.search(r"<kafka.version>(.*)</kafka.version>", open(os.path.join(ROOT, "scripts/kafka/pom.xml")).read())
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "src", "Cargo.toml", "Cargo.lock"],
+                               capture_output=True, text=True).stdout.strip()
+        return {"nproc": os.cpu_count(), "mem_gib": round(mem_kb / 1024 / 1024, 1),
+                "cpu": cpu.group(1) if cpu else "?", "kernel": platform.release(),
+                "os": open("/etc/debian_version").read().strip() if os.path.exists("/etc/debian_version") else "?",
+                "postgres": pgv, "kafka": kv.group(1) if kv else "?",
+                "relay_rev": rev + (" (src modified in work tree)" if dirty else ""),
+                "relay_bin": os.path.relpath(self.relay_bin, ROOT), "python": platform.python_version(),
+                "debezium": self.dbz_version if self.dbz_home else None,
+                "debezium_java": self.dbz_java_home, "pgbench": PGBENCH, "loadavg_start": os.getloadavg(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "mode": self.mode.name}
+
+    def save(self):
+        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.results]
+        with open(os.path.join(self.outdir, "results.json"), "w") as f:
+            json.dump({"meta": self.meta, "results": clean, "timeline": self.timeline}, f, indent=1, default=str)
+
+    # -- measurement plumbing ----------------------------------------------------------------
+
+    def meter(self, arm):
+        groups = {"postgres": lambda: [postmaster_pid()] + children(postmaster_pid()), "kafka": lambda: [kafka_pid()]}
+        if arm.role:
+            # The arm's own backends (its sessions and, for Debezium, its walsender).
+            groups["pg_arm"] = lambda: [r[0] for r in self.pg_arm_pids(arm.role)]
+        if arm.process is not None or isinstance(arm, (Relay, Naive, Debezium)):
+            groups["arm"] = lambda: [p] if (p := arm.pid()) else []
+        return CpuMeter(groups)
+
+    def pg_arm_pids(self, role):
+        with psycopg.connect(url(), autocommit=True) as c:
+            return c.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s", (role,)).fetchall()
+
+    def sampler(self, arm, topic, table, every, stop, samples, t0, meter=None):
+        pg = psycopg.connect(url(), autocommit=True)
+        ins0 = None
+        while True:
+            try:
+                r = pg.execute("SELECT n_tup_ins, n_dead_tup, n_live_tup, pg_total_relation_size(relid), autovacuum_count "
+                               "FROM pg_stat_user_tables WHERE relname = %s", (table,)).fetchone()
+                ins0 = r[0] if ins0 is None else ins0
+                s = {"t": time.time() - t0, "inserted": r[0] - ins0, "dead": r[1], "live": r[2], "table_bytes": r[3],
+                     "autovacuums": r[4], "delivered": self.kafka.high(topic) if topic else None}
+                pid = arm.pid()
+                if pid:
+                    s.update(proc_status(pid))
+                if meter is not None:
+                    meter.sample()  # short-lived backends (the load generator's) are caught here
+                samples.append(s)
+            except Exception as e:  # noqa: BLE001 - a missed sample is not fatal
+                samples.append({"t": time.time() - t0, "error": str(e)})
+            if stop.wait(every):
+                break
+        pg.close()
+
+    def begin(self, arm, table):
+        self.pg.x("CHECKPOINT")
+        self.pg.x("SELECT pg_stat_statements_reset()")
+        if arm.pid():
+            reset_peak_rss(arm.pid())
+        return {"wal": self.pg.wal_lsn(), "meter": self.meter(arm), "extra": arm.extra_start(), "t": time.time(),
+                "loadavg": os.getloadavg()}
+
+    def end(self, arm, table, b, events):
+        out = {"wal_bytes": self.pg.wal_lsn() - b["wal"], "events": events}
+        cpu = b["meter"].totals()
+        out.update({f"cpu_{k}_s": v for k, v in cpu.items() if k in ("arm", "postgres", "kafka", "pg_arm")})
+        out["pg_cpu_sampled"] = True
+        out["machine_busy_pct"] = 100 * cpu["machine_busy_frac"]
+        out["loadavg_1m"] = max(b["loadavg"][0], cpu["loadavg_1m_end"])
+        pid = arm.pid()
+        if pid:
+            st = proc_status(pid)
+            out["peak_rss_mib"] = st.get("VmHWM")
+            out["rss_end_mib"] = st.get("VmRSS")
+        stm = self.pg.statements()
+        out["statements"] = {r: v["calls"] for r, v in stm.items()}
+        if arm.role:
+            out["arm_statements"] = stm.get(arm.role, {}).get("calls", 0)
+            out["arm_statement_ms"] = stm.get(arm.role, {}).get("exec_ms", 0.0)
+            out["top_statements"] = self.pg.top_statements(arm.role)
+        out["app_statements"] = stm.get("bench_app", {}).get("calls", 0)
+        out["table"] = self.pg.table_stats(table)
+        out.update(arm.extra_end(b["extra"]))
+        if events:
+            out["wal_bytes_per_event"] = out["wal_bytes"] / events
+            if "cpu_arm_s" in out:
+                out["arm_cpu_s_per_1k"] = 1000 * out["cpu_arm_s"] / events
+            out["pg_cpu_s_per_1k"] = 1000 * out["cpu_postgres_s"] / events
+            if "cpu_pg_arm_s" in out:
+                out["pg_arm_cpu_s_per_1k"] = 1000 * out["cpu_pg_arm_s"] / events
+            out["kafka_cpu_s_per_1k"] = 1000 * out["cpu_kafka_s"] / events
+            if arm.role:
+                out["arm_statements_per_event"] = out["arm_statements"] / events
+        return out
+
+    def wait_delivered(self, topic, n, timeout, stall=20):
+        deadline, last, last_change = time.time() + timeout, -1, time.time()
+        while time.time() < deadline:
+            hw = self.kafka.high(topic)
+            if hw >= n:
+                return hw
+            if hw != last:
+                last, last_change = hw, time.time()
+            elif time.time() - last_change > stall:
+                return hw
+            time.sleep(0.2)
+        return self.kafka.high(topic)
+
+    # -- cells -------------------------------------------------------------------------------
+
+    def step(self, arm, wl, rate, seconds, kind="step"):
+        """Open-loop load at a fixed offered rate; the arm publishes; everything checked."""
+        m = self.mode
+        table = RELAY_TABLE if arm.layout == "relay" else DBZ_TABLE
+        publishes = not isinstance(arm, DbOnly)
+        # Empty the table first: rows left by an earlier cell name deleted topics (a starting
+        # relay would spend its first seconds parking them).
+        self.pg.reset_table(table)
+        if publishes:
+            arm.start()
+        topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.{kind}{rate}"
+        self.kafka.create_topic(topic)
+        self.pg.reset_table(table)
+        b = self.begin(arm, table)
+        stop, samples = threading.Event(), []
+        th = threading.Thread(target=self.sampler, args=(arm, topic if publishes else None, table,
+                                                         m.sample_every if kind != "soak" else 5.0, stop, samples, b["t"], b["meter"]))
+        th.start()
+        log(f"{arm.name} {wl.name} {kind} {rate}/s for {seconds:.0f}s")
+        pb = run_pgbench(arm.layout, wl, topic, rate, seconds, m.clients, self.logdir)
+        t_load_end = time.time()
+        inserted = self.pg.count(arm.layout, topic)
+        res = {"arm": arm.name, "label": arm.label, "workload": wl.name, "kind": kind, "offered": rate,
+               "seconds": seconds, "inserted": inserted, "achieved_insert_rate": inserted / seconds, **pb}
+        if publishes:
+            delivered_at_end = self.kafka.high(topic)
+            res["backlog_at_load_end"] = inserted - delivered_at_end
+            hw = self.wait_delivered(topic, inserted, m.drain_wait)
+            res["catch_up_s"] = time.time() - t_load_end
+            res["delivered_after_wait"] = hw
+        stop.set()
+        th.join()
+        res.update(self.end(arm, table, b, inserted))
+        res["_samples"] = samples
+        res["samples"] = samples if kind == "soak" else samples[:: max(1, len(samples) // 60)]
+        if publishes:
+            chk = check_topic(self.kafka, topic, self.pg.expected(arm.layout, topic))
+            res.update({k: v for k, v in chk.items() if not k.startswith("_")})
+            res.update(lat_stats(chk["_lat"]))
+            res["backlog_slope_per_s"] = backlog_slope(samples)
+            res["sustained"] = self.sustained(res)
+        else:
+            res["sustained"] = insert_ok(res) and res["pgbench_lag_avg_ms"] < 1000
+        self.kafka.delete_topic(topic)
+        if kind != "warmup":
+            self.record(res)
+        return res
+
+    def warm(self, arm):
+        """10 s at 1,000 events/s, not recorded: a JVM's JIT (and every arm's connections) warm up first."""
+        self.step(arm, WORKLOADS[MAIN], 1000, 10 if self.mode.name == "full" else 2, "warmup")
+
+    def sustained(self, r):
+        rate = r["offered"]
+        ok_insert = insert_ok(r)
+        ok_backlog = r["backlog_at_load_end"] <= max(2 * rate, 500)
+        # The slope comes from n_tup_ins (flushed about once a second): judge it only when the
+        # backlog is not already small.
+        ok_slope = (r["backlog_slope_per_s"] or 0) < 0.05 * rate or r["backlog_at_load_end"] <= 0.5 * rate
+        ok_all = r["missing"] == 0 or r["delivered_after_wait"] >= r["inserted"]
+        r["limited_by"] = None if ok_insert else "insert"
+        return bool(ok_insert and ok_backlog and ok_slope and ok_all)
+
+    def ladder(self, arm, wl, rates=None, cap=None):
+        rates = rates or self.mode.ladder
+        best = None
+        for rate in rates:
+            if cap and rate > cap * 1.05:
+                log(f"  {arm.name} {wl.name}: stop at {rate}/s (above the insert-only ceiling {cap}/s)")
+                break
+            r = self.step(arm, wl, rate, self.mode.step_seconds)
+            log(f"  -> inserted {r['achieved_insert_rate']:.0f}/s" +
+                (f", backlog {r.get('backlog_at_load_end')}, p99 {r.get('lat_p99_ms', float('nan')):.1f} ms, "
+                 f"missing {r.get('missing')}, dup {r.get('duplicates')}, order {r.get('order_violations')}"
+                 if "missing" in r else "") + f": {'sustained' if r['sustained'] else 'NOT sustained'}")
+            if not r["sustained"]:
+                # One refinement: the midpoint between the last sustained step and this one.
+                mid = int(round((best + rate) / 2 / 250.0) * 250) if best else 0
+                if best and best < mid < rate:
+                    r = self.step(arm, wl, mid, self.mode.step_seconds)
+                    log(f"  -> refinement {mid}/s: inserted {r['achieved_insert_rate']:.0f}/s: "
+                        f"{'sustained' if r['sustained'] else 'NOT sustained'}")
+                    if r["sustained"]:
+                        best = mid
+                break
+            best = rate
+        self.record({"arm": arm.name, "label": arm.label, "workload": wl.name, "kind": "sustained",
+                     "sustained_rate": best})
+        return best
+
+    def drain(self, arm, wl, n, cap_seconds=None):
+        table = RELAY_TABLE if arm.layout == "relay" else DBZ_TABLE
+        topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.drain"
+        if isinstance(arm, Debezium):
+            arm.start()  # the slot exists and its position is before the pre-load
+        arm.stop()
+        self.kafka.create_topic(topic)
+        self.pg.reset_table(table)
+        log(f"{arm.name} drain: pre-loading {n} rows of {wl.payload} B")
+        t = time.time()
+        self.pg.preload(arm.layout, topic, n, wl.payload)
+        self.pg.x(f"ANALYZE {table}")
+        log(f"  pre-loaded in {time.time() - t:.1f}s; starting {arm.name}")
+        b = self.begin(arm, table)
+        stop, samples = threading.Event(), []
+        t0 = time.time()
+        arm.start(canary=False)
+        reset_peak_rss(arm.pid())
+        th = threading.Thread(target=self.sampler, args=(arm, topic, table, 0.5, stop, samples, t0, b["meter"]))
+        th.start()
+        timeout = cap_seconds or max(600.0, n / 1000.0)
+        hw = self.wait_delivered(topic, n, timeout, stall=90 if isinstance(arm, Debezium) else 30)
+        t_done = time.time()
+        stop.set()
+        th.join()
+        res = {"arm": arm.name, "label": arm.label, "workload": wl.name, "kind": "drain", "rows": n,
+               "capped_s": cap_seconds, "wall_s": t_done - t0, "delivered_at_stop": hw}
+        res.update(self.end(arm, table, b, hw))
+        arm.stop()
+        chk = check_topic(self.kafka, topic, self.pg.expected(arm.layout, topic))
+        res.update({k: v for k, v in chk.items() if not k.startswith("_")})
+        if arm.layout == "relay":
+            res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE published_at IS NULL")[0]
+        ap = chk["_append_ms"]
+        if len(ap) > 1:
+            span = (ap.max() - ap.min()) / 1000.0
+            res["first_message_after_s"] = ap.min() / 1000.0 - t0
+            res["drain_span_s"] = span
+            res["drain_rate"] = (len(ap) - 1) / span if span > 0 else None
+        res["drain_rate_wall"] = hw / res["wall_s"]
+        res["samples"] = samples
+        self.kafka.delete_topic(topic)
+        log(f"  -> {arm.name} drained {hw}/{n} in {res['wall_s']:.1f}s: {res.get('drain_rate') or 0:.0f}/s "
+            f"(broker clock), missing {res['missing']}, dup {res['duplicates']}, order {res['order_violations']}")
+        self.record(res)
+        return res
+
+    def kafka_ceiling(self, wl, n):
+        """Producer-only ceiling: Python confluent-kafka (bundled librdkafka), the relay's settings."""
+        topic = f"bench.{self.run_id}.kafka-only.{wl.name}.drain"
+        self.kafka.create_topic(topic)
+        meter = CpuMeter({"kafka": lambda: [kafka_pid()], "arm": lambda: [os.getpid()]})
+        p = Producer({"bootstrap.servers": BROKERS, "enable.idempotence": True, "acks": "all",
+                      "compression.type": "lz4", "linger.ms": 2, "partitioner": "murmur2_random",
+                      "message.timeout.ms": 0, "queue.buffering.max.messages": 1000000})
+        warm_up(p)
+        keys = [str(k).encode() for k in range(KEYS)]
+        pad = b"x" * wl.payload
+        log(f"kafka-only: producing {n} messages of {wl.payload} B")
+        expected = {}
+        t0 = time.time()
+        for i in range(1, n + 1):
+            k = i % KEYS
+            head = b"k=%d s=%d " % (k, i)
+            hdrs = [("outbox-event-id", str(i)), ("outbox-created-at", "2026-01-01T00:00:00.000000Z"),
+                    ("outbox-source", "public.outbox")]
+            while True:
+                try:
+                    p.produce(topic, value=head + pad[len(head):], key=keys[k], headers=hdrs)
+                    break
+                except BufferError:
+                    p.poll(0.01)
+            if i % 1000 == 0:
+                p.poll(0)
+            expected[k << 40 | i] = t0
+        p.flush()
+        wall = time.time() - t0
+        cpu = meter.totals()
+        chk = check_topic(self.kafka, topic, expected)
+        ap = chk["_append_ms"]
+        span = (ap.max() - ap.min()) / 1000.0 if len(ap) > 1 else 0
+        res = {"arm": "kafka-only", "label": "producer alone (Python confluent-kafka, relay's producer settings)",
+               "workload": wl.name, "kind": "drain", "rows": n, "wall_s": wall, "drain_rate_wall": n / wall,
+               "drain_rate": (len(ap) - 1) / span if span else None, "drain_span_s": span,
+               "cpu_arm_s": cpu["arm"], "cpu_kafka_s": cpu["kafka"], "arm_cpu_s_per_1k": 1000 * cpu["arm"] / n,
+               "machine_busy_pct": 100 * cpu["machine_busy_frac"], "loadavg_1m": cpu["loadavg_1m_end"],
+               **{k: v for k, v in chk.items() if not k.startswith("_")}}
+        self.kafka.delete_topic(topic)
+        log(f"  -> kafka-only {wl.name}: {res['drain_rate'] or 0:.0f}/s (broker clock), {res['drain_rate_wall']:.0f}/s wall")
+        self.record(res)
+        return res
+
+    def kafka_latency(self, wl, rate, seconds):
+        """Kafka alone at a fixed rate: produce-call time to LogAppendTime (the floor for any relay)."""
+        topic = f"bench.{self.run_id}.kafka-only.{wl.name}.step{rate}"
+        self.kafka.create_topic(topic)
+        p = Producer({"bootstrap.servers": BROKERS, "enable.idempotence": True, "acks": "all",
+                      "compression.type": "lz4", "linger.ms": 2, "partitioner": "murmur2_random",
+                      "message.timeout.ms": 0})
+        warm_up(p)
+        n = int(rate * seconds)
+        pad = b"x" * wl.payload
+        expected = {}
+        t0 = time.time()
+        for i in range(1, n + 1):
+            due = t0 + i / rate
+            while (d := due - time.time()) > 0:
+                p.poll(min(d, 0.001)) if d > 0.0005 else None
+            k = i % KEYS
+            head = b"k=%d s=%d " % (k, i)
+            expected[k << 40 | i] = time.time()
+            p.produce(topic, value=head + pad[len(head):], key=str(k))
+            p.poll(0)
+        p.flush()
+        chk = check_topic(self.kafka, topic, expected)
+        res = {"arm": "kafka-only", "label": "producer alone (Python confluent-kafka, relay's producer settings)",
+               "workload": wl.name, "kind": "step", "offered": rate, "seconds": seconds,
+               "achieved_insert_rate": n / (time.time() - t0), **lat_stats(chk["_lat"]),
+               **{k: v for k, v in chk.items() if not k.startswith("_")}}
+        self.kafka.delete_topic(topic)
+        log(f"  -> kafka-only {rate}/s: p50 {res.get('lat_p50_ms', 0):.2f} ms, p99 {res.get('lat_p99_ms', 0):.2f} ms")
+        self.record(res)
+        return res
+
+    def record(self, res):
+        self.results.append(res)
+        self.timeline.append({"t": time.strftime("%H:%M:%S"), "loadavg": os.getloadavg(),
+                              "what": f"{res['arm']} {res['workload']} {res['kind']} {res.get('offered', '')}"})
+        self.save()
+
+
+def insert_ok(r):
+    """The load generator achieved >= 95% of the offered rate (pgbench's tps excludes its connection setup)."""
+    wl = WORKLOADS[r["workload"]]
+    achieved = max(r["achieved_insert_rate"], r.get("pgbench_tps", 0) * wl.rows_per_tx)
+    return achieved >= 0.95 * r["offered"]
+
+
+def warm_up(producer):
+    """Connect and get the idempotent producer id before timing anything."""
+    warm = "bench.warmup"
+    producer.produce(warm, b"warm-up")
+    producer.flush(60)
+
+
+def backlog_slope(samples):
+    """Backlog growth (events/s) over the second half of the load, from inserted - delivered."""
+    pts = [(s["t"], s["inserted"] - s["delivered"]) for s in samples
+           if "inserted" in s and s.get("delivered") is not None]
+    if len(pts) < 4:
+        return None
+    pts = pts[len(pts) // 2:]
+    t = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    if t.max() - t.min() <= 0:
+        return None
+    return float(np.polyfit(t, y, 1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+def plan(h, arms_filter):
+    m = h.mode
+    want = lambda name: not arms_filter or name in arms_filter  # noqa: E731
+    wls = [WORKLOADS[w] for w in m.workloads]
+    main = WORKLOADS[MAIN]
+    big = WORKLOADS["1x1KB"]
+    # Second workload for the side-by-side cells: 10 rows/tx lets the database insert several
+    # times more events/s than 1 row/tx on this machine, so the arms (not the inserts) are the limit.
+    side = [main] + ([WORKLOADS["10x200B"]] if "10x200B" in m.workloads else [])
+    soak_wl = WORKLOADS["10x200B"] if "10x200B" in m.workloads else main
+    ceilings = {}
+    errors = []
+
+    def guarded(what, fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - one broken cell must not lose the others
+            log(f"!! {what} failed: {e}")
+            errors.append(f"{what}: {e}")
+            h.record({"arm": what.split()[0], "workload": "-", "kind": "error", "error": str(e)})
+            return None
+
+    if arms_filter and "relay-nonotify" in arms_filter:
+        # Supplementary experiment: the same ladder with the NOTIFY trigger dropped, against an
+        # insert-only baseline on the same trigger-less table.
+        env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"))
+        subprocess.run([h.relay_bin, "migrate", "--notify-trigger", "false"], env=env, check=True, stdout=subprocess.DEVNULL)
+        try:
+            side_wl = WORKLOADS["10x200B"]
+            nn = DbOnly(h, "relay")
+            nn.name, nn.label = "db-only-nonotify", "load generator alone, relay's table without the NOTIFY trigger"
+            guarded("db-only-nonotify ladder", h.ladder, nn, side_wl)
+            rp = RelayNoNotify(h)
+            try:
+                guarded("relay-nonotify warm-up", h.warm, rp)
+                guarded("relay-nonotify ladder", h.ladder, rp, side_wl)
+            finally:
+                rp.stop()
+            if "relay" in arms_filter:
+                r = Relay(h)
+                try:
+                    subprocess.run([h.relay_bin, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+                    guarded("relay warm-up", h.warm, r)
+                    guarded("relay ladder 10x200B", h.ladder, r, side_wl)
+                    d = DbOnly(h, "relay")
+                    guarded("db-only ladder 10x200B", h.ladder, d, side_wl)
+                finally:
+                    r.stop()
+        finally:
+            subprocess.run([h.relay_bin, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        h.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        h.meta["loadavg_end"] = os.getloadavg()
+        h.meta["errors"] = errors
+        h.save()
+        return errors
+    if want("kafka-only"):
+        for wl in (main, big):
+            guarded("kafka-only ceiling", h.kafka_ceiling, wl, m.drain_rows)
+        for rate in (1000, 5000) if m.name == "full" else (200,):
+            guarded("kafka-only latency", h.kafka_latency, main, rate, m.step_seconds)
+    if want("db-only"):
+        db = DbOnly(h, "relay")
+        for wl in wls:
+            ceilings[wl.name] = guarded(f"db-only ladder {wl.name}", h.ladder, db, wl)
+    if want("relay"):
+        relay = Relay(h)
+        try:
+            guarded("relay warm-up", h.warm, relay)
+            guarded("relay ladder", h.ladder, relay, main)
+            for wl in (main, big):
+                guarded(f"relay drain {wl.name}", h.drain, relay, wl, m.drain_rows)
+            for wl in wls:
+                if wl.name != main.name:
+                    guarded(f"relay ladder {wl.name}", h.ladder, relay, wl)
+            guarded("relay soak", h.step, relay, soak_wl, m.soak_rate, m.soak_seconds, "soak")
+        finally:
+            relay.stop()
+    if want("naive"):
+        naive = Naive(h)
+        try:
+            guarded("naive ladder", h.ladder, naive, main, m.naive_ladder)
+            guarded("naive drain", h.drain, naive, main, min(m.drain_rows, 50000), m.naive_drain_seconds)
+        finally:
+            naive.stop()
+    if h.dbz_home and (want("debezium-defaults") or want("debezium-tuned")):
+        if want("db-only-dbz"):
+            for wl in side:
+                guarded(f"db-only-dbz ladder {wl.name}", h.ladder, DbOnly(h, "dbz"), wl)
+        for tuned in (False, True):
+            d = Debezium(h, tuned)
+            if not want(d.name):
+                continue
+            try:
+                for wl in side:
+                    # A fresh start per ladder (a failed step leaves a backlog in the slot), warmed up.
+                    d.fresh()
+                    guarded(f"{d.name} warm-up", h.warm, d)
+                    guarded(f"{d.name} ladder {wl.name}", h.ladder, d, wl)
+                d.fresh()
+                guarded(f"{d.name} drain", h.drain, d, main, m.drain_rows)
+            finally:
+                d.stop()
+                guarded("drop slot", h.pg.drop_slot)
+    elif want("db-only-dbz"):
+        for wl in side:
+            guarded(f"db-only-dbz ladder {wl.name}", h.ladder, DbOnly(h, "dbz"), wl)
+    h.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    h.meta["loadavg_end"] = os.getloadavg()
+    h.meta["errors"] = errors
+    h.save()
+    return errors
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("full", "smoke"), default="smoke")
+    ap.add_argument("--relay-bin", default=os.path.join(ROOT, "target", "release", "outbox-relay"))
+    ap.add_argument("--debezium-home", default=None, help="unpacked debezium-server directory (omit: skip Debezium)")
+    ap.add_argument("--debezium-java-home", default=None)
+    ap.add_argument("--debezium-version", default="?")
+    ap.add_argument("--arms", default=os.environ.get("BENCH_ARMS", ""), help="comma-separated subset of arms")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    import report  # noqa: PLC0415 - bench/report.py, beside this file
+    outdir = os.path.join(ROOT, "bench", "results", os.environ.get("BENCH_OUT", args.mode))
+    if args.report_only:
+        report.write(outdir, args.mode)
+        return 0
+    h = Harness(args)
+    errors = plan(h, [a for a in args.arms.split(",") if a])
+    report.write(outdir, args.mode)
+    if errors:
+        log(f"{len(errors)} cell(s) failed: " + "; ".join(errors))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())

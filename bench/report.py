@@ -1,0 +1,405 @@
+"""Turns bench/results/<mode>/results.json into PNG plots and a Markdown report:
+BENCHMARKS.md for the full mode (keeping its hand-written notes block), SMOKE.md beside the
+smoke results. Numbers only from the one run in results.json: ratios compare arms of that run."""
+import json
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
+ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "relay", "relay-nonotify", "naive",
+             "debezium-defaults", "debezium-tuned"]
+COLORS = {"relay": "tab:blue", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+          "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple"}
+
+
+def fmt(v, d=0, unit=""):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v != v:
+        return "-"
+    if isinstance(v, (int, float)):
+        s = f"{v:,.{d}f}"
+        return s + unit
+    return str(v)
+
+
+def arm_key(r):
+    return ARM_ORDER.index(r["arm"]) if r["arm"] in ARM_ORDER else 99
+
+
+def write(outdir, mode):
+    with open(os.path.join(outdir, "results.json")) as f:
+        data = json.load(f)
+    meta, res = data["meta"], data["results"]
+    if mode == "full" and os.path.basename(outdir) == "full":
+        target = os.path.join(ROOT, "BENCHMARKS.md")
+    else:
+        target = os.path.join(outdir, "SMOKE.md" if mode == "smoke" else "REPORT.md")
+    plots = {k: os.path.relpath(os.path.join(ROOT, v), os.path.dirname(target)) for k, v in make_plots(outdir, res).items()}
+    md = render(meta, res, plots, outdir, mode)
+    notes = ""
+    if os.path.exists(target):
+        old = open(target).read()
+        m = re.search(re.escape(NOTES_BEGIN) + r"(.*?)" + re.escape(NOTES_END), old, re.S)
+        notes = m.group(1) if m else ""
+    md = md.replace(f"{NOTES_BEGIN}{NOTES_END}", f"{NOTES_BEGIN}{notes or chr(10)}{NOTES_END}")
+    with open(target, "w") as f:
+        f.write(md)
+    print(f"report: {os.path.relpath(target, ROOT)}")
+
+
+def steps(res, arm=None, wl=None, kind="step"):
+    return [r for r in res if r.get("kind") == kind and (arm is None or r["arm"] == arm)
+            and (wl is None or r["workload"] == wl)]
+
+
+def sustained(res, arm, wl):
+    for r in res:
+        if r.get("kind") == "sustained" and r["arm"] == arm and r["workload"] == wl:
+            return r.get("sustained_rate")
+    return None
+
+
+def at_rate(res, arm, wl, rate):
+    for r in steps(res, arm, wl):
+        if r.get("offered") == rate:
+            return r
+    return None
+
+
+def drain(res, arm, wl):
+    for r in res:
+        if r.get("kind") == "drain" and r["arm"] == arm and r["workload"] == wl:
+            return r
+    return None
+
+
+def make_plots(outdir, res):
+    out = {}
+    # Latency against offered rate (every step of every ladder, main workload).
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm in ARM_ORDER:
+        pts = sorted((r["offered"], r.get("lat_p50_ms"), r.get("lat_p99_ms")) for r in steps(res, arm, "1x200B")
+                     if r.get("lat_p99_ms") is not None)
+        if pts:
+            x = [p[0] for p in pts]
+            ax.plot(x, [p[2] for p in pts], "o-", color=COLORS.get(arm), label=f"{arm} p99")
+            ax.plot(x, [p[1] for p in pts], "x--", color=COLORS.get(arm), alpha=0.6, label=f"{arm} p50")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered rate (events/s), 1 row/tx, 200 B")
+    ax.set_ylabel("commit -> LogAppendTime (ms)")
+    ax.set_title("Latency against offered rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    out["latency"] = save(fig, outdir, "latency_vs_rate.png")
+    # Drain over time.
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in res:
+        if r.get("kind") == "drain" and r.get("samples"):
+            s = [x for x in r["samples"] if x.get("delivered") is not None]
+            ax.plot([x["t"] for x in s], [x["delivered"] for x in s], color=COLORS.get(r["arm"]),
+                    linestyle="-" if "200B" in r["workload"] else "--", label=f"{r['arm']} {r['workload']}")
+    ax.set_xlabel("seconds since the arm started (backlog pre-loaded)")
+    ax.set_ylabel("messages in Kafka")
+    ax.set_title("Backlog drain")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    out["drain"] = save(fig, outdir, "drain.png")
+    # RSS over time (drains and the soak).
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in res:
+        if r.get("kind") in ("drain", "soak") and r.get("samples"):
+            s = [x for x in r["samples"] if x.get("VmRSS")]
+            if s:
+                ax.plot([x["t"] for x in s], [x["VmRSS"] for x in s], color=COLORS.get(r["arm"]),
+                        linestyle="-" if r["kind"] == "drain" else ":", label=f"{r['arm']} {r['kind']} {r['workload']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title("Resident memory of each arm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    out["rss"] = save(fig, outdir, "rss.png")
+    # Soak: dead tuples and table size.
+    soak = [r for r in res if r.get("kind") == "soak" and r.get("samples")]
+    if soak:
+        r = soak[0]
+        s = [x for x in r["samples"] if "dead" in x]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.plot([x["t"] for x in s], [x["dead"] for x in s], color="tab:red", label="n_dead_tup")
+        ax.plot([x["t"] for x in s], [x["live"] for x in s], color="tab:green", label="n_live_tup")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("tuples")
+        ax2 = ax.twinx()
+        ax2.plot([x["t"] for x in s], [x["table_bytes"] / 2**20 for x in s], color="tab:blue", label="total size (MiB)")
+        ax2.set_ylabel("table + indexes (MiB)")
+        ax.set_title(f"Soak: relay at {r['offered']}/s for {r['seconds']:.0f}s (retention 1h: no cleanup yet)")
+        fig.legend(loc="upper left", fontsize=7)
+        ax.grid(True, alpha=0.3)
+        out["soak"] = save(fig, outdir, "soak.png")
+    return out
+
+
+def save(fig, outdir, name):
+    path = os.path.join(outdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.path.relpath(path, ROOT)
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def render(meta, res, plots, outdir, mode):
+    L = []
+    w = L.append
+    arms_present = sorted({r["arm"] for r in res if r.get("kind") != "error"}, key=lambda a: ARM_ORDER.index(a) if a in ARM_ORDER else 99)
+    labels = {}
+    for r in res:
+        if r.get("label"):
+            labels.setdefault(r["arm"], r["label"])
+    w("# Benchmarks: outbox-relay side by side with its baselines and Debezium Server\n")
+    w(f"Generated by `bench/report.py` from `{os.path.relpath(outdir, ROOT)}/results.json` "
+      f"({meta['mode']} run, {meta['started']} to {meta.get('finished', '(unfinished)')}). "
+      "Every number below comes from that one run; ratios compare arms measured in it. "
+      f"The hand-written analysis is in the notes block at the end (kept across regenerations).\n")
+    w("## Machine and software\n")
+    w(f"- {meta['nproc']} cores ({meta['cpu']}), {meta['mem_gib']} GiB memory, Debian {meta['os']}, kernel {meta['kernel']}")
+    loads = [t["loadavg"][0] for t in json.load(open(os.path.join(outdir, "results.json")))["timeline"]]
+    w(f"- Load average (1 min) at start {meta['loadavg_start'][0]:.2f}, at end {fmt((meta.get('loadavg_end') or [None])[0], 2)}, "
+      f"during the run min {fmt(min(loads) if loads else None, 2)} / median {fmt(sorted(loads)[len(loads)//2] if loads else None, 2)} "
+      f"/ max {fmt(max(loads) if loads else None, 2)} (sampled after each cell; the machine is shared, other test suites were running; "
+      "each cell's own load and machine-wide CPU busy % are in results.json)")
+    w(f"- PostgreSQL {meta['postgres']} (scripts/pg.sh: wal_level=logical, track_commit_timestamp=on, pg_stat_statements, "
+      f"default shared_buffers, fsync on, TLS on: clients use the default sslmode=prefer), Kafka {meta['kafka']} single node KRaft "
+      f"(scripts/kafka.sh), topics 6 partitions, RF 1, message.timestamp.type=LogAppendTime")
+    w(f"- outbox-relay {meta['relay_rev']}, `{meta['relay_bin']}`; load generator `pgbench` ({meta['pgbench']}); "
+      f"harness Python {meta['python']}; Debezium: {meta.get('debezium') or 'not run'}"
+      + (f" on Java 21 ({meta['debezium_java']})" if meta.get("debezium") else ""))
+    w("")
+    w("## Commands\n")
+    w("```sh\nmake bench        # full: bench/run.sh full (about an hour); writes this file and bench/results/full/*.png\n"
+      "make bench-smoke  # seconds per arm, tiny loads, no thresholds, no Debezium (CI)\n"
+      "# knobs: BENCH_STEP_SECONDS, BENCH_SOAK_SECONDS, BENCH_SOAK_RATE, BENCH_DRAIN_ROWS, BENCH_LADDER=1000,5000,...,\n"
+      "#        BENCH_WORKLOADS=1x200B,..., BENCH_ARMS=relay,db-only,..., BENCH_DEBEZIUM=0, BENCH_KEEP_SERVICES=1\n"
+      "# re-render the report and plots from results.json:\n"
+      ".local/bench-venv/bin/python bench/bench.py --mode full --report-only\n```\n")
+    w("## Method\n")
+    w("- **Load**: `pgbench --rate` (open loop: a Poisson schedule of transaction start times that does not slow down when "
+      "the database or relay lags), 40 client connections, `-M prepared`. One host-app transaction = one INSERT of 1 or 10 rows "
+      "(autocommit). Keys over 1,000 aggregates; each key belongs to one client connection, so a key's writers are serialized "
+      "(the README's ordering contract) and the per-key sequence written into the payload (`k=<key> s=<seq> xxxx...`, padded "
+      "to 200 B or 1 KB) increases in commit order.")
+    w("- **Arms**: " + "; ".join(f"`{a}`: {labels.get(a, '')}" for a in arms_present) + ".")
+    w("- **Sustained throughput**: a ladder of offered rates, each step "
+      f"{fmt(next((r['seconds'] for r in steps(res)), None))} s on a fresh topic and a truncated table; a step is sustained when "
+      "the load generator achieved >= 95% of the offered rate, the backlog (committed rows not yet in Kafka) at the end of the "
+      "load was <= 2 s of offered load, and did not grow over the second half of the step (slope < 5% of the rate). "
+      "The sustained throughput is the highest sustained step; the ladder stops at the first failing step "
+      "(and, for publishing arms, above the insert-only ceiling of the same workload).")
+    w("- **Latency**: from the row's true commit time (`pg_xact_commit_timestamp`; for the relay's table the harness adds a "
+      "column `bench_xid xid8 DEFAULT pg_current_xact_id()` because the relay's UPDATE replaces `xmin`; the db-only baseline "
+      "pays the same column) to the broker's LogAppendTime (millisecond resolution), for every event of the step at 1,000 "
+      "and 5,000 events/s. For `kafka-only`, from the produce() call.")
+    w("- **Drain**: N rows pre-loaded in 1,000-row transactions with the arm stopped, then the arm is started; rate = "
+      "messages / (last - first LogAppendTime). Debezium's slot is created before the pre-load (snapshot.mode=no_data), "
+      "so it streams the backlog from WAL.")
+    w("- **Per event**: CPU-seconds of the arm's process (and of all PostgreSQL processes, and of the broker) from /proc over "
+      "the cell including catch-up; peak RSS = VmHWM, reset at the start of the cell (clear_refs); statements = "
+      "pg_stat_statements calls by the arm's role (the walsender's replication protocol is not counted); WAL = "
+      "pg_current_wal_lsn() difference, and above the app-only baseline = minus the db-only arm's WAL per event at the "
+      "same workload and rate (same table layout).")
+    w("- **Checker** (every cell, every arm): the topic is read back in full; the payload's (key, seq) identifies an event; "
+      "reported: missing (committed but not in Kafka), duplicates, per-key order violations of first occurrences, keys seen "
+      "on two partitions.\n")
+
+    # ---- targets
+    main, side = "1x200B", "10x200B"
+    rd = drain(res, "relay", main)
+    kd = drain(res, "kafka-only", main)
+    r1k = at_rate(res, "relay", main, 1000)
+    r5k = at_rate(res, "relay", side, 5000) or at_rate(res, "relay", main, 5000)
+    dbz_arms = [a for a in ("debezium-defaults", "debezium-tuned") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
+    peak_rss = max([r.get("peak_rss_mib") or 0 for r in res if r["arm"] == "relay"] or [0]) or None
+
+    def cpu1k(arm):
+        """Arm CPU per 1k events at the highest offered rate both it and the relay sustained (10x200B first)."""
+        for wl in (side, main):
+            for rate in sorted({r["offered"] for r in steps(res, arm, wl)}, reverse=True):
+                a, b = at_rate(res, arm, wl, rate), at_rate(res, "relay", wl, rate)
+                if a and b and a.get("sustained") and b.get("sustained") and a.get("arm_cpu_s_per_1k") and b.get("arm_cpu_s_per_1k"):
+                    return a["arm_cpu_s_per_1k"], b["arm_cpu_s_per_1k"], f"{wl} at {rate:,}/s"
+        return None, None, None
+
+    w("## Targets\n")
+    w("| target | measured | verdict |\n|---|---|---|")
+    if rd:
+        w(f"| backlog drain >= 50,000 events/s at 200 B | {fmt(rd.get('drain_rate'))} events/s | {verdict((rd.get('drain_rate') or 0) >= 50000)} |")
+        if kd and kd.get("drain_rate"):
+            w(f"| drain >= half of Kafka's producer-only ceiling (200 B) | {fmt(rd.get('drain_rate'))} vs ceiling {fmt(kd['drain_rate'])} "
+              f"({fmt(100 * (rd.get('drain_rate') or 0) / kd['drain_rate'], 0)}%) | {verdict((rd.get('drain_rate') or 0) >= kd['drain_rate'] / 2)} |")
+    for wl in ("1x200B", "10x200B", "1x1KB", "10x1KB"):
+        rs, ds = sustained(res, "relay", wl), sustained(res, "db-only", wl)
+        if rs is not None or ds is not None:
+            ok = None if not ds else (rs or 0) >= 0.9 * ds
+            w(f"| live >= 90% of the DB insert-only ceiling ({wl}) | relay {fmt(rs)} vs insert-only {fmt(ds)} events/s "
+              f"({fmt(100 * (rs or 0) / ds, 0) if ds else '-'}%) | {verdict(ok)} |")
+    if r1k:
+        w(f"| latency at 1k/s ({main}): p50 < 5 ms | {fmt(r1k.get('lat_p50_ms'), 1)} ms | {verdict((r1k.get('lat_p50_ms') or 1e9) < 5)} |")
+        w(f"| latency at 1k/s ({main}): p99 < 25 ms | {fmt(r1k.get('lat_p99_ms'), 1)} ms | {verdict((r1k.get('lat_p99_ms') or 1e9) < 25)} |")
+    if peak_rss:
+        w(f"| peak RSS < 64 MB (max over all relay cells) | {fmt(peak_rss, 1)} MiB | {verdict(peak_rss * 1.048576 < 64)} |")
+    for a in dbz_arms:
+        dc, rc, where = cpu1k(a)
+        w(f"| CPU per event >= 10x lower than {a} | relay {fmt(rc, 3)} vs {fmt(dc, 3)} CPU-s/1k events ({where or 'no common sustained step'}: "
+          f"{fmt(dc / rc if rc and dc else None, 1)}x) | {verdict(None if not (rc and dc) else dc / rc >= 10)} |")
+        for wl in (main, side):
+            rs, ds = sustained(res, "relay", wl), sustained(res, a, wl)
+            if not steps(res, a, wl):
+                continue
+            w(f"| >= 3x {a}'s sustained throughput ({wl}) | relay {fmt(rs)} vs {fmt(ds)} events/s "
+              f"({fmt(rs / ds if rs and ds else None, 1)}x) | {verdict(None if not (rs and ds) else rs >= 3 * ds)} |")
+        for rate, wl in ((1000, main), (5000, side)):
+            rr, dr = at_rate(res, "relay", wl, rate), at_rate(res, a, wl, rate)
+            if rr and dr and rr.get("lat_p99_ms") and dr.get("lat_p99_ms"):
+                w(f"| <= 1/10 of {a}'s p99 at {rate:,}/s ({wl}) | relay {fmt(rr['lat_p99_ms'], 1)} ms vs {fmt(dr['lat_p99_ms'], 1)} ms "
+                  f"({fmt(dr['lat_p99_ms'] / rr['lat_p99_ms'], 1)}x) | {verdict(rr['lat_p99_ms'] * 10 <= dr['lat_p99_ms'])} |")
+    if not dbz_arms:
+        w("| Debezium comparisons (CPU 10x, throughput 3x, p99 1/10) | Debezium did not run in this run | n/a |")
+    w("\nA step the load generator could not offer (the database's insert ceiling) is not a relay result: "
+      "see the throughput table for which limit each ladder hit.\n")
+
+    # ---- throughput per workload
+    w("## Sustained throughput (events/s) per workload\n")
+    wls = sorted({r["workload"] for r in res if r.get("kind") == "sustained"}, key=lambda x: ["1x200B", "10x200B", "1x1KB", "10x1KB"].index(x) if x in ["1x200B", "10x200B", "1x1KB", "10x1KB"] else 9)
+    arms = [a for a in ARM_ORDER if any(r.get("kind") == "sustained" and r["arm"] == a for r in res)]
+    w("| arm | " + " | ".join(wls) + " |\n|---|" + "---|" * len(wls))
+    for a in arms:
+        cells = []
+        for wl in wls:
+            s = sustained(res, a, wl)
+            fail = [r for r in steps(res, a, wl) if not r.get("sustained")]
+            note = ""
+            if fail:
+                f = fail[0]
+                note = (f" (failed {fmt(f['offered'])}: inserted {fmt(f['achieved_insert_rate'])}/s"
+                        + (f", backlog {fmt(f.get('backlog_at_load_end'))}" if f.get("backlog_at_load_end") is not None else "") + ")")
+            elif steps(res, a, wl):
+                note = " (top of the ladder)"
+            cells.append(fmt(s) + note if steps(res, a, wl) else "-")
+        w(f"| {a} | " + " | ".join(cells) + " |")
+    if "relay" in arms and "db-only" in arms:
+        w("| relay / db-only | " + " | ".join(
+            (fmt(100 * (sustained(res, "relay", wl) or 0) / sustained(res, "db-only", wl), 0) + "%") if sustained(res, "db-only", wl) else "-"
+            for wl in wls) + " |")
+    w("")
+
+    # ---- latency
+    w("## Latency, commit to LogAppendTime (ms)\n")
+    w("| arm | workload | offered/s | achieved insert/s | p50 | p99 | p99.9 | max | samples | sustained |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted([r for r in res if r.get("kind") == "step" and r.get("offered") in (1000, 5000) and r.get("lat_p50_ms") is not None],
+                    key=lambda r: (r["workload"] != main, r["workload"], r["offered"], arm_key(r))):
+        w(f"| {r['arm']} | {r['workload']} | {fmt(r['offered'])} | {fmt(r.get('achieved_insert_rate'))} | {fmt(r['lat_p50_ms'], 1)} | "
+          f"{fmt(r['lat_p99_ms'], 1)} | {fmt(r['lat_p999_ms'], 1)} | {fmt(r['lat_max_ms'], 0)} | {fmt(r['lat_samples'])} | "
+          f"{'yes' if r.get('sustained') else 'no'} |")
+    w(f"\n![latency against offered rate]({plots['latency']})\n")
+
+    # ---- drain
+    w("## Backlog drain\n")
+    w("| arm | workload | rows | drained | rate (broker clock) events/s | rate incl. start (wall) | first message after s | arm CPU-s/1k | peak RSS MiB | missing | dup | order |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted([r for r in res if r.get("kind") == "drain"], key=lambda r: (r["workload"], arm_key(r))):
+        w(f"| {r['arm']} | {r['workload']} | {fmt(r.get('rows'))} | {fmt(r.get('delivered_unique'))}"
+          + (f" (stopped after {fmt(r['capped_s'])} s)" if r.get("capped_s") else "") +
+          f" | {fmt(r.get('drain_rate'))} | {fmt(r.get('drain_rate_wall'))} | {fmt(r.get('first_message_after_s'), 1)} | "
+          f"{fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | {fmt(r.get('missing'))} | "
+          f"{fmt(r.get('duplicates'))} | {fmt(r.get('order_violations'))} |")
+    w("\n`missing` in a capped (naive) drain counts rows still pending when it was stopped, not loss.\n")
+    w(f"![drain over time]({plots['drain']})\n")
+
+    # ---- resources
+    w("## Cost per event (steps at 1,000 and 5,000 events/s)\n")
+    sampled = any(r.get("pg_cpu_sampled") for r in res)
+    w("PG CPU: " + ("all PostgreSQL processes (sampled every second, so the load generator's backends count); "
+                    "'arm's PG' = the arm's own backends (its sessions, Debezium's walsender)." if sampled else
+                    "in this run the PostgreSQL processes alive at both ends of the cell: the arm's own connections "
+                    "(and Debezium's walsender) plus background workers; the load generator's backends (connected "
+                    "after the start snapshot) are not in it, so it approximates the database CPU spent serving the arm.") + "\n")
+    w("| arm | workload | offered/s | arm CPU-s/1k ev | PG CPU-s/1k ev | arm's PG CPU-s/1k ev | Kafka CPU-s/1k ev | peak RSS MiB | arm stmts/event | "
+      "WAL B/event | WAL above app-only B/event | machine busy % | load 1m |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted([r for r in res if r.get("kind") == "step" and r.get("offered") in (1000, 5000) and r["arm"] != "kafka-only"],
+                    key=lambda r: (r["workload"] != main, r["workload"], r["offered"], arm_key(r))):
+        base_arm = "db-only-dbz" if r["arm"].startswith("debezium") else "db-only"
+        base = at_rate(res, base_arm, r["workload"], r["offered"])
+        above = (r.get("wal_bytes_per_event") - base["wal_bytes_per_event"]) if base and base.get("wal_bytes_per_event") and r.get("wal_bytes_per_event") and not r["arm"].startswith("db-only") else None
+        w(f"| {r['arm']} | {r['workload']} | {fmt(r['offered'])} | {fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('pg_cpu_s_per_1k'), 3)} | "
+          f"{fmt(r.get('pg_arm_cpu_s_per_1k'), 3)} | {fmt(r.get('kafka_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | {fmt(r.get('arm_statements_per_event'), 3)} | "
+          f"{fmt(r.get('wal_bytes_per_event'), 0)} | {fmt(above, 0)} | {fmt(r.get('machine_busy_pct'), 0)} | {fmt(r.get('loadavg_1m'), 2)} |")
+    w(f"\n![RSS]({plots['rss']})\n")
+
+    # ---- soak
+    soak = [r for r in res if r.get("kind") == "soak"]
+    if soak:
+        r = soak[0]
+        s = [x for x in r.get("samples", []) if "dead" in x]
+        w("## Soak: dead tuples and table size over a run\n")
+        w(f"relay at {fmt(r['offered'])} events/s ({r['workload']}) for {fmt(r['seconds'])} s: achieved {fmt(r.get('achieved_insert_rate'))}/s, "
+          f"p50 {fmt(r.get('lat_p50_ms'), 1)} ms, p99 {fmt(r.get('lat_p99_ms'), 1)} ms, p99.9 {fmt(r.get('lat_p999_ms'), 1)} ms, "
+          f"missing {fmt(r.get('missing'))}, duplicates {fmt(r.get('duplicates'))}, order violations {fmt(r.get('order_violations'))}; "
+          f"relay CPU {fmt(r.get('arm_cpu_s_per_1k'), 3)} s/1k events, peak RSS {fmt(r.get('peak_rss_mib'), 1)} MiB, "
+          f"{fmt(r.get('arm_statements_per_event'), 3)} statements/event, WAL {fmt(r.get('wal_bytes_per_event'), 0)} B/event.")
+        if s:
+            w(f"Dead tuples: max {fmt(max(x['dead'] for x in s))}, at end {fmt(s[-1]['dead'])}; "
+              f"table + indexes {fmt(s[0]['table_bytes'] / 2**20, 1)} -> {fmt(s[-1]['table_bytes'] / 2**20, 1)} MiB; "
+              f"autovacuum runs {fmt(s[-1]['autovacuums'])}. (Retention 1 h: the built-in cleanup deletes nothing in a shorter run.)\n")
+        if plots.get("soak"):
+            w(f"![soak]({plots['soak']})\n")
+
+    # ---- profile
+    prof = [r for r in res if r.get("relay_profile") and r["arm"] == "relay"]
+    if prof:
+        w("## Where the relay's time goes (outbox_relay_batch_phase_seconds, per cell)\n")
+        w("| cell | batches | mean rows/batch | fetch mean ms (p99 <=) | publish mean ms (p99 <=) | mark mean ms (p99 <=) | "
+          "busy % of wall (fetch/publish/mark) |\n|---|---|---|---|---|---|---|")
+        for r in prof:
+            p = r["relay_profile"]
+            wall = r.get("wall_s") or ((r.get("seconds") or 0) + (r.get("catch_up_s") or 0))
+            share = "/".join(fmt(100 * (p[ph]["seconds"] or 0) / wall, 0) if wall else "-" for ph in ("fetch", "publish", "mark"))
+            cell = f"{r['kind']} {r['workload']} {fmt(r.get('offered') or r.get('rows'))}"
+            w(f"| {cell} | {fmt(p['fetch']['batches'])} | {fmt(p.get('batch_rows_mean'), 0)} | "
+              + " | ".join(f"{fmt(p[ph]['mean_ms'], 2)} ({fmt(p[ph]['p99_le_ms'], 1)})" for ph in ("fetch", "publish", "mark"))
+              + f" | {share} |")
+        w("")
+        tops = [r for r in res if r["arm"] == "relay" and r.get("kind") == "drain" and r.get("top_statements")]
+        if tops:
+            w(f"Relay statements during the {tops[0]['workload']} drain (pg_stat_statements, by total time):\n")
+            w("| statement | calls | mean ms | rows |\n|---|---|---|---|")
+            for t in tops[0]["top_statements"]:
+                w(f"| `{t['query'].replace('|', '/')}` | {fmt(t['calls'])} | {fmt(t['mean_ms'], 2)} | {fmt(t['rows'])} |")
+            w("")
+
+    # ---- correctness
+    w("## Checker summary (every cell)\n")
+    w("| arm | cells | events checked | missing after catch-up | duplicates | order violations | key on two partitions |\n|---|---|---|---|---|---|---|")
+    for a in ARM_ORDER:
+        rs = [r for r in res if r["arm"] == a and "expected" in r]
+        if rs:
+            w(f"| {a} | {len(rs)} | {fmt(sum(r['expected'] for r in rs))} | {fmt(sum(r['missing'] for r in rs))} | "
+              f"{fmt(sum(r['duplicates'] for r in rs))} | {fmt(sum(r['order_violations'] for r in rs))} | "
+              f"{fmt(sum(r.get('key_on_two_partitions', 0) for r in rs))} |")
+    errs = [r for r in res if r.get("kind") == "error"]
+    if errs or meta.get("errors"):
+        w("\nCells that failed to run: " + "; ".join(meta.get("errors") or [e["error"] for e in errs]))
+    w("\nMissing events in a step that was not sustained are rows still pending when the harness stopped waiting "
+      "(the arm was behind), not loss: see `delivered_after_wait` in results.json.\n")
+    w("## Notes\n")
+    w(f"{NOTES_BEGIN}{NOTES_END}\n")
+    return "\n".join(L) + "\n"
