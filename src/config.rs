@@ -259,6 +259,17 @@ pub enum PoisonPolicy {
     DeadLetter,
 }
 
+/// What the relay does with a row once Kafka has acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnPublish {
+    /// Set published_at; the built-in cleanup deletes the row after --retention (an audit
+    /// trail for inspection and replays).
+    Mark,
+    /// Delete the row at once: about a third of the database work and a sixth of the WAL of a
+    /// mark per event, and no table growth; nothing published is left to inspect.
+    Delete,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -283,6 +294,10 @@ pub struct RunArgs {
     /// Published rows older than this are deleted by the built-in cleanup (0s disables it).
     #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration, help_heading = "Relay")]
     pub retention: Duration,
+    /// What to do with a row once Kafka acknowledged it: mark it published (kept for
+    /// --retention) or delete it at once (the fastest, lightest mode).
+    #[arg(long, env = "OUTBOX_RELAY_ON_PUBLISH", value_enum, default_value_t = OnPublish::Mark, help_heading = "Relay")]
+    pub on_publish: OnPublish,
     /// How often the built-in cleanup runs.
     #[arg(long, env = "OUTBOX_RELAY_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration, help_heading = "Relay")]
     pub cleanup_interval: Duration,
@@ -580,6 +595,7 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     pub listen: bool,
     pub retention: Duration,
+    pub on_publish: OnPublish,
     pub cleanup_interval: Duration,
     pub stall_timeout: Duration,
     pub metrics_addr: SocketAddr,
@@ -686,6 +702,7 @@ impl RunArgs {
             poll_interval: self.poll_interval,
             listen: self.listen,
             retention: self.retention,
+            on_publish: self.on_publish,
             cleanup_interval: self.cleanup_interval,
             stall_timeout: self.stall_timeout,
             metrics_addr: self.metrics_addr,

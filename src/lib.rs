@@ -64,7 +64,12 @@ pub async fn run(
 
     let pool = outbox::pool(&config.db.connect, 4);
     let block_keys = config.poison_policy == config::PoisonPolicy::BlockKey;
-    let store = OutboxStore::new(pool.clone(), config.db.table.clone(), block_keys);
+    let store = OutboxStore::new(
+        pool.clone(),
+        config.db.table.clone(),
+        block_keys,
+        config.on_publish,
+    );
     let wake = Arc::new(Notify::new());
     let listener = config.listen.then(|| {
         tokio::spawn(outbox::listen(

@@ -167,7 +167,12 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
         let pool = outbox::pool(&db.connect, 1);
-        let store = outbox::OutboxStore::new(pool, db.table.clone(), false);
+        let store = outbox::OutboxStore::new(
+            pool,
+            db.table.clone(),
+            false,
+            outbox_relay::config::OnPublish::Mark,
+        );
         match store.cleanup(args.retention, 5000).await {
             Ok(n) => {
                 println!(

@@ -13,6 +13,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::OnPublish;
 use crate::event::OutboxRow;
 use crate::table::TableName;
 
@@ -76,7 +77,13 @@ const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 
 impl OutboxStore {
     /// `block_parked_keys`: skip pending rows whose topic and key have a parked row.
-    pub fn new(pool: PgPool, table: TableName, block_parked_keys: bool) -> Self {
+    /// `on_publish`: whether a delivered row is marked or deleted.
+    pub fn new(
+        pool: PgPool,
+        table: TableName,
+        block_parked_keys: bool,
+        on_publish: OnPublish,
+    ) -> Self {
         let t = table.quoted();
         let blocked = if block_parked_keys {
             format!(
@@ -88,10 +95,15 @@ impl OutboxStore {
         let errors = "unnest($1::bigint[], $2::text[]) AS f(id, error)";
         OutboxStore {
             fetch_sql: format!(
-                "SELECT id, topic, key, payload, headers, created_at FROM {t} AS o WHERE {PENDING}{blocked} ORDER BY id LIMIT $1"
+                "SELECT id, topic, key, payload, headers, created_at FROM {t} AS o WHERE {PENDING}{blocked} \
+                 AND o.id <> ALL($2) ORDER BY id LIMIT $1"
             )
             .into(),
-            mark_sql: format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL").into(),
+            mark_sql: match on_publish {
+                OnPublish::Mark => format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL"),
+                OnPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1) AND published_at IS NULL"),
+            }
+            .into(),
             park_sql: format!(
                 "UPDATE {t} AS o SET failed_at = now(), attempts = o.attempts + 1, last_error = f.error FROM {errors} WHERE o.id = f.id"
             )
@@ -128,10 +140,16 @@ impl OutboxStore {
         &self.pool
     }
 
-    /// The oldest committed, pending rows, in id order.
-    pub async fn fetch_pending(&self, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    /// The oldest committed, pending rows in id order, leaving out `exclude` (delivered rows whose mark is
+    /// still being written).
+    pub async fn fetch_pending(
+        &self,
+        limit: u32,
+        exclude: &[i64],
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
             .bind(i64::from(limit))
+            .bind(exclude)
             .fetch_all(&self.pool)
             .await
     }

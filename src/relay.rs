@@ -1,7 +1,9 @@
 //! The relay loop: wait for a wake-up, read a batch, publish it, settle each row by its own
-//! delivery report, mark. One batch is in flight at a time, so the invariant is easy to read:
-//! **a row is marked published only after its own delivery report, and never ahead of an
-//! earlier row of the same key that is still unsettled.**
+//! delivery report, mark. One batch is published at a time; its mark is written in the
+//! background while the next batch is read and published (at most one mark in flight, marks in
+//! batch order). The invariant stays easy to read: **a row is marked published only after its
+//! own delivery report, and never ahead of an earlier row of the same key that is still
+//! unsettled.**
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -88,6 +90,7 @@ impl Relay {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = retry_backoff();
         let mut go_again = false;
+        let mut marking = None;
         while !cancel.is_cancelled() {
             if !go_again {
                 tokio::select! {
@@ -106,33 +109,49 @@ impl Relay {
                 }
                 Err(e) => {
                     self.metrics.leader.set(0);
-                    self.database_failed("lease", &e, &mut backoff, &cancel)
+                    self.writer()
+                        .database_failed("lease", &e, &mut backoff, &cancel)
                         .await;
                     continue;
                 }
             }
-            match self.step(&cancel).await {
+            match self.step(&cancel, &mut marking).await {
                 Ok(full) => {
                     backoff.reset();
                     self.health.progressed();
                     go_again = full;
                 }
                 Err(StepError::Database(e)) => {
-                    self.database_failed("read", &e, &mut backoff, &cancel)
+                    self.writer()
+                        .database_failed("read", &e, &mut backoff, &cancel)
                         .await
                 }
                 Err(StepError::Kafka) => sleep_or_cancel(backoff.next_backoff(), &cancel).await,
             }
         }
+        finish_marking(&mut marking).await;
         self.lease.release().await;
         self.metrics.leader.set(0);
         tracing::info!("relay loop stopped");
     }
 
-    /// One batch: read, publish, settle, mark. Ok(true) when the batch was full.
-    async fn step(&mut self, cancel: &CancellationToken) -> Result<bool, StepError> {
+    /// One batch: read, publish, settle, then start its mark (after the previous batch's mark
+    /// has finished). Ok(true) when the batch was full.
+    async fn step(
+        &mut self,
+        cancel: &CancellationToken,
+        marking: &mut Option<Marking>,
+    ) -> Result<bool, StepError> {
         let m = &self.metrics.clone(); // shared handles: cheap to clone
-        let rows = timed(m, "fetch", self.store.fetch_pending(self.config.batch_size)).await?;
+        if marking.as_ref().is_some_and(|mk| mk.task.is_finished()) {
+            finish_marking(marking).await;
+        }
+        // Rows whose mark is still being written look pending: leave them out of the read.
+        let marked_soon = marking.as_ref().map_or(&[][..], |mk| mk.ids.as_slice());
+        let read = self
+            .store
+            .fetch_pending(self.config.batch_size, marked_soon);
+        let rows = timed(m, "fetch", read).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
         if rows.is_empty() {
             return Ok(false);
@@ -159,12 +178,9 @@ impl Relay {
         };
         let block = self.config.poison_policy == PoisonPolicy::BlockKey;
         let mut settlement = settle(&messages, outcomes, block);
-        timed(
-            m,
-            "mark",
-            self.mark(&messages, &settlement.delivered, cancel),
-        )
-        .await;
+        timed(m, "mark_wait", finish_marking(marking)).await;
+        let delivered = std::mem::take(&mut settlement.delivered);
+        *marking = self.start_marking(&messages, delivered, cancel);
         poison.extend(rejected(&messages, std::mem::take(&mut settlement.park)));
         self.set_aside(poison, cancel).await;
         if settlement.retry.is_empty() {
@@ -232,28 +248,54 @@ impl Relay {
         }
     }
 
-    /// Mark delivered rows, retrying until it succeeds: giving up would publish them again.
-    async fn mark(&self, messages: &[Message], ids: &[i64], cancel: &CancellationToken) {
-        let marked = self
-            .write_retrying("mark", cancel, |store| {
-                let ids = ids.to_vec();
-                async move { store.mark_published(&ids).await.map(|_| ()) }
-            })
-            .await;
-        if !marked {
-            tracing::error!(
-                rows = ids.len(),
-                "could not mark delivered rows before shutdown; they will be published again"
-            );
-            return;
+    /// Start marking delivered rows in the background, retrying until it succeeds: giving up
+    /// would publish them again.
+    fn start_marking(
+        &self,
+        messages: &[Message],
+        ids: Vec<i64>,
+        cancel: &CancellationToken,
+    ) -> Option<Marking> {
+        if ids.is_empty() {
+            return None;
         }
-        let now = chrono::Utc::now();
         let delivered: HashSet<i64> = ids.iter().copied().collect();
-        for m in messages.iter().filter(|m| delivered.contains(&m.id)) {
-            let age = (now - m.created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
-            self.metrics.latency.observe(age.max(0.0));
-        }
-        self.metrics.published.inc_by(ids.len() as u64);
+        let created: Vec<_> = messages
+            .iter()
+            .filter(|m| delivered.contains(&m.id))
+            .map(|m| m.created_at)
+            .collect();
+        let (writer, metrics, cancel, rows) = (
+            self.writer(),
+            self.metrics.clone(),
+            cancel.clone(),
+            ids.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let timer = metrics.phase_seconds.with_label_values(&["mark"]);
+            let timer = timer.start_timer();
+            let marked = writer
+                .write_retrying("mark", &cancel, |store| {
+                    let rows = rows.clone();
+                    async move { store.mark_published(&rows).await.map(|_| ()) }
+                })
+                .await;
+            timer.observe_duration();
+            if !marked {
+                tracing::error!(
+                    rows = rows.len(),
+                    "could not mark delivered rows before shutdown; they will be published again"
+                );
+                return;
+            }
+            let now = chrono::Utc::now();
+            for created_at in created {
+                let age = (now - created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+                metrics.latency.observe(age.max(0.0));
+            }
+            metrics.published.inc_by(rows.len() as u64);
+        });
+        Some(Marking { ids, task })
     }
 
     /// Rows to messages. Invalid rows become poison; with block-key, later rows of an invalid
@@ -339,11 +381,12 @@ impl Relay {
                         }
                     }
                 }
-                self.write_retrying("dead-letter mark", cancel, |store| {
-                    let sent = sent.clone();
-                    async move { store.mark_dead_lettered(&sent).await }
-                })
-                .await;
+                self.writer()
+                    .write_retrying("dead-letter mark", cancel, |store| {
+                        let sent = sent.clone();
+                        async move { store.mark_dead_lettered(&sent).await }
+                    })
+                    .await;
             }
         }
         for (id, kind, reason) in &park {
@@ -358,13 +401,56 @@ impl Relay {
             .into_iter()
             .map(|(id, _, reason)| (id, reason))
             .collect();
-        self.write_retrying("park", cancel, |store| {
-            let failures = failures.clone();
-            async move { store.park(&failures).await }
-        })
-        .await;
+        self.writer()
+            .write_retrying("park", cancel, |store| {
+                let failures = failures.clone();
+                async move { store.park(&failures).await }
+            })
+            .await;
     }
 
+    fn writer(&self) -> Writer {
+        Writer {
+            store: self.store.clone(),
+            health: self.health.clone(),
+        }
+    }
+
+    async fn recreate_producer(&mut self, old: &Publisher, cancel: &CancellationToken) {
+        tracing::error!(error = ?old.fatal_error(), "fatal producer error; recreating the producer and replaying unacknowledged rows");
+        match Publisher::new(&self.config.kafka) {
+            Ok(p) => {
+                self.publisher.send_replace(p);
+            }
+            Err(e) => tracing::error!(error = %e, "could not recreate the producer; retrying"),
+        }
+        sleep_or_cancel(Some(Duration::from_millis(100)), cancel).await;
+    }
+}
+
+/// A batch's mark, being written while the next batch is read and published.
+struct Marking {
+    ids: Vec<i64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Wait for the mark in flight, if any (marks finish in batch order, one at a time).
+async fn finish_marking(marking: &mut Option<Marking>) {
+    if let Some(mk) = marking.take() {
+        if let Err(e) = mk.task.await {
+            tracing::error!(error = %e, rows = mk.ids.len(), "mark task failed; the rows stay pending and will be published again");
+        }
+    }
+}
+
+/// Database writes the loop must not give up on; cheap to clone into a task.
+#[derive(Clone)]
+struct Writer {
+    store: OutboxStore,
+    health: Arc<Health>,
+}
+
+impl Writer {
     /// Run a write until it succeeds (true) or shutdown interrupts it (false: the rows stay
     /// pending and the next run handles them again). Giving up earlier would republish them.
     async fn write_retrying<F, Fut>(&self, what: &str, cancel: &CancellationToken, write: F) -> bool
@@ -380,17 +466,6 @@ impl Relay {
                 Err(e) => self.database_failed(what, &e, &mut backoff, cancel).await,
             }
         }
-    }
-
-    async fn recreate_producer(&mut self, old: &Publisher, cancel: &CancellationToken) {
-        tracing::error!(error = ?old.fatal_error(), "fatal producer error; recreating the producer and replaying unacknowledged rows");
-        match Publisher::new(&self.config.kafka) {
-            Ok(p) => {
-                self.publisher.send_replace(p);
-            }
-            Err(e) => tracing::error!(error = %e, "could not recreate the producer; retrying"),
-        }
-        sleep_or_cancel(Some(Duration::from_millis(100)), cancel).await;
     }
 
     async fn database_failed(

@@ -41,7 +41,7 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// How many published rows did cleanup delete?
     pub cleaned: IntCounter,
-    /// Where does a batch's time go? (phase = fetch | publish | mark)
+    /// Where does a batch's time go? (phase = fetch | publish | mark | mark_wait)
     pub phase_seconds: prometheus::HistogramVec,
 }
 

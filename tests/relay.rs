@@ -163,13 +163,37 @@ async fn ten_thousand_rows_from_sixteen_writers_arrive_exactly_once_in_key_order
     let written = write_events(&db, &topics, 100, 10_000, 16).await;
     db.wait_count("published_at IS NOT NULL", 10_000, Duration::from_secs(60))
         .await;
+    assert_exactly_once_in_key_order(&topics, &written, &relay).await;
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_publish_delete_deletes_each_row_after_its_delivery() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let relay = Relay::start(&db, &["--batch-size", "300", "--on-publish", "delete"]);
+    let written = write_events(&db, &topics, 50, 5_000, 8).await;
+    assert_exactly_once_in_key_order(&topics, &written, &relay).await;
+    let start = std::time::Instant::now();
+    while db.count("true").await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "delivered rows were not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}
+
+/// Every written event arrives exactly once, in per-key order, and the relay counted them.
+async fn assert_exactly_once_in_key_order(topics: &[String], written: &[Written], relay: &Relay) {
     let consumed = tokio::task::spawn_blocking({
-        let t = topics.clone();
+        let (t, n) = (topics.to_vec(), written.len());
         move || {
             consume(
                 &refs(&t),
                 PARTITIONS,
-                10_000,
+                n,
                 Duration::from_secs(2),
                 Duration::from_secs(60),
             )
@@ -178,19 +202,24 @@ async fn ten_thousand_rows_from_sixteen_writers_arrive_exactly_once_in_key_order
     .await
     .unwrap();
     assert_eq!(
-        check_delivery(&written, &consumed),
+        check_delivery(written, &consumed),
         0,
         "duplicates: {:?}",
         duplicates(&consumed)
     );
-    assert_eq!(consumed.len(), 10_000);
-    let (code, metrics) = relay.http_get("/metrics");
-    assert_eq!(code, 200);
-    assert!(
-        metrics.contains("outbox_relay_published_total 10000"),
-        "{metrics}"
-    );
-    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+    assert_eq!(consumed.len(), written.len());
+    // The counter moves when a batch's mark commits, which may trail the broker's ack.
+    let line = format!("outbox_relay_published_total {}", written.len());
+    let start = std::time::Instant::now();
+    loop {
+        let (code, metrics) = relay.http_get("/metrics");
+        assert_eq!(code, 200);
+        if metrics.contains(&line) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -333,8 +362,9 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     .await
     .unwrap();
     let dups = check_delivery(&written, &consumed);
-    // At most the batch in flight at the kill is published twice.
-    assert!(dups <= 500, "{dups} duplicates exceed one batch");
+    // At most the batch whose mark was being written and the batch in flight at the kill are
+    // published twice.
+    assert!(dups <= 1000, "{dups} duplicates exceed two batches");
     drop(relay);
 }
 
