@@ -30,6 +30,8 @@ use common::unique;
 /// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
 const BATCH: usize = 200;
 const BATCH_ARG: &str = "200";
+/// Duplicates one fault may cost: the batch whose mark is being written and the batch in flight.
+const DUP_WINDOW: usize = 2 * BATCH;
 /// Generous waits: a 2-core machine running Kafka, PostgreSQL, three relays and the writers.
 const READY: Duration = Duration::from_secs(60);
 const PROGRESS: Duration = Duration::from_secs(90);
@@ -131,7 +133,8 @@ fn replicas_sigkilled_under_load() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * kills)).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * kills))
+                .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
@@ -248,7 +251,8 @@ fn paused_leader_loses_lease_and_order_holds() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * pauses)).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * pauses))
+                .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
@@ -283,7 +287,8 @@ fn broker_sigkilled_and_restarted_under_load() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * kills)).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * kills))
+                .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
@@ -318,7 +323,8 @@ fn broker_paused_and_resumed_under_load() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * pauses)).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * pauses))
+                .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
@@ -355,7 +361,13 @@ fn broker_down_longer_than_message_timeout() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * outages)).await;
+            common::faults::verify(
+                &ctx,
+                &db,
+                &mut ledger,
+                expect(&topics, DUP_WINDOW * outages),
+            )
+            .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
@@ -399,8 +411,13 @@ fn postgres_restarted_and_crashed_under_load() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * 2 * rounds))
-                .await;
+            common::faults::verify(
+                &ctx,
+                &db,
+                &mut ledger,
+                expect(&topics, DUP_WINDOW * 2 * rounds),
+            )
+            .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
@@ -441,7 +458,8 @@ fn relay_connections_terminated_under_load() {
             }
             fleet.assert_all_running();
             let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, BATCH * rounds)).await;
+            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * rounds))
+                .await;
             fleet.wait_single_leader(Duration::from_secs(30)).await;
             fleet.stop_all().await;
             finish(db, &topics).await;
