@@ -8,8 +8,8 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use outbox_relay::config::{
-    CleanupArgs, Cli, Command, DoctorArgs, FailedAction, FailedArgs, LogFormat, MigrateArgs,
-    RunArgs, StatusArgs,
+    AdoptArgs, CleanupArgs, Cli, Command, DoctorArgs, FailedAction, FailedArgs, LogFormat,
+    MigrateArgs, RunArgs, StatusArgs,
 };
 use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
 
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor(args),
         Command::Status(args) => status(args),
         Command::Failed(args) => failed(args),
+        Command::Adopt(args) => adopt(args),
     }
 }
 
@@ -155,6 +156,59 @@ fn migrate(args: MigrateArgs) -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
+        }
+    })
+}
+
+fn adopt(args: AdoptArgs) -> ExitCode {
+    use outbox_relay::adopt::{self, AdoptError};
+    if args.remove && args.print_sql {
+        print!("{}", adopt::remove_ddl(&args.source_table));
+        return ExitCode::SUCCESS;
+    }
+    let db = match args.db.resolve() {
+        Ok(d) => d,
+        Err(e) => return usage_error(e),
+    };
+    telemetry::init_logging(LogFormat::Text);
+    runtime().block_on(async {
+        let result = async {
+            let mut conn = connect(&db).await?;
+            if args.remove {
+                adopt::remove(&mut conn, &args.source_table).await?;
+                return Ok(None);
+            }
+            adopt::install(&mut conn, args.mapping(), &db.table, args.print_sql)
+                .await
+                .map(Some)
+        }
+        .await;
+        match result {
+            Ok(Some(sql)) if args.print_sql => {
+                print!("{sql}");
+                ExitCode::SUCCESS
+            }
+            Ok(Some(_)) => {
+                tracing::info!(action = "adopt", source = %args.source_table, table = %db.table, "adoption trigger installed");
+                println!(
+                    "adopted {}: each inserted row is copied into {} in the same transaction",
+                    args.source_table, db.table
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                tracing::info!(action = "adopt-remove", source = %args.source_table, "adoption trigger removed");
+                println!(
+                    "removed the adoption trigger from {}: rows inserted from now on are not copied",
+                    args.source_table
+                );
+                ExitCode::SUCCESS
+            }
+            Err(AdoptError::Database(e)) => {
+                eprintln!("error: adopt failed: {e} ({})", outbox::hint(&e, &db.table));
+                ExitCode::FAILURE
+            }
+            Err(e) => usage_error(e),
         }
     })
 }
