@@ -492,6 +492,10 @@ mod tests {
         TableName::parse("outbox").unwrap()
     }
 
+    fn refused(m: Mapping, columns: &[Column]) -> String {
+        m.check(columns, &outbox()).unwrap_err().to_string()
+    }
+
     #[test]
     fn topic_templates_parse_literals_and_placeholders() {
         let t = TopicTemplate::parse("outbox.event.${aggregatetype}").unwrap();
@@ -528,10 +532,7 @@ mod tests {
     fn check_names_the_missing_column_and_lists_the_table() {
         let mut m = mapping("orders_outbox");
         m.key_column = "aggregate_id".into();
-        let err = m
-            .check(&debezium_columns(), &outbox())
-            .unwrap_err()
-            .to_string();
+        let err = refused(m, &debezium_columns());
         assert!(
             err.starts_with(
                 "--key-column: table public.orders_outbox has no column \"aggregate_id\""
@@ -539,15 +540,9 @@ mod tests {
                 && err.contains("payload (jsonb)"),
             "{err}"
         );
-        let err = mapping("orders_outbox")
-            .check(&[], &outbox())
-            .unwrap_err()
-            .to_string();
+        let err = refused(mapping("orders_outbox"), &[]);
         assert!(err.contains("no such table"), "{err}");
-        let err = mapping("outbox")
-            .check(&debezium_columns(), &outbox())
-            .unwrap_err()
-            .to_string();
+        let err = refused(mapping("outbox"), &debezium_columns());
         assert!(err.contains("the relay's own --table"), "{err}");
     }
 
@@ -555,30 +550,21 @@ mod tests {
     fn check_refuses_types_it_cannot_map() {
         let mut cols = debezium_columns();
         cols[4].udt_name = "bytea".into();
-        let err = mapping("o")
-            .check(&cols, &outbox())
-            .unwrap_err()
-            .to_string();
+        let err = refused(mapping("o"), &cols);
         assert!(err.contains("--payload-format raw"), "{err}");
         let mut m = mapping("o");
         m.payload_format = Encoding::Raw;
         let ddl = m.check(&cols, &outbox()).unwrap().ddl(&outbox());
         assert!(ddl.contains("            NEW.\"payload\",\n"), "{ddl}");
         cols[2].udt_name = "_text".into();
-        let err = mapping("o")
-            .check(&cols, &outbox())
-            .unwrap_err()
-            .to_string();
+        let err = refused(mapping("o"), &cols);
         assert!(
             err.contains("--key-column: column \"aggregateid\" has type _text"),
             "{err}"
         );
         let mut m = mapping("o");
         m.headers = vec![HeaderColumn::parse("type:id").unwrap()];
-        let err = m
-            .check(&debezium_columns(), &outbox())
-            .unwrap_err()
-            .to_string();
+        let err = refused(m, &debezium_columns());
         assert!(err.contains("header \"id\" is given twice"), "{err}");
     }
 

@@ -8,8 +8,8 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use outbox_relay::config::{
-    AdoptArgs, CleanupArgs, Cli, Command, DoctorArgs, FailedAction, FailedArgs, LogFormat,
-    MigrateArgs, RunArgs, StatusArgs,
+    AdoptArgs, CleanupArgs, Cli, Command, DatabaseConfig, DoctorArgs, FailedAction, FailedArgs,
+    LogFormat, MigrateArgs, RunArgs, StatusArgs,
 };
 use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
 
@@ -125,12 +125,14 @@ async fn connect(
     .await
 }
 
-fn migrate(args: MigrateArgs) -> ExitCode {
-    if args.print_sql {
-        print!("{}", args.db.table.ddl(args.notify_trigger));
-        return ExitCode::SUCCESS;
-    }
-    let db = match args.db.resolve() {
+/// `migrate` and `adopt`: resolve the database flags, log as text, connect (with retries),
+/// run `f` on the connection, and let `done` turn the outcome into the exit code.
+fn with_connection<T, E: From<sqlx::Error>>(
+    args: &outbox_relay::config::DatabaseArgs,
+    f: impl AsyncFnOnce(&mut sqlx::PgConnection, &DatabaseConfig) -> Result<T, E>,
+    done: impl FnOnce(Result<T, E>, &DatabaseConfig) -> ExitCode,
+) -> ExitCode {
+    let db = match args.resolve() {
         Ok(d) => d,
         Err(e) => return usage_error(e),
     };
@@ -138,14 +140,27 @@ fn migrate(args: MigrateArgs) -> ExitCode {
     runtime().block_on(async {
         let result = async {
             let mut conn = connect(&db).await?;
-            outbox::migrate(&mut conn, &db.table, args.notify_trigger).await
+            f(&mut conn, &db).await
         }
         .await;
-        match result {
+        done(result, &db)
+    })
+}
+
+fn migrate(args: MigrateArgs) -> ExitCode {
+    if args.print_sql {
+        print!("{}", args.db.table.ddl(args.notify_trigger));
+        return ExitCode::SUCCESS;
+    }
+    let notify = args.notify_trigger;
+    with_connection(
+        &args.db,
+        async |conn, db| outbox::migrate(conn, &db.table, notify).await,
+        |result, db| match result {
             Ok(()) => {
                 println!(
-                    "outbox table {} is up to date (notify trigger: {})",
-                    db.table, args.notify_trigger
+                    "outbox table {} is up to date (notify trigger: {notify})",
+                    db.table
                 );
                 ExitCode::SUCCESS
             }
@@ -156,8 +171,8 @@ fn migrate(args: MigrateArgs) -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
-        }
-    })
+        },
+    )
 }
 
 fn adopt(args: AdoptArgs) -> ExitCode {
@@ -166,41 +181,35 @@ fn adopt(args: AdoptArgs) -> ExitCode {
         print!("{}", adopt::remove_ddl(&args.source_table));
         return ExitCode::SUCCESS;
     }
-    let db = match args.db.resolve() {
-        Ok(d) => d,
-        Err(e) => return usage_error(e),
-    };
-    telemetry::init_logging(LogFormat::Text);
-    runtime().block_on(async {
-        let result = async {
-            let mut conn = connect(&db).await?;
+    let source = &args.source_table;
+    with_connection(
+        &args.db,
+        async |conn, db| {
             if args.remove {
-                adopt::remove(&mut conn, &args.source_table).await?;
+                adopt::remove(conn, source).await?;
                 return Ok(None);
             }
-            adopt::install(&mut conn, args.mapping(), &db.table, args.print_sql)
+            adopt::install(conn, args.mapping(), &db.table, args.print_sql)
                 .await
                 .map(Some)
-        }
-        .await;
-        match result {
+        },
+        |result, db| match result {
             Ok(Some(sql)) if args.print_sql => {
                 print!("{sql}");
                 ExitCode::SUCCESS
             }
             Ok(Some(_)) => {
-                tracing::info!(action = "adopt", source = %args.source_table, table = %db.table, "adoption trigger installed");
+                tracing::info!(action = "adopt", source = %source, table = %db.table, "adoption trigger installed");
                 println!(
-                    "adopted {}: each inserted row is copied into {} in the same transaction",
-                    args.source_table, db.table
+                    "adopted {source}: each inserted row is copied into {} in the same transaction",
+                    db.table
                 );
                 ExitCode::SUCCESS
             }
             Ok(None) => {
-                tracing::info!(action = "adopt-remove", source = %args.source_table, "adoption trigger removed");
+                tracing::info!(action = "adopt-remove", source = %source, "adoption trigger removed");
                 println!(
-                    "removed the adoption trigger from {}: rows inserted from now on are not copied",
-                    args.source_table
+                    "removed the adoption trigger from {source}: rows inserted from now on are not copied"
                 );
                 ExitCode::SUCCESS
             }
@@ -209,8 +218,8 @@ fn adopt(args: AdoptArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
             Err(e) => usage_error(e),
-        }
-    })
+        },
+    )
 }
 
 fn cleanup(args: CleanupArgs) -> ExitCode {
