@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{consume, create_topics, relay_command, unique, Consumed, Relay, TestDb};
+use common::{consume, create_topics, unique, Consumed, Relay, TestDb};
 
 /// The table Debezium's documentation expects (`id, aggregatetype, aggregateid, type, payload`).
 const DEBEZIUM_TABLE: &str = "CREATE TABLE outboxevent (
@@ -22,15 +22,7 @@ const DEBEZIUM_TABLE: &str = "CREATE TABLE outboxevent (
 fn adopt(db: &TestDb, args: &[&str]) -> (i32, String, String) {
     let mut argv = vec!["adopt", "--source-table", "outboxevent"];
     argv.extend_from_slice(args);
-    let out = relay_command(&argv)
-        .env("OUTBOX_RELAY_DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    db.run(&argv)
 }
 
 /// One application event, as inserted into the Debezium-style table.
@@ -107,6 +99,9 @@ async fn expected(db: &TestDb, e: &Event, json: bool) -> (String, Vec<u8>, Optio
     )
 }
 
+/// Where a record landed: (partition, offset, event id).
+type Placed = (i32, i64, String);
+
 /// Compare consumed records with the events, one for one, in order per key.
 async fn assert_published(db: &TestDb, got: &[Consumed], events: &[&Event], json: bool) {
     assert_eq!(
@@ -148,7 +143,7 @@ async fn assert_published(db: &TestDb, got: &[Consumed], events: &[&Event], json
         );
     }
     // Per-key order is insert order: within a partition, a key's events by offset.
-    let mut keys: HashMap<(String, Vec<u8>), Vec<(i32, i64, String)>> = HashMap::new();
+    let mut keys: HashMap<(String, Vec<u8>), Vec<Placed>> = HashMap::new();
     for r in got {
         keys.entry((r.topic.clone(), r.key.clone().unwrap()))
             .or_default()
