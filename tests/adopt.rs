@@ -401,4 +401,22 @@ async fn adopt_checks_the_mapping_before_changing_anything() {
     .await
     .unwrap();
     assert_eq!(copied, 1, "exactly one copy, even after installing twice");
+    let (_, out, _) = db.run(&[
+        "doctor",
+        "--table",
+        &table,
+        "--kafka-brokers",
+        &common::kafka_brokers(),
+    ]);
+    assert!(
+        out.contains(
+            "[INFO] adopt: public.outboxevent is adopted: its inserts are copied into this table"
+        ),
+        "{out}"
+    );
+    let (_, out, _) = db.run(&["doctor", "--kafka-brokers", &common::kafka_brokers()]);
+    assert!(
+        !out.contains("adopt:"),
+        "the default table is not fed by it: {out}"
+    );
 }
