@@ -65,6 +65,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Inspect and act on parked (failed) rows: list, retry, skip, purge.
     Failed(FailedArgs),
+    /// Publish an existing outbox table (Debezium's layout by default) unchanged: install a
+    /// trigger that copies each inserted row into the relay's table, in the same transaction.
+    Adopt(AdoptArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -358,6 +361,78 @@ pub struct MigrateArgs {
     /// Print the SQL for --table instead of applying it (to feed your own migration tool).
     #[arg(long)]
     pub print_sql: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdoptArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The existing outbox table, `table` or `schema.table` (case-sensitive, quoted).
+    #[arg(long, env = "OUTBOX_RELAY_SOURCE_TABLE", value_parser = TableName::parse, help_heading = "Adopt")]
+    pub source_table: TableName,
+    /// Column holding the event id, published as header `id` (Debezium table.field.event.id).
+    #[arg(long, env = "OUTBOX_RELAY_ID_COLUMN", default_value = "id", value_parser = parse_column, help_heading = "Adopt")]
+    pub id_column: String,
+    /// Column holding the Kafka key (Debezium table.field.event.key).
+    #[arg(long, env = "OUTBOX_RELAY_KEY_COLUMN", default_value = "aggregateid", value_parser = parse_column, help_heading = "Adopt")]
+    pub key_column: String,
+    /// Column holding the Kafka value; NULL publishes a tombstone (Debezium table.field.event.payload).
+    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_COLUMN", default_value = "payload", value_parser = parse_column, help_heading = "Adopt")]
+    pub payload_column: String,
+    /// Topic: literal parts and ${column} placeholders (Debezium route.topic.replacement with
+    /// route.by.field aggregatetype).
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", default_value = "outbox.event.${aggregatetype}", value_parser = crate::adopt::TopicTemplate::parse, help_heading = "Adopt")]
+    pub topic_template: crate::adopt::TopicTemplate,
+    /// More headers, comma-separated `column[:header-name]` (Debezium
+    /// table.fields.additional.placement=column:header:name); empty for none.
+    #[arg(long, env = "OUTBOX_RELAY_HEADER_COLUMNS", default_value = "type", value_parser = parse_header_columns, help_heading = "Adopt")]
+    pub header_columns: HeaderColumns,
+    /// Key bytes: `json` as Kafka Connect's JsonConverter writes them (a string key quoted), `raw`
+    /// as StringConverter does.
+    #[arg(long, env = "OUTBOX_RELAY_KEY_FORMAT", value_enum, default_value_t = crate::adopt::Encoding::Json, help_heading = "Adopt")]
+    pub key_format: crate::adopt::Encoding,
+    /// Value bytes: `json` as JsonConverter writes a JSON column without
+    /// table.expand.json.payload (a JSON-encoded string), `raw` the column's text (StringConverter).
+    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_enum, default_value_t = crate::adopt::Encoding::Json, help_heading = "Adopt")]
+    pub payload_format: crate::adopt::Encoding,
+    /// Print the SQL instead of applying it (still reads the table's columns to check the mapping).
+    #[arg(long, env = "OUTBOX_RELAY_PRINT_SQL", help_heading = "Adopt")]
+    pub print_sql: bool,
+    /// Remove the trigger from --source-table: rows inserted from then on are not copied.
+    #[arg(long, env = "OUTBOX_RELAY_ADOPT_REMOVE", help_heading = "Adopt")]
+    pub remove: bool,
+}
+
+/// The parsed `--header-columns` list.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderColumns(pub Vec<crate::adopt::HeaderColumn>);
+
+fn parse_header_columns(s: &str) -> Result<HeaderColumns, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(crate::adopt::HeaderColumn::parse)
+        .collect::<Result<_, _>>()
+        .map(HeaderColumns)
+}
+
+fn parse_column(s: &str) -> Result<String, String> {
+    crate::adopt::check_column(s).map(|()| s.to_string())
+}
+
+impl AdoptArgs {
+    pub fn mapping(&self) -> crate::adopt::Mapping {
+        crate::adopt::Mapping {
+            source: self.source_table.clone(),
+            id_column: self.id_column.clone(),
+            key_column: self.key_column.clone(),
+            payload_column: self.payload_column.clone(),
+            topic: self.topic_template.clone(),
+            headers: self.header_columns.0.clone(),
+            key_format: self.key_format,
+            payload_format: self.payload_format,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

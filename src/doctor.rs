@@ -248,6 +248,24 @@ async fn database_checks(
         );
     }
 
+    let adopted: Vec<String> = sqlx::query_scalar(
+        "SELECT n.nspname || '.' || c.relname FROM pg_trigger t \
+         JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE t.tgname = $1 \
+         AND obj_description(t.tgfoid, 'pg_proc') = $2 || n.nspname || '.' || c.relname || ' -> ' || $3",
+    )
+    .bind(crate::adopt::TRIGGER)
+    .bind(crate::adopt::COMMENT_PREFIX)
+    .bind(db.table.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    for source in adopted {
+        r.info(
+            "adopt",
+            format!("{source} is adopted: its inserts are copied into this table (`adopt --remove` stops it)"),
+        );
+    }
+
     let (wal_level, reloptions): (String, Option<Vec<String>>) =
         sqlx::query_as("SELECT current_setting('wal_level'), (SELECT reloptions FROM pg_class WHERE oid = $1::regclass)")
             .bind(&t)

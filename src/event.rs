@@ -33,6 +33,11 @@ const RESERVED_HEADERS: [&str; 8] = [
     HEADER_PAYLOAD_OMITTED,
 ];
 
+/// Whether a header name is reserved for the relay (a row setting it is poison).
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADERS.contains(&name)
+}
+
 /// A committed, unpublished outbox row, as read from the table.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {

@@ -12,8 +12,10 @@
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`doctor`]: preflight checks against the real database and Kafka.
 //! - [`admin`]: operator commands (`status`, `failed list|retry|skip|purge`).
+//! - [`adopt`]: a trigger that copies rows of an existing (Debezium-style) outbox table into ours.
 
 pub mod admin;
+pub mod adopt;
 pub mod config;
 pub mod doctor;
 pub mod event;

@@ -8,8 +8,8 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use outbox_relay::config::{
-    CleanupArgs, Cli, Command, DoctorArgs, FailedAction, FailedArgs, LogFormat, MigrateArgs,
-    RunArgs, StatusArgs,
+    AdoptArgs, CleanupArgs, Cli, Command, DatabaseConfig, DoctorArgs, FailedAction, FailedArgs,
+    LogFormat, MigrateArgs, RunArgs, StatusArgs,
 };
 use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
 
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor(args),
         Command::Status(args) => status(args),
         Command::Failed(args) => failed(args),
+        Command::Adopt(args) => adopt(args),
     }
 }
 
@@ -124,12 +125,14 @@ async fn connect(
     .await
 }
 
-fn migrate(args: MigrateArgs) -> ExitCode {
-    if args.print_sql {
-        print!("{}", args.db.table.ddl(args.notify_trigger));
-        return ExitCode::SUCCESS;
-    }
-    let db = match args.db.resolve() {
+/// `migrate` and `adopt`: resolve the database flags, log as text, connect (with retries),
+/// run `f` on the connection, and let `done` turn the outcome into the exit code.
+fn with_connection<T, E: From<sqlx::Error>>(
+    args: &outbox_relay::config::DatabaseArgs,
+    f: impl AsyncFnOnce(&mut sqlx::PgConnection, &DatabaseConfig) -> Result<T, E>,
+    done: impl FnOnce(Result<T, E>, &DatabaseConfig) -> ExitCode,
+) -> ExitCode {
+    let db = match args.resolve() {
         Ok(d) => d,
         Err(e) => return usage_error(e),
     };
@@ -137,14 +140,27 @@ fn migrate(args: MigrateArgs) -> ExitCode {
     runtime().block_on(async {
         let result = async {
             let mut conn = connect(&db).await?;
-            outbox::migrate(&mut conn, &db.table, args.notify_trigger).await
+            f(&mut conn, &db).await
         }
         .await;
-        match result {
+        done(result, &db)
+    })
+}
+
+fn migrate(args: MigrateArgs) -> ExitCode {
+    if args.print_sql {
+        print!("{}", args.db.table.ddl(args.notify_trigger));
+        return ExitCode::SUCCESS;
+    }
+    let notify = args.notify_trigger;
+    with_connection(
+        &args.db,
+        async |conn, db| outbox::migrate(conn, &db.table, notify).await,
+        |result, db| match result {
             Ok(()) => {
                 println!(
-                    "outbox table {} is up to date (notify trigger: {})",
-                    db.table, args.notify_trigger
+                    "outbox table {} is up to date (notify trigger: {notify})",
+                    db.table
                 );
                 ExitCode::SUCCESS
             }
@@ -155,8 +171,55 @@ fn migrate(args: MigrateArgs) -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
-        }
-    })
+        },
+    )
+}
+
+fn adopt(args: AdoptArgs) -> ExitCode {
+    use outbox_relay::adopt::{self, AdoptError};
+    if args.remove && args.print_sql {
+        print!("{}", adopt::remove_ddl(&args.source_table));
+        return ExitCode::SUCCESS;
+    }
+    let source = &args.source_table;
+    with_connection(
+        &args.db,
+        async |conn, db| {
+            if args.remove {
+                adopt::remove(conn, source).await?;
+                return Ok(None);
+            }
+            adopt::install(conn, args.mapping(), &db.table, args.print_sql)
+                .await
+                .map(Some)
+        },
+        |result, db| match result {
+            Ok(Some(sql)) if args.print_sql => {
+                print!("{sql}");
+                ExitCode::SUCCESS
+            }
+            Ok(Some(_)) => {
+                tracing::info!(action = "adopt", source = %source, table = %db.table, "adoption trigger installed");
+                println!(
+                    "adopted {source}: each inserted row is copied into {} in the same transaction",
+                    db.table
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                tracing::info!(action = "adopt-remove", source = %source, "adoption trigger removed");
+                println!(
+                    "removed the adoption trigger from {source}: rows inserted from now on are not copied"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(AdoptError::Database(e)) => {
+                eprintln!("error: adopt failed: {e} ({})", outbox::hint(&e, &db.table));
+                ExitCode::FAILURE
+            }
+            Err(e) => usage_error(e),
+        },
+    )
 }
 
 fn cleanup(args: CleanupArgs) -> ExitCode {

@@ -31,7 +31,7 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 /// Quote a string literal for PostgreSQL (only used in DDL; queries bind parameters).
-fn quote_literal(value: &str) -> String {
+pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 

@@ -6,18 +6,6 @@ use std::time::Duration;
 
 use common::{create_topics, relay_command, unique, Relay, TestDb};
 
-fn run(db: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let out = relay_command(args)
-        .env("OUTBOX_RELAY_DATABASE_URL", &db.url)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
     let db = TestDb::new().await;
@@ -43,7 +31,7 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
     db.wait_count("published_at IS NOT NULL", 1, Duration::from_secs(20))
         .await;
 
-    let (code, out, err) = run(&db, &["status", "--json"]);
+    let (code, out, err) = db.run(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["parked"], 3, "{out}");
@@ -51,7 +39,7 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
     assert_eq!(status["leader"]["valid"], true, "{out}");
     assert_eq!(status["topics"][0]["topic"], topic.as_str());
 
-    let (code, out, _) = run(&db, &["failed", "list", "--json"]);
+    let (code, out, _) = db.run(&["failed", "list", "--json"]);
     assert_eq!(code, 0);
     let rows: Vec<serde_json::Value> = out
         .lines()
@@ -70,7 +58,7 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let (code, out, err) = run(&db, &["failed", "retry", "--id", &fixable.to_string()]);
+    let (code, out, err) = db.run(&["failed", "retry", "--id", &fixable.to_string()]);
     assert_eq!(
         (code, out.trim()),
         (0, "1 parked rows are pending again"),
@@ -83,17 +71,14 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
     db.wait_count("published_at IS NOT NULL", 2, Duration::from_secs(20))
         .await;
 
-    let (code, out, _) = run(
-        &db,
-        &[
-            "failed",
-            "skip",
-            "--key",
-            "hopeless",
-            "--reason",
-            "obsolete event",
-        ],
-    );
+    let (code, out, _) = db.run(&[
+        "failed",
+        "skip",
+        "--key",
+        "hopeless",
+        "--reason",
+        "obsolete event",
+    ]);
     assert_eq!(
         (code, out.trim()),
         (0, "1 parked rows skipped (marked handled, not published)")
@@ -109,15 +94,15 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
         "{note}"
     );
 
-    let (code, out, _) = run(&db, &["failed", "purge", "--older-than", "0s"]);
+    let (code, out, _) = db.run(&["failed", "purge", "--older-than", "0s"]);
     assert_eq!((code, out.trim()), (0, "1 parked rows deleted"));
     assert_eq!(db.count("failed_at IS NOT NULL").await, 0);
 
     // A selector is required for actions; a bad one is a usage error.
-    let (code, _, err) = run(&db, &["failed", "retry"]);
+    let (code, _, err) = db.run(&["failed", "retry"]);
     assert_eq!(code, 2);
     assert!(err.contains("--id") && err.contains("--all"), "{err}");
-    let (code, out, _) = run(&db, &["status"]);
+    let (code, out, _) = db.run(&["status"]);
     assert_eq!(code, 0);
     assert!(out.contains("0 pending, 0 parked"), "{out}");
     drop(relay);
@@ -137,7 +122,7 @@ async fn doctor_reports_missing_topics_and_oversized_payloads_with_fixes() {
         .await
         .unwrap();
     let brokers = common::kafka_brokers();
-    let (code, out, err) = run(&db, &["doctor", "--kafka-brokers", &brokers, "--json"]);
+    let (code, out, err) = db.run(&["doctor", "--kafka-brokers", &brokers, "--json"]);
     assert_eq!(code, 1, "an error finding exits 1: {out} {err}");
     let findings: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let find = |check: &str, severity: &str, needle: &str| {
@@ -158,7 +143,7 @@ async fn doctor_reports_missing_topics_and_oversized_payloads_with_fixes() {
     assert!(find("topics", "error", &missing), "{out}");
     assert!(find("limits", "error", "1200000 bytes"), "{out}");
     assert!(find("transport", "warn", "sslmode"), "{out}");
-    let (code, text, _) = run(&db, &["doctor", "--kafka-brokers", &brokers]);
+    let (code, text, _) = db.run(&["doctor", "--kafka-brokers", &brokers]);
     assert_eq!(code, 1);
     assert!(
         text.contains("[FAIL] topics:") && text.contains("fix: create it"),

@@ -84,6 +84,19 @@ impl TestDb {
         TestDb { url, pool, name }
     }
 
+    /// Run the relay binary with `args` on this database: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = relay_command(args)
+            .env("OUTBOX_RELAY_DATABASE_URL", &self.url)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub async fn count(&self, filter: &str) -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FROM outbox WHERE {filter}"
