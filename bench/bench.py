@@ -1091,7 +1091,10 @@ class Harness:
         table = RELAY_TABLE if arm.layout == "relay" else DBZ_TABLE
         topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.drain"
         if isinstance(arm, Debezium):
-            arm.start()  # the slot exists and its position is before the pre-load
+            # A fresh server and slot, positioned before the pre-load: a restart from stored
+            # offsets would first re-stream earlier cells' rows, whose topics are deleted.
+            arm.fresh()
+            arm.start()
         arm.stop()
         self.kafka.create_topic(topic)
         self.pg.reset_table(table)
@@ -1389,8 +1392,6 @@ def plan(h, arms_filter):
                         d.fresh()
                         guarded(f"{d.name} warm-up", h.warm, d)
                     guarded(f"{d.name} ladder {wl.name}", h.ladder, d, wl)
-                if d.dirty:
-                    d.fresh()
                 guarded(f"{d.name} drain", h.drain, d, main, m.drain_rows)
             finally:
                 d.stop()
