@@ -42,7 +42,8 @@ clean-local:
 	rm -rf .local
 
 # Benchmarks (bench/): own PostgreSQL + Kafka instances on other ports. `bench` runs everything
-# (about an hour, Debezium included) and writes BENCHMARKS.md; `bench-smoke` runs each arm for seconds.
+# (about 45 minutes, Debezium included; printed at its start) and writes BENCHMARKS.md;
+# `bench-smoke` runs each arm for seconds (CI).
 .PHONY: bench bench-smoke
 bench:
 	bench/run.sh full

@@ -19,6 +19,7 @@ throughput and the latency at 1k and 5k events/s), `drain` (a pre-loaded backlog
 per-key order by the same checker.
 """
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -103,8 +104,12 @@ def mode_config(name):
     if name == "smoke":
         m = Mode("smoke", 3, [200, 500], [100], 3000, 4, 4, 200, ["1x200B", "10x1KB"], 10, 15, 0.5)
     else:
-        m = Mode("full", 20, [1000, 2000, 3500, 5000, 7500, 10000, 15000, 20000, 30000, 45000, 70000, 100000],
-                 [100, 250, 500, 1000, 2000], 1_000_000, 30, 600, 5000, list(WORKLOADS), 40, 60, 1.0)
+        # 10 s steps: the backlog criterion (<= 2 s of load at the end, no growth over the second
+        # half, sampled every second) still has 5 samples to judge; the ladder is a coarse doubling
+        # search then two bisections (see Harness.ladder), so about 6 steps find a ceiling.
+        m = Mode("full", 10, [1000, 5000, 10000, 20000, 40000, 80000, 160000],
+                 [100, 200, 400, 800, 1600], 1_000_000, 30, 600, 5000, list(WORKLOADS), 40, 60, 1.0)
+    m.bisections = int(env("BENCH_BISECTIONS", 2 if name == "full" else 1))
     m.step_seconds = float(env("BENCH_STEP_SECONDS", m.step_seconds))
     m.soak_seconds = float(env("BENCH_SOAK_SECONDS", m.soak_seconds))
     m.soak_rate = int(env("BENCH_SOAK_RATE", m.soak_rate))
@@ -160,6 +165,50 @@ def children(pid):
             except (OSError, IndexError, ValueError):
                 pass
     return out
+
+
+PIDFILE = os.path.join(ROOT, ".local", "bench-logs", "arms.pids")
+
+
+def proc_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def stop_strays():
+    """Arms an interrupted earlier run left behind (listed in PIDFILE with their command line,
+    so a recycled pid is never hit): each would hold the relay's lease or Debezium's slot."""
+    try:
+        lines = open(PIDFILE).read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        pid, _, cmd = line.partition(" ")
+        if pid.isdigit() and cmd and proc_cmdline(int(pid)) == cmd:
+            log(f"!! stopping pid {pid} left running by an interrupted run: {cmd[:100]}")
+            try:
+                os.killpg(int(pid), signal.SIGTERM)
+            except OSError:
+                pass
+            for _ in range(100):
+                if proc_cmdline(int(pid)) != cmd:
+                    break
+                time.sleep(0.1)
+    os.remove(PIDFILE)
+
+
+def stop_live(*_):
+    for p in list(LIVE):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
+    LIVE.clear()
 
 
 def postmaster_pid():
@@ -383,6 +432,23 @@ class Pg:
     def reset_table(self, table):
         self.x(f"TRUNCATE {table}")
         self.x(f"SELECT pg_stat_reset_single_table_counters('{table}'::regclass)")
+        left = self.one(f"SELECT count(*) FROM {table}")[0]
+        if left:
+            raise RuntimeError(f"{table} still holds {left} rows after TRUNCATE: is another load generator "
+                               "writing to this benchmark database? (stop it, or use other BENCH ports)")
+
+    def stray_sessions(self, arm):
+        """Sessions of the arm's role while this harness runs no such arm: a relay (or naive
+        relay, or Debezium) left running by an interrupted run. It would hold the lease, or the
+        slot, and the canary would never arrive: end those sessions and say so."""
+        if not arm.role or arm.running():
+            return
+        pids = [r[0] for r in self.x("SELECT pid FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
+                                     (arm.role,))]
+        if pids:
+            log(f"  !! {len(pids)} stray session(s) of {arm.role} (a process left by an interrupted run?): terminating them")
+            for pid in pids:
+                self.x("SELECT pg_terminate_backend(%s)", (pid,))
 
     def table_stats(self, table):
         r = self.one("SELECT n_tup_ins, n_live_tup, n_dead_tup, pg_total_relation_size(relid), "
@@ -490,11 +556,15 @@ def run_pgbench(layout, wl, topic, rate, seconds, clients, workdir):
 # ---------------------------------------------------------------------------------------------
 # Arms
 
+LIVE = set()  # every arm process this harness started and has not stopped (stopped on exit, too)
+
+
 class Arm:
     layout = "relay"
     role = None
     label = ""
     process = None
+    dirty = False  # a step left rows undelivered: they may reach the next cell (or name a deleted topic)
 
     def __init__(self, h):
         self.h = h
@@ -508,6 +578,12 @@ class Arm:
     def start(self, canary=True):
         pass
 
+    def spawn(self, *a, **kw):
+        self.process = subprocess.Popen(*a, **kw, start_new_session=True)
+        LIVE.add(self.process)
+        with open(PIDFILE, "a") as f:
+            f.write(f"{self.process.pid} {proc_cmdline(self.process.pid)}\n")
+
     def stop(self):
         p = self.process
         if p and p.poll() is None:
@@ -517,6 +593,7 @@ class Arm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
+        LIVE.discard(p)
         self.process = None
 
     def canary(self, timeout):
@@ -536,7 +613,7 @@ class Arm:
             if self.process and self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.logfile}")
             time.sleep(0.2)
-        raise RuntimeError(f"{self.name}: canary not delivered within {timeout}s; see {self.logfile}")
+        raise RuntimeError(f"{self.name}: canary not delivered within {timeout}s ({self.h.diagnose(self)}); see {self.logfile}")
 
     def extra_start(self):
         return {}
@@ -567,9 +644,8 @@ class Relay(Arm):
         if self.running():
             return
         env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"), RUST_LOG="info")
-        self.process = subprocess.Popen(
-            [self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"), start_new_session=True)
+        self.spawn([self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"],
+                   env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"))
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -635,10 +711,8 @@ class RelayNoNotify(Relay):
         if self.running():
             return
         env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"), RUST_LOG="info")
-        self.process = subprocess.Popen(
-            [self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}",
-             "--listen", "false"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"), start_new_session=True)
+        self.spawn([self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}",
+                    "--listen", "false"], env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"))
         time.sleep(1)
         if canary:
             self.canary(60)
@@ -656,9 +730,8 @@ class Naive(Arm):
     def start(self, canary=True):
         if self.running():
             return
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "bench", "naive_relay.py"), url("bench_naive"), BROKERS],
-            stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"), start_new_session=True)
+        self.spawn([sys.executable, os.path.join(ROOT, "bench", "naive_relay.py"), url("bench_naive"), BROKERS],
+                   stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"))
         if canary:
             self.canary(60)
 
@@ -682,6 +755,7 @@ class Debezium(Arm):
         self.stop()
         shutil.rmtree(self.data, ignore_errors=True)
         self.h.pg.drop_slot()
+        self.dirty = False
 
     def config(self):
         p = {
@@ -732,8 +806,7 @@ class Debezium(Arm):
             f.write(self.config())
         env = dict(os.environ, JAVA_HOME=self.h.dbz_java_home)
         env.pop("JAVA_OPTS", None)
-        self.process = subprocess.Popen(["./run.sh"], cwd=self.h.dbz_home, env=env, stdout=open(self.logfile, "a"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.spawn(["./run.sh"], cwd=self.h.dbz_home, env=env, stdout=open(self.logfile, "a"), stderr=subprocess.STDOUT)
         if canary:
             self.canary(240)
 
@@ -756,6 +829,8 @@ class Harness:
         self.dbz_dir = os.path.dirname(os.path.dirname(self.dbz_home)) if self.dbz_home else None
         self.dbz_java_home = args.debezium_java_home
         self.dbz_version = args.debezium_version
+        self.dbz_reason = args.debezium_skip_reason or "no Debezium Server given (--debezium-home)"
+        self.skipped = []  # (arms, why): arms this run could not run at all
         self.results = []
         self.timeline = []
         self.pg = Pg()
@@ -784,10 +859,40 @@ class Harness:
                 "debezium_java": self.dbz_java_home, "pgbench": PGBENCH, "loadavg_start": os.getloadavg(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "mode": self.mode.name}
 
+    def notify_trigger(self, on):
+        env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"))
+        subprocess.run([self.relay_bin, "migrate", "--notify-trigger", "true" if on else "false"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def diagnose(self, arm):
+        """Why an arm may not deliver: what waits in its table, and the last error in its log."""
+        out = []
+        try:
+            if arm.layout == "relay":
+                rows = self.pg.x(f"SELECT topic, count(*) FILTER (WHERE published_at IS NULL AND failed_at IS NULL), "
+                                 f"count(*) FILTER (WHERE failed_at IS NOT NULL) FROM {RELAY_TABLE} GROUP BY 1 "
+                                 f"ORDER BY 2 DESC LIMIT 3")
+                out.append("table: " + (", ".join(f"{t}: {p} pending, {f} parked" for t, p, f in rows) or "empty"))
+                lease = self.pg.x(f"SELECT * FROM {RELAY_TABLE}_lease") if self.pg.one(
+                    f"SELECT to_regclass('{RELAY_TABLE}_lease')")[0] else None
+                if lease:
+                    out.append(f"lease: {lease[0]}")
+        except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the failure it explains
+            out.append(f"(table not readable: {e})")
+        try:
+            errs = [ln for ln in open(arm.logfile, errors="replace").read().splitlines()[-400:]
+                    if " ERROR " in ln or " WARN " in ln and "insecure transport" not in ln]
+            if errs:
+                out.append(f"last log warning: {errs[-1][:300]}")
+        except OSError:
+            pass
+        return "; ".join(out)
+
     def save(self):
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.results]
         with open(os.path.join(self.outdir, "results.json"), "w") as f:
-            json.dump({"meta": self.meta, "results": clean, "timeline": self.timeline}, f, indent=1, default=str)
+            json.dump({"meta": dict(self.meta, skipped=self.skipped), "results": clean, "timeline": self.timeline},
+                      f, indent=1, default=str)
 
     # -- measurement plumbing ----------------------------------------------------------------
 
@@ -888,9 +993,10 @@ class Harness:
         table = RELAY_TABLE if arm.layout == "relay" else DBZ_TABLE
         publishes = not isinstance(arm, DbOnly)
         # Empty the table first: rows left by an earlier cell name deleted topics (a starting
-        # relay would spend its first seconds parking them).
+        # relay would spend its first seconds, or minutes, parking them).
         self.pg.reset_table(table)
         if publishes:
+            self.pg.stray_sessions(arm)
             arm.start()
         topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.{kind}{rate}"
         self.kafka.create_topic(topic)
@@ -912,6 +1018,7 @@ class Harness:
             hw = self.wait_delivered(topic, inserted, m.drain_wait)
             res["catch_up_s"] = time.time() - t_load_end
             res["delivered_after_wait"] = hw
+            arm.dirty = arm.dirty or hw < inserted
         stop.set()
         th.join()
         res.update(self.end(arm, table, b, inserted))
@@ -946,37 +1053,48 @@ class Harness:
         return bool(ok_insert and ok_backlog and ok_slope and ok_all)
 
     def ladder(self, arm, wl, rates=None, cap=None):
-        rates = rates or self.mode.ladder
-        best = None
+        """Sustained throughput by a coarse search then bisection. The coarse rates run in order
+        (the first ones, 1,000 and 5,000/s, are the latency points) until a step is not sustained;
+        for a publishing arm they stop at `cap`, the insert-only ceiling of the same workload (the
+        database, not the arm, limits above it), which is offered last. Then `bisections` steps
+        halve the gap between the highest sustained and the lowest failing rate."""
+        rates = list(rates or self.mode.ladder)
+        if cap:
+            rates = [r for r in rates if r < cap] + [cap]
+        best = fail = None
         for rate in rates:
-            if cap and rate > cap * 1.05:
-                log(f"  {arm.name} {wl.name}: stop at {rate}/s (above the insert-only ceiling {cap}/s)")
-                break
-            r = self.step(arm, wl, rate, self.mode.step_seconds)
-            log(f"  -> inserted {r['achieved_insert_rate']:.0f}/s" +
-                (f", backlog {r.get('backlog_at_load_end')}, p99 {r.get('lat_p99_ms', float('nan')):.1f} ms, "
-                 f"missing {r.get('missing')}, dup {r.get('duplicates')}, order {r.get('order_violations')}"
-                 if "missing" in r else "") + f": {'sustained' if r['sustained'] else 'NOT sustained'}")
-            if not r["sustained"]:
-                # One refinement: the midpoint between the last sustained step and this one.
-                mid = int(round((best + rate) / 2 / 250.0) * 250) if best else 0
-                if best and best < mid < rate:
-                    r = self.step(arm, wl, mid, self.mode.step_seconds)
-                    log(f"  -> refinement {mid}/s: inserted {r['achieved_insert_rate']:.0f}/s: "
-                        f"{'sustained' if r['sustained'] else 'NOT sustained'}")
-                    if r["sustained"]:
-                        best = mid
+            if not self.ladder_step(arm, wl, rate):
+                fail = rate
                 break
             best = rate
+        for _ in range(self.mode.bisections if fail else 0):
+            mid = nice_rate(((best or 0) + fail) / 2)
+            if not (best or 0) < mid < fail:
+                break
+            if self.ladder_step(arm, wl, mid, "bisect"):
+                best = mid
+            else:
+                fail = mid
         self.record({"arm": arm.name, "label": arm.label, "workload": wl.name, "kind": "sustained",
-                     "sustained_rate": best})
+                     "sustained_rate": best, "first_failed": fail, "capped_at": cap if fail is None and cap else None})
         return best
+
+    def ladder_step(self, arm, wl, rate, what="step"):
+        r = self.step(arm, wl, rate, self.mode.step_seconds)
+        log(f"  -> {what} {rate}/s: inserted {r['achieved_insert_rate']:.0f}/s" +
+            (f", backlog {r.get('backlog_at_load_end')}, p99 {r.get('lat_p99_ms', float('nan')):.1f} ms, "
+             f"missing {r.get('missing')}, dup {r.get('duplicates')}, order {r.get('order_violations')}"
+             if "missing" in r else "") + f": {'sustained' if r['sustained'] else 'NOT sustained'}")
+        return r["sustained"]
 
     def drain(self, arm, wl, n, cap_seconds=None):
         table = RELAY_TABLE if arm.layout == "relay" else DBZ_TABLE
         topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.drain"
         if isinstance(arm, Debezium):
-            arm.start()  # the slot exists and its position is before the pre-load
+            # A fresh server and slot, positioned before the pre-load: a restart from stored
+            # offsets would first re-stream earlier cells' rows, whose topics are deleted.
+            arm.fresh()
+            arm.start()
         arm.stop()
         self.kafka.create_topic(topic)
         self.pg.reset_table(table)
@@ -1110,6 +1228,12 @@ def insert_ok(r):
     return achieved >= 0.95 * r["offered"]
 
 
+def nice_rate(x):
+    """A bisection midpoint rounded to a readable rate."""
+    q = 250 if x >= 2000 else 50 if x >= 200 else 10
+    return int(round(x / q) * q)
+
+
 def warm_up(producer):
     """Connect and get the idempotent producer id before timing anything."""
     warm = "bench.warmup"
@@ -1133,6 +1257,28 @@ def backlog_slope(samples):
 
 # ---------------------------------------------------------------------------------------------
 # The plan
+
+def estimate(m, arms, dbz):
+    """Seconds the plan below should take on a quiet machine (from timed runs: a step costs its
+    load plus ~4 s of set-up and checking; a ladder is about 4 coarse steps plus the bisections)."""
+    want = lambda name: not arms or name in arms  # noqa: E731
+    step, quiet_step = m.step_seconds + 4, m.step_seconds + 2
+    ladder = min(4, len(m.ladder)) + m.bisections
+    drain = 5 + m.drain_rows / 10000  # pre-load, drain, read back
+    t = 20
+    if want("kafka-only"):
+        t += 2 * (10 + m.drain_rows / 40000) + 2 * step
+    if want("db-only"):
+        t += len(m.workloads) * (ladder + 1) * quiet_step
+    if want("relay"):
+        t += 15 + len(m.workloads) * ladder * step + 2 * drain + m.soak_seconds + 20
+    if want("naive"):
+        t += ladder * step + m.naive_drain_seconds + 20
+    if dbz and (want("debezium-defaults") or want("debezium-tuned")):
+        t += 4 * quiet_step
+        t += sum(60 + 2 * ladder * (step + 2) + drain + 40 for a in ("debezium-defaults", "debezium-tuned") if want(a))
+    return t
+
 
 def plan(h, arms_filter):
     m = h.mode
@@ -1195,51 +1341,63 @@ def plan(h, arms_filter):
         for rate in (1000, 5000) if m.name == "full" else (200,):
             guarded("kafka-only latency", h.kafka_latency, main, rate, m.step_seconds)
     if want("db-only"):
-        db = DbOnly(h, "relay")
-        for wl in wls:
-            ceilings[wl.name] = guarded(f"db-only ladder {wl.name}", h.ladder, db, wl)
+        # The application without the relay: the relay's table without the NOTIFY trigger that
+        # `migrate` installs (the trigger is part of enabling the relay, so the relay arm pays it).
+        h.notify_trigger(False)
+        try:
+            db = DbOnly(h, "relay")
+            for wl in wls:
+                ceilings[wl.name] = guarded(f"db-only ladder {wl.name}", h.ladder, db, wl)
+        finally:
+            h.notify_trigger(True)
     if want("relay"):
         relay = Relay(h)
         try:
             guarded("relay warm-up", h.warm, relay)
-            guarded("relay ladder", h.ladder, relay, main)
+            guarded("relay ladder", h.ladder, relay, main, cap=ceilings.get(main.name))
             for wl in (main, big):
                 guarded(f"relay drain {wl.name}", h.drain, relay, wl, m.drain_rows)
             for wl in wls:
                 if wl.name != main.name:
-                    guarded(f"relay ladder {wl.name}", h.ladder, relay, wl)
+                    guarded(f"relay ladder {wl.name}", h.ladder, relay, wl, cap=ceilings.get(wl.name))
             guarded("relay soak", h.step, relay, soak_wl, m.soak_rate, m.soak_seconds, "soak")
         finally:
             relay.stop()
     if want("naive"):
         naive = Naive(h)
         try:
-            guarded("naive ladder", h.ladder, naive, main, m.naive_ladder)
+            guarded("naive ladder", h.ladder, naive, main, m.naive_ladder, cap=ceilings.get(main.name))
             guarded("naive drain", h.drain, naive, main, min(m.drain_rows, 50000), m.naive_drain_seconds)
         finally:
             naive.stop()
+    if want("db-only-dbz") or (h.dbz_home and (want("debezium-defaults") or want("debezium-tuned"))):
+        # The Debezium-style table alone at the latency points: the app-only WAL baseline of the
+        # Debezium cells. (Its insert ceiling is not a target; a Debezium step the database could
+        # not offer is marked limited by the insert rate, like every arm's.)
+        dbo = DbOnly(h, "dbz")
+        for wl in side:
+            for rate in m.ladder[:2]:
+                guarded(f"db-only-dbz step {wl.name}", h.step, dbo, wl, rate, m.step_seconds)
     if h.dbz_home and (want("debezium-defaults") or want("debezium-tuned")):
-        if want("db-only-dbz"):
-            for wl in side:
-                guarded(f"db-only-dbz ladder {wl.name}", h.ladder, DbOnly(h, "dbz"), wl)
         for tuned in (False, True):
             d = Debezium(h, tuned)
             if not want(d.name):
                 continue
             try:
-                for wl in side:
-                    # A fresh start per ladder (a failed step leaves a backlog in the slot), warmed up.
-                    d.fresh()
-                    guarded(f"{d.name} warm-up", h.warm, d)
-                    guarded(f"{d.name} ladder {wl.name}", h.ladder, d, wl)
                 d.fresh()
+                for wl in side:
+                    # A fresh, warmed-up start only when a step left a backlog in the slot (its rows
+                    # name deleted topics); otherwise the server keeps running between ladders.
+                    if d.dirty or not d.running():
+                        d.fresh()
+                        guarded(f"{d.name} warm-up", h.warm, d)
+                    guarded(f"{d.name} ladder {wl.name}", h.ladder, d, wl)
                 guarded(f"{d.name} drain", h.drain, d, main, m.drain_rows)
             finally:
                 d.stop()
                 guarded("drop slot", h.pg.drop_slot)
-    elif want("db-only-dbz"):
-        for wl in side:
-            guarded(f"db-only-dbz ladder {wl.name}", h.ladder, DbOnly(h, "dbz"), wl)
+    elif not h.dbz_home and not (arms_filter and not (want("debezium-defaults") or want("debezium-tuned"))):
+        h.skipped.append(("debezium-defaults, debezium-tuned", h.dbz_reason))
     h.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     h.meta["loadavg_end"] = os.getloadavg()
     h.meta["errors"] = errors
@@ -1254,6 +1412,7 @@ def main():
     ap.add_argument("--debezium-home", default=None, help="unpacked debezium-server directory (omit: skip Debezium)")
     ap.add_argument("--debezium-java-home", default=None)
     ap.add_argument("--debezium-version", default="?")
+    ap.add_argument("--debezium-skip-reason", default=None, help="why Debezium is not run (written into the report)")
     ap.add_argument("--arms", default=os.environ.get("BENCH_ARMS", ""), help="comma-separated subset of arms")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -1262,8 +1421,16 @@ def main():
     if args.report_only:
         report.write(outdir, args.mode)
         return 0
+    # An interrupted run (Ctrl-C, SIGTERM from make or CI) stops the arms it started: they run in
+    # their own sessions, and a relay or Debezium left behind would skew the next run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    atexit.register(stop_live)
+    stop_strays()
+    arms = [a for a in args.arms.split(",") if a]
+    log(f"expected duration: about {estimate(mode_config(args.mode), arms, bool(args.debezium_home)) / 60:.0f} min "
+        f"(the machine's load stretches it)")
     h = Harness(args)
-    errors = plan(h, [a for a in args.arms.split(",") if a])
+    errors = plan(h, arms)
     report.write(outdir, args.mode)
     if errors:
         log(f"{len(errors)} cell(s) failed: " + "; ".join(errors))

@@ -187,10 +187,10 @@ def render(meta, res, plots, outdir, mode):
       + (f" on Java 21 ({meta['debezium_java']})" if meta.get("debezium") else ""))
     w("")
     w("## Commands\n")
-    w("```sh\nmake bench        # full: bench/run.sh full (about an hour); writes this file and bench/results/full/*.png\n"
+    w("```sh\nmake bench        # full: bench/run.sh full (about 45 minutes, printed at its start); writes this file and bench/results/full/*.png\n"
       "make bench-smoke  # seconds per arm, tiny loads, no thresholds, no Debezium (CI)\n"
       "# knobs: BENCH_STEP_SECONDS, BENCH_SOAK_SECONDS, BENCH_SOAK_RATE, BENCH_DRAIN_ROWS, BENCH_LADDER=1000,5000,...,\n"
-      "#        BENCH_WORKLOADS=1x200B,..., BENCH_ARMS=relay,db-only,..., BENCH_DEBEZIUM=0, BENCH_KEEP_SERVICES=1\n"
+      "#        BENCH_BISECTIONS, BENCH_WORKLOADS=1x200B,..., BENCH_ARMS=relay,db-only,..., BENCH_DEBEZIUM=0, BENCH_KEEP_SERVICES=1\n"
       "# re-render the report and plots from results.json:\n"
       ".local/bench-venv/bin/python bench/bench.py --mode full --report-only\n```\n")
     w("## Method\n")
@@ -200,12 +200,16 @@ def render(meta, res, plots, outdir, mode):
       "(the README's ordering contract) and the per-key sequence written into the payload (`k=<key> s=<seq> xxxx...`, padded "
       "to 200 B or 1 KB) increases in commit order.")
     w("- **Arms**: " + "; ".join(f"`{a}`: {labels.get(a, '')}" for a in arms_present) + ".")
-    w("- **Sustained throughput**: a ladder of offered rates, each step "
+    w("- **Sustained throughput**: a search over offered rates, each step "
       f"{fmt(next((r['seconds'] for r in steps(res)), None))} s on a fresh topic and a truncated table; a step is sustained when "
       "the load generator achieved >= 95% of the offered rate, the backlog (committed rows not yet in Kafka) at the end of the "
       "load was <= 2 s of offered load, and did not grow over the second half of the step (slope < 5% of the rate). "
-      "The sustained throughput is the highest sustained step; the ladder stops at the first failing step "
-      "(and, for publishing arms, above the insert-only ceiling of the same workload).")
+      "Coarse steps (1,000, 5,000, then doubling) run until one fails, then bisections halve the gap between the highest "
+      "sustained and the lowest failing rate; the sustained throughput is the highest sustained step. A publishing arm "
+      "is not offered more than the insert-only ceiling of the same workload: that ceiling is its last coarse step.")
+    w("- **Insert-only ceiling** (`db-only`): the load generator alone on the relay's table *without* the NOTIFY "
+      "trigger that `outbox-relay migrate` installs (the app before the relay is enabled); the relay arm runs with the "
+      "trigger, so its cost is the relay's.")
     w("- **Latency**: from the row's true commit time (`pg_xact_commit_timestamp`; for the relay's table the harness adds a "
       "column `bench_xid xid8 DEFAULT pg_current_xact_id()` because the relay's UPDATE replaces `xmin`; the db-only baseline "
       "pays the same column) to the broker's LogAppendTime (millisecond resolution), for every event of the step at 1,000 "
@@ -293,6 +297,8 @@ def render(meta, res, plots, outdir, mode):
                 f = fail[0]
                 note = (f" (failed {fmt(f['offered'])}: inserted {fmt(f['achieved_insert_rate'])}/s"
                         + (f", backlog {fmt(f.get('backlog_at_load_end'))}" if f.get("backlog_at_load_end") is not None else "") + ")")
+            elif any(r.get("kind") == "sustained" and r["arm"] == a and r["workload"] == wl and r.get("capped_at") for r in res):
+                note = " (= the insert-only ceiling: not offered more)"
             elif steps(res, a, wl):
                 note = " (top of the ladder)"
             cells.append(fmt(s) + note if steps(res, a, wl) else "-")
@@ -398,6 +404,13 @@ def render(meta, res, plots, outdir, mode):
     errs = [r for r in res if r.get("kind") == "error"]
     if errs or meta.get("errors"):
         w("\nCells that failed to run: " + "; ".join(meta.get("errors") or [e["error"] for e in errs]))
+    w("\n## Arms that could not run\n")
+    lines = [f"- **could not run**: {arms}: {why}" for arms, why in meta.get("skipped") or []]
+    for a in ARM_ORDER:
+        bad = [e["error"] for e in errs if e["arm"] == a]
+        if bad and not any(r["arm"] == a and r.get("kind") not in ("error", "sustained") for r in res):
+            lines.append(f"- **could not run**: {a}: {bad[0]}")
+    w("\n".join(lines) if lines else "None: every arm of this run produced measurements.")
     w("\nMissing events in a step that was not sustained are rows still pending when the harness stopped waiting "
       "(the arm was behind), not loss: see `delivered_after_wait` in results.json.\n")
     w("## Notes\n")

@@ -22,7 +22,7 @@ DBZ_DIR=.local/bench-debezium/$DBZ_VERSION
 
 # Python venv with pinned packages (re-installed when a requirements file changes).
 venv() {
-  if [ ! -x "$VENV/bin/python" ]; then
+  if [ ! -x "$VENV/bin/pip" ]; then  # (a venv made without ensurepip has python but no pip)
     python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; rm -rf "$VENV"; python3 -m venv "$VENV"; }
   fi
   local want reqs=(bench/requirements.txt)
@@ -36,12 +36,19 @@ venv() {
 }
 
 # Debezium Server (full mode only; never in CI): the dist from Maven Central, Java 21 from PyPI.
+# When it cannot run, the reason goes into the report as a "could not run" line.
 debezium() {
-  [ "$MODE" = full ] && [ "${BENCH_DEBEZIUM:-1}" = 1 ] || return 0
+  [ "$MODE" = full ] || { DBZ_ARGS=(--debezium-skip-reason "smoke mode never runs Debezium (CI: no JVM download)"); return 0; }
+  [ "${BENCH_DEBEZIUM:-1}" = 1 ] || { DBZ_ARGS=(--debezium-skip-reason "BENCH_DEBEZIUM=0 was set"); return 0; }
   if [ ! -x "$DBZ_DIR/dist/debezium-server/run.sh" ]; then
     note "fetching Debezium Server $DBZ_VERSION from Maven Central into $DBZ_DIR"
-    mvn -B -q -f bench/debezium/pom.xml dependency:unpack -Ddebezium.version="$DBZ_VERSION" > "$DBZ_DIR.mvn.log" 2>&1 \
-      || { tail_log "$DBZ_DIR.mvn.log"; note "Debezium Server $DBZ_VERSION could not be fetched: the Debezium arm is skipped"; return 0; }
+    mkdir -p "$(dirname "$DBZ_DIR")"
+    mvn -B -q -f bench/debezium/pom.xml dependency:unpack -Ddebezium.version="$DBZ_VERSION" > "$DBZ_DIR.mvn.log" 2>&1 || {
+      tail_log "$DBZ_DIR.mvn.log"
+      note "Debezium Server $DBZ_VERSION could not be fetched: the Debezium arm is skipped"
+      DBZ_ARGS=(--debezium-skip-reason "io.debezium:debezium-server-dist:$DBZ_VERSION:tar.gz could not be fetched from Maven Central (log: $DBZ_DIR.mvn.log)")
+      return 0
+    }
   fi
   local java_home
   case "$DBZ_VERSION" in
@@ -59,14 +66,13 @@ cleanup() {
 
 venv
 command -v cargo >/dev/null || { [ -d "$HOME/.cargo/bin" ] && export PATH=$HOME/.cargo/bin:$PATH; }
-if [ "$MODE" = full ]; then
-  cargo build --release --locked
-  RELAY_BIN=target/release/outbox-relay
-else
-  # Smoke checks the harness, not speed: the debug build CI already has is enough.
-  cargo build --locked
-  RELAY_BIN=target/debug/outbox-relay
-fi
+# Smoke checks the harness, not speed: the debug build CI already has is enough.
+# BENCH_PROFILE=debug|release overrides (e.g. a quick full-mode check of one arm without a release build).
+case "${BENCH_PROFILE:-$([ "$MODE" = full ] && echo release || echo debug)}" in
+  release) cargo build --release --locked; RELAY_BIN=target/release/outbox-relay ;;
+  debug) cargo build --locked; RELAY_BIN=target/debug/outbox-relay ;;
+  *) die "BENCH_PROFILE must be debug or release, not '$BENCH_PROFILE'" ;;
+esac
 DBZ_ARGS=()
 debezium
 trap cleanup EXIT
