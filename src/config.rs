@@ -349,6 +349,42 @@ pub struct RunArgs {
     /// Time allowed after SIGTERM/SIGINT to finish in-flight work, flush and mark.
     #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_nonzero_duration, help_heading = "Operations")]
     pub shutdown_timeout: Duration,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OtlpArgs {
+    /// Export trace spans (outbox wait + publish, in the writer's trace from the row's
+    /// `traceparent` header) over OTLP/HTTP JSON to this collector, e.g. http://127.0.0.1:4318.
+    /// Plain http only: use a local OpenTelemetry Collector agent. Off when unset.
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_ENDPOINT", value_parser = crate::spans::OtlpEndpoint::parse, help_heading = "Tracing")]
+    pub otlp_endpoint: Option<crate::spans::OtlpEndpoint>,
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_SERVICE_NAME", default_value = "outbox-relay", value_parser = parse_service_name, help_heading = "Tracing")]
+    pub otlp_service_name: String,
+    /// Time allowed for one export request (spans are dropped, and counted, when it expires).
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_TIMEOUT", default_value = "5s", value_parser = parse_nonzero_duration, help_heading = "Tracing")]
+    pub otlp_timeout: Duration,
+}
+
+impl OtlpArgs {
+    pub fn resolve(&self) -> Option<crate::spans::OtlpConfig> {
+        self.otlp_endpoint
+            .clone()
+            .map(|endpoint| crate::spans::OtlpConfig {
+                endpoint,
+                service_name: self.otlp_service_name.clone(),
+                timeout: self.otlp_timeout,
+            })
+    }
+}
+
+fn parse_service_name(s: &str) -> Result<String, String> {
+    match s.trim() {
+        "" => Err("must not be empty".into()),
+        name => Ok(name.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -681,6 +717,8 @@ pub struct RelayConfig {
     pub poison_policy: PoisonPolicy,
     /// Set exactly when the policy is dead-letter.
     pub dead_letter_topic: Option<String>,
+    /// Span export; `None` (the default) records spans only as debug log events.
+    pub otlp: Option<crate::spans::OtlpConfig>,
 }
 
 /// Which topics rows may name (`--allowed-topics`): exact names, or prefixes ending in `*`.
@@ -790,6 +828,7 @@ impl RunArgs {
             lease_duration: self.lease_duration,
             poison_policy: self.poison_policy,
             dead_letter_topic: self.dead_letter_topic()?,
+            otlp: self.otlp.resolve(),
         })
     }
 }
@@ -875,6 +914,45 @@ mod tests {
         assert!(
             err.contains("--database-url-file") && err.contains("/nonexistent/url"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn otlp_flags_are_off_by_default_and_refuse_https() {
+        let Command::Run(args) = run_args(&["--database-url", "postgres://db/a"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert!(args.resolve().unwrap().otlp.is_none());
+        let err = run_args(&["--otlp-endpoint", "https://collector:4318"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let shown = err.to_string();
+        assert!(
+            shown.contains("--otlp-endpoint") && shown.contains("Collector agent"),
+            "{shown}"
+        );
+        let err = run_args(&["--otlp-service-name", " "]).unwrap_err();
+        assert!(err.to_string().contains("--otlp-service-name"), "{err}");
+        let Command::Run(args) = run_args(&[
+            "--database-url",
+            "postgres://db/a",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+            "--otlp-timeout",
+            "2s",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        let otlp = args.resolve().unwrap().otlp.unwrap();
+        assert_eq!(otlp.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(
+            (otlp.service_name.as_str(), otlp.timeout),
+            ("outbox-relay", Duration::from_secs(2))
         );
     }
 

@@ -9,6 +9,7 @@
 //! - [`publisher`]: the idempotent Kafka producer and the error classifier.
 //! - [`relay`]: the loop (read, publish, settle, mark) and its invariant.
 //! - [`telemetry`]: metrics, health, the HTTP endpoints, logging.
+//! - [`spans`]: W3C trace context: outbox-wait and publish spans, optional OTLP export.
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`doctor`]: preflight checks against the real database and Kafka.
 //! - [`admin`]: operator commands (`status`, `failed list|retry|skip|purge`).
@@ -23,6 +24,7 @@ pub mod outbox;
 pub mod publisher;
 pub mod relay;
 pub mod shutdown;
+pub mod spans;
 pub mod table;
 pub mod telemetry;
 
@@ -99,8 +101,15 @@ pub async fn run(
 
     tracing::info!(database = %config.db.display, table = %config.db.table, kafka = %config.kafka.brokers,
         batch_size = config.batch_size, poll_interval = ?config.poll_interval, listen = config.listen, "outbox-relay started");
+    let (spans, exporter) = spans::Tracer::new(
+        config.otlp.clone(),
+        config.db.table.to_string(),
+        metrics.clone(),
+    );
+    let exporter = exporter.map(tokio::spawn);
     let relay = relay::Relay {
         lease: Lease::new(pool.clone(), &config.db.table, config.lease_duration),
+        spans,
         config,
         store,
         publisher: publisher_tx,
@@ -111,7 +120,9 @@ pub async fn run(
     relay.run(cancel).await;
 
     tasks.cancel();
-    for task in [Some(monitor), Some(cleanup), listener]
+    // The loop (and with it the span sender) is gone: the exporter sends what is left, within
+    // one --otlp-timeout.
+    for task in [Some(monitor), Some(cleanup), listener, exporter]
         .into_iter()
         .flatten()
     {

@@ -2,7 +2,7 @@
 //! place where Kafka errors are sorted into poison (park the row), transient (retry) and
 //! fatal (recreate the producer).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -127,6 +127,17 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// When and where a message went, for trace spans (`spans`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Receipt {
+    /// When the message was handed to the producer.
+    pub handed_off: SystemTime,
+    /// When the relay had its delivery report (or gave up waiting for it).
+    pub reported: SystemTime,
+    /// Partition and offset Kafka assigned; `None` unless delivered.
+    pub position: Option<(i32, i64)>,
+}
+
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
@@ -147,14 +158,27 @@ impl Publisher {
         cancel: &CancellationToken,
         flush_timeout: Duration,
     ) -> Vec<Result<(), Failure>> {
-        let mut pending: Vec<Result<DeliveryFuture, Failure>> = Vec::with_capacity(messages.len());
+        self.publish_with_receipts(messages, cancel, flush_timeout)
+            .await
+            .0
+    }
+
+    /// [`Publisher::publish`], also returning each message's [`Receipt`].
+    pub async fn publish_with_receipts(
+        &self,
+        messages: &[Message],
+        cancel: &CancellationToken,
+        flush_timeout: Duration,
+    ) -> (Vec<Result<(), Failure>>, Vec<Receipt>) {
+        let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
-            pending.push(self.enqueue(m, cancel).await);
+            pending.push((self.enqueue(m, cancel).await, SystemTime::now()));
         }
         let mut outcomes = Vec::with_capacity(messages.len());
+        let mut receipts = Vec::with_capacity(messages.len());
         let mut flushed = false;
-        for p in pending {
-            let outcome = match p {
+        for (p, handed_off) in pending {
+            let report = match p {
                 Err(f) => Err(f),
                 Ok(mut delivery) if !flushed => tokio::select! {
                     biased;
@@ -169,9 +193,14 @@ impl Publisher {
                     .now_or_never()
                     .map_or_else(|| Err(shutdown_failure()), report_outcome),
             };
-            outcomes.push(outcome);
+            receipts.push(Receipt {
+                handed_off,
+                reported: SystemTime::now(),
+                position: report.as_ref().ok().copied(),
+            });
+            outcomes.push(report.map(|_| ()));
         }
-        outcomes
+        (outcomes, receipts)
     }
 
     async fn enqueue(
@@ -246,9 +275,9 @@ fn report_outcome(
         rdkafka::producer::future_producer::OwnedDeliveryResult,
         futures::channel::oneshot::Canceled,
     >,
-) -> Result<(), Failure> {
+) -> Result<(i32, i64), Failure> {
     match report {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
         Ok(Err((e, _))) => Err(classify(&e)),
         Err(_) => Err(Failure::Transient(
             "delivery report lost (producer closed)".into(),

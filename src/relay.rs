@@ -74,6 +74,7 @@ pub struct Relay {
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub wake: Arc<Notify>,
+    pub spans: crate::spans::Tracer,
 }
 
 fn retry_backoff() -> backoff::ExponentialBackoff {
@@ -159,11 +160,15 @@ impl Relay {
         let full = rows.len() == self.config.batch_size as usize;
         m.batch_size.observe(rows.len() as f64);
 
-        let (messages, mut poison) = self.prepare(rows);
+        let (mut messages, mut poison) = self.prepare(rows);
+        let stamps = self.spans.stamp(&mut messages);
         let publisher = self.publisher.borrow().clone();
-        let publish = publisher.publish(&messages, cancel, self.flush_timeout());
+        let publish = publisher.publish_with_receipts(&messages, cancel, self.flush_timeout());
         let outcomes = match timed(m, "publish", self.await_holding_lease(publish)).await {
-            Ok(outcomes) => outcomes,
+            Ok((outcomes, receipts)) => {
+                self.spans.record(&messages, &stamps, &outcomes, &receipts);
+                outcomes
+            }
             Err(why) => {
                 // Nothing is marked: the rows stay pending for whoever leads next (duplicates
                 // at most, never a reordering). A fresh producer drops the stuck queue.

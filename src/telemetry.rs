@@ -43,6 +43,10 @@ pub struct Metrics {
     pub cleaned: IntCounter,
     /// Where does a batch's time go? (phase = fetch | publish | mark | mark_wait)
     pub phase_seconds: prometheus::HistogramVec,
+    /// Does the trace collector get our spans? (only with --otlp-endpoint)
+    pub spans_exported: IntCounter,
+    /// Which spans were lost, and why? (reason = queue_full | export_failed); delivery is unaffected
+    pub spans_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -129,9 +133,22 @@ impl Metrics {
                 &["phase"],
             )
             .unwrap(),
+            spans_exported: IntCounter::new(
+                "outbox_relay_spans_exported_total",
+                "Trace spans accepted by the OTLP collector",
+            )
+            .unwrap(),
+            spans_dropped: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_spans_dropped_total",
+                    "Trace spans not exported, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(m.published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.parked.clone()),
@@ -144,6 +161,8 @@ impl Metrics {
             Box::new(m.leader.clone()),
             Box::new(m.cleaned.clone()),
             Box::new(m.phase_seconds.clone()),
+            Box::new(m.spans_exported.clone()),
+            Box::new(m.spans_dropped.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

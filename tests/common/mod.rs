@@ -140,13 +140,23 @@ impl TestDb {
 }
 
 pub async fn create_topics(names: &[&str], partitions: i32) {
+    create_topics_with_config(names, partitions, &[]).await
+}
+
+/// [`create_topics`] with topic configs, e.g. `("message.timestamp.type", "LogAppendTime")`.
+pub async fn create_topics_with_config(names: &[&str], partitions: i32, config: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .create()
         .unwrap();
     let topics: Vec<NewTopic> = names
         .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .map(|n| {
+            config.iter().fold(
+                NewTopic::new(n, partitions, TopicReplication::Fixed(1)),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
         .collect();
     let results = admin
         .create_topics(
@@ -361,6 +371,8 @@ pub struct Consumed {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// Record timestamp in Unix milliseconds (the broker's clock on LogAppendTime topics).
+    pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
@@ -446,6 +458,7 @@ pub fn consume_from(
                     topic: m.topic().to_string(),
                     partition: m.partition(),
                     offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
                     key: m.key().map(|k| k.to_vec()),
                     payload: m.payload().map(|p| p.to_vec()),
                     headers,

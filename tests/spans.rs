@@ -1,0 +1,442 @@
+//! Trace spans end to end: the real relay binary, PostgreSQL and Kafka, and an in-test HTTP
+//! listener standing in for the OpenTelemetry Collector (it receives what the relay exports).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{consume, create_topics_with_config, unique, Consumed, Relay, TestDb};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const WRITER_SPAN: &str = "00f067aa0ba902b7";
+
+fn traceparent() -> String {
+    format!("00-{TRACE}-{WRITER_SPAN}-01")
+}
+
+/// One OTLP/HTTP request as the collector received it.
+struct Request {
+    head: String,
+    body: Value,
+}
+
+/// A minimal OTLP/HTTP receiver: records each POST and answers 200 `{}`.
+struct Collector {
+    url: String,
+    requests: Arc<Mutex<Vec<Request>>>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    let (head, body) = loop {
+                        let n = stream.read(&mut chunk).await.unwrap();
+                        assert!(n > 0, "the relay closed before a whole request");
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .expect("Content-Length");
+                        if buf.len() >= end + 4 + length {
+                            break (head, buf[end + 4..end + 4 + length].to_vec());
+                        }
+                    };
+                    let body = serde_json::from_slice(&body).expect("the body is JSON");
+                    seen.lock().unwrap().push(Request { head, body });
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                        .await;
+                });
+            }
+        });
+        Collector { url, requests }
+    }
+
+    /// Every span received so far.
+    fn spans(&self) -> Vec<Value> {
+        let requests = self.requests.lock().unwrap();
+        let mut out = Vec::new();
+        for r in requests.iter() {
+            for rs in r.body["resourceSpans"].as_array().unwrap() {
+                for ss in rs["scopeSpans"].as_array().unwrap() {
+                    out.extend(ss["spans"].as_array().unwrap().iter().cloned());
+                }
+            }
+        }
+        out
+    }
+
+    async fn wait_spans(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let spans = self.spans();
+            if spans.len() >= n {
+                return spans;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the collector got {} spans, expected {n}",
+                spans.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A topic whose record timestamps are the broker's append time.
+async fn topic() -> String {
+    let t = unique("spans");
+    create_topics_with_config(&[&t], 2, &[("message.timestamp.type", "LogAppendTime")]).await;
+    t
+}
+
+/// Insert a row; returns its id and created_at in Unix microseconds.
+async fn insert(db: &TestDb, topic: &str, key: &str, headers: Option<Value>) -> (i64, i64) {
+    sqlx::query_as(
+        "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, 'p', $3)
+         RETURNING id, (extract(epoch FROM created_at) * 1000000)::bigint",
+    )
+    .bind(topic)
+    .bind(key)
+    .bind(headers)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn consume_all(topic: &str, n: usize) -> Vec<Consumed> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        consume(
+            &[&topic],
+            2,
+            n,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+fn by_id(records: &[Consumed], id: i64) -> &Consumed {
+    records.iter().find(|r| r.event_id() == id).unwrap()
+}
+
+fn attr(span: &Value, key: &str) -> Option<Value> {
+    span["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| a["value"].clone())
+}
+
+fn nanos(span: &Value, field: &str) -> u64 {
+    span[field]
+        .as_str()
+        .expect("64-bit ints are strings")
+        .parse()
+        .unwrap()
+}
+
+/// The relay's value of a metric line, e.g. `outbox_relay_spans_exported_total`.
+fn metric(relay: &Relay, line_start: &str) -> Option<f64> {
+    relay
+        .http_get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
+    let collector = Collector::start().await;
+    let db = TestDb::new().await;
+    let topic = topic().await;
+    let (traced, created_us) = insert(
+        &db,
+        &topic,
+        "order-1",
+        Some(json!({"traceparent": traceparent(), "tracestate": "vendor=x"})),
+    )
+    .await;
+    let (plain, _) = insert(&db, &topic, "order-2", None).await;
+    let invalid_value = format!("00-{}-{WRITER_SPAN}-01", TRACE.to_uppercase());
+    let (invalid, _) = insert(
+        &db,
+        &topic,
+        "order-3",
+        Some(json!({"traceparent": invalid_value})),
+    )
+    .await;
+
+    let relay = Relay::start(
+        &db,
+        &[
+            "--otlp-endpoint",
+            &collector.url,
+            "--otlp-service-name",
+            "relay-under-test",
+        ],
+    );
+    db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(30))
+        .await;
+    let spans = collector.wait_spans(2, Duration::from_secs(10)).await;
+    // The relay exports at most every second: wait for anything else it might send.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let exported = metric(&relay, "outbox_relay_spans_exported_total");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    let spans_after = collector.spans();
+    assert_eq!(
+        spans_after.len(),
+        2,
+        "only the valid traceparent gets spans: {spans_after:#?}"
+    );
+    assert_eq!(spans, spans_after);
+    assert_eq!(exported, Some(2.0));
+
+    {
+        let requests = collector.requests.lock().unwrap();
+        let r = &requests[0];
+        assert!(r.head.starts_with("POST /v1/traces HTTP/1.1"), "{}", r.head);
+        assert!(
+            r.head
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{}",
+            r.head
+        );
+        assert_eq!(
+            r.body["resourceSpans"][0]["resource"]["attributes"][0],
+            json!({"key": "service.name", "value": {"stringValue": "relay-under-test"}})
+        );
+    }
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no span {name}: {spans:#?}"))
+    };
+    let wait = find("outbox.wait");
+    let publish = find(&format!("{topic} publish"));
+    for s in [wait, publish] {
+        assert_eq!(s["traceId"], TRACE, "the writer's trace");
+        assert_eq!(
+            s["parentSpanId"], WRITER_SPAN,
+            "a child of the writer's span"
+        );
+        assert_eq!(s["traceState"], "vendor=x");
+        assert_eq!(
+            attr(s, "messaging.message.id"),
+            Some(json!({"stringValue": traced.to_string()}))
+        );
+        assert_eq!(
+            attr(s, "outbox.table"),
+            Some(json!({"stringValue": "public.outbox"}))
+        );
+    }
+    assert_eq!(wait["kind"], 1, "INTERNAL");
+    assert_eq!(publish["kind"], 4, "PRODUCER");
+    assert_ne!(wait["spanId"], publish["spanId"]);
+    assert!(publish.get("status").is_none(), "delivered: status unset");
+
+    let records = consume_all(&topic, 3).await;
+    assert_eq!(records.len(), 3);
+    let record = by_id(&records, traced);
+    let appended_ns = record.timestamp.expect("LogAppendTime") as u64 * 1_000_000;
+    assert_eq!(
+        nanos(wait, "startTimeUnixNano"),
+        created_us as u64 * 1000,
+        "wait starts at created_at"
+    );
+    assert_eq!(
+        nanos(wait, "endTimeUnixNano"),
+        nanos(publish, "startTimeUnixNano"),
+        "hand-off"
+    );
+    assert!(
+        nanos(publish, "startTimeUnixNano") < appended_ns + 1_000_000,
+        "handed off before the broker appended it"
+    );
+    assert!(
+        nanos(publish, "endTimeUnixNano") >= appended_ns,
+        "publish ends after the broker's ack"
+    );
+    assert_eq!(
+        attr(publish, "messaging.system"),
+        Some(json!({"stringValue": "kafka"}))
+    );
+    assert_eq!(
+        attr(publish, "messaging.destination.name"),
+        Some(json!({"stringValue": topic}))
+    );
+    assert_eq!(
+        attr(publish, "messaging.kafka.message.key"),
+        Some(json!({"stringValue": "order-1"}))
+    );
+    assert_eq!(
+        attr(publish, "messaging.kafka.destination.partition"),
+        Some(json!({"intValue": record.partition.to_string()}))
+    );
+    assert_eq!(
+        attr(publish, "messaging.kafka.message.offset"),
+        Some(json!({"intValue": record.offset.to_string()}))
+    );
+
+    let publish_span = publish["spanId"].as_str().unwrap();
+    assert_eq!(
+        record.header("traceparent"),
+        Some(format!("00-{TRACE}-{publish_span}-01")),
+        "consumers continue from the relay's publish span"
+    );
+    assert_eq!(record.header("tracestate").as_deref(), Some("vendor=x"));
+    assert_eq!(by_id(&records, plain).header("traceparent"), None);
+    assert_eq!(
+        by_id(&records, invalid).header("traceparent"),
+        Some(invalid_value),
+        "an invalid traceparent is carried unchanged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_export_headers_are_unchanged_and_spans_are_debug_events() {
+    let db = TestDb::new().await;
+    let topic = topic().await;
+    let (traced, _) = insert(
+        &db,
+        &topic,
+        "a",
+        Some(json!({"traceparent": traceparent()})),
+    )
+    .await;
+    let (invalid, _) = insert(
+        &db,
+        &topic,
+        "b",
+        Some(json!({"traceparent": "00-abc-def-01"})),
+    )
+    .await;
+    let relay = Relay::spawn(
+        "spans-off",
+        &db.url,
+        &common::kafka_brokers(),
+        &[],
+        &[("RUST_LOG", "info,outbox_relay::spans=debug")],
+    );
+    let records = consume_all(&topic, 2).await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        by_id(&records, traced).header("traceparent"),
+        Some(traceparent())
+    );
+    assert_eq!(
+        by_id(&records, invalid).header("traceparent").as_deref(),
+        Some("00-abc-def-01")
+    );
+    relay.wait_log("invalid traceparent header", Duration::from_secs(10));
+    let logs = relay.logs();
+    let span_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("outbox_relay::spans") && l.contains(&format!("trace_id={TRACE}")))
+        .collect();
+    assert_eq!(span_lines.len(), 2, "wait and publish: {logs}");
+    assert!(
+        span_lines
+            .iter()
+            .all(|l| l.contains(&format!("parent_span_id={WRITER_SPAN}"))),
+        "{logs}"
+    );
+    assert!(
+        span_lines.iter().any(|l| l.contains("name=outbox.wait")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("exporting trace spans"),
+        "export is off by default: {logs}"
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_spans_never_messages() {
+    let db = TestDb::new().await;
+    let topic = topic().await;
+    // A port nobody listens on.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let relay = Relay::start(&db, &["--otlp-endpoint", &down, "--otlp-timeout", "1s"]);
+    for i in 0..20 {
+        insert(
+            &db,
+            &topic,
+            &format!("k{}", i % 3),
+            Some(json!({"traceparent": traceparent()})),
+        )
+        .await;
+    }
+    db.wait_count("published_at IS NOT NULL", 20, Duration::from_secs(30))
+        .await;
+    let records = consume_all(&topic, 20).await;
+    assert_eq!(records.len(), 20, "every message is published");
+    for r in &records {
+        let header = r.header("traceparent").unwrap();
+        assert!(
+            header.starts_with(&format!("00-{TRACE}-")) && !header.contains(WRITER_SPAN),
+            "{header}"
+        );
+    }
+    let start = Instant::now();
+    let failed = r#"outbox_relay_spans_dropped_total{reason="export_failed"}"#;
+    while metric(&relay, failed) != Some(40.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{failed} = {:?}, expected 40",
+            metric(&relay, failed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(&relay, "outbox_relay_spans_exported_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &relay,
+            r#"outbox_relay_spans_dropped_total{reason="queue_full"}"#
+        ),
+        Some(0.0)
+    );
+    relay.wait_http("/readyz", 200, Duration::from_secs(10)); // a missing collector is not a readiness problem
+    let warnings = relay.logs().matches("trace span export failed").count();
+    assert_eq!(
+        warnings,
+        1,
+        "rate-limited to one warning a minute: {}",
+        relay.logs()
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+}
