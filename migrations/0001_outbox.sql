@@ -26,12 +26,15 @@ CREATE INDEX IF NOT EXISTS "outbox_failed_idx" ON "public"."outbox" (topic, key)
     WHERE failed_at IS NOT NULL;
 
 -- Leader election: the replica holding this lease publishes; the others stand by.
+-- wake_wanted: the leader is idle and wants a NOTIFY on insert (see the notify function).
 CREATE TABLE IF NOT EXISTS "public"."outbox_lease" (
-    id         smallint PRIMARY KEY CHECK (id = 1),
-    holder     text NOT NULL,
-    epoch      bigint NOT NULL,
-    expires_at timestamptz NOT NULL
+    id          smallint PRIMARY KEY CHECK (id = 1),
+    holder      text NOT NULL,
+    epoch       bigint NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    wake_wanted boolean NOT NULL DEFAULT true
 );
+ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
 
 -- Queue table: vacuum early so dead tuples from marking never pile up.
 ALTER TABLE "public"."outbox" SET (
@@ -50,10 +53,15 @@ RETURNS bigint LANGUAGE sql AS $$
     RETURNING id
 $$;
 
--- Wake-up hint for the relay (one notification per inserting statement, delivered at commit).
-CREATE OR REPLACE FUNCTION "public"."outbox_notify"() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Wake-up hint for the relay (one notification per inserting statement, delivered at commit),
+-- sent only while the leader is idle and asked for it: a notifying commit takes a
+-- database-wide lock that serializes commits, so a busy relay polls on its own instead.
+CREATE OR REPLACE FUNCTION "public"."outbox_notify"() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM pg_notify('outbox_relay.outbox', '');
+    IF EXISTS (SELECT 1 FROM "public"."outbox_lease" WHERE wake_wanted) THEN
+        PERFORM pg_notify('outbox_relay.outbox', '');
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -277,6 +277,7 @@ pub struct Lease {
     pool: PgPool,
     acquire_sql: Arc<str>,
     release_sql: Arc<str>,
+    wake_sql: Arc<str>,
     holder: String,
     duration: Duration,
     /// When the last successful acquire/renew started (the lease is valid for `duration` after).
@@ -307,6 +308,10 @@ impl Lease {
             .into(),
             release_sql: format!(
                 "UPDATE {lease} SET expires_at = clock_timestamp() - interval '1 second' WHERE holder = $1"
+            )
+            .into(),
+            wake_sql: format!(
+                "UPDATE {lease} SET wake_wanted = $2 WHERE holder = $1 AND wake_wanted <> $2"
             )
             .into(),
             holder: format!("{}:{}:{nanos:08x}", host.trim(), std::process::id()),
@@ -373,6 +378,16 @@ impl Lease {
                 "leadership lost: another replica holds the lease; standing by"
             );
         }
+    }
+
+    /// Ask writers' insert trigger to NOTIFY (the leader is idle) or not (it is busy polling).
+    pub async fn want_wakeups(&self, wanted: bool) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(self.wake_sql.clone()))
+            .bind(&self.holder)
+            .bind(wanted)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// Give the lease up at once (graceful shutdown), so a standby takes over without waiting.

@@ -90,22 +90,23 @@ impl Relay {
     /// The loop. Returns when `cancel` fires, after the in-flight batch is settled and marked.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = retry_backoff();
-        let mut go_again = false;
+        let (mut pace, mut wakeups) = (Pace::start(), None);
         let mut marking = None;
         while !cancel.is_cancelled() {
-            if !go_again {
+            let wait = pace.wait(self.config.poll_interval);
+            if !wait.is_zero() {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
-            go_again = false;
             match self.lease.ensure().await {
                 Ok(true) => self.metrics.leader.set(1),
                 Ok(false) => {
                     self.metrics.leader.set(0);
                     self.health.progressed(); // a standby is healthy by definition
+                    (pace, wakeups) = (Pace::Idle { confirmed: true }, None);
                     continue;
                 }
                 Err(e) => {
@@ -117,10 +118,11 @@ impl Relay {
                 }
             }
             match self.step(&cancel, &mut marking).await {
-                Ok(full) => {
+                Ok(rows) => {
                     backoff.reset();
                     self.health.progressed();
-                    go_again = full;
+                    pace = pace.after_read(rows);
+                    self.ask_for_wakeups(pace.is_idle(), &mut wakeups).await;
                 }
                 Err(StepError::Database(e)) => {
                     self.writer()
@@ -136,13 +138,27 @@ impl Relay {
         tracing::info!("relay loop stopped");
     }
 
+    /// Tell the writers' insert trigger whether to NOTIFY: only while idle (and listening). Written
+    /// on a change only; `known` is what the lease row says as far as this leader knows.
+    async fn ask_for_wakeups(&self, idle: bool, known: &mut Option<bool>) {
+        let want = idle && self.config.listen;
+        if *known == Some(want) {
+            return;
+        }
+        if let Err(e) = self.lease.want_wakeups(want).await {
+            tracing::warn!(error = %e, hint = crate::outbox::hint(&e, self.store.table()),
+                "could not set wake_wanted on the lease row (run `outbox-relay migrate` to add it); polling still finds every row");
+        }
+        *known = Some(want);
+    }
+
     /// One batch: read, publish, settle, then start its mark (after the previous batch's mark
-    /// has finished). Ok(true) when the batch was full.
+    /// has finished). Returns how many rows were read.
     async fn step(
         &mut self,
         cancel: &CancellationToken,
         marking: &mut Option<Marking>,
-    ) -> Result<bool, StepError> {
+    ) -> Result<usize, StepError> {
         let m = &self.metrics.clone(); // shared handles: cheap to clone
         if marking.as_ref().is_some_and(|mk| mk.task.is_finished()) {
             finish_marking(marking).await;
@@ -154,11 +170,11 @@ impl Relay {
             .fetch_pending(self.config.batch_size, marked_soon);
         let rows = timed(m, "fetch", read).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
-        if rows.is_empty() {
-            return Ok(false);
+        let read = rows.len();
+        if read == 0 {
+            return Ok(0);
         }
-        let full = rows.len() == self.config.batch_size as usize;
-        m.batch_size.observe(rows.len() as f64);
+        m.batch_size.observe(read as f64);
 
         let (mut messages, mut poison) = self.prepare(rows);
         let stamps = self.spans.stamp(&mut messages);
@@ -189,7 +205,7 @@ impl Relay {
         poison.extend(rejected(&messages, std::mem::take(&mut settlement.park)));
         self.set_aside(poison, cancel).await;
         if settlement.retry.is_empty() {
-            return Ok(full);
+            return Ok(read);
         }
         self.retry_later(&publisher, &settlement, cancel).await;
         Err(StepError::Kafka)
@@ -433,6 +449,70 @@ impl Relay {
     }
 }
 
+/// When the loop reads next. A busy leader polls on its own so that writers need not NOTIFY (a
+/// notifying commit takes a database-wide lock that serializes all commits): it reads again at
+/// once after a read that found rows, and after empty reads waits 1, 2, 4, then 8 ms. After
+/// `IDLE_AFTER` of empty reads it turns idle: it asks the insert trigger to NOTIFY again, reads
+/// once more (a row committed just before the request took effect is not left waiting), then
+/// sleeps until a notification or --poll-interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    Busy {
+        empty_for: Duration,
+        next_wait: Duration,
+    },
+    /// `confirmed`: the read after asking for notifications has been done.
+    Idle { confirmed: bool },
+}
+
+const BUSY_POLL_MAX: Duration = Duration::from_millis(8);
+const IDLE_AFTER: Duration = Duration::from_millis(50);
+
+impl Pace {
+    pub fn start() -> Pace {
+        Pace::Busy {
+            empty_for: Duration::ZERO,
+            next_wait: Duration::ZERO,
+        }
+    }
+
+    /// How long to wait (for a notification at most) before the next read.
+    pub fn wait(&self, poll_interval: Duration) -> Duration {
+        match *self {
+            Pace::Busy { next_wait, .. } => next_wait,
+            Pace::Idle { confirmed: false } => Duration::ZERO,
+            Pace::Idle { confirmed: true } => poll_interval,
+        }
+    }
+
+    /// The pace after a read that found `rows` rows.
+    pub fn after_read(self, rows: usize) -> Pace {
+        match self {
+            _ if rows > 0 => Pace::start(),
+            Pace::Busy {
+                empty_for,
+                next_wait,
+            } => {
+                let empty_for = empty_for + next_wait;
+                if empty_for >= IDLE_AFTER {
+                    Pace::Idle { confirmed: false }
+                } else {
+                    let next_wait = (next_wait * 2).clamp(Duration::from_millis(1), BUSY_POLL_MAX);
+                    Pace::Busy {
+                        empty_for,
+                        next_wait,
+                    }
+                }
+            }
+            Pace::Idle { .. } => Pace::Idle { confirmed: true },
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        matches!(self, Pace::Idle { .. })
+    }
+}
+
 /// A batch's mark, being written while the next batch is read and published.
 struct Marking {
     ids: Vec<i64>,
@@ -638,6 +718,44 @@ mod tests {
         let m = [msg(1, None), msg(2, None)];
         let s = settle(&m, vec![Err(Failure::Transient("x".into())), Ok(())], false);
         assert_eq!(s.delivered, vec![2]);
+    }
+
+    #[test]
+    fn pace_polls_fast_while_busy_and_turns_idle_after_empty_reads() {
+        let poll = Duration::from_secs(1);
+        let mut p = Pace::start();
+        assert_eq!(p.wait(poll), Duration::ZERO, "read at once on start");
+        p = p.after_read(5);
+        assert_eq!(
+            p.wait(poll),
+            Duration::ZERO,
+            "rows found: read again at once"
+        );
+        let mut waits = vec![];
+        while !p.is_idle() {
+            p = p.after_read(0);
+            waits.push(p.wait(poll).as_millis());
+        }
+        assert_eq!(&waits[..5], &[1, 2, 4, 8, 8], "backs off to 8 ms");
+        let polled: u128 = waits.iter().sum();
+        assert!(
+            (50..70).contains(&polled),
+            "idle after ~50 ms of empty reads: {waits:?}"
+        );
+        assert_eq!(
+            p.wait(poll),
+            Duration::ZERO,
+            "one more read after asking for NOTIFY"
+        );
+        p = p.after_read(0);
+        assert!(p.is_idle());
+        assert_eq!(
+            p.wait(poll),
+            poll,
+            "then sleep until NOTIFY or the poll interval"
+        );
+        p = p.after_read(1);
+        assert_eq!(p, Pace::start(), "rows while idle: busy again");
     }
 
     #[test]

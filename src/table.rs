@@ -143,12 +143,15 @@ CREATE INDEX IF NOT EXISTS {failed_idx} ON {t} (topic, key)
     WHERE failed_at IS NOT NULL;
 
 -- Leader election: the replica holding this lease publishes; the others stand by.
+-- wake_wanted: the leader is idle and wants a NOTIFY on insert (see the notify function).
 CREATE TABLE IF NOT EXISTS {lease} (
-    id         smallint PRIMARY KEY CHECK (id = 1),
-    holder     text NOT NULL,
-    epoch      bigint NOT NULL,
-    expires_at timestamptz NOT NULL
+    id          smallint PRIMARY KEY CHECK (id = 1),
+    holder      text NOT NULL,
+    epoch       bigint NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    wake_wanted boolean NOT NULL DEFAULT true
 );
+ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
 
 -- Queue table: vacuum early so dead tuples from marking never pile up.
 ALTER TABLE {t} SET (
@@ -167,10 +170,15 @@ RETURNS bigint LANGUAGE sql AS $$
     RETURNING id
 $$;
 
--- Wake-up hint for the relay (one notification per inserting statement, delivered at commit).
-CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Wake-up hint for the relay (one notification per inserting statement, delivered at commit),
+-- sent only while the leader is idle and asked for it: a notifying commit takes a
+-- database-wide lock that serializes commits, so a busy relay polls on its own instead.
+CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM pg_notify({channel}, '');
+    IF EXISTS (SELECT 1 FROM {lease} WHERE wake_wanted) THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
     RETURN NULL;
 END
 $$;
