@@ -9,6 +9,7 @@ use sqlx::postgres::PgPool;
 use sqlx::AssertSqlSafe;
 
 use crate::config::RowSelector;
+use crate::replica::{self, Replica};
 use crate::table::TableName;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -36,6 +37,9 @@ pub struct Status {
     pub oldest_pending_age_seconds: Option<f64>,
     /// The replica holding the publishing lease (others stand by), if any ever held it.
     pub leader: Option<LeaseState>,
+    /// Every replica that heartbeats on this table (leader first), or null if the replicas
+    /// table does not exist yet (run `migrate`).
+    pub replicas: Option<Vec<Replica>>,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -81,6 +85,12 @@ impl Admin {
         )))
         .fetch_optional(&self.pool)
         .await?;
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await?;
+        let replicas = replica::rows(&self.pool, &self.table)
+            .await?
+            .map(|rows| replica::view(rows, leader.as_ref(), now, &self.table));
         Ok(Status {
             table: self.table.to_string(),
             pending: topics.iter().map(|t| t.pending).sum(),
@@ -91,6 +101,7 @@ impl Admin {
                 .reduce(f64::max),
             topics,
             leader,
+            replicas,
         })
     }
 
@@ -188,6 +199,7 @@ pub fn status_text(s: &Status) -> String {
         )),
         None => out.push_str("leader: none yet\n"),
     }
+    out.push_str(&replicas_text(s));
     if !s.topics.is_empty() {
         out.push_str(&format!(
             "{:<40} {:>10} {:>10} {:>12}\n",
@@ -203,6 +215,41 @@ pub fn status_text(s: &Status) -> String {
                     .map_or("-".into(), |a| format!("{a:.1}"))
             ));
         }
+    }
+    out
+}
+
+/// The replicas block of `status`: one line per replica, leader first.
+fn replicas_text(s: &Status) -> String {
+    let Some(replicas) = &s.replicas else {
+        return format!(
+            "replicas: unknown ({}_replicas is missing: run `outbox-relay migrate`)\n",
+            s.table
+        );
+    };
+    if replicas.is_empty() {
+        return "replicas: none registered\n".into();
+    }
+    let line =
+        |id: &str, host: &str, role: &str, owns: &str, lease: &str, seen: &str, version: &str| {
+            format!("{id:<34} {host:<20} {role:<8} {owns:<30} {lease:>10} {seen:>9} {version}\n")
+        };
+    let mut out = line(
+        "REPLICA", "HOST", "ROLE", "OWNS", "LEASE", "SEEN", "VERSION",
+    );
+    for r in replicas {
+        let lease = r
+            .lease_seconds_left
+            .map_or("-".into(), |left| format!("{left:.1}s left"));
+        out.push_str(&line(
+            &r.id,
+            &r.host,
+            r.role.as_str(),
+            &r.owns,
+            &lease,
+            &format!("{:.1}s ago", r.last_seen_age_seconds),
+            &r.version,
+        ));
     }
     out
 }
