@@ -484,6 +484,23 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_renewing_its_lease_leads_even_if_its_heartbeat_fails() {
+        let l = lease("a:1:x", 4, true);
+        let v = view(
+            vec![row("a:1:x", 600.0, Some(4))],
+            Some(&l),
+            at(0.0),
+            &table(),
+        );
+        assert_eq!(
+            v[0].role,
+            Role::Leader,
+            "the lease is the authority on ownership"
+        );
+        assert_eq!(v[0].last_seen_age_seconds, 600.0);
+    }
+
+    #[test]
     fn beats_follow_the_renewal_cadence_and_role_changes() {
         let every = Duration::from_secs(3);
         let t0 = Instant::now();

@@ -228,11 +228,13 @@ async fn status_lists_every_replica_and_what_it_owns() {
             .to_string()
     };
     assert!(
-        line("replica-a").contains("leader   all topics of public.outbox"),
+        line("replica-a").contains(" leader ")
+            && line("replica-a").contains(" all topics of public.outbox "),
         "{text}"
     );
     assert!(
-        line("replica-b").contains("standby  nothing (standby)"),
+        line("replica-b").contains(" standby ")
+            && line("replica-b").contains(" nothing (standby) "),
         "{text}"
     );
 
