@@ -173,14 +173,16 @@ pub async fn heartbeat(
     cancel: CancellationToken,
 ) {
     let mut warn = RateLimit::new(WARN_EVERY);
-    let mut failing = false;
+    let (mut failing, mut registered) = (false, false);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             changed = beats.changed() => if changed.is_err() { break },
         }
         let epoch = *beats.borrow_and_update();
-        match registry.beat(epoch).await {
+        let beat = registry.beat(epoch).await;
+        registered |= beat.is_ok();
+        match beat {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("replica heartbeat recovered");
@@ -194,6 +196,9 @@ pub async fn heartbeat(
                 }
             }
         }
+    }
+    if !registered {
+        return; // no row to mark (and no reason to wait on an unreachable database)
     }
     match tokio::time::timeout(GONE_TIMEOUT, registry.gone()).await {
         Ok(Ok(())) => tracing::debug!("replica marked gone"),

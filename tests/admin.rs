@@ -268,24 +268,72 @@ async fn status_lists_every_replica_and_what_it_owns() {
     assert_eq!(replica(&status, "replica-a")["owns"], "nothing (stale)");
     let (_, text, _) = run(&db, &["status"]);
     assert!(text.contains("leader: none (last: replica-a:"), "{text}");
+}
 
-    // An install from before the replicas table: status says so; `migrate` adds it.
+/// An install migrated before the replicas table existed: the relay publishes anyway (the
+/// failing heartbeat is a rate-limited warning with the fix), `status` says the table is
+/// missing, and `migrate` under the running relay brings the replica into `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_replicas_table_never_stops_the_relay_and_migrate_adds_it() {
+    let db = TestDb::new().await;
+    let topic = unique("repl");
+    create_topics(&[&topic], 1).await;
     sqlx::query("DROP TABLE outbox_replicas")
         .execute(&db.pool)
         .await
         .unwrap();
+    let relay = Relay::spawn(
+        &db.name,
+        &db.url,
+        &common::kafka_brokers(),
+        &["--lease-duration", "1s"],
+        &[("HOSTNAME", "old-install")],
+    );
+    sqlx::query("INSERT INTO outbox (topic, key, payload) SELECT $1, 'k' || i, 'p' FROM generate_series(1, 50) i")
+        .bind(&topic)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.wait_count("published_at IS NOT NULL", 50, Duration::from_secs(30))
+        .await;
+    relay.wait_log("replica heartbeat failed", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2)); // six more failing beats
+    let logs = relay.logs();
+    assert_eq!(
+        logs.matches("replica heartbeat failed").count(),
+        1,
+        "rate-limited: {logs}"
+    );
+    assert!(
+        logs.contains("outbox_replicas table does not exist: run `outbox-relay migrate`"),
+        "{logs}"
+    );
     let (code, text, _) = run(&db, &["status"]);
     assert_eq!(code, 0);
     assert!(
-        text.contains(
-            "replicas: unknown (public.outbox_replicas is missing: run `outbox-relay migrate`)"
-        ),
+        text.contains("leader: old-install:")
+            && text.contains(
+                "replicas: unknown (public.outbox_replicas is missing: run `outbox-relay migrate`)"
+            ),
         "{text}"
     );
     assert!(status_json(&db)["replicas"].is_null());
+    let brokers = common::kafka_brokers();
+    let (_, doctor, _) = run(&db, &["doctor", "--kafka-brokers", &brokers]);
+    assert!(
+        doctor.contains("[WARN] table: the replicas table is missing"),
+        "{doctor}"
+    );
+
     let (code, _, err) = run(&db, &["migrate"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(status_json(&db)["replicas"], serde_json::json!([]));
+    relay.wait_log("replica heartbeat recovered", Duration::from_secs(10));
+    let status = status_json(&db);
+    assert_eq!(
+        replica(&status, "old-install")["role"],
+        "leader",
+        "{status:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
