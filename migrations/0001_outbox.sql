@@ -36,6 +36,22 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_lease" (
 );
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
 
+-- Every running replica heartbeats here on the lease cadence, so `outbox-relay status` can
+-- list them and what each owns. Informational only: publishing never reads it. Rows of
+-- replicas unseen for an hour are deleted by the others' heartbeats.
+CREATE TABLE IF NOT EXISTS "public"."outbox_replicas" (
+    holder        text PRIMARY KEY,
+    host          text NOT NULL,
+    pid           bigint NOT NULL,
+    version       text NOT NULL,
+    lease_seconds float8 NOT NULL,
+    started_at    timestamptz NOT NULL,
+    last_seen     timestamptz NOT NULL,
+    epoch         bigint,
+    leader_since  timestamptz,
+    stopped_at    timestamptz
+);
+
 -- Queue table: vacuum early so dead tuples from marking never pile up.
 ALTER TABLE "public"."outbox" SET (
     autovacuum_vacuum_scale_factor = 0.01,

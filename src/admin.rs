@@ -9,6 +9,7 @@ use sqlx::postgres::PgPool;
 use sqlx::AssertSqlSafe;
 
 use crate::config::RowSelector;
+use crate::replica::{self, Replica};
 use crate::table::TableName;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -36,6 +37,9 @@ pub struct Status {
     pub oldest_pending_age_seconds: Option<f64>,
     /// The replica holding the publishing lease (others stand by), if any ever held it.
     pub leader: Option<LeaseState>,
+    /// Every replica that heartbeats on this table (leader first), or null if the replicas
+    /// table does not exist yet (run `migrate`).
+    pub replicas: Option<Vec<Replica>>,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -81,6 +85,12 @@ impl Admin {
         )))
         .fetch_optional(&self.pool)
         .await?;
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await?;
+        let replicas = replica::rows(&self.pool, &self.table)
+            .await?
+            .map(|rows| replica::view(rows, leader.as_ref(), now, &self.table));
         Ok(Status {
             table: self.table.to_string(),
             pending: topics.iter().map(|t| t.pending).sum(),
@@ -91,6 +101,7 @@ impl Admin {
                 .reduce(f64::max),
             topics,
             leader,
+            replicas,
         })
     }
 
@@ -188,6 +199,7 @@ pub fn status_text(s: &Status) -> String {
         )),
         None => out.push_str("leader: none yet\n"),
     }
+    out.push_str(&replicas_text(s));
     if !s.topics.is_empty() {
         out.push_str(&format!(
             "{:<40} {:>10} {:>10} {:>12}\n",
@@ -207,6 +219,53 @@ pub fn status_text(s: &Status) -> String {
     out
 }
 
+/// The replicas block of `status`: one line per replica, leader first.
+fn replicas_text(s: &Status) -> String {
+    let Some(replicas) = &s.replicas else {
+        return format!(
+            "replicas: unknown ({}_replicas is missing: run `outbox-relay migrate`)\n",
+            s.table
+        );
+    };
+    if replicas.is_empty() {
+        return "replicas: none registered\n".into();
+    }
+    let mut rows = vec![[
+        "REPLICA", "HOST", "ROLE", "OWNS", "LEASE", "SEEN", "VERSION",
+    ]
+    .map(String::from)];
+    for r in replicas {
+        rows.push([
+            r.id.clone(),
+            r.host.clone(),
+            r.role.as_str().into(),
+            r.owns.clone(),
+            r.lease_seconds_left
+                .map_or("-".into(), |left| format!("{left:.1}s left")),
+            format!("{:.1}s ago", r.last_seen_age_seconds),
+            r.version.clone(),
+        ]);
+    }
+    // Columns as wide as their widest cell (pod names are long); the last one unpadded.
+    let widths: Vec<usize> = (0..7)
+        .map(|c| {
+            rows.iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        for (c, cell) in row.iter().enumerate().take(6) {
+            out.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+        }
+        out.push_str(&row[6]);
+        out.push('\n');
+    }
+    out
+}
+
 /// One parked row as a text line.
 pub fn failed_text(r: &FailedRow) -> String {
     format!(
@@ -218,4 +277,61 @@ pub fn failed_text(r: &FailedRow) -> String {
         r.failed_at.to_rfc3339(),
         r.last_error.as_deref().unwrap_or("")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::Role;
+
+    fn status(replicas: Option<Vec<Replica>>) -> Status {
+        Status {
+            table: "public.outbox".into(),
+            topics: vec![],
+            pending: 0,
+            parked: 0,
+            oldest_pending_age_seconds: None,
+            leader: None,
+            replicas,
+        }
+    }
+
+    fn replica(id: &str, role: Role, left: Option<f64>) -> Replica {
+        let t = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        Replica {
+            id: id.into(),
+            host: id.split(':').next().unwrap().into(),
+            pid: 1,
+            version: "0.1.0".into(),
+            role,
+            owns: "x".into(),
+            epoch: None,
+            leader_since: None,
+            lease_expires_at: None,
+            lease_seconds_left: left,
+            started_at: t,
+            last_seen: t,
+            last_seen_age_seconds: 1.25,
+        }
+    }
+
+    #[test]
+    fn replicas_text_aligns_columns_and_names_a_missing_table() {
+        let text = status_text(&status(Some(vec![
+            replica("a-long-pod-name-0:1:ab", Role::Leader, Some(8.04)),
+            replica("b:2:cd", Role::Standby, None),
+        ])));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("REPLICA "), "{text}");
+        let col = |l: &str| l.find("0.1.0").unwrap();
+        assert_eq!(col(lines[3]), col(lines[4]), "{text}");
+        assert!(
+            lines[3].contains("  leader   x     8.0s left  1.2s ago  0.1.0"),
+            "{text}"
+        );
+        assert!(status_text(&status(None)).contains(
+            "replicas: unknown (public.outbox_replicas is missing: run `outbox-relay migrate`)"
+        ));
+        assert!(status_text(&status(Some(vec![]))).contains("replicas: none registered"));
+    }
 }

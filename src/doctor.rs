@@ -180,14 +180,23 @@ async fn database_checks(
             "run `outbox-relay migrate` to upgrade it",
         );
     }
-    let lease: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(db.table.lease_table())
-        .fetch_one(&mut *conn)
-        .await?;
-    if lease.is_none() {
+    let (lease, replicas): (bool, bool) =
+        sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
+            .bind(db.table.lease_table())
+            .bind(db.table.replicas_table())
+            .fetch_one(&mut *conn)
+            .await?;
+    if !lease {
         r.error(
             "table",
             "the lease table is missing",
+            "run `outbox-relay migrate`",
+        );
+    }
+    if !replicas {
+        r.warn(
+            "table",
+            "the replicas table is missing: the relay runs, but `status` cannot list replicas",
             "run `outbox-relay migrate`",
         );
     }
@@ -207,12 +216,17 @@ async fn database_checks(
         ),
     }
 
-    for (object, privilege) in [
-        (t.clone(), "SELECT"),
-        (t.clone(), "UPDATE"),
-        (t.clone(), "DELETE"),
-        (db.table.lease_table(), "INSERT"),
-        (db.table.lease_table(), "UPDATE"),
+    // The replicas table only feeds `status`: lacking rights there is a warning.
+    let replicas = db.table.replicas_table();
+    for (object, privilege, needed) in [
+        (t.clone(), "SELECT", true),
+        (t.clone(), "UPDATE", true),
+        (t.clone(), "DELETE", true),
+        (db.table.lease_table(), "INSERT", true),
+        (db.table.lease_table(), "UPDATE", true),
+        (replicas.clone(), "INSERT", false),
+        (replicas.clone(), "UPDATE", false),
+        (replicas.clone(), "DELETE", false),
     ] {
         let granted: Option<bool> =
             sqlx::query_scalar("SELECT has_table_privilege(current_user, to_regclass($1), $2)")
@@ -221,11 +235,20 @@ async fn database_checks(
                 .fetch_one(&mut *conn)
                 .await?;
         if granted == Some(false) {
-            r.error(
-                "privileges",
-                format!("{user} lacks {privilege} on {object}"),
-                format!("GRANT {privilege} ON {object} TO {user}"),
-            );
+            let fix = format!("GRANT {privilege} ON {object} TO {user}");
+            if needed {
+                r.error(
+                    "privileges",
+                    format!("{user} lacks {privilege} on {object}"),
+                    fix,
+                );
+            } else {
+                r.warn(
+                    "privileges",
+                    format!("{user} lacks {privilege} on {object}: heartbeats fail and `status` shows the replicas as stale"),
+                    fix,
+                );
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`event`]: a row and the Kafka message it becomes (validation, standard headers).
 //! - [`outbox`]: every SQL statement: read pending, mark, park, backlog, cleanup, LISTEN, leader lock.
 //! - [`publisher`]: the idempotent Kafka producer and the error classifier.
+//! - [`replica`]: this process's replica id and heartbeat row; how `status` lists replicas.
 //! - [`relay`]: the loop (read, publish, settle, mark) and its invariant.
 //! - [`telemetry`]: metrics, health, the HTTP endpoints, logging.
 //! - [`spans`]: W3C trace context: outbox-wait and publish spans, optional OTLP export.
@@ -23,6 +24,7 @@ pub mod event;
 pub mod outbox;
 pub mod publisher;
 pub mod relay;
+pub mod replica;
 pub mod shutdown;
 pub mod spans;
 pub mod table;
@@ -99,8 +101,25 @@ pub async fn run(
         tasks.clone(),
     ));
 
+    let identity = replica::Identity::of_this_process();
+    let lease = Lease::new(
+        pool.clone(),
+        &config.db.table,
+        config.lease_duration,
+        identity.id.clone(),
+    );
+    let (heartbeat, beats) = replica::Heartbeat::new(lease.renew_every());
+    let registry = replica::Registry::new(
+        pool.clone(),
+        &config.db.table,
+        identity.clone(),
+        config.lease_duration,
+    );
+    let heartbeat_task = tokio::spawn(replica::heartbeat(registry, beats, tasks.clone()));
+
     tracing::info!(database = %config.db.display, table = %config.db.table, kafka = %config.kafka.brokers,
-        batch_size = config.batch_size, poll_interval = ?config.poll_interval, listen = config.listen, "outbox-relay started");
+        batch_size = config.batch_size, poll_interval = ?config.poll_interval, listen = config.listen,
+        replica = %identity.id, "outbox-relay started");
     let (spans, exporter) = spans::Tracer::new(
         config.otlp.clone(),
         config.db.table.to_string(),
@@ -108,7 +127,7 @@ pub async fn run(
     );
     let exporter = exporter.map(tokio::spawn);
     let relay = relay::Relay {
-        lease: Lease::new(pool.clone(), &config.db.table, config.lease_duration),
+        lease: lease.with_heartbeat(heartbeat),
         spans,
         config,
         store,
@@ -122,9 +141,15 @@ pub async fn run(
     tasks.cancel();
     // The loop (and with it the span sender) is gone: the exporter sends what is left, within
     // one --otlp-timeout.
-    for task in [Some(monitor), Some(cleanup), listener, exporter]
-        .into_iter()
-        .flatten()
+    for task in [
+        Some(monitor),
+        Some(cleanup),
+        Some(heartbeat_task),
+        listener,
+        exporter,
+    ]
+    .into_iter()
+    .flatten()
     {
         let _ = task.await;
     }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::OnPublish;
 use crate::event::OutboxRow;
+use crate::replica::Heartbeat;
 use crate::table::TableName;
 
 /// A lazily connecting pool: the relay starts (and serves /healthz) even when the database
@@ -283,19 +284,14 @@ pub struct Lease {
     /// When the last successful acquire/renew started (the lease is valid for `duration` after).
     renewed_at: Option<std::time::Instant>,
     epoch: i64,
+    /// Told the outcome of every lease statement (the replicas table's heartbeat).
+    heartbeat: Option<Heartbeat>,
 }
 
 impl Lease {
-    pub fn new(pool: PgPool, table: &TableName, duration: Duration) -> Self {
+    /// `holder`: this process's replica id ([`crate::replica::Identity`]).
+    pub fn new(pool: PgPool, table: &TableName, duration: Duration, holder: String) -> Self {
         let lease = table.lease_table();
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .unwrap_or_else(|| "unknown".into());
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
         Lease {
             acquire_sql: format!(
                 "INSERT INTO {lease} AS l (id, holder, epoch, expires_at) \
@@ -314,12 +310,19 @@ impl Lease {
                 "UPDATE {lease} SET wake_wanted = $2 WHERE holder = $1 AND wake_wanted <> $2"
             )
             .into(),
-            holder: format!("{}:{}:{nanos:08x}", host.trim(), std::process::id()),
+            holder,
             pool,
             duration,
             renewed_at: None,
             epoch: 0,
+            heartbeat: None,
         }
+    }
+
+    /// Beat `heartbeat` on this lease's cadence (renewals while leading, attempts while standing by).
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     /// How often a leader should call `ensure` to keep the lease while it is busy.
@@ -355,6 +358,9 @@ impl Lease {
                 return Err(e);
             }
         };
+        if let Some(heartbeat) = &mut self.heartbeat {
+            heartbeat.report(epoch, now);
+        }
         match epoch {
             Some(epoch) => {
                 if self.renewed_at.is_none() || epoch != self.epoch {
@@ -415,11 +421,16 @@ pub fn hint(e: &sqlx::Error, table: &TableName) -> String {
         .and_then(|d| d.code())
         .unwrap_or_default();
     match (code.as_ref(), e) {
-        ("42P01", _) => format!("table {table} or its {}_lease table does not exist: run `outbox-relay migrate` (or apply migrations/)", table.table()),
+        ("42P01", _) => format!(
+            "table {table} or its {t}_lease or {t}_replicas table does not exist: run `outbox-relay migrate` (or apply migrations/)",
+            t = table.table()
+        ),
         ("42703", _) => format!("table {table} lacks a relay column: run `outbox-relay migrate` to upgrade it"),
         ("42501", _) => format!(
-            "the role lacks privileges: GRANT SELECT, UPDATE, DELETE ON {table}; GRANT SELECT, INSERT, UPDATE ON {}",
-            table.lease_table()
+            "the role lacks privileges: GRANT SELECT, UPDATE, DELETE ON {table}; GRANT SELECT, INSERT, UPDATE ON {}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {}",
+            table.lease_table(),
+            table.replicas_table()
         ),
         ("28P01", _) | ("28000", _) => "authentication failed: check the user and password".into(),
         ("3D000", _) => "the database in --database-url does not exist".into(),

@@ -87,6 +87,11 @@ impl TableName {
         self.derived("lease")
     }
 
+    /// The quoted name of the table where each running replica heartbeats (`status` lists it).
+    pub fn replicas_table(&self) -> String {
+        self.derived("replicas")
+    }
+
     /// The LISTEN/NOTIFY channel for this table.
     pub fn channel(&self) -> String {
         format!("outbox_relay.{}", self.table)
@@ -111,6 +116,7 @@ impl TableName {
         let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
         let notify_fn = self.derived("notify");
         let lease = self.lease_table();
+        let replicas = self.replicas_table();
         let trigger = quote_ident(&format!("{}_notify", self.table));
         let enqueue_fn = self.derived("enqueue_json");
         let channel = quote_literal(&self.channel());
@@ -152,6 +158,22 @@ CREATE TABLE IF NOT EXISTS {lease} (
     wake_wanted boolean NOT NULL DEFAULT true
 );
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
+
+-- Every running replica heartbeats here on the lease cadence, so `outbox-relay status` can
+-- list them and what each owns. Informational only: publishing never reads it. Rows of
+-- replicas unseen for an hour are deleted by the others' heartbeats.
+CREATE TABLE IF NOT EXISTS {replicas} (
+    holder        text PRIMARY KEY,
+    host          text NOT NULL,
+    pid           bigint NOT NULL,
+    version       text NOT NULL,
+    lease_seconds float8 NOT NULL,
+    started_at    timestamptz NOT NULL,
+    last_seen     timestamptz NOT NULL,
+    epoch         bigint,
+    leader_since  timestamptz,
+    stopped_at    timestamptz
+);
 
 -- Queue table: vacuum early so dead tuples from marking never pile up.
 ALTER TABLE {t} SET (
@@ -233,6 +255,9 @@ mod tests {
         let t = TableName::parse("x\"; DROP TABLE users; --").unwrap();
         let ddl = t.ddl(true);
         assert!(ddl.contains(r#""public"."x""; DROP TABLE users; --""#));
+        assert!(ddl.contains(
+            r#"CREATE TABLE IF NOT EXISTS "public"."x""; DROP TABLE users; --_replicas""#
+        ));
         let t = TableName::parse("o'box").unwrap();
         assert!(t.ddl(true).contains("pg_notify('outbox_relay.o''box', '')"));
     }

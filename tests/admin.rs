@@ -108,6 +108,219 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
     drop(relay);
 }
 
+fn status_json(db: &TestDb) -> serde_json::Value {
+    let (code, out, err) = run(db, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Poll `status --json` until `until` holds (panics with the last status after 30 s).
+fn wait_status(
+    db: &TestDb,
+    what: &str,
+    until: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let status = status_json(db);
+        if until(&status) {
+            return status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "status never showed {what}: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn replica<'a>(status: &'a serde_json::Value, host: &str) -> &'a serde_json::Value {
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["host"] == host)
+        .unwrap_or_else(|| panic!("no replica on {host}: {status:#}"))
+}
+
+/// Two `run` processes on one table: `status` lists both and what each owns, then shows a
+/// SIGTERMed replica as gone at once and a kill -9ed one as stale after three leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_every_replica_and_what_it_owns() {
+    let db = TestDb::new().await;
+    let brokers = common::kafka_brokers();
+    let start = |host: &str| {
+        Relay::spawn(
+            &db.name,
+            &db.url,
+            &brokers,
+            &["--lease-duration", "2s"],
+            &[("HOSTNAME", host)],
+        )
+    };
+    let a = start("replica-a");
+    a.wait_log(
+        "leader: this replica now publishes",
+        Duration::from_secs(20),
+    );
+    let b = start("replica-b");
+    let status = wait_status(&db, "a leader and a standby", |s| {
+        let roles: Vec<&str> = s["replicas"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|r| r["role"].as_str()).collect())
+            .unwrap_or_default();
+        roles == ["leader", "standby"]
+    });
+    let (leader, standby) = (replica(&status, "replica-a"), replica(&status, "replica-b"));
+    assert_eq!(leader["role"], "leader", "{status:#}");
+    assert_eq!(
+        leader["id"], status["leader"]["holder"],
+        "the lease's holder id: {status:#}"
+    );
+    assert!(
+        leader["id"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("replica-a:{}:", a.child.id())),
+        "{status:#}"
+    );
+    assert_eq!(leader["pid"], a.child.id());
+    assert_eq!(leader["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(leader["owns"], "all topics of public.outbox");
+    assert_eq!(leader["epoch"], status["leader"]["epoch"]);
+    assert!(
+        leader["leader_since"].is_string() && leader["lease_expires_at"].is_string(),
+        "{status:#}"
+    );
+    assert_eq!(standby["role"], "standby");
+    assert_eq!(standby["owns"], "nothing (standby)");
+    assert!(
+        standby["id"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("replica-b:{}:", b.child.id())),
+        "{status:#}"
+    );
+    assert!(
+        standby["epoch"].is_null() && standby["lease_expires_at"].is_null(),
+        "{status:#}"
+    );
+    let (_, text, _) = run(&db, &["status"]);
+    let line = |host: &str| {
+        text.lines()
+            .find(|l| l.starts_with(host))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line("replica-a").contains(" leader ")
+            && line("replica-a").contains(" all topics of public.outbox "),
+        "{text}"
+    );
+    assert!(
+        line("replica-b").contains(" standby ")
+            && line("replica-b").contains(" nothing (standby) "),
+        "{text}"
+    );
+
+    // A graceful stop marks the replica gone before it exits.
+    assert_eq!(b.terminate(Duration::from_secs(20)), Some(0));
+    let status = status_json(&db);
+    assert_eq!(replica(&status, "replica-b")["role"], "gone", "{status:#}");
+    assert_eq!(
+        replica(&status, "replica-a")["role"],
+        "leader",
+        "{status:#}"
+    );
+
+    // A killed replica says nothing: it turns stale after three lease durations (6 s).
+    a.kill9();
+    let killed = std::time::Instant::now();
+    let status = status_json(&db);
+    assert_ne!(
+        replica(&status, "replica-a")["role"],
+        "stale",
+        "too early: {status:#}"
+    );
+    let status = wait_status(&db, "replica-a stale", |s| {
+        replica(s, "replica-a")["role"] == "stale"
+    });
+    assert!(
+        killed.elapsed() > Duration::from_secs(4),
+        "stale after only {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(replica(&status, "replica-a")["owns"], "nothing (stale)");
+    let (_, text, _) = run(&db, &["status"]);
+    assert!(text.contains("leader: none (last: replica-a:"), "{text}");
+}
+
+/// An install migrated before the replicas table existed: the relay publishes anyway (the
+/// failing heartbeat is a rate-limited warning with the fix), `status` says the table is
+/// missing, and `migrate` under the running relay brings the replica into `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_replicas_table_never_stops_the_relay_and_migrate_adds_it() {
+    let db = TestDb::new().await;
+    let topic = unique("repl");
+    create_topics(&[&topic], 1).await;
+    sqlx::query("DROP TABLE outbox_replicas")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay = Relay::spawn(
+        &db.name,
+        &db.url,
+        &common::kafka_brokers(),
+        &["--lease-duration", "1s"],
+        &[("HOSTNAME", "old-install")],
+    );
+    sqlx::query("INSERT INTO outbox (topic, key, payload) SELECT $1, 'k' || i, 'p' FROM generate_series(1, 50) i")
+        .bind(&topic)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.wait_count("published_at IS NOT NULL", 50, Duration::from_secs(30))
+        .await;
+    relay.wait_log("replica heartbeat failed", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2)); // six more failing beats
+    let logs = relay.logs();
+    assert_eq!(
+        logs.matches("replica heartbeat failed").count(),
+        1,
+        "rate-limited: {logs}"
+    );
+    assert!(
+        logs.contains("outbox_replicas table does not exist: run `outbox-relay migrate`"),
+        "{logs}"
+    );
+    let (code, text, _) = run(&db, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("leader: old-install:")
+            && text.contains(
+                "replicas: unknown (public.outbox_replicas is missing: run `outbox-relay migrate`)"
+            ),
+        "{text}"
+    );
+    assert!(status_json(&db)["replicas"].is_null());
+    let brokers = common::kafka_brokers();
+    let (_, doctor, _) = run(&db, &["doctor", "--kafka-brokers", &brokers]);
+    assert!(
+        doctor.contains("[WARN] table: the replicas table is missing"),
+        "{doctor}"
+    );
+
+    let (code, _, err) = run(&db, &["migrate"]);
+    assert_eq!(code, 0, "{err}");
+    relay.wait_log("replica heartbeat recovered", Duration::from_secs(10));
+    let status = status_json(&db);
+    assert_eq!(
+        replica(&status, "old-install")["role"],
+        "leader",
+        "{status:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_reports_missing_topics_and_oversized_payloads_with_fixes() {
     let db = TestDb::new().await;

@@ -107,13 +107,14 @@ impl TestDb {
     }
 
     /// Let `role` run the relay on this database (it does not own it): connect, read, mark
-    /// and clean the outbox, and take the leader lease. LISTEN needs no grant.
+    /// and clean the outbox, take the leader lease and heartbeat. LISTEN needs no grant.
     pub async fn grant_relay(&self, role: &str) {
         for sql in [
             format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{role}\"", self.name),
             format!("GRANT USAGE ON SCHEMA public TO \"{role}\""),
             format!("GRANT SELECT, UPDATE, DELETE ON outbox TO \"{role}\""),
             format!("GRANT SELECT, INSERT, UPDATE ON outbox_lease TO \"{role}\""),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_replicas TO \"{role}\""),
         ] {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(&self.pool)
