@@ -109,7 +109,7 @@ async fn status_and_failed_commands_inspect_and_repair_parked_rows() {
 }
 
 fn status_json(db: &TestDb) -> serde_json::Value {
-    let (code, out, err) = run(db, &["status", "--json"]);
+    let (code, out, err) = db.run(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).unwrap()
 }
@@ -205,7 +205,7 @@ async fn status_lists_every_replica_and_what_it_owns() {
         standby["epoch"].is_null() && standby["lease_expires_at"].is_null(),
         "{status:#}"
     );
-    let (_, text, _) = run(&db, &["status"]);
+    let (_, text, _) = db.run(&["status"]);
     let line = |host: &str| {
         text.lines()
             .find(|l| l.starts_with(host))
@@ -251,7 +251,7 @@ async fn status_lists_every_replica_and_what_it_owns() {
         killed.elapsed()
     );
     assert_eq!(replica(&status, "replica-a")["owns"], "nothing (stale)");
-    let (_, text, _) = run(&db, &["status"]);
+    let (_, text, _) = db.run(&["status"]);
     assert!(text.contains("leader: none (last: replica-a:"), "{text}");
 }
 
@@ -293,7 +293,7 @@ async fn a_missing_replicas_table_never_stops_the_relay_and_migrate_adds_it() {
         logs.contains("outbox_replicas table does not exist: run `outbox-relay migrate`"),
         "{logs}"
     );
-    let (code, text, _) = run(&db, &["status"]);
+    let (code, text, _) = db.run(&["status"]);
     assert_eq!(code, 0);
     assert!(
         text.contains("leader: old-install:")
@@ -304,13 +304,13 @@ async fn a_missing_replicas_table_never_stops_the_relay_and_migrate_adds_it() {
     );
     assert!(status_json(&db)["replicas"].is_null());
     let brokers = common::kafka_brokers();
-    let (_, doctor, _) = run(&db, &["doctor", "--kafka-brokers", &brokers]);
+    let (_, doctor, _) = db.run(&["doctor", "--kafka-brokers", &brokers]);
     assert!(
         doctor.contains("[WARN] table: the replicas table is missing"),
         "{doctor}"
     );
 
-    let (code, _, err) = run(&db, &["migrate"]);
+    let (code, _, err) = db.run(&["migrate"]);
     assert_eq!(code, 0, "{err}");
     relay.wait_log("replica heartbeat recovered", Duration::from_secs(10));
     let status = status_json(&db);
