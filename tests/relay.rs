@@ -859,3 +859,65 @@ async fn a_fatal_producer_error_recreates_the_producer_and_loses_nothing() {
     );
     drop(relay);
 }
+
+/// The insert trigger NOTIFYs only while the relay is idle and asked for it: a notifying commit
+/// takes a database-wide lock that serializes commits, which would cap the application's write
+/// rate. An idle relay still wakes at once (the poll interval here is far longer than the test),
+/// and a busy one polls on its own, so a burst of commits sends only a few notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_relay_wakes_on_notify_and_a_busy_one_is_not_notified() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let notified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("outbox_relay.outbox").await.unwrap();
+    let counter = notified.clone();
+    let counting = tokio::spawn(async move {
+        while listener.recv().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let relay = Relay::start(&db, &["--poll-interval", "60s"]);
+    let wake_wanted = || async {
+        sqlx::query_scalar::<_, bool>("SELECT wake_wanted FROM outbox_lease")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+    };
+    let start = std::time::Instant::now();
+    while wake_wanted().await != Some(true) || start.elapsed() < Duration::from_secs(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "relay never went idle"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let insert = |payload: String| {
+        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, 'k', $2)")
+            .bind(topics[0].clone())
+            .bind(payload.into_bytes())
+            .execute(&db.pool)
+    };
+
+    // Idle: one commit, one notification, delivered long before the 60 s poll.
+    insert("first".into()).await.unwrap();
+    db.wait_count("published_at IS NOT NULL", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(notified.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Busy: back-to-back single-row commits; the relay polls and the trigger stays quiet.
+    let before = notified.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..400 {
+        insert(format!("burst {i}")).await.unwrap();
+    }
+    db.wait_count("published_at IS NOT NULL", 401, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // late notifications arrive
+    let during = notified.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        during < 40,
+        "{during} notifications for 400 commits: a busy relay should not be notified"
+    );
+    counting.abort();
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}

@@ -240,9 +240,10 @@ impl Relay {
             brokers,
             "--metrics-addr",
             &metrics_addr,
-            "--poll-interval",
-            "100ms",
         ];
+        if !extra.contains(&"--poll-interval") {
+            args.extend_from_slice(&["--poll-interval", "100ms"]);
+        }
         args.extend_from_slice(extra);
         let mut command = relay_command(&args);
         command
