@@ -374,6 +374,9 @@ def lat_stats(lat_s):
 # PostgreSQL
 
 RELAY_TABLE, DBZ_TABLE = "outbox", "dbz_outbox"
+AUDIT_TABLE = "bench_published"
+RELAY_ROWS = (f"(SELECT topic, key, payload, bench_xid FROM {RELAY_TABLE} "
+              f"UNION ALL SELECT topic, key, payload, bench_xid FROM {AUDIT_TABLE})")
 PUBLICATION, SLOT = "bench_dbz_pub", "bench_dbz"
 
 
@@ -406,6 +409,19 @@ class Pg:
         # The relay's UPDATE replaces xmin; keep the inserting transaction's id to find its true
         # commit time (pg_xact_commit_timestamp) after the row was marked. Costs app and baseline alike.
         self.x(f"ALTER TABLE {RELAY_TABLE} ADD COLUMN IF NOT EXISTS bench_xid xid8 DEFAULT pg_current_xact_id()")
+        # `run --on-publish delete` deletes delivered rows: the checker's ledger of committed rows
+        # keeps a copy of what it deletes (a statement-level trigger on the relay's DELETE, so the
+        # cost lands on the relay's mark, never on the application's inserts).
+        self.x(f"CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (topic text, key text, payload bytea, bench_xid xid8)")
+        self.x(f"""CREATE OR REPLACE FUNCTION bench_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN
+                       INSERT INTO {AUDIT_TABLE} SELECT topic, key, substring(payload from 1 for 40), bench_xid FROM old_rows;
+                       RETURN NULL;
+                   END $$""")
+        self.x(f"DROP TRIGGER IF EXISTS bench_audit ON {RELAY_TABLE}")
+        self.x(f"CREATE TRIGGER bench_audit AFTER DELETE ON {RELAY_TABLE} REFERENCING OLD TABLE AS old_rows "
+               "FOR EACH STATEMENT EXECUTE FUNCTION bench_audit()")
+        self.x(f"GRANT SELECT, INSERT ON {AUDIT_TABLE} TO PUBLIC")
 
     def setup_dbz_table(self):
         self.x(f"""CREATE TABLE IF NOT EXISTS {DBZ_TABLE} (
@@ -431,6 +447,8 @@ class Pg:
 
     def reset_table(self, table):
         self.x(f"TRUNCATE {table}")
+        if table == RELAY_TABLE:
+            self.x(f"TRUNCATE {AUDIT_TABLE}")
         self.x(f"SELECT pg_stat_reset_single_table_counters('{table}'::regclass)")
         left = self.one(f"SELECT count(*) FROM {table}")[0]
         if left:
@@ -478,7 +496,7 @@ class Pg:
         if layout == "relay":
             sql = (f"SELECT key::int, split_part(split_part(convert_from(substring(payload from 1 for 40), 'UTF8'), ' ', 2), '=', 2)::bigint, "
                    f"extract(epoch FROM pg_xact_commit_timestamp((bench_xid::text::bigint %% 4294967296)::text::xid))::float8 "
-                   f"FROM {RELAY_TABLE} WHERE topic = %s")
+                   f"FROM {RELAY_ROWS} AS t WHERE topic = %s")
         else:
             sql = (f"SELECT aggregateid::int, split_part(split_part(left(payload, 40), ' ', 2), '=', 2)::bigint, "
                    f"extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 FROM {DBZ_TABLE} WHERE aggregatetype = %s")
@@ -488,7 +506,7 @@ class Pg:
 
     def count(self, layout, topic):
         if layout == "relay":
-            return self.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE topic = %s", (topic,))[0]
+            return self.one(f"SELECT count(*) FROM {RELAY_ROWS} AS t WHERE topic = %s", (topic,))[0]
         return self.one(f"SELECT count(*) FROM {DBZ_TABLE} WHERE aggregatetype = %s", (topic,))[0]
 
     def preload(self, layout, topic, n, payload):
@@ -634,6 +652,7 @@ class DbOnly(Arm):
 class Relay(Arm):
     name = "relay"
     role = "bench_relay"
+    extra_args = []
 
     def __init__(self, h):
         super().__init__(h)
@@ -644,7 +663,8 @@ class Relay(Arm):
         if self.running():
             return
         env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"), RUST_LOG="info")
-        self.spawn([self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"],
+        self.spawn([self.h.relay_bin, "run", "--kafka-brokers", BROKERS, "--metrics-addr", f"127.0.0.1:{METRICS_PORT}",
+                    *self.extra_args],
                    env=env, stdout=subprocess.DEVNULL, stderr=open(self.logfile, "a"))
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -675,7 +695,7 @@ class Relay(Arm):
         end = self.scrape()
         d = {k: end[k] - start.get(k, 0.0) for k in end}
         prof = {}
-        for phase in ("fetch", "publish", "mark"):
+        for phase in ("fetch", "publish", "mark", "mark_wait"):
             cnt = d.get(f'outbox_relay_batch_phase_seconds_count{{phase="{phase}"}}', 0)
             tot = d.get(f'outbox_relay_batch_phase_seconds_sum{{phase="{phase}"}}', 0)
             buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)
@@ -696,6 +716,16 @@ def _bucket_q(buckets, count, q):
         if v >= q * count:
             return le * 1000
     return None
+
+
+class RelayDelete(Relay):
+    """outbox-relay with `--on-publish delete` (delivered rows deleted instead of marked)."""
+    name = "relay-delete"
+    extra_args = ["--on-publish", "delete"]
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build), --on-publish delete"
 
 
 class RelayNoNotify(Relay):
@@ -1272,6 +1302,8 @@ def estimate(m, arms, dbz):
         t += len(m.workloads) * (ladder + 1) * quiet_step
     if want("relay"):
         t += 15 + len(m.workloads) * ladder * step + 2 * drain + m.soak_seconds + 20
+    if want("relay-delete"):
+        t += 15 + 2 * ladder * step + drain
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1363,6 +1395,15 @@ def plan(h, arms_filter):
             guarded("relay soak", h.step, relay, soak_wl, m.soak_rate, m.soak_seconds, "soak")
         finally:
             relay.stop()
+    if want("relay-delete"):
+        rd = RelayDelete(h)
+        try:
+            guarded("relay-delete warm-up", h.warm, rd)
+            for wl in side:
+                guarded(f"relay-delete ladder {wl.name}", h.ladder, rd, wl, cap=ceilings.get(wl.name))
+            guarded("relay-delete drain", h.drain, rd, main, m.drain_rows)
+        finally:
+            rd.stop()
     if want("naive"):
         naive = Naive(h)
         try:

@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
-ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "relay", "relay-nonotify", "naive",
+ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "relay", "relay-delete", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
-COLORS = {"relay": "tab:blue", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple"}
 
 
@@ -228,55 +228,57 @@ def render(meta, res, plots, outdir, mode):
 
     # ---- targets
     main, side = "1x200B", "10x200B"
-    rd = drain(res, "relay", main)
     kd = drain(res, "kafka-only", main)
-    r1k = at_rate(res, "relay", main, 1000)
-    r5k = at_rate(res, "relay", side, 5000) or at_rate(res, "relay", main, 5000)
     dbz_arms = [a for a in ("debezium-defaults", "debezium-tuned") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
-    peak_rss = max([r.get("peak_rss_mib") or 0 for r in res if r["arm"] == "relay"] or [0]) or None
-
-    def cpu1k(arm):
-        """Arm CPU per 1k events at the highest offered rate both it and the relay sustained (10x200B first)."""
-        for wl in (side, main):
-            for rate in sorted({r["offered"] for r in steps(res, arm, wl)}, reverse=True):
-                a, b = at_rate(res, arm, wl, rate), at_rate(res, "relay", wl, rate)
-                if a and b and a.get("sustained") and b.get("sustained") and a.get("arm_cpu_s_per_1k") and b.get("arm_cpu_s_per_1k"):
-                    return a["arm_cpu_s_per_1k"], b["arm_cpu_s_per_1k"], f"{wl} at {rate:,}/s"
-        return None, None, None
-
     w("## Targets\n")
     w("| target | measured | verdict |\n|---|---|---|")
-    if rd:
-        w(f"| backlog drain >= 50,000 events/s at 200 B | {fmt(rd.get('drain_rate'))} events/s | {verdict((rd.get('drain_rate') or 0) >= 50000)} |")
-        if kd and kd.get("drain_rate"):
-            w(f"| drain >= half of Kafka's producer-only ceiling (200 B) | {fmt(rd.get('drain_rate'))} vs ceiling {fmt(kd['drain_rate'])} "
-              f"({fmt(100 * (rd.get('drain_rate') or 0) / kd['drain_rate'], 0)}%) | {verdict((rd.get('drain_rate') or 0) >= kd['drain_rate'] / 2)} |")
-    for wl in ("1x200B", "10x200B", "1x1KB", "10x1KB"):
-        rs, ds = sustained(res, "relay", wl), sustained(res, "db-only", wl)
-        if rs is not None or ds is not None:
-            ok = None if not ds else (rs or 0) >= 0.9 * ds
-            w(f"| live >= 90% of the DB insert-only ceiling ({wl}) | relay {fmt(rs)} vs insert-only {fmt(ds)} events/s "
-              f"({fmt(100 * (rs or 0) / ds, 0) if ds else '-'}%) | {verdict(ok)} |")
-    if r1k:
-        w(f"| latency at 1k/s ({main}): p50 < 5 ms | {fmt(r1k.get('lat_p50_ms'), 1)} ms | {verdict((r1k.get('lat_p50_ms') or 1e9) < 5)} |")
-        w(f"| latency at 1k/s ({main}): p99 < 25 ms | {fmt(r1k.get('lat_p99_ms'), 1)} ms | {verdict((r1k.get('lat_p99_ms') or 1e9) < 25)} |")
-    if peak_rss:
-        w(f"| peak RSS < 64 MB (max over all relay cells) | {fmt(peak_rss, 1)} MiB | {verdict(peak_rss * 1.048576 < 64)} |")
-    for a in dbz_arms:
-        dc, rc, where = cpu1k(a)
-        w(f"| CPU per event >= 10x lower than {a} | relay {fmt(rc, 3)} vs {fmt(dc, 3)} CPU-s/1k events ({where or 'no common sustained step'}: "
-          f"{fmt(dc / rc if rc and dc else None, 1)}x) | {verdict(None if not (rc and dc) else dc / rc >= 10)} |")
-        for wl in (main, side):
-            rs, ds = sustained(res, "relay", wl), sustained(res, a, wl)
-            if not steps(res, a, wl):
-                continue
-            w(f"| >= 3x {a}'s sustained throughput ({wl}) | relay {fmt(rs)} vs {fmt(ds)} events/s "
-              f"({fmt(rs / ds if rs and ds else None, 1)}x) | {verdict(None if not (rs and ds) else rs >= 3 * ds)} |")
-        for rate, wl in ((1000, main), (5000, side)):
-            rr, dr = at_rate(res, "relay", wl, rate), at_rate(res, a, wl, rate)
-            if rr and dr and rr.get("lat_p99_ms") and dr.get("lat_p99_ms"):
-                w(f"| <= 1/10 of {a}'s p99 at {rate:,}/s ({wl}) | relay {fmt(rr['lat_p99_ms'], 1)} ms vs {fmt(dr['lat_p99_ms'], 1)} ms "
-                  f"({fmt(dr['lat_p99_ms'] / rr['lat_p99_ms'], 1)}x) | {verdict(rr['lat_p99_ms'] * 10 <= dr['lat_p99_ms'])} |")
+    relay_arms = [a for a in ("relay", "relay-delete") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
+    for ra in relay_arms:
+        rd = drain(res, ra, main)
+        r1k = at_rate(res, ra, main, 1000)
+        r5k = at_rate(res, ra, side, 5000) or at_rate(res, ra, main, 5000)
+        peak_rss = max([r.get("peak_rss_mib") or 0 for r in res if r["arm"] == ra] or [0]) or None
+
+        def cpu1k(arm):
+            """Arm CPU per 1k events at the highest offered rate both it and the relay sustained (10x200B first)."""
+            for wl in (side, main):
+                for rate in sorted({r["offered"] for r in steps(res, arm, wl)}, reverse=True):
+                    a, b = at_rate(res, arm, wl, rate), at_rate(res, ra, wl, rate)
+                    if a and b and a.get("sustained") and b.get("sustained") and a.get("arm_cpu_s_per_1k") and b.get("arm_cpu_s_per_1k"):
+                        return a["arm_cpu_s_per_1k"], b["arm_cpu_s_per_1k"], f"{wl} at {rate:,}/s"
+            return None, None, None
+
+        if rd:
+            w(f"| [{ra}] backlog drain >= 50,000 events/s at 200 B | {fmt(rd.get('drain_rate'))} events/s | {verdict((rd.get('drain_rate') or 0) >= 50000)} |")
+            if kd and kd.get("drain_rate"):
+                w(f"| [{ra}] drain >= half of Kafka's producer-only ceiling (200 B) | {fmt(rd.get('drain_rate'))} vs ceiling {fmt(kd['drain_rate'])} "
+                  f"({fmt(100 * (rd.get('drain_rate') or 0) / kd['drain_rate'], 0)}%) | {verdict((rd.get('drain_rate') or 0) >= kd['drain_rate'] / 2)} |")
+        for wl in ("1x200B", "10x200B", "1x1KB", "10x1KB"):
+            rs, ds = sustained(res, ra, wl), sustained(res, "db-only", wl)
+            if rs is not None or ds is not None:
+                ok = None if not ds else (rs or 0) >= 0.9 * ds
+                w(f"| [{ra}] live >= 90% of the DB insert-only ceiling ({wl}) | relay {fmt(rs)} vs insert-only {fmt(ds)} events/s "
+                  f"({fmt(100 * (rs or 0) / ds, 0) if ds else '-'}%) | {verdict(ok)} |")
+        if r1k:
+            w(f"| [{ra}] latency at 1k/s ({main}): p50 < 5 ms | {fmt(r1k.get('lat_p50_ms'), 1)} ms | {verdict((r1k.get('lat_p50_ms') or 1e9) < 5)} |")
+            w(f"| [{ra}] latency at 1k/s ({main}): p99 < 25 ms | {fmt(r1k.get('lat_p99_ms'), 1)} ms | {verdict((r1k.get('lat_p99_ms') or 1e9) < 25)} |")
+        if peak_rss:
+            w(f"| [{ra}] peak RSS < 64 MB (max over its cells) | {fmt(peak_rss, 1)} MiB | {verdict(peak_rss * 1.048576 < 64)} |")
+        for a in dbz_arms:
+            dc, rc, where = cpu1k(a)
+            w(f"| [{ra}] CPU per event >= 10x lower than {a} | relay {fmt(rc, 3)} vs {fmt(dc, 3)} CPU-s/1k events ({where or 'no common sustained step'}: "
+              f"{fmt(dc / rc if rc and dc else None, 1)}x) | {verdict(None if not (rc and dc) else dc / rc >= 10)} |")
+            for wl in (main, side):
+                rs, ds = sustained(res, ra, wl), sustained(res, a, wl)
+                if not steps(res, a, wl):
+                    continue
+                w(f"| [{ra}] >= 3x {a}'s sustained throughput ({wl}) | relay {fmt(rs)} vs {fmt(ds)} events/s "
+                  f"({fmt(rs / ds if rs and ds else None, 1)}x) | {verdict(None if not (rs and ds) else rs >= 3 * ds)} |")
+            for rate, wl in ((1000, main), (5000, side)):
+                rr, dr = at_rate(res, ra, wl, rate), at_rate(res, a, wl, rate)
+                if rr and dr and rr.get("lat_p99_ms") and dr.get("lat_p99_ms"):
+                    w(f"| [{ra}] <= 1/10 of {a}'s p99 at {rate:,}/s ({wl}) | relay {fmt(rr['lat_p99_ms'], 1)} ms vs {fmt(dr['lat_p99_ms'], 1)} ms "
+                      f"({fmt(dr['lat_p99_ms'] / rr['lat_p99_ms'], 1)}x) | {verdict(rr['lat_p99_ms'] * 10 <= dr['lat_p99_ms'])} |")
     if not dbz_arms:
         w("| Debezium comparisons (CPU 10x, throughput 3x, p99 1/10) | Debezium did not run in this run | n/a |")
     w("\nA step the load generator could not offer (the database's insert ceiling) is not a relay result: "
