@@ -151,6 +151,29 @@ async fn topics(n: usize) -> Vec<String> {
     t
 }
 
+/// Read `n` messages back from `topics`: done once `n` arrived and `idle_secs` passed without
+/// more, or after `timeout_secs`.
+async fn read_back(
+    topics: &[String],
+    n: usize,
+    idle_secs: u64,
+    timeout_secs: u64,
+) -> Vec<Consumed> {
+    let t = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let idle = Duration::from_secs(idle_secs);
+        consume(
+            &refs(&t),
+            PARTITIONS,
+            n,
+            idle,
+            Duration::from_secs(timeout_secs),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 fn refs(t: &[String]) -> Vec<&str> {
     t.iter().map(String::as_str).collect()
 }
@@ -187,20 +210,7 @@ async fn on_publish_delete_deletes_each_row_after_its_delivery() {
 
 /// Every written event arrives exactly once, in per-key order, and the relay counted them.
 async fn assert_exactly_once_in_key_order(topics: &[String], written: &[Written], relay: &Relay) {
-    let consumed = tokio::task::spawn_blocking({
-        let (t, n) = (topics.to_vec(), written.len());
-        move || {
-            consume(
-                &refs(&t),
-                PARTITIONS,
-                n,
-                Duration::from_secs(2),
-                Duration::from_secs(60),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(topics, written.len(), 2, 60).await;
     assert_eq!(
         check_delivery(written, &consumed),
         0,
@@ -249,34 +259,14 @@ async fn a_late_commit_with_a_lower_id_is_delivered() {
         .await;
     // The later ids are in Kafka; the open, lower id is not (it is not committed).
     let t = topics.clone();
-    let before = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            50,
-            Duration::from_secs(2),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let before = read_back(&t, 50, 2, 30).await;
     assert_eq!(before.len(), 50);
     assert!(before.iter().all(|c| c.event_id() > late_id));
     late.commit().await.unwrap();
     db.wait_count("published_at IS NOT NULL", 51, Duration::from_secs(20))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            51,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 51, 1, 30).await;
     assert_eq!(consumed.len(), 51);
     let late_msg = consumed
         .iter()
@@ -314,17 +304,7 @@ async fn rolled_back_rows_never_appear() {
     db.wait_count("published_at IS NOT NULL", 100, Duration::from_secs(20))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            100,
-            Duration::from_secs(2),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 100, 2, 30).await;
     assert_eq!(consumed.len(), 100);
     assert!(consumed
         .iter()
@@ -350,17 +330,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            20_000,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 20_000, 2, 60).await;
     let dups = check_delivery(&written, &consumed);
     // At most the batch whose mark was being written and the batch in flight at the kill are
     // published twice.
@@ -392,17 +362,7 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
     db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            20_000,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 20_000, 2, 60).await;
     assert_eq!(
         check_delivery(&written, &consumed),
         0,
@@ -432,17 +392,7 @@ async fn tombstones_null_keys_and_json_helper() {
     db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            3,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 3, 1, 30).await;
     assert_eq!(consumed.len(), 3);
     let tomb = consumed
         .iter()
@@ -529,17 +479,7 @@ async fn malformed_rows_are_parked_with_a_reason_and_others_flow() {
         "{metrics}"
     );
     let t2 = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t2),
-            PARTITIONS,
-            2,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t2, 2, 1, 30).await;
     let payloads: Vec<_> = consumed
         .iter()
         .map(|c| c.payload.clone().unwrap())
@@ -558,17 +498,7 @@ async fn two_replicas_publish_each_row_once_in_order() {
     db.wait_count("published_at IS NOT NULL", 4_000, Duration::from_secs(60))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            4_000,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 4_000, 2, 60).await;
     assert_eq!(check_delivery(&written, &consumed), 0);
     let leaders = [&a, &b]
         .iter()
@@ -702,17 +632,7 @@ async fn block_key_policy_holds_a_key_until_its_parked_row_is_fixed() {
     db.wait_count("published_at IS NOT NULL", 4, Duration::from_secs(20))
         .await;
     let t = topics.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            4,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(&t, 4, 1, 30).await;
     let a: Vec<Vec<u8>> = consumed
         .iter()
         .filter(|c| c.key.as_deref() == Some(&b"a"[..]))
@@ -755,18 +675,7 @@ async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
         .await;
     assert_eq!(db.count("failed_at IS NOT NULL").await, 0);
     assert_eq!(db.count("last_error LIKE 'dead-lettered to %'").await, 2);
-    let d = dlq.clone();
-    let dead = tokio::task::spawn_blocking(move || {
-        consume(
-            &[&d],
-            PARTITIONS,
-            2,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let dead = read_back(std::slice::from_ref(dlq), 2, 1, 30).await;
     assert_eq!(dead.len(), 2);
     let invalid = dead
         .iter()
