@@ -91,6 +91,24 @@ async fn stop(load: Load, bursts: Bursts) -> Ledger {
     ledger
 }
 
+/// The common end of a scenario: stop the load, check every event (loss, rolled-back rows,
+/// per-key order, bytes, at most `max_duplicates` duplicates), leave one leader, stop the
+/// fleet, drop the database and topics.
+async fn conclude(
+    ctx: &Ctx,
+    db: FaultDb,
+    mut fleet: Fleet,
+    (load, bursts): (Load, Bursts),
+    topics: &[String],
+    max_duplicates: usize,
+) {
+    let mut ledger = stop(load, bursts).await;
+    common::faults::verify(ctx, &db, &mut ledger, expect(topics, max_duplicates)).await;
+    fleet.wait_single_leader(Duration::from_secs(30)).await;
+    fleet.stop_all().await;
+    finish(db, topics).await;
+}
+
 fn expect(topics: &[String], max_duplicates: usize) -> Expect<'_> {
     Expect {
         topics,
@@ -132,12 +150,7 @@ fn replicas_sigkilled_under_load() {
                 ));
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * kills))
-                .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
+            conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
         },
     );
 }
@@ -193,11 +206,7 @@ fn rolling_restart_under_load() {
             "no round stopped the leader {}",
             ctx.tag()
         );
-        let mut ledger = stop(load, bursts).await;
-        common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, 0)).await;
-        fleet.wait_single_leader(Duration::from_secs(30)).await;
-        fleet.stop_all().await;
-        finish(db, &topics).await;
+        conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
     });
 }
 
@@ -250,12 +259,15 @@ fn paused_leader_loses_lease_and_order_holds() {
                 ));
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * pauses))
-                .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
+            conclude(
+                &ctx,
+                db,
+                fleet,
+                (load, bursts),
+                &topics,
+                DUP_WINDOW * pauses,
+            )
+            .await;
         },
     );
 }
@@ -286,12 +298,7 @@ fn broker_sigkilled_and_restarted_under_load() {
                 ));
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * kills))
-                .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
+            conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
         },
     );
 }
@@ -322,12 +329,15 @@ fn broker_paused_and_resumed_under_load() {
                 ));
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * pauses))
-                .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
+            conclude(
+                &ctx,
+                db,
+                fleet,
+                (load, bursts),
+                &topics,
+                DUP_WINDOW * pauses,
+            )
+            .await;
         },
     );
 }
@@ -360,17 +370,15 @@ fn broker_down_longer_than_message_timeout() {
                 ));
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(
+            conclude(
                 &ctx,
-                &db,
-                &mut ledger,
-                expect(&topics, DUP_WINDOW * outages),
+                db,
+                fleet,
+                (load, bursts),
+                &topics,
+                DUP_WINDOW * outages,
             )
             .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
         },
     );
 }
@@ -410,17 +418,15 @@ fn postgres_restarted_and_crashed_under_load() {
                 ));
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(
+            conclude(
                 &ctx,
-                &db,
-                &mut ledger,
-                expect(&topics, DUP_WINDOW * 2 * rounds),
+                db,
+                fleet,
+                (load, bursts),
+                &topics,
+                DUP_WINDOW * 2 * rounds,
             )
             .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
         },
     );
 }
@@ -457,12 +463,15 @@ fn relay_connections_terminated_under_load() {
                 assert!(killed > 0, "no relay connection to terminate {}", ctx.tag());
             }
             fleet.assert_all_running();
-            let mut ledger = stop(load, bursts).await;
-            common::faults::verify(&ctx, &db, &mut ledger, expect(&topics, DUP_WINDOW * rounds))
-                .await;
-            fleet.wait_single_leader(Duration::from_secs(30)).await;
-            fleet.stop_all().await;
-            finish(db, &topics).await;
+            conclude(
+                &ctx,
+                db,
+                fleet,
+                (load, bursts),
+                &topics,
+                DUP_WINDOW * rounds,
+            )
+            .await;
         },
     );
 }
