@@ -268,7 +268,7 @@ pub enum OnPublish {
     /// Set published_at; the built-in cleanup deletes the row after --retention (an audit
     /// trail for inspection and replays).
     Mark,
-    /// Delete the row at once: about a third of the database work and a sixth of the WAL of a
+    /// Delete the row at once: about a quarter of the statement time and a sixth of the WAL of a
     /// mark per event, and no table growth; nothing published is left to inspect.
     Delete,
 }

@@ -115,7 +115,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // failing messages, which is what keeps a key's order across long broker outages.
         .set("message.timeout.ms", "0")
         // A batch is enqueued at once, so a longer linger buys little batching and costs
-        // latency at low rates (bench: p50 at 1k events/s 3.1 ms with 1 ms, 5.6 ms with 2 ms).
+        // latency at low rates (p50 at 1k events/s: 3.1 ms with 1 ms, 5.6 ms with 2 ms; the
+        // command is in BENCHMARKS.md's notes).
         .set("linger.ms", "1")
         .set("topic.metadata.propagation.max.ms", "10000")
         .set_log_level(RDKafkaLogLevel::Warning);
