@@ -8,6 +8,8 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
     payload      bytea,
     headers      jsonb,
     created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The writing transaction: the order of --read-mode append.
+    xid          xid8 DEFAULT pg_current_xact_id(),
     -- Written by the relay only:
     published_at timestamptz,
     attempts     integer NOT NULL DEFAULT 0,
@@ -15,9 +17,15 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
     failed_at    timestamptz
 );
 
--- The relay reads pending rows in id order through this small partial index.
+-- Tables created before the xid column: added without a table rewrite; older rows keep NULL
+-- (an append-mode leader gives pending ones its own xid once).
+ALTER TABLE "public"."outbox" ADD COLUMN IF NOT EXISTS xid xid8;
+ALTER TABLE "public"."outbox" ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
+
+-- The relay (--read-mode claim) reads pending rows in id order through this small partial index.
 CREATE INDEX IF NOT EXISTS "outbox_pending_idx" ON "public"."outbox" (id)
     WHERE published_at IS NULL AND failed_at IS NULL;
+DROP INDEX IF EXISTS "public"."outbox_xid_idx";
 
 -- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (published_at)
@@ -32,9 +40,14 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_lease" (
     holder      text NOT NULL,
     epoch       bigint NOT NULL,
     expires_at  timestamptz NOT NULL,
-    wake_wanted boolean NOT NULL DEFAULT true
+    wake_wanted boolean NOT NULL DEFAULT true,
+    cursor_xid  xid8,
+    cursor_id   bigint
 );
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
+-- cursor_xid, cursor_id: the last row --read-mode append has published (NULL in claim mode).
+ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS cursor_xid xid8;
+ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS cursor_id bigint;
 
 -- Every running replica heartbeats here on the lease cadence, so `outbox-relay status` can
 -- list them and what each owns. Informational only: publishing never reads it. Rows of

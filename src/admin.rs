@@ -72,10 +72,11 @@ impl Admin {
         let topics: Vec<TopicBacklog> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT topic, sum(pending)::int8 AS pending, max(age) AS oldest_pending_age_seconds, sum(parked)::int8 AS parked FROM (
                SELECT topic, count(*) AS pending, extract(epoch FROM now() - min(created_at))::float8 AS age, 0 AS parked
-                 FROM {t} WHERE published_at IS NULL AND failed_at IS NULL GROUP BY topic
+                 FROM {t} AS o WHERE {unpublished} GROUP BY topic
                UNION ALL
                SELECT topic, 0, NULL, count(*) FROM {t} WHERE failed_at IS NOT NULL GROUP BY topic
-             ) s GROUP BY topic ORDER BY topic"
+             ) s GROUP BY topic ORDER BY topic",
+            unpublished = crate::outbox::unpublished(&self.table)
         )))
         .fetch_all(&self.pool)
         .await?;
@@ -123,10 +124,11 @@ impl Admin {
         .await
     }
 
-    /// Make the selected parked rows pending again. Returns how many.
+    /// Make the selected parked rows pending again. Returns how many. Each gets this
+    /// transaction's xid, so append mode (whose cursor has passed it) reads it again, at the tail.
     pub async fn retry(&self, rows: &RowSelector, topic: Option<&str>) -> Result<u64, sqlx::Error> {
         let sql = format!(
-            "UPDATE {} SET failed_at = NULL WHERE {SELECTED}",
+            "UPDATE {} SET failed_at = NULL, xid = pg_current_xact_id() WHERE {SELECTED}",
             self.table.quoted()
         );
         self.act(sql, rows, topic, None).await

@@ -273,6 +273,19 @@ pub enum OnPublish {
     Delete,
 }
 
+/// How the relay finds the rows to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReadMode {
+    /// Read pending rows by state in id order and mark (or delete) each one once Kafka has
+    /// acknowledged it. Per-key order is id order; a late commit with a lower id is still read.
+    Claim,
+    /// Read in order of the writing transaction's xid8, only below the database's oldest
+    /// running transaction, with a cursor in the lease row and no per-row write: the lightest
+    /// mode. Per-key order is transaction-xid order; a long write transaction anywhere in the
+    /// cluster holds publishing back until it ends. Needs `migrate --read-mode append`.
+    Append,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -301,6 +314,11 @@ pub struct RunArgs {
     /// --retention) or delete it at once (the fastest, lightest mode).
     #[arg(long, env = "OUTBOX_RELAY_ON_PUBLISH", value_enum, default_value_t = OnPublish::Mark, help_heading = "Relay")]
     pub on_publish: OnPublish,
+    /// How rows are found and settled: by state with a per-row mark (claim), or by a cursor on
+    /// the writing transaction's xid with no per-row write (append; run `migrate --read-mode
+    /// append` first).
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim, help_heading = "Relay")]
+    pub read_mode: ReadMode,
     /// How often the built-in cleanup runs.
     #[arg(long, env = "OUTBOX_RELAY_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration, help_heading = "Relay")]
     pub cleanup_interval: Duration,
@@ -394,6 +412,10 @@ pub struct MigrateArgs {
     /// Install the statement-level NOTIFY trigger (false drops it: poll-only, no commit-time lock).
     #[arg(long, env = "OUTBOX_RELAY_NOTIFY_TRIGGER", default_value_t = true, action = clap::ArgAction::Set)]
     pub notify_trigger: bool,
+    /// The index the relay's read mode needs: claim (pending rows by id) or append (rows by
+    /// writing transaction xid). The other mode's index is dropped.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim)]
+    pub read_mode: ReadMode,
     /// Print the SQL for --table instead of applying it (to feed your own migration tool).
     #[arg(long)]
     pub print_sql: bool,
@@ -478,6 +500,10 @@ pub struct CleanupArgs {
     /// Delete published rows older than this.
     #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration)]
     pub retention: Duration,
+    /// The relay's read mode: append also deletes the rows behind its cursor created before
+    /// the retention.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim)]
+    pub read_mode: ReadMode,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -707,6 +733,7 @@ pub struct RelayConfig {
     pub listen: bool,
     pub retention: Duration,
     pub on_publish: OnPublish,
+    pub read_mode: ReadMode,
     pub cleanup_interval: Duration,
     pub stall_timeout: Duration,
     pub metrics_addr: SocketAddr,
@@ -807,6 +834,26 @@ impl RunArgs {
         }
     }
 
+    fn read_mode(&self) -> Result<ReadMode, ConfigError> {
+        if self.read_mode == ReadMode::Append {
+            if self.on_publish == OnPublish::Delete {
+                return Err(ConfigError::Invalid(
+                    "--on-publish delete needs --read-mode claim: append mode writes no row per event \
+                     (the cursor moves instead) and the built-in cleanup deletes rows after --retention"
+                        .into(),
+                ));
+            }
+            if self.poison_policy == PoisonPolicy::BlockKey {
+                return Err(ConfigError::Invalid(
+                    "--poison-policy block-key needs --read-mode claim: append mode's cursor cannot hold \
+                     one key back; use park or dead-letter"
+                        .into(),
+                ));
+            }
+        }
+        Ok(self.read_mode)
+    }
+
     pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
         Ok(RelayConfig {
             db: self.db.resolve()?,
@@ -816,6 +863,7 @@ impl RunArgs {
             listen: self.listen,
             retention: self.retention,
             on_publish: self.on_publish,
+            read_mode: self.read_mode()?,
             cleanup_interval: self.cleanup_interval,
             stall_timeout: self.stall_timeout,
             metrics_addr: self.metrics_addr,
@@ -841,6 +889,32 @@ mod tests {
         let mut argv = vec!["outbox-relay", "run", "--kafka-brokers", "k:9092"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn append_mode_refuses_settings_it_cannot_honour() {
+        let resolve = |extra: &[&str]| {
+            let mut argv = vec!["--database-url", "postgres://db/a"];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = run_args(&argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.resolve().map(|c| c.read_mode)
+        };
+        assert_eq!(
+            resolve(&["--read-mode", "append"]).unwrap(),
+            ReadMode::Append
+        );
+        assert_eq!(resolve(&[]).unwrap(), ReadMode::Claim);
+        for bad in [["--on-publish", "delete"], ["--poison-policy", "block-key"]] {
+            let err = resolve(&["--read-mode", "append", bad[0], bad[1]])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(bad[0]) && err.contains("--read-mode claim"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

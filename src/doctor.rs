@@ -163,6 +163,7 @@ async fn database_checks(
         "attempts",
         "last_error",
         "failed_at",
+        "xid",
     ];
     let missing: Vec<&str> = required
         .into_iter()
@@ -309,13 +310,15 @@ async fn database_checks(
         );
     }
 
-    let (pending, parked, largest): (i64, i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT (SELECT count(*) FROM {t} WHERE published_at IS NULL AND failed_at IS NULL), \
+    let unpublished = crate::outbox::unpublished(&db.table);
+    let (pending, parked, largest): (i64, i64, Option<i64>) =
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT (SELECT count(*) FROM {t} AS o WHERE {unpublished}), \
          (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL), \
-         (SELECT max(octet_length(payload))::int8 FROM {t} WHERE published_at IS NULL AND failed_at IS NULL)"
-    )))
-    .fetch_one(&mut *conn)
-    .await?;
+         (SELECT max(octet_length(payload))::int8 FROM {t} AS o WHERE {unpublished})"
+        )))
+        .fetch_one(&mut *conn)
+        .await?;
     r.info("backlog", format!("{pending} pending rows"));
     if parked > 0 {
         r.warn(
@@ -325,7 +328,7 @@ async fn database_checks(
         );
     }
     let topics: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT DISTINCT topic FROM (SELECT topic FROM {t} WHERE published_at IS NULL AND failed_at IS NULL LIMIT 100000) p LIMIT 100"
+        "SELECT DISTINCT topic FROM (SELECT topic FROM {t} AS o WHERE {unpublished} LIMIT 100000) p LIMIT 100"
     )))
     .fetch_all(&mut *conn)
     .await?;

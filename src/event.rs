@@ -47,6 +47,9 @@ pub struct OutboxRow {
     pub payload: Option<Vec<u8>>,
     pub headers: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
+    /// The writing transaction's xid8 (NULL for rows older than the column).
+    #[sqlx(default)]
+    pub xid: Option<i64>,
 }
 
 /// The Kafka record for a row. `payload: None` is a tombstone.
@@ -302,6 +305,7 @@ mod tests {
             payload: Some(b"p".to_vec()),
             headers,
             created_at: DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
+            xid: None,
         }
     }
 

@@ -75,6 +75,7 @@ pub async fn run(
         config.db.table.clone(),
         block_keys,
         config.on_publish,
+        config.read_mode,
     );
     let wake = Arc::new(Notify::new());
     let listener = config.listen.then(|| {
@@ -135,6 +136,8 @@ pub async fn run(
         metrics,
         health: health.clone(),
         wake,
+        cursor: (0, 0),
+        led_epoch: None,
     };
     relay.run(cancel).await;
 

@@ -149,18 +149,19 @@ fn with_connection<T, E: From<sqlx::Error>>(
 
 fn migrate(args: MigrateArgs) -> ExitCode {
     if args.print_sql {
-        print!("{}", args.db.table.ddl(args.notify_trigger));
+        print!("{}", args.db.table.ddl(args.notify_trigger, args.read_mode));
         return ExitCode::SUCCESS;
     }
-    let notify = args.notify_trigger;
+    let (notify, mode) = (args.notify_trigger, args.read_mode);
     with_connection(
         &args.db,
-        async |conn, db| outbox::migrate(conn, &db.table, notify).await,
+        async |conn, db| outbox::migrate(conn, &db.table, notify, mode).await,
         |result, db| match result {
             Ok(()) => {
                 println!(
-                    "outbox table {} is up to date (notify trigger: {notify})",
-                    db.table
+                    "outbox table {} is up to date (notify trigger: {notify}, read mode: {})",
+                    db.table,
+                    format!("{mode:?}").to_lowercase()
                 );
                 ExitCode::SUCCESS
             }
@@ -235,6 +236,7 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
             db.table.clone(),
             false,
             outbox_relay::config::OnPublish::Mark,
+            args.read_mode,
         );
         match store.cleanup(args.retention, 5000).await {
             Ok(n) => {

@@ -1,9 +1,12 @@
 //! The outbox store: every SQL statement the relay runs against PostgreSQL.
 //!
-//! Rows are read by state (`published_at IS NULL AND failed_at IS NULL`), never by an id
-//! cursor, so a row whose transaction commits late with a lower id is simply read on the
-//! next pass. No statement holds a transaction or a row lock while Kafka is awaited: each
-//! read, mark and park is a single autocommit statement.
+//! `--read-mode claim` reads rows by state (`published_at IS NULL AND failed_at IS NULL`),
+//! never by an id cursor, so a row whose transaction commits late with a lower id is simply
+//! read on the next pass. `--read-mode append` reads by a cursor on (writing transaction's
+//! xid8, id), only below the oldest transaction still running (`pg_snapshot_xmin`): every
+//! transaction there has ended, so no row can still appear behind the cursor. No statement
+//! holds a transaction or a row lock while Kafka is awaited: each read, mark, park and cursor
+//! write is a single autocommit statement.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +16,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::OnPublish;
+use crate::config::{OnPublish, ReadMode};
 use crate::event::OutboxRow;
 use crate::replica::Heartbeat;
 use crate::table::TableName;
@@ -34,6 +37,7 @@ pub async fn migrate(
     conn: &mut PgConnection,
     table: &TableName,
     notify_trigger: bool,
+    mode: ReadMode,
 ) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL lock_timeout = '10s'")
@@ -46,7 +50,7 @@ pub async fn migrate(
         .bind(table.lock_key())
         .execute(&mut *tx)
         .await?;
-    sqlx::raw_sql(AssertSqlSafe(table.ddl(notify_trigger)))
+    sqlx::raw_sql(AssertSqlSafe(table.ddl(notify_trigger, mode)))
         .execute(&mut *tx)
         .await?;
     tx.commit().await
@@ -65,7 +69,12 @@ pub struct Backlog {
 pub struct OutboxStore {
     pool: PgPool,
     table: TableName,
+    mode: ReadMode,
     fetch_sql: Arc<str>,
+    load_cursor_sql: Arc<str>,
+    save_cursor_sql: Arc<str>,
+    close_cursor_sql: Arc<str>,
+    cleanup_passed_sql: Arc<str>,
     mark_sql: Arc<str>,
     park_sql: Arc<str>,
     retry_sql: Arc<str>,
@@ -76,16 +85,41 @@ pub struct OutboxStore {
 
 const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 
+/// A position in append mode's read order: (writing transaction's xid8, row id). Rows at or
+/// before it are published; `(0, 0)` is before every row.
+pub type Cursor = (i64, i64);
+
+/// Rows the relay has yet to publish, in either read mode: pending by state and not behind
+/// append mode's cursor (NULL in claim mode). The table's alias must be `o`.
+pub fn unpublished(table: &TableName) -> String {
+    format!(
+        "o.published_at IS NULL AND o.failed_at IS NULL \
+         AND NOT coalesce((o.xid, o.id) <= (SELECT cursor_xid, cursor_id FROM {} WHERE id = 1), false)",
+        table.lease_table()
+    )
+}
+
 impl OutboxStore {
     /// `block_parked_keys`: skip pending rows whose topic and key have a parked row.
-    /// `on_publish`: whether a delivered row is marked or deleted.
+    /// `on_publish`: whether a delivered row is marked or deleted (claim mode).
     pub fn new(
         pool: PgPool,
         table: TableName,
         block_parked_keys: bool,
         on_publish: OnPublish,
+        mode: ReadMode,
     ) -> Self {
         let t = table.quoted();
+        let lease = table.lease_table();
+        // The cursor as two initplans, so the row comparison is an index condition.
+        let cursor = format!(
+            "((SELECT cursor_xid FROM {lease} WHERE id = 1), (SELECT cursor_id FROM {lease} WHERE id = 1))"
+        );
+        let after_cursor = format!(
+            "(o.xid, o.id) > (coalesce((SELECT cursor_xid FROM {lease} WHERE id = 1), '0'::xid8), \
+             coalesce((SELECT cursor_id FROM {lease} WHERE id = 1), 0))"
+        );
+        let columns = "id, topic, key, payload, headers, created_at, xid::text::int8 AS xid";
         let blocked = if block_parked_keys {
             format!(
                 " AND NOT EXISTS (SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL AND f.topic = o.topic AND f.key = o.key)"
@@ -95,9 +129,45 @@ impl OutboxStore {
         };
         let errors = "unnest($1::bigint[], $2::text[]) AS f(id, error)";
         OutboxStore {
-            fetch_sql: format!(
-                "SELECT id, topic, key, payload, headers, created_at FROM {t} AS o WHERE {PENDING}{blocked} \
-                 AND o.id <> ALL($2) ORDER BY id LIMIT $1"
+            fetch_sql: match mode {
+                ReadMode::Claim => format!(
+                    "SELECT {columns} FROM {t} AS o WHERE {PENDING}{blocked} \
+                     AND o.id <> ALL($2) ORDER BY id LIMIT $1"
+                ),
+                // Below the horizon every writing transaction has ended: nothing can still
+                // appear behind the cursor. $3, $4: the cursor.
+                ReadMode::Append => format!(
+                    "SELECT {columns} FROM {t} AS o WHERE (o.xid, o.id) > ($3::int8::text::xid8, $4) \
+                     AND o.xid < pg_snapshot_xmin(pg_current_snapshot()) AND {PENDING} \
+                     AND o.id <> ALL($2) ORDER BY o.xid, o.id LIMIT $1"
+                ),
+            }
+            .into(),
+            load_cursor_sql: format!(
+                "SELECT cursor_xid::text::int8, cursor_id FROM {lease} WHERE id = 1 AND cursor_xid IS NOT NULL"
+            )
+            .into(),
+            // Only the current leader (holder and epoch) moves the cursor, and only forward.
+            save_cursor_sql: format!(
+                "UPDATE {lease} SET cursor_xid = $3::int8::text::xid8, cursor_id = $4 \
+                 WHERE id = 1 AND holder = $1 AND epoch = $2 \
+                 AND (cursor_xid IS NULL OR (cursor_xid, cursor_id) < ($3::int8::text::xid8, $4))"
+            )
+            .into(),
+            // Leaving append mode: rows behind the cursor were published; mark them so claim
+            // mode does not publish them again, and drop the cursor (one statement).
+            close_cursor_sql: format!(
+                "WITH c AS (SELECT cursor_xid, cursor_id FROM {lease} WHERE id = 1 AND cursor_xid IS NOT NULL FOR UPDATE), \
+                 m AS (UPDATE {t} AS o SET published_at = now() FROM c \
+                       WHERE o.published_at IS NULL AND o.failed_at IS NULL \
+                       AND (o.xid, o.id) <= (c.cursor_xid, c.cursor_id) RETURNING 1), \
+                 x AS (UPDATE {lease} AS l SET cursor_xid = NULL, cursor_id = NULL FROM c WHERE l.id = 1) \
+                 SELECT count(*) FROM m"
+            )
+            .into(),
+            cleanup_passed_sql: format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} AS o WHERE {PENDING} AND (o.xid, o.id) <= {cursor} \
+                 AND o.created_at < now() - make_interval(secs => $1) ORDER BY o.xid, o.id LIMIT $2)"
             )
             .into(),
             mark_sql: match on_publish {
@@ -117,11 +187,19 @@ impl OutboxStore {
                 "UPDATE {t} AS o SET published_at = now(), attempts = o.attempts + 1, last_error = f.error FROM {errors} WHERE o.id = f.id"
             )
             .into(),
-            backlog_sql: format!(
-                "SELECT (SELECT count(*) FROM {t} WHERE {PENDING}), \
-                 (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} WHERE {PENDING} ORDER BY id LIMIT 1), \
-                 (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL)"
-            )
+            backlog_sql: match mode {
+                ReadMode::Claim => format!(
+                    "SELECT (SELECT count(*) FROM {t} WHERE {PENDING}), \
+                     (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} WHERE {PENDING} ORDER BY id LIMIT 1), \
+                     (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL)"
+                ),
+                ReadMode::Append => format!(
+                    "SELECT (SELECT count(*) FROM {t} AS o WHERE {PENDING} AND {after_cursor}), \
+                     (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} AS o WHERE {PENDING} AND {after_cursor} \
+                      ORDER BY o.xid, o.id LIMIT 1), \
+                     (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL)"
+                ),
+            }
             .into(),
             cleanup_sql: format!(
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE published_at < now() - make_interval(secs => $1) \
@@ -130,7 +208,12 @@ impl OutboxStore {
             .into(),
             pool,
             table,
+            mode,
         }
+    }
+
+    pub fn mode(&self) -> ReadMode {
+        self.mode
     }
 
     pub fn table(&self) -> &TableName {
@@ -141,17 +224,72 @@ impl OutboxStore {
         &self.pool
     }
 
-    /// The oldest committed, pending rows in id order, leaving out `exclude` (delivered rows whose mark is
-    /// still being written).
+    /// The next committed, pending rows in read order, leaving out `exclude` (delivered rows
+    /// whose mark is still being written). Append mode reads after `cursor` only.
     pub async fn fetch_pending(
         &self,
         limit: u32,
         exclude: &[i64],
+        cursor: Cursor,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
+        let query = sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
             .bind(i64::from(limit))
-            .bind(exclude)
-            .fetch_all(&self.pool)
+            .bind(exclude);
+        match self.mode {
+            ReadMode::Claim => query,
+            ReadMode::Append => query.bind(cursor.0).bind(cursor.1),
+        }
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Append mode's durable cursor (`None`: start before every row).
+    pub async fn load_cursor(&self) -> Result<Option<Cursor>, sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(self.load_cursor_sql.clone()))
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Move the durable cursor forward, only while `holder` leads in `epoch` (a deposed
+    /// leader's late write changes nothing). Returns false when it was not moved.
+    pub async fn save_cursor(
+        &self,
+        holder: &str,
+        epoch: i64,
+        cursor: Cursor,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(AssertSqlSafe(self.save_cursor_sql.clone()))
+            .bind(holder)
+            .bind(epoch)
+            .bind(cursor.0)
+            .bind(cursor.1)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Claim mode taking over from append mode: mark the rows behind the cursor published and
+    /// drop the cursor. Returns how many rows were marked (0 when there was no cursor).
+    pub async fn close_cursor(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(AssertSqlSafe(self.close_cursor_sql.clone()))
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Whether the index this read mode needs exists (without it every read scans the table).
+    pub async fn has_read_index(&self) -> Result<bool, sqlx::Error> {
+        let suffix = match self.mode {
+            ReadMode::Claim => "pending_idx",
+            ReadMode::Append => "xid_idx",
+        };
+        let index = format!(
+            "{}.{}",
+            crate::table::quote_ident(self.table.schema()),
+            crate::table::quote_ident(&format!("{}_{suffix}", self.table.table()))
+        );
+        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(index)
+            .fetch_one(&self.pool)
             .await
     }
 
@@ -211,21 +349,29 @@ impl OutboxStore {
         })
     }
 
-    /// Delete published rows older than `retention`, in batches of `batch` rows (each its own
-    /// short statement, so no long locks). Returns how many rows were deleted.
+    /// Delete published rows older than `retention` (in append mode also the rows behind the
+    /// cursor created before then), in batches of `batch` rows (each its own short statement,
+    /// so no long locks). Returns how many rows were deleted.
     pub async fn cleanup(&self, retention: Duration, batch: i64) -> Result<u64, sqlx::Error> {
         let mut total = 0;
-        loop {
-            let done = sqlx::query(AssertSqlSafe(self.cleanup_sql.clone()))
-                .bind(retention.as_secs_f64())
-                .bind(batch)
-                .execute(&self.pool)
-                .await?;
-            total += done.rows_affected();
-            if done.rows_affected() < batch as u64 {
-                return Ok(total);
+        let statements = match self.mode {
+            ReadMode::Claim => vec![&self.cleanup_sql],
+            ReadMode::Append => vec![&self.cleanup_sql, &self.cleanup_passed_sql],
+        };
+        for sql in statements {
+            loop {
+                let done = sqlx::query(AssertSqlSafe(sql.clone()))
+                    .bind(retention.as_secs_f64())
+                    .bind(batch)
+                    .execute(&self.pool)
+                    .await?;
+                total += done.rows_affected();
+                if done.rows_affected() < batch as u64 {
+                    break;
+                }
             }
         }
+        Ok(total)
     }
 }
 
@@ -323,6 +469,16 @@ impl Lease {
     pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
         self.heartbeat = Some(heartbeat);
         self
+    }
+
+    /// This replica's id, as written in the lease row.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// The epoch of the current leadership (valid while `ensure` returns true).
+    pub fn epoch(&self) -> i64 {
+        self.epoch
     }
 
     /// How often a leader should call `ensure` to keep the lease while it is busy.

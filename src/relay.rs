@@ -14,9 +14,9 @@ use backoff::backoff::Backoff;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{PoisonPolicy, RelayConfig};
+use crate::config::{PoisonPolicy, ReadMode, RelayConfig};
 use crate::event::{dead_letter, to_message, Message, OutboxRow, Poisoned};
-use crate::outbox::{Lease, OutboxStore};
+use crate::outbox::{Cursor, Lease, OutboxStore};
 use crate::publisher::{Failure, Publisher};
 use crate::telemetry::{Health, Metrics};
 
@@ -75,6 +75,11 @@ pub struct Relay {
     pub health: Arc<Health>,
     pub wake: Arc<Notify>,
     pub spans: crate::spans::Tracer,
+    /// Append mode: the last row published or set aside in read order (ahead of the durable
+    /// cursor by at most the batch whose write is in flight).
+    pub cursor: Cursor,
+    /// The lease epoch this replica last took over in (the cursor is reloaded on a new one).
+    pub led_epoch: Option<i64>,
 }
 
 fn retry_backoff() -> backoff::ExponentialBackoff {
@@ -92,6 +97,7 @@ impl Relay {
         let mut backoff = retry_backoff();
         let (mut pace, mut wakeups) = (Pace::start(), None);
         let mut marking = None;
+        self.check_read_index().await;
         while !cancel.is_cancelled() {
             let wait = pace.wait(self.config.poll_interval);
             if !wait.is_zero() {
@@ -102,7 +108,18 @@ impl Relay {
                 }
             }
             match self.lease.ensure().await {
-                Ok(true) => self.metrics.leader.set(1),
+                Ok(true) => {
+                    self.metrics.leader.set(1);
+                    if self.led_epoch != Some(self.lease.epoch()) {
+                        finish_marking(&mut marking).await;
+                        if let Err(e) = self.take_over().await {
+                            self.writer()
+                                .database_failed("take over", &e, &mut backoff, &cancel)
+                                .await;
+                            continue;
+                        }
+                    }
+                }
                 Ok(false) => {
                     self.metrics.leader.set(0);
                     self.health.progressed(); // a standby is healthy by definition
@@ -138,6 +155,39 @@ impl Relay {
         tracing::info!("relay loop stopped");
     }
 
+    /// On becoming leader (a new lease epoch). Append mode: resume from the durable cursor
+    /// (another leader may have moved it). Claim mode: if append mode ran before, mark the rows
+    /// behind its cursor published, so they are not published again.
+    async fn take_over(&mut self) -> Result<(), sqlx::Error> {
+        match self.config.read_mode {
+            ReadMode::Append => {
+                self.cursor = self.store.load_cursor().await?.unwrap_or((0, 0));
+                tracing::info!(cursor_xid = self.cursor.0, cursor_id = self.cursor.1, "append mode: reading after the cursor");
+            }
+            ReadMode::Claim => match self.store.close_cursor().await {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, "claim mode after append mode: marked the rows behind the append cursor published"),
+                // An older schema has no cursor columns (and so no append mode ever ran).
+                Err(e) if crate::outbox::hint(&e, self.store.table()).contains("lacks a relay column") => {
+                    tracing::warn!(error = %e, "run `outbox-relay migrate` to upgrade the table; publishing goes on")
+                }
+                Err(e) => return Err(e),
+            },
+        }
+        self.led_epoch = Some(self.lease.epoch());
+        Ok(())
+    }
+
+    /// Warn once at start when the read mode's index is missing (every read would scan the table).
+    async fn check_read_index(&self) {
+        if let Ok(false) = self.store.has_read_index().await {
+            let mode = format!("{:?}", self.config.read_mode).to_lowercase();
+            tracing::warn!(table = %self.store.table(),
+                "the table lacks the index --read-mode {mode} reads through; every read scans the table: \
+                 run `outbox-relay migrate --read-mode {mode}`");
+        }
+    }
+
     /// Tell the writers' insert trigger whether to NOTIFY: only while idle (and listening). Written
     /// on a change only; `known` is what the lease row says as far as this leader knows.
     async fn ask_for_wakeups(&self, idle: bool, known: &mut Option<bool>) {
@@ -167,7 +217,7 @@ impl Relay {
         let marked_soon = marking.as_ref().map_or(&[][..], |mk| mk.ids.as_slice());
         let read = self
             .store
-            .fetch_pending(self.config.batch_size, marked_soon);
+            .fetch_pending(self.config.batch_size, marked_soon, self.cursor);
         let rows = timed(m, "fetch", read).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
         let read = rows.len();
@@ -175,6 +225,10 @@ impl Relay {
             return Ok(0);
         }
         m.batch_size.observe(read as f64);
+        let positions: Vec<(i64, Cursor)> = rows
+            .iter()
+            .map(|r| (r.id, (r.xid.unwrap_or(0), r.id)))
+            .collect();
 
         let (mut messages, mut poison) = self.prepare(rows);
         let stamps = self.spans.stamp(&mut messages);
@@ -199,11 +253,22 @@ impl Relay {
         };
         let block = self.config.poison_policy == PoisonPolicy::BlockKey;
         let mut settlement = settle(&messages, outcomes, block);
+        poison.extend(rejected(&messages, std::mem::take(&mut settlement.park)));
+        let set_aside = self.set_aside(poison, cancel).await;
         timed(m, "mark_wait", finish_marking(marking)).await;
         let delivered = std::mem::take(&mut settlement.delivered);
-        *marking = self.start_marking(&messages, delivered, cancel);
-        poison.extend(rejected(&messages, std::mem::take(&mut settlement.park)));
-        self.set_aside(poison, cancel).await;
+        let progress = match self.config.read_mode {
+            ReadMode::Claim => Progress {
+                mark: delivered.clone(),
+                delivered,
+                cursor: None,
+            },
+            ReadMode::Append => advance(&positions, delivered, &set_aside),
+        };
+        if let Some(cursor) = progress.cursor {
+            self.cursor = cursor;
+        }
+        *marking = self.start_marking(&messages, progress, cancel);
         if settlement.retry.is_empty() {
             return Ok(read);
         }
@@ -269,43 +334,58 @@ impl Relay {
         }
     }
 
-    /// Start marking delivered rows in the background, retrying until it succeeds: giving up
-    /// would publish them again.
+    /// Record a batch's progress in the background (mark rows, move the cursor), retrying until
+    /// it succeeds: giving up would publish the rows again.
     fn start_marking(
         &self,
         messages: &[Message],
-        ids: Vec<i64>,
+        progress: Progress,
         cancel: &CancellationToken,
     ) -> Option<Marking> {
-        if ids.is_empty() {
+        if progress.delivered.is_empty() && progress.cursor.is_none() {
             return None;
         }
-        let delivered: HashSet<i64> = ids.iter().copied().collect();
+        let delivered: HashSet<i64> = progress.delivered.iter().copied().collect();
         let created: Vec<_> = messages
             .iter()
             .filter(|m| delivered.contains(&m.id))
             .map(|m| m.created_at)
             .collect();
-        let (writer, metrics, cancel, rows) = (
-            self.writer(),
-            self.metrics.clone(),
-            cancel.clone(),
-            ids.clone(),
-        );
+        let (writer, metrics, cancel) = (self.writer(), self.metrics.clone(), cancel.clone());
+        let (holder, epoch) = (self.lease.holder().to_string(), self.lease.epoch());
+        let ids = progress.mark.clone();
         let task = tokio::spawn(async move {
             let timer = metrics.phase_seconds.with_label_values(&["mark"]);
             let timer = timer.start_timer();
-            let marked = writer
-                .write_retrying("mark", &cancel, |store| {
-                    let rows = rows.clone();
-                    async move { store.mark_published(&rows).await.map(|_| ()) }
-                })
-                .await;
+            let rows = &progress.mark;
+            let marked = rows.is_empty()
+                || writer
+                    .write_retrying("mark", &cancel, |store| async move {
+                        store.mark_published(rows).await.map(|_| ())
+                    })
+                    .await;
+            let moved = match progress.cursor {
+                Some(cursor) if marked => {
+                    let (holder, moved) = (&holder, &std::sync::atomic::AtomicBool::new(true));
+                    let written = writer
+                        .write_retrying("cursor", &cancel, |store| async move {
+                            let ok = store.save_cursor(holder, epoch, cursor).await?;
+                            moved.store(ok, Ordering::Relaxed);
+                            Ok(())
+                        })
+                        .await;
+                    if written && !moved.load(Ordering::Relaxed) {
+                        tracing::warn!(epoch, "cursor not moved: another replica leads now; it publishes these rows again");
+                    }
+                    written
+                }
+                _ => marked,
+            };
             timer.observe_duration();
-            if !marked {
+            if !moved {
                 tracing::error!(
-                    rows = rows.len(),
-                    "could not mark delivered rows before shutdown; they will be published again"
+                    rows = progress.delivered.len(),
+                    "could not record delivered rows before shutdown; they will be published again"
                 );
                 return;
             }
@@ -314,7 +394,7 @@ impl Relay {
                 let age = (now - created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
                 metrics.latency.observe(age.max(0.0));
             }
-            metrics.published.inc_by(rows.len() as u64);
+            metrics.published.inc_by(progress.delivered.len() as u64);
         });
         Some(Marking { ids, task })
     }
@@ -352,11 +432,14 @@ impl Relay {
 
     /// Apply the poison policy: dead-letter (then mark published) or park, with the reason in
     /// the row, a log line naming the row, and a metric. Writes are retried like a mark.
-    async fn set_aside(&self, poison: Vec<Poison>, cancel: &CancellationToken) {
+    /// Returns the rows set aside for good (a row whose dead-letter copy failed transiently
+    /// stays pending).
+    async fn set_aside(&self, poison: Vec<Poison>, cancel: &CancellationToken) -> HashSet<i64> {
         if poison.is_empty() {
-            return;
+            return HashSet::new();
         }
         let mut park = Vec::new();
+        let mut dead_lettered = HashSet::new();
         match self.config.dead_letter_topic.clone() {
             None => park.extend(poison.into_iter().map(|p| (p.id, p.kind, p.reason))),
             Some(dlq) => {
@@ -402,12 +485,16 @@ impl Relay {
                         }
                     }
                 }
-                self.writer()
+                let marked = self
+                    .writer()
                     .write_retrying("dead-letter mark", cancel, |store| {
                         let sent = sent.clone();
                         async move { store.mark_dead_lettered(&sent).await }
                     })
                     .await;
+                if marked {
+                    dead_lettered.extend(sent.iter().map(|(id, _)| *id));
+                }
             }
         }
         for (id, kind, reason) in &park {
@@ -422,12 +509,18 @@ impl Relay {
             .into_iter()
             .map(|(id, _, reason)| (id, reason))
             .collect();
-        self.writer()
+        let parked = self
+            .writer()
             .write_retrying("park", cancel, |store| {
                 let failures = failures.clone();
                 async move { store.park(&failures).await }
             })
             .await;
+        let mut done: HashSet<i64> = dead_lettered;
+        if parked {
+            done.extend(failures.iter().map(|(id, _)| *id));
+        }
+        done
     }
 
     fn writer(&self) -> Writer {
@@ -519,6 +612,43 @@ struct Marking {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What a batch's background write records.
+#[derive(Debug, Default, PartialEq)]
+pub struct Progress {
+    /// Rows Kafka acknowledged (counted and timed once the write is done).
+    pub delivered: Vec<i64>,
+    /// Rows to mark published one by one (claim mode: all delivered; append mode: only those
+    /// past a row that must be retried, which the cursor cannot pass yet).
+    pub mark: Vec<i64>,
+    /// Append mode: the new cursor, the last row of the batch's settled prefix.
+    pub cursor: Option<Cursor>,
+}
+
+/// Append mode: the cursor moves past the longest prefix of the batch (in read order) whose
+/// rows are all delivered or set aside; delivered rows after it are marked individually so
+/// the retry that reads them again skips them. `positions`: each row's id and read position.
+pub fn advance(
+    positions: &[(i64, Cursor)],
+    delivered: Vec<i64>,
+    set_aside: &HashSet<i64>,
+) -> Progress {
+    let settled: HashSet<i64> = delivered.iter().chain(set_aside).copied().collect();
+    let prefix = positions
+        .iter()
+        .take_while(|(id, _)| settled.contains(id))
+        .count();
+    let beyond: HashSet<i64> = positions[prefix..].iter().map(|(id, _)| *id).collect();
+    Progress {
+        mark: delivered
+            .iter()
+            .copied()
+            .filter(|id| beyond.contains(id))
+            .collect(),
+        delivered,
+        cursor: prefix.checked_sub(1).map(|last| positions[last].1),
+    }
+}
+
 /// Wait for the mark in flight, if any (marks finish in batch order, one at a time).
 async fn finish_marking(marking: &mut Option<Marking>) {
     if let Some(mk) = marking.take() {
@@ -591,13 +721,12 @@ impl From<sqlx::Error> for StepError {
 fn rejected(messages: &[Message], park: Vec<(i64, &'static str, String)>) -> Vec<Poison> {
     park.into_iter()
         .map(|(id, kind, reason)| {
-            // `messages` is in id order (the read is ORDER BY id).
-            let m = &messages[messages.partition_point(|m| m.id < id)];
+            let m = messages.iter().find(|m| m.id == id);
             Poison {
                 id,
                 kind,
                 reason,
-                original: Poisoned::Message(m.clone()),
+                original: Poisoned::Message(m.expect("settle names only batch rows").clone()),
             }
         })
         .collect()
@@ -756,6 +885,35 @@ mod tests {
         );
         p = p.after_read(1);
         assert_eq!(p, Pace::start(), "rows while idle: busy again");
+    }
+
+    #[test]
+    fn append_cursor_stops_before_the_first_row_to_retry() {
+        let pos = |ids: &[i64]| -> Vec<(i64, Cursor)> {
+            ids.iter().map(|&id| (id, (100 + id, id))).collect()
+        };
+        let none = HashSet::new();
+        let all = advance(&pos(&[3, 1, 2]), vec![3, 1, 2], &none);
+        assert_eq!(all.cursor, Some((102, 2)), "the last row in read order");
+        assert!(
+            all.mark.is_empty(),
+            "no per-row write when all went through"
+        );
+
+        // 2 failed transiently: the cursor stops at 1; 4 was delivered after it and is marked
+        // so the retry that reads 2 again does not publish 4 twice; 5 (retry) stays pending.
+        let parked: HashSet<i64> = [3].into();
+        let p = advance(&pos(&[1, 2, 3, 4, 5]), vec![1, 4], &parked);
+        assert_eq!(p.cursor, Some((101, 1)));
+        assert_eq!(p.mark, vec![4]);
+        assert_eq!(p.delivered, vec![1, 4]);
+
+        let stuck = advance(&pos(&[1, 2]), vec![2], &none);
+        assert_eq!(stuck.cursor, None, "the head must be retried: no move");
+        assert_eq!(stuck.mark, vec![2]);
+
+        let poison_only = advance(&pos(&[7]), vec![], &[7].into());
+        assert_eq!(poison_only.cursor, Some((107, 7)), "a parked row is passed");
     }
 
     #[test]

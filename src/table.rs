@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::config::ReadMode;
+
 /// A validated, schema-qualified table name. Both parts are quoted wherever SQL is built.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TableName {
@@ -108,10 +110,12 @@ impl TableName {
         h as i64
     }
 
-    /// The DDL that creates (or upgrades) this outbox table. Idempotent.
-    pub fn ddl(&self, notify_trigger: bool) -> String {
+    /// The DDL that creates (or upgrades) this outbox table, with the read index `mode` needs
+    /// (and without the other mode's). Idempotent.
+    pub fn ddl(&self, notify_trigger: bool, mode: ReadMode) -> String {
         let t = self.quoted();
         let pending_idx = quote_ident(&format!("{}_pending_idx", self.table));
+        let xid_idx = quote_ident(&format!("{}_xid_idx", self.table));
         let published_idx = quote_ident(&format!("{}_published_idx", self.table));
         let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
         let notify_fn = self.derived("notify");
@@ -131,6 +135,8 @@ CREATE TABLE IF NOT EXISTS {t} (
     payload      bytea,
     headers      jsonb,
     created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The writing transaction: the order of --read-mode append.
+    xid          xid8 DEFAULT pg_current_xact_id(),
     -- Written by the relay only:
     published_at timestamptz,
     attempts     integer NOT NULL DEFAULT 0,
@@ -138,10 +144,12 @@ CREATE TABLE IF NOT EXISTS {t} (
     failed_at    timestamptz
 );
 
--- The relay reads pending rows in id order through this small partial index.
-CREATE INDEX IF NOT EXISTS {pending_idx} ON {t} (id)
-    WHERE published_at IS NULL AND failed_at IS NULL;
+-- Tables created before the xid column: added without a table rewrite; older rows keep NULL
+-- (an append-mode leader gives pending ones its own xid once).
+ALTER TABLE {t} ADD COLUMN IF NOT EXISTS xid xid8;
+ALTER TABLE {t} ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
 
+{read_index}
 -- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS {published_idx} ON {t} (published_at)
     WHERE published_at IS NOT NULL;
@@ -155,9 +163,14 @@ CREATE TABLE IF NOT EXISTS {lease} (
     holder      text NOT NULL,
     epoch       bigint NOT NULL,
     expires_at  timestamptz NOT NULL,
-    wake_wanted boolean NOT NULL DEFAULT true
+    wake_wanted boolean NOT NULL DEFAULT true,
+    cursor_xid  xid8,
+    cursor_id   bigint
 );
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
+-- cursor_xid, cursor_id: the last row --read-mode append has published (NULL in claim mode).
+ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS cursor_xid xid8;
+ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS cursor_id bigint;
 
 -- Every running replica heartbeats here on the lease cadence, so `outbox-relay status` can
 -- list them and what each owns. Informational only: publishing never reads it. Rows of
@@ -207,6 +220,22 @@ $$;
 
 "#,
             schema = quote_ident(&self.schema),
+            read_index = match mode {
+                ReadMode::Claim => format!(
+                    "-- The relay (--read-mode claim) reads pending rows in id order through this small partial index.\n\
+                     CREATE INDEX IF NOT EXISTS {pending_idx} ON {t} (id)\n    WHERE published_at IS NULL AND failed_at IS NULL;\n\
+                     DROP INDEX IF EXISTS {schema}.{xid_idx};\n",
+                    schema = quote_ident(&self.schema),
+                ),
+                ReadMode::Append => format!(
+                    "-- The relay (--read-mode append) reads rows in (writing transaction, id) order through this index.\n\
+                     CREATE INDEX IF NOT EXISTS {xid_idx} ON {t} (xid, id)\n    WHERE published_at IS NULL AND failed_at IS NULL;\n\
+                     DROP INDEX IF EXISTS {schema}.{pending_idx};\n\
+                     -- Pending rows written before the xid column existed join the queue now.\n\
+                     UPDATE {t} SET xid = pg_current_xact_id() WHERE xid IS NULL AND published_at IS NULL AND failed_at IS NULL;\n",
+                    schema = quote_ident(&self.schema),
+                ),
+            },
         );
         let trigger_name = quote_literal(&format!("{}_notify", self.table));
         let regclass = quote_literal(&t);
@@ -253,13 +282,15 @@ mod tests {
     #[test]
     fn hostile_names_stay_inside_quotes() {
         let t = TableName::parse("x\"; DROP TABLE users; --").unwrap();
-        let ddl = t.ddl(true);
+        let ddl = t.ddl(true, ReadMode::Claim);
         assert!(ddl.contains(r#""public"."x""; DROP TABLE users; --""#));
         assert!(ddl.contains(
             r#"CREATE TABLE IF NOT EXISTS "public"."x""; DROP TABLE users; --_replicas""#
         ));
         let t = TableName::parse("o'box").unwrap();
-        assert!(t.ddl(true).contains("pg_notify('outbox_relay.o''box', '')"));
+        assert!(t
+            .ddl(true, ReadMode::Claim)
+            .contains("pg_notify('outbox_relay.o''box', '')"));
     }
 
     #[test]
@@ -278,7 +309,9 @@ mod tests {
     #[test]
     fn migration_file_matches_generated_ddl() {
         let file = include_str!("../migrations/0001_outbox.sql");
-        let generated = TableName::parse("outbox").unwrap().ddl(true);
+        let generated = TableName::parse("outbox")
+            .unwrap()
+            .ddl(true, ReadMode::Claim);
         assert_eq!(
             file, generated,
             "migrations/0001_outbox.sql is stale: regenerate it with `outbox-relay migrate --print-sql`"
