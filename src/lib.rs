@@ -169,9 +169,18 @@ async fn monitor(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) {
+    let mut warned_at: Option<std::time::Instant> = None;
     while !cancel.is_cancelled() {
         match store.backlog().await {
             Ok(b) => {
+                if store.mode() == config::ReadMode::Append
+                    && metrics.leader.get() == 1
+                    && b.oldest_pending_age.unwrap_or(0.0) > HORIZON_WARN_AFTER.as_secs_f64()
+                    && warned_at.is_none_or(|at| at.elapsed() > Duration::from_secs(30))
+                {
+                    warn_about_horizon(&store).await;
+                    warned_at = Some(std::time::Instant::now());
+                }
                 health.database_ok.store(true, Ordering::Relaxed);
                 health.has_pending.store(b.pending > 0, Ordering::Relaxed);
                 metrics.pending_rows.set(b.pending);
@@ -192,6 +201,24 @@ async fn monitor(
         }
         health.kafka_ok.store(kafka.is_ok(), Ordering::Relaxed);
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(5)) => {} }
+    }
+}
+
+/// Append mode warns when committed rows have waited this long (a long transaction holds the
+/// horizon back, or the relay is slow).
+const HORIZON_WARN_AFTER: Duration = Duration::from_secs(10);
+
+/// Append mode reads only below the oldest running transaction: name it when rows wait.
+async fn warn_about_horizon(store: &OutboxStore) {
+    match store.oldest_transaction().await {
+        Ok(Some((pid, open_for, state, query))) if open_for.unwrap_or(0.0) >= 5.0 => {
+            tracing::warn!(pid, open_seconds = open_for.unwrap_or(0.0).round(), state = %state, query = %query,
+                "publishing waits for a transaction to end: --read-mode append reads only rows older than the \
+                 oldest running write transaction in the cluster; end that transaction (pg_terminate_backend) \
+                 or run the relay with --read-mode claim")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "could not read pg_stat_activity"),
     }
 }
 

@@ -85,6 +85,9 @@ pub struct OutboxStore {
 
 const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 
+/// (pid, seconds open, state, start of its query) of a running transaction.
+pub type OldestTransaction = (i32, Option<f64>, String, String);
+
 /// A position in append mode's read order: (writing transaction's xid8, row id). Rows at or
 /// before it are published; `(0, 0)` is before every row.
 pub type Cursor = (i64, i64);
@@ -274,6 +277,18 @@ impl OutboxStore {
         sqlx::query_scalar(AssertSqlSafe(self.close_cursor_sql.clone()))
             .fetch_one(&self.pool)
             .await
+    }
+
+    /// The oldest transaction still running with an xid (what holds append mode's horizon
+    /// back), as far as this role may see: (pid, seconds open, state, start of its query).
+    pub async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8, coalesce(state, ''), \
+             left(coalesce(query, ''), 120) FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+             ORDER BY age(backend_xid) DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// Whether the index this read mode needs exists (without it every read scans the table).

@@ -830,3 +830,175 @@ async fn an_idle_relay_wakes_on_notify_and_a_busy_one_is_not_notified() {
     counting.abort();
     assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
 }
+
+/// Rows append mode's cursor has passed (published, in that mode).
+const PASSED: &str =
+    "coalesce((xid, id) <= (SELECT cursor_xid, cursor_id FROM outbox_lease WHERE id = 1), false)";
+
+fn append_db() -> impl std::future::Future<Output = TestDb> {
+    TestDb::migrated(&["--read-mode", "append"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_mode_delivers_exactly_once_in_key_order_without_writing_rows() {
+    let db = append_db().await;
+    let topics = topics(3).await;
+    let relay = Relay::start(&db, &["--read-mode", "append", "--batch-size", "500"]);
+    let written = write_events(&db, &topics, 100, 10_000, 16).await;
+    assert_exactly_once_in_key_order(&topics, &written, &relay).await;
+    db.wait_count(PASSED, 10_000, Duration::from_secs(10)).await;
+    // No per-row write: every row version is still the one its writer inserted.
+    assert_eq!(db.count("published_at IS NOT NULL").await, 0);
+    assert_eq!(
+        db.count("xmin::text::int8 <> xid::text::int8 % 4294967296")
+            .await,
+        0,
+        "a row was updated by the relay"
+    );
+    let (code, out, err) = db.run(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        status["pending"], 0,
+        "status counts passed rows as published: {out}"
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() {
+    let db = append_db().await;
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &["--read-mode", "append"]);
+    // An open transaction takes the lowest id and xid and holds them.
+    let mut late = db.pool.begin().await.unwrap();
+    let late_id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'late', 'late') RETURNING id",
+    )
+    .bind(&topics[0])
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+    for i in 0..100 {
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)")
+            .bind(&topics[0])
+            .bind(format!("k{}", i % 10))
+            .bind(if i % 2 == 0 {
+                &b"commit"[..]
+            } else {
+                &b"rollback"[..]
+            })
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+    }
+    // Nothing is below the horizon while the oldest writer is open: nothing is published,
+    // and after a while the relay names the transaction it waits for.
+    relay.wait_log("waits for a transaction", Duration::from_secs(30));
+    let t = topics.clone();
+    assert!(read_back(&t, 1, 1, 2).await.is_empty());
+    late.commit().await.unwrap();
+    let consumed = read_back(&t, 51, 2, 30).await;
+    assert_eq!(consumed.len(), 51);
+    assert!(duplicates(&consumed).is_empty());
+    assert!(consumed
+        .iter()
+        .all(|c| c.payload.as_deref() != Some(&b"rollback"[..])));
+    assert!(consumed.iter().any(|c| c.event_id() == late_id));
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_mode_kill_9_then_restart_resumes_from_the_cursor() {
+    let db = append_db().await;
+    let topics = topics(2).await;
+    let written = write_events(&db, &topics, 50, 20_000, 8).await;
+    let args = ["--read-mode", "append", "--batch-size", "500"];
+    let relay = Relay::start(&db, &args);
+    db.wait_count(PASSED, 2_000, Duration::from_secs(60)).await;
+    relay.kill9();
+    assert!(
+        db.count(PASSED).await < 20_000,
+        "the kill should land mid-stream"
+    );
+    let relay = Relay::start(&db, &args);
+    db.wait_count(PASSED, 20_000, Duration::from_secs(60)).await;
+    let consumed = read_back(&topics, 20_000, 2, 60).await;
+    let dups = check_delivery(&written, &consumed);
+    assert!(dups <= 1000, "{dups} duplicates exceed two batches");
+    drop(relay);
+}
+
+/// claim -> append -> claim on one table: each switch (migrate, then run in the new mode)
+/// publishes every row once, none again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switching_read_modes_publishes_each_row_once() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let mut written = Vec::new();
+    for (round, mode) in ["claim", "append", "claim"].into_iter().enumerate() {
+        let (code, _, err) = db.run(&["migrate", "--read-mode", mode]);
+        assert_eq!(code, 0, "{err}");
+        let relay = Relay::start(&db, &["--read-mode", mode]);
+        written.extend(write_events(&db, &topics, 20, 1_000, 4).await);
+        let published = format!("published_at IS NOT NULL OR {PASSED}");
+        db.wait_count(
+            &published,
+            1_000 * (round as i64 + 1),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0), "{mode}");
+    }
+    let consumed = read_back(&topics, 3_000, 2, 60).await;
+    assert_eq!(check_delivery(&written, &consumed), 0, "published twice");
+    assert_eq!(db.count(PASSED).await, 0, "claim mode dropped the cursor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_mode_parks_poison_and_a_retried_row_is_published_again() {
+    let db = append_db().await;
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &["--read-mode", "append"]);
+    let insert = |topic: String, payload: &'static [u8]| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'k', $2) RETURNING id",
+            )
+            .bind(topic)
+            .bind(payload)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    insert(topics[0].clone(), b"before").await;
+    let bad = insert("no such topic!".into(), b"poison").await;
+    insert(topics[0].clone(), b"after").await;
+    db.wait_count("failed_at IS NOT NULL", 1, Duration::from_secs(20))
+        .await;
+    let consumed = read_back(&topics, 2, 1, 20).await;
+    assert_eq!(consumed.len(), 2, "the rows around the poison flow");
+    db.wait_count(PASSED, 3, Duration::from_secs(10)).await;
+    // Fix the row and retry it: it was behind the cursor, and is read again at the tail.
+    sqlx::query("UPDATE outbox SET topic = $1 WHERE id = $2")
+        .bind(&topics[0])
+        .bind(bad)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (code, out, err) = db.run(&["failed", "retry", "--id", &bad.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let consumed = read_back(&topics, 3, 2, 20).await;
+    assert_eq!(consumed.len(), 3);
+    let retried = consumed.iter().find(|c| c.event_id() == bad).unwrap();
+    assert_eq!(retried.payload.as_deref(), Some(&b"poison"[..]));
+    drop(relay);
+}

@@ -60,6 +60,11 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::migrated(&[]).await
+    }
+
+    /// A fresh database migrated with `outbox-relay migrate <migrate_args>`.
+    pub async fn migrated(migrate_args: &[&str]) -> TestDb {
         let admin_url = database_url();
         let name = unique("outbox_test");
         let mut admin = sqlx::PgConnection::connect(&admin_url)
@@ -72,9 +77,9 @@ impl TestDb {
         let opts: PgConnectOptions = admin_url.parse().unwrap();
         let opts = opts.database(&name);
         let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
-        let status = relay_command(&["migrate", "--database-url", &url])
-            .status()
-            .unwrap();
+        let mut args = vec!["migrate", "--database-url", &url];
+        args.extend_from_slice(migrate_args);
+        let status = relay_command(&args).status().unwrap();
         assert!(status.success(), "outbox-relay migrate failed");
         let pool = PgPoolOptions::new()
             .max_connections(20)
