@@ -324,6 +324,8 @@ def main():
         (["--set", "relay.metricsAddr=127.0.0.1:9464"], "loopback", "a loopback metrics address"),
         (["--set", "caCertificate.secretName=a", "--set", "caCertificate.configMapName=b"], "not both", "two CA sources"),
         (["--set", "relay.poisonPolicy=dead-letter"], "deadLetterTopic", "poisonPolicy dead-letter without a topic"),
+        (["--set", "relay.readMode=append", "--set", "relay.onPublish=delete"], "readMode claim", "readMode append with onPublish delete"),
+        (["--set", "relay.readMode=append", "--set", "relay.poisonPolicy=block-key"], "readMode claim", "readMode append with block-key"),
     ]
     for args, needle, what in refusals:
         r = helm_template(*args)
