@@ -374,6 +374,10 @@ def lat_stats(lat_s):
 # PostgreSQL
 
 RELAY_TABLE, DBZ_TABLE = "outbox", "dbz_outbox"
+# Rows the relay has yet to publish, in either read mode (append mode moves a cursor instead of
+# setting published_at).
+UNPUBLISHED = ("published_at IS NULL AND failed_at IS NULL AND NOT coalesce((xid, id) <= "
+               f"(SELECT cursor_xid, cursor_id FROM {RELAY_TABLE}_lease WHERE id = 1), false)")
 AUDIT_TABLE = "bench_published"
 RELAY_ROWS = (f"(SELECT topic, key, payload, bench_xid FROM {RELAY_TABLE} "
               f"UNION ALL SELECT topic, key, payload, bench_xid FROM {AUDIT_TABLE})")
@@ -728,6 +732,17 @@ class RelayDelete(Relay):
         self.label = f"outbox-relay ({h.relay_profile} build), --on-publish delete"
 
 
+class RelayAppend(Relay):
+    """outbox-relay with `--read-mode append` (a cursor on the writing transaction's xid8, no
+    per-row write); the table is migrated to its index before and back after (plan())."""
+    name = "relay-append"
+    extra_args = ["--read-mode", "append"]
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build), --read-mode append"
+
+
 class RelayNoNotify(Relay):
     """Supplementary (only with BENCH_ARMS=...,relay-nonotify): the relay polling every 250 ms,
     with the NOTIFY trigger dropped (`migrate --notify-trigger false`, `run --listen false`)."""
@@ -894,12 +909,17 @@ class Harness:
         subprocess.run([self.relay_bin, "migrate", "--notify-trigger", "true" if on else "false"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
 
+    def read_mode(self, mode):
+        """Migrate the relay's table to a read mode's index (append: by writing xid; claim: pending by id)."""
+        env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"))
+        subprocess.run([self.relay_bin, "migrate", "--read-mode", mode], env=env, check=True, stdout=subprocess.DEVNULL)
+
     def diagnose(self, arm):
         """Why an arm may not deliver: what waits in its table, and the last error in its log."""
         out = []
         try:
             if arm.layout == "relay":
-                rows = self.pg.x(f"SELECT topic, count(*) FILTER (WHERE published_at IS NULL AND failed_at IS NULL), "
+                rows = self.pg.x(f"SELECT topic, count(*) FILTER (WHERE {UNPUBLISHED}), "
                                  f"count(*) FILTER (WHERE failed_at IS NOT NULL) FROM {RELAY_TABLE} GROUP BY 1 "
                                  f"ORDER BY 2 DESC LIMIT 3")
                 out.append("table: " + (", ".join(f"{t}: {p} pending, {f} parked" for t, p, f in rows) or "empty"))
@@ -1152,7 +1172,7 @@ class Harness:
         chk = check_topic(self.kafka, topic, self.pg.expected(arm.layout, topic))
         res.update({k: v for k, v in chk.items() if not k.startswith("_")})
         if arm.layout == "relay":
-            res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE published_at IS NULL")[0]
+            res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE {UNPUBLISHED}")[0]
         ap = chk["_append_ms"]
         if len(ap) > 1:
             span = (ap.max() - ap.min()) / 1000.0
@@ -1304,6 +1324,8 @@ def estimate(m, arms, dbz):
         t += 15 + len(m.workloads) * ladder * step + 2 * drain + m.soak_seconds + 20
     if want("relay-delete"):
         t += 15 + 2 * ladder * step + drain
+    if want("relay-append"):
+        t += 25 + 2 * ladder * step + drain + m.soak_seconds + 20
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1404,6 +1426,18 @@ def plan(h, arms_filter):
             guarded("relay-delete drain", h.drain, rd, main, m.drain_rows)
         finally:
             rd.stop()
+    if want("relay-append"):
+        ra = RelayAppend(h)
+        h.read_mode("append")
+        try:
+            guarded("relay-append warm-up", h.warm, ra)
+            for wl in side:
+                guarded(f"relay-append ladder {wl.name}", h.ladder, ra, wl, cap=ceilings.get(wl.name))
+            guarded("relay-append drain", h.drain, ra, main, m.drain_rows)
+            guarded("relay-append soak", h.step, ra, soak_wl, m.soak_rate, m.soak_seconds, "soak")
+        finally:
+            ra.stop()
+            h.read_mode("claim")
     if want("naive"):
         naive = Naive(h)
         try:

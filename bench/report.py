@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
-ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "relay", "relay-delete", "relay-nonotify", "naive",
+ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "relay", "relay-delete", "relay-append", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
-COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-append": "tab:green", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple"}
 
 
@@ -127,20 +127,20 @@ def make_plots(outdir, res):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     out["rss"] = save(fig, outdir, "rss.png")
-    # Soak: dead tuples and table size.
+    # Soak: dead tuples and table size, per arm.
     soak = [r for r in res if r.get("kind") == "soak" and r.get("samples")]
     if soak:
-        r = soak[0]
-        s = [x for x in r["samples"] if "dead" in x]
         fig, ax = plt.subplots(figsize=(8, 5))
-        ax.plot([x["t"] for x in s], [x["dead"] for x in s], color="tab:red", label="n_dead_tup")
-        ax.plot([x["t"] for x in s], [x["live"] for x in s], color="tab:green", label="n_live_tup")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("tuples")
         ax2 = ax.twinx()
-        ax2.plot([x["t"] for x in s], [x["table_bytes"] / 2**20 for x in s], color="tab:blue", label="total size (MiB)")
-        ax2.set_ylabel("table + indexes (MiB)")
-        ax.set_title(f"Soak: relay at {r['offered']}/s for {r['seconds']:.0f}s (retention 1h: no cleanup yet)")
+        for r in soak:
+            s = [x for x in r["samples"] if "dead" in x]
+            c = COLORS.get(r["arm"])
+            ax.plot([x["t"] for x in s], [x["dead"] for x in s], color=c, linestyle=":", label=f"{r['arm']} n_dead_tup")
+            ax2.plot([x["t"] for x in s], [x["table_bytes"] / 2**20 for x in s], color=c, label=f"{r['arm']} size (MiB)")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("dead tuples (dotted)")
+        ax2.set_ylabel("table + indexes, MiB (solid)")
+        ax.set_title(f"Soak at {soak[0]['offered']}/s for {soak[0]['seconds']:.0f}s (retention 1h: no cleanup yet)")
         fig.legend(loc="upper left", fontsize=7)
         ax.grid(True, alpha=0.3)
         out["soak"] = save(fig, outdir, "soak.png")
@@ -232,7 +232,7 @@ def render(meta, res, plots, outdir, mode):
     dbz_arms = [a for a in ("debezium-defaults", "debezium-tuned") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
     w("## Targets\n")
     w("| target | measured | verdict |\n|---|---|---|")
-    relay_arms = [a for a in ("relay", "relay-delete") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
+    relay_arms = [a for a in ("relay", "relay-delete", "relay-append") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
     for ra in relay_arms:
         rd = drain(res, ra, main)
         r1k = at_rate(res, ra, main, 1000)
@@ -305,10 +305,12 @@ def render(meta, res, plots, outdir, mode):
                 note = " (top of the ladder)"
             cells.append(fmt(s) + note if steps(res, a, wl) else "-")
         w(f"| {a} | " + " | ".join(cells) + " |")
-    if "relay" in arms and "db-only" in arms:
-        w("| relay / db-only | " + " | ".join(
-            (fmt(100 * (sustained(res, "relay", wl) or 0) / sustained(res, "db-only", wl), 0) + "%") if sustained(res, "db-only", wl) else "-"
-            for wl in wls) + " |")
+    for ra in ("relay", "relay-delete", "relay-append"):
+        if ra in arms and "db-only" in arms:
+            w(f"| {ra} / db-only | " + " | ".join(
+                (fmt(100 * (sustained(res, ra, wl) or 0) / sustained(res, "db-only", wl), 0) + "%")
+                if sustained(res, "db-only", wl) and steps(res, ra, wl) else "-"
+                for wl in wls) + " |")
     w("")
 
     # ---- latency
@@ -356,10 +358,10 @@ def render(meta, res, plots, outdir, mode):
     # ---- soak
     soak = [r for r in res if r.get("kind") == "soak"]
     if soak:
-        r = soak[0]
-        s = [x for x in r.get("samples", []) if "dead" in x]
         w("## Soak: dead tuples and table size over a run\n")
-        w(f"relay at {fmt(r['offered'])} events/s ({r['workload']}) for {fmt(r['seconds'])} s: achieved {fmt(r.get('achieved_insert_rate'))}/s, "
+    for r in soak:
+        s = [x for x in r.get("samples", []) if "dead" in x]
+        w(f"{r['arm']} at {fmt(r['offered'])} events/s ({r['workload']}) for {fmt(r['seconds'])} s: achieved {fmt(r.get('achieved_insert_rate'))}/s, "
           f"p50 {fmt(r.get('lat_p50_ms'), 1)} ms, p99 {fmt(r.get('lat_p99_ms'), 1)} ms, p99.9 {fmt(r.get('lat_p999_ms'), 1)} ms, "
           f"missing {fmt(r.get('missing'))}, duplicates {fmt(r.get('duplicates'))}, order violations {fmt(r.get('order_violations'))}; "
           f"relay CPU {fmt(r.get('arm_cpu_s_per_1k'), 3)} s/1k events, peak RSS {fmt(r.get('peak_rss_mib'), 1)} MiB, "
@@ -368,11 +370,12 @@ def render(meta, res, plots, outdir, mode):
             w(f"Dead tuples: max {fmt(max(x['dead'] for x in s))}, at end {fmt(s[-1]['dead'])}; "
               f"table + indexes {fmt(s[0]['table_bytes'] / 2**20, 1)} -> {fmt(s[-1]['table_bytes'] / 2**20, 1)} MiB; "
               f"autovacuum runs {fmt(s[-1]['autovacuums'])}. (Retention 1 h: the built-in cleanup deletes nothing in a shorter run.)\n")
+    if soak:
         if plots.get("soak"):
             w(f"![soak]({plots['soak']})\n")
 
     # ---- profile
-    prof = [r for r in res if r.get("relay_profile") and r["arm"] == "relay"]
+    prof = [r for r in res if r.get("relay_profile") and r["arm"] in ("relay", "relay-append")]
     if prof:
         w("## Where the relay's time goes (outbox_relay_batch_phase_seconds, per cell)\n")
         w("| cell | batches | mean rows/batch | fetch mean ms (p99 <=) | publish mean ms (p99 <=) | mark mean ms (p99 <=) | "
@@ -381,7 +384,7 @@ def render(meta, res, plots, outdir, mode):
             p = r["relay_profile"]
             wall = r.get("wall_s") or ((r.get("seconds") or 0) + (r.get("catch_up_s") or 0))
             share = "/".join(fmt(100 * (p[ph]["seconds"] or 0) / wall, 0) if wall else "-" for ph in ("fetch", "publish", "mark"))
-            cell = f"{r['kind']} {r['workload']} {fmt(r.get('offered') or r.get('rows'))}"
+            cell = f"{r['arm']}: {r['kind']} {r['workload']} {fmt(r.get('offered') or r.get('rows'))}"
             w(f"| {cell} | {fmt(p['fetch']['batches'])} | {fmt(p.get('batch_rows_mean'), 0)} | "
               + " | ".join(f"{fmt(p[ph]['mean_ms'], 2)} ({fmt(p[ph]['p99_le_ms'], 1)})" for ph in ("fetch", "publish", "mark"))
               + f" | {share} |")
