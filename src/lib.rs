@@ -138,6 +138,7 @@ pub async fn run(
         wake,
         cursor: (0, 0),
         led_epoch: None,
+        read_ahead: None,
     };
     relay.run(cancel).await;
 

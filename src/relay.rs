@@ -80,6 +80,8 @@ pub struct Relay {
     pub cursor: Cursor,
     /// The lease epoch this replica last took over in (the cursor is reloaded on a new one).
     pub led_epoch: Option<i64>,
+    /// Append mode: the batch after the last one, read while that one was being published.
+    pub read_ahead: Option<Vec<OutboxRow>>,
 }
 
 fn retry_backoff() -> backoff::ExponentialBackoff {
@@ -112,6 +114,7 @@ impl Relay {
                     self.metrics.leader.set(1);
                     if self.led_epoch != Some(self.lease.epoch()) {
                         finish_marking(&mut marking).await;
+                        self.read_ahead = None;
                         if let Err(e) = self.take_over().await {
                             self.writer()
                                 .database_failed("take over", &e, &mut backoff, &cancel)
@@ -214,11 +217,16 @@ impl Relay {
             finish_marking(marking).await;
         }
         // Rows whose mark is still being written look pending: leave them out of the read.
-        let marked_soon = marking.as_ref().map_or(&[][..], |mk| mk.ids.as_slice());
-        let read = self
-            .store
-            .fetch_pending(self.config.batch_size, marked_soon, self.cursor);
-        let rows = timed(m, "fetch", read).await?;
+        let marked_soon = marking.as_ref().map_or(vec![], |mk| mk.ids.clone());
+        let rows = match self.read_ahead.take() {
+            Some(rows) => rows,
+            None => {
+                let read =
+                    self.store
+                        .fetch_pending(self.config.batch_size, &marked_soon, self.cursor);
+                timed(m, "fetch", read).await?
+            }
+        };
         self.health.database_ok.store(true, Ordering::Relaxed);
         let read = rows.len();
         if read == 0 {
@@ -234,7 +242,30 @@ impl Relay {
         let stamps = self.spans.stamp(&mut messages);
         let publisher = self.publisher.borrow().clone();
         let publish = publisher.publish_with_receipts(&messages, cancel, self.flush_timeout());
-        let outcomes = match timed(m, "publish", self.await_holding_lease(publish)).await {
+        // Append mode, after a full batch: read the next one while this one is published.
+        let batch_end = positions.last().map(|(_, at)| *at);
+        let ahead = (self.config.read_mode == ReadMode::Append
+            && read == self.config.batch_size as usize)
+            .then(|| {
+                let (store, limit) = (self.store.clone(), self.config.batch_size);
+                async move {
+                    store
+                        .fetch_pending(limit, &marked_soon, batch_end.unwrap_or_default())
+                        .await
+                        .ok()
+                }
+            });
+        let ahead = async move {
+            match ahead {
+                Some(read) => timed(m, "fetch", read).await,
+                None => None,
+            }
+        };
+        let (published, ahead) = tokio::join!(
+            timed(m, "publish", self.await_holding_lease(publish)),
+            ahead
+        );
+        let outcomes = match published {
             Ok((outcomes, receipts)) => {
                 self.spans.record(&messages, &stamps, &outcomes, &receipts);
                 outcomes
@@ -267,6 +298,10 @@ impl Relay {
         };
         if let Some(cursor) = progress.cursor {
             self.cursor = cursor;
+        }
+        // The rows read ahead follow this batch: valid only if the cursor passed all of it.
+        if progress.cursor.is_some() && progress.cursor == batch_end {
+            self.read_ahead = ahead;
         }
         *marking = self.start_marking(&messages, progress, cancel);
         if settlement.retry.is_empty() {
