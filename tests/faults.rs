@@ -329,43 +329,43 @@ both_modes!(
 );
 
 /// 5. The broker is paused (SIGSTOP) for ~10 s, then resumed, during load.
-#[test]
-fn broker_paused_and_resumed_under_load() {
-    run_scenario(
-        "broker_paused_and_resumed_under_load",
-        minutes(4),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let pauses = if ctx.soak { 4 } else { 1 };
-            let mut rng = ctx.rng("broker-pauses");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for p in 1..=pauses {
-                sleep_ms(rng.random_range(500..2000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                service(&ctx, "kafka.sh", &["pause"]).await;
-                sleep_ms(10_000).await;
-                service(&ctx, "kafka.sh", &["resume"]).await;
-                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-                ctx.say(&format!(
-                    "broker pause {p}/{pauses}: publishing again {:.1}s after the resume",
-                    resumed.as_secs_f64()
-                ));
-            }
-            fleet.assert_all_running();
-            conclude(
-                &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * pauses,
-            )
-            .await;
-        },
-    );
+async fn broker_paused(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let pauses = if ctx.soak { 4 } else { 1 };
+    let mut rng = ctx.rng("broker-pauses");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for p in 1..=pauses {
+        sleep_ms(rng.random_range(500..2000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        service(&ctx, "kafka.sh", &["pause"]).await;
+        sleep_ms(10_000).await;
+        service(&ctx, "kafka.sh", &["resume"]).await;
+        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+        ctx.say(&format!(
+            "broker pause {p}/{pauses}: publishing again {:.1}s after the resume",
+            resumed.as_secs_f64()
+        ));
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * pauses,
+    )
+    .await;
 }
+
+both_modes!(
+    broker_paused_and_resumed_under_load,
+    append_broker_paused_and_resumed_under_load,
+    minutes(4),
+    broker_paused
+);
 
 /// 6. The broker is down for ~15 s, longer than `message.timeout.ms=5000`: messages time out
 ///    in the producer. Nothing may be lost, and per-key first-occurrence order must hold.
@@ -457,48 +457,48 @@ both_modes!(
 
 /// 8. `pg_terminate_backend` of every connection of the relays (application_name
 ///    'outbox-relay') a few times under load.
-#[test]
-fn relay_connections_terminated_under_load() {
-    run_scenario(
-        "relay_connections_terminated_under_load",
-        minutes(4),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let rounds = if ctx.soak { 25 } else { 4 };
-            let mut rng = ctx.rng("terminations");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for r in 1..=rounds {
-                sleep_ms(rng.random_range(500..3000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
-                let killed = db
-                    .scalar(
-                        &ctx,
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                         WHERE application_name = 'outbox-relay' AND datname = current_database()",
-                    )
-                    .await;
-                let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
-                ctx.say(&format!(
-                    "termination {r}/{rounds}: {killed} relay connections; publishing again after {:.1}s",
-                    resumed.as_secs_f64()
-                ));
-                assert!(killed > 0, "no relay connection to terminate {}", ctx.tag());
-            }
-            fleet.assert_all_running();
-            conclude(
+async fn connections_terminated(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let rounds = if ctx.soak { 25 } else { 4 };
+    let mut rng = ctx.rng("terminations");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for r in 1..=rounds {
+        sleep_ms(rng.random_range(500..3000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
+        let killed = db
+            .scalar(
                 &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * rounds,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE application_name = 'outbox-relay' AND datname = current_database()",
             )
             .await;
-        },
-    );
+        let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
+        ctx.say(&format!(
+            "termination {r}/{rounds}: {killed} relay connections; publishing again after {:.1}s",
+            resumed.as_secs_f64()
+        ));
+        assert!(killed > 0, "no relay connection to terminate {}", ctx.tag());
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * rounds,
+    )
+    .await;
 }
+
+both_modes!(
+    relay_connections_terminated_under_load,
+    append_relay_connections_terminated_under_load,
+    minutes(4),
+    connections_terminated
+);
 
 /// A poison row and what must become of it.
 struct Poison {
