@@ -26,8 +26,8 @@ use rand::Rng;
 
 use common::faults::{
     create_topics, delete_topics, metric, run_scenario, run_scenario_in, service, soak, vm_hwm_kb,
-    wait_topic_ready, Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec, Mode,
-    TOKEN_HEADER,
+    wait_topic_ready, Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec,
+    LongTx, Mode, PUBLISHED, TOKEN_HEADER,
 };
 use common::unique;
 
@@ -899,6 +899,74 @@ fn soak_backlog_1m_drained_in_bounded_memory() {
         |ctx| backlog(ctx, 1_000_000),
     );
 }
+
+/// 11. A write transaction stays open ~15 s (on a side table, plus one outbox event of its own)
+///     while the load runs. Append mode reads only below the oldest running transaction: it
+///     must publish nothing of the transactions that began after it while it is open, then
+///     deliver everything once it commits. Claim mode publishes on meanwhile. In both, the held
+///     transaction's own event (a late commit with a low id) arrives, and the usual checks hold
+///     (no fault: not a single duplicate).
+async fn long_transaction(ctx: Arc<Ctx>) {
+    const HELD: Duration = Duration::from_secs(15);
+    let (db, topics) = setup(&ctx, 2).await;
+    let fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let mut bursts = Bursts::new(&ctx, &topics);
+    let held = LongTx::begin(&ctx, &db, &topics[0]).await;
+    let opened = Instant::now();
+    if ctx.mode == Mode::Claim {
+        db.wait_progress(&ctx, 200, PROGRESS).await;
+    }
+    tokio::time::sleep(HELD.saturating_sub(opened.elapsed() + Duration::from_secs(1))).await;
+    // Rows of transactions that began after the held one, committed and published so far.
+    let later = |what: &str| {
+        format!(
+            "SELECT count(*) FROM outbox WHERE xid > '{}'::xid8{what}",
+            held.xid
+        )
+    };
+    let committed = db.scalar(&ctx, &later("")).await;
+    let published = db.scalar(&ctx, &later(&format!(" AND {PUBLISHED}"))).await;
+    ctx.say(&format!(
+        "{:.1}s into the long transaction: {published} of {committed} rows committed after it began are published",
+        opened.elapsed().as_secs_f64()
+    ));
+    assert!(
+        committed > 0,
+        "the writers committed nothing while the long transaction was open {}",
+        ctx.tag()
+    );
+    match ctx.mode {
+        Mode::Append => assert_eq!(
+            published,
+            0,
+            "append mode published rows above the oldest running transaction {}",
+            ctx.tag()
+        ),
+        Mode::Claim => assert!(
+            published > 0,
+            "claim mode was held back by a long transaction {}",
+            ctx.tag()
+        ),
+    }
+    tokio::time::sleep(HELD.saturating_sub(opened.elapsed())).await;
+    bursts.ledger.merge(held.commit().await);
+    let resumed = db
+        .wait_progress(&ctx, (committed - published).max(50), PROGRESS)
+        .await;
+    ctx.say(&format!(
+        "publishing on {:.1}s after the commit",
+        resumed.as_secs_f64()
+    ));
+    conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
+}
+
+both_modes!(
+    long_transaction_open_under_load,
+    append_long_transaction_open_under_load,
+    minutes(4),
+    long_transaction
+);
 
 /// The checker itself: fed records with a gap, a per-key reordering, a duplicate, a rolled-back
 /// event, an unknown event and a corrupted payload (produced straight to Kafka, no relay), it

@@ -1062,6 +1062,20 @@ fn headers_json(e: &Expected) -> serde_json::Value {
     )
 }
 
+/// Insert the event's row; returns its id.
+async fn insert_event<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    e: &Expected,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(INSERT_SQL)
+        .bind(&e.topic)
+        .bind(&e.key)
+        .bind(&e.payload)
+        .bind(headers_json(e))
+        .fetch_one(conn)
+        .await
+}
+
 /// Run one transaction. `commit_sent` holds the event once COMMIT was sent: if an error
 /// follows, the outcome is unknown.
 async fn run_attempt(
@@ -1080,13 +1094,7 @@ async fn run_attempt(
         None => None,
     };
     let mut e = a.expected(seq);
-    e.id = sqlx::query_scalar::<_, i64>(INSERT_SQL)
-        .bind(&e.topic)
-        .bind(&e.key)
-        .bind(&e.payload)
-        .bind(headers_json(&e))
-        .fetch_one(&mut *tx)
-        .await?;
+    e.id = insert_event(&mut *tx, &e).await?;
     if let Some(hold) = a.hold {
         tokio::time::sleep(hold).await;
     }
@@ -1397,6 +1405,75 @@ impl Bursts {
         self.seq_base += n / BURST_KEYS;
         self.ctx
             .say(&format!("burst {}: {n} events committed", self.fired));
+    }
+}
+
+/// A write transaction held open (see [`LongTx::begin`]).
+pub struct LongTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// Its transaction id (xid8 as a number): rows of transactions that began later have higher ones.
+    pub xid: i64,
+    event: Expected,
+    ctx: Arc<Ctx>,
+}
+
+impl LongTx {
+    /// Open a transaction on its own connection that writes a side table (so it has a
+    /// transaction id and holds `pg_snapshot_xmin` back for the whole cluster) and one outbox
+    /// event of its own (key `long-tx` on `topic`): a late commit, with a lower id and xid than
+    /// every row committed while it stays open.
+    pub async fn begin(ctx: &Arc<Ctx>, db: &FaultDb, topic: &str) -> LongTx {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(db.opts.clone().application_name("fault-long-tx"))
+            .await
+            .unwrap_or_else(|e| panic!("long transaction: {e} {}", ctx.tag()));
+        sqlx::query("CREATE TABLE IF NOT EXISTS long_tx_side (at timestamptz NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO long_tx_side VALUES (now())")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let attempt = Attempt {
+            token: format!("{}-{}-long-tx", ctx.name, ctx.seed),
+            topic: topic.to_string(),
+            key: Some("long-tx".into()),
+            tombstone: false,
+            noise: Vec::new(),
+            hold: None,
+            rollback: false,
+        };
+        let mut event = attempt.expected(Some(1));
+        event.id = insert_event(&mut *tx, &event).await.unwrap();
+        ctx.say(&format!(
+            "long transaction open: xid {xid}, its own event id {}",
+            event.id
+        ));
+        LongTx {
+            tx,
+            xid,
+            event,
+            ctx: ctx.clone(),
+        }
+    }
+
+    /// Commit it; its event goes to the checker.
+    pub async fn commit(self) -> Ledger {
+        self.tx
+            .commit()
+            .await
+            .unwrap_or_else(|e| panic!("long transaction commit: {e} {}", self.ctx.tag()));
+        self.ctx.say("long transaction committed");
+        let mut ledger = Ledger::default();
+        ledger.add(self.event);
+        ledger
     }
 }
 
