@@ -2,6 +2,9 @@
 //! can inject, against a real PostgreSQL and a real Kafka that this suite starts as its own
 //! instances (see `tests/common/faults.rs`), so it can kill and restart them freely.
 //!
+//! The scenarios that matter most for append mode's cursor (`--read-mode append`) also run in
+//! that mode, as `append_<scenario>` (`cargo test --test faults append_` runs them all).
+//!
 //! Every scenario runs writers concurrently with its faults, then ends with the same checker
 //! (`verify`): every committed event in Kafka byte for byte, no rolled-back event, per-key
 //! first occurrences in sequence order, duplicates within the scenario's bound (zero for
@@ -22,8 +25,9 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use common::faults::{
-    create_topics, delete_topics, metric, run_scenario, service, soak, vm_hwm_kb, wait_topic_ready,
-    Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec, TOKEN_HEADER,
+    create_topics, delete_topics, metric, run_scenario, run_scenario_in, service, soak, vm_hwm_kb,
+    wait_topic_ready, Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec,
+    LongTx, Mode, PUBLISHED, TOKEN_HEADER,
 };
 use common::unique;
 
@@ -36,6 +40,23 @@ const DUP_WINDOW: usize = 2 * BATCH;
 const READY: Duration = Duration::from_secs(60);
 const PROGRESS: Duration = Duration::from_secs(90);
 const DRAIN: Duration = Duration::from_secs(180);
+
+/// One scenario body as two tests: `$claim` runs it in claim mode (the default read mode),
+/// `$append` in append mode (`migrate` and every replica with `--read-mode append`). Both end
+/// with the same checks.
+macro_rules! both_modes {
+    ($claim:ident, $append:ident, $limit:expr, $body:path) => {
+        #[test]
+        fn $claim() {
+            run_scenario_in(stringify!($claim), Mode::Claim, $limit, $body);
+        }
+
+        #[test]
+        fn $append() {
+            run_scenario_in(stringify!($append), Mode::Append, $limit, $body);
+        }
+    };
+}
 
 fn minutes(n: u64) -> Duration {
     Duration::from_secs(60 * n)
@@ -120,361 +141,364 @@ fn expect(topics: &[String], max_duplicates: usize) -> Expect<'_> {
 
 /// 1. Three replicas; random replicas (mostly the leader) are killed with SIGKILL and
 ///    restarted, under load.
-#[test]
-fn replicas_sigkilled_under_load() {
-    run_scenario(
-        "replicas_sigkilled_under_load",
-        minutes(5),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let kills = if ctx.soak { 40 } else { 6 };
-            let mut rng = ctx.rng("kills");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for k in 1..=kills {
-                sleep_ms(rng.random_range(300..2500)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
-                let leaders = fleet.leaders().await;
-                let victim = match leaders.first() {
-                    Some(&leader) if rng.random_bool(0.7) => leader,
-                    _ => rng.random_range(0..3),
-                };
-                fleet.kill9(victim);
-                fleet.respawn(victim);
-                let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
-                ctx.say(&format!(
-                    "kill {k}/{kills}: replica {victim} (led: {}); publishing {:.1}s later",
-                    leaders.contains(&victim),
-                    resumed.as_secs_f64()
-                ));
-            }
-            fleet.assert_all_running();
-            conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
-        },
-    );
+async fn replicas_sigkilled(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let kills = if ctx.soak { 40 } else { 6 };
+    let mut rng = ctx.rng("kills");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for k in 1..=kills {
+        sleep_ms(rng.random_range(300..2500)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
+        let leaders = fleet.leaders().await;
+        let victim = match leaders.first() {
+            Some(&leader) if rng.random_bool(0.7) => leader,
+            _ => rng.random_range(0..3),
+        };
+        fleet.kill9(victim);
+        fleet.respawn(victim);
+        let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
+        ctx.say(&format!(
+            "kill {k}/{kills}: replica {victim} (led: {}); publishing {:.1}s later",
+            leaders.contains(&victim),
+            resumed.as_secs_f64()
+        ));
+    }
+    fleet.assert_all_running();
+    conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
 }
+
+both_modes!(
+    replicas_sigkilled_under_load,
+    append_replicas_sigkilled_under_load,
+    minutes(5),
+    replicas_sigkilled
+);
 
 /// 2. Rolling restart under load: SIGTERM each replica in turn (it must exit 0; a leader hands
 ///    over) and start a new one. Graceful, so not a single duplicate.
-#[test]
-fn rolling_restart_under_load() {
-    run_scenario("rolling_restart_under_load", minutes(5), |ctx| async move {
-        let (db, topics) = setup(&ctx, 2).await;
-        let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-        let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-        let rounds = if ctx.soak { 18 } else { 6 };
-        let mut rng = ctx.rng("restarts");
-        let mut bursts = Bursts::new(&ctx, &topics);
-        let mut leader_stops = 0;
-        for r in 0..rounds {
-            let slot = r % 3;
-            maybe_burst(&mut bursts, &db, &mut rng, 0.5).await;
-            let led = fleet.leaders().await.contains(&slot);
-            let log = fleet.log(slot);
-            let t = Instant::now();
-            let code = fleet.terminate(slot, Duration::from_secs(45)).await;
-            assert_eq!(
-                code,
-                Some(0),
-                "replica {slot} did not exit 0 on SIGTERM; log {log:?} {}",
-                ctx.tag()
-            );
-            let stopped = t.elapsed();
-            let mut handover = String::new();
-            if led {
-                leader_stops += 1;
-                let t = Instant::now();
-                let next = fleet.wait_single_leader(Duration::from_secs(30)).await;
-                handover = format!(
-                    "; replica {next} leads {:.2}s after the exit",
-                    t.elapsed().as_secs_f64()
-                );
-            }
-            fleet.respawn(slot);
-            fleet.wait_ready(slot, READY).await;
-            db.wait_progress(&ctx, 50, PROGRESS).await;
-            ctx.say(&format!(
-                "restart {}/{rounds}: replica {slot} (it led: {led}) exited 0 in {:.2}s{handover}",
-                r + 1,
-                stopped.as_secs_f64()
-            ));
-            sleep_ms(rng.random_range(300..1500)).await;
-        }
-        assert!(
-            leader_stops > 0,
-            "no round stopped the leader {}",
+async fn rolling_restart(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let rounds = if ctx.soak { 18 } else { 6 };
+    let mut rng = ctx.rng("restarts");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    let mut leader_stops = 0;
+    for r in 0..rounds {
+        let slot = r % 3;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.5).await;
+        let led = fleet.leaders().await.contains(&slot);
+        let log = fleet.log(slot);
+        let t = Instant::now();
+        let code = fleet.terminate(slot, Duration::from_secs(45)).await;
+        assert_eq!(
+            code,
+            Some(0),
+            "replica {slot} did not exit 0 on SIGTERM; log {log:?} {}",
             ctx.tag()
         );
-        conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
-    });
+        let stopped = t.elapsed();
+        let mut handover = String::new();
+        if led {
+            leader_stops += 1;
+            let t = Instant::now();
+            let next = fleet.wait_single_leader(Duration::from_secs(30)).await;
+            handover = format!(
+                "; replica {next} leads {:.2}s after the exit",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        fleet.respawn(slot);
+        fleet.wait_ready(slot, READY).await;
+        db.wait_progress(&ctx, 50, PROGRESS).await;
+        ctx.say(&format!(
+            "restart {}/{rounds}: replica {slot} (it led: {led}) exited 0 in {:.2}s{handover}",
+            r + 1,
+            stopped.as_secs_f64()
+        ));
+        sleep_ms(rng.random_range(300..1500)).await;
+    }
+    assert!(
+        leader_stops > 0,
+        "no round stopped the leader {}",
+        ctx.tag()
+    );
+    conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
 }
+
+both_modes!(
+    rolling_restart_under_load,
+    append_rolling_restart_under_load,
+    minutes(5),
+    rolling_restart
+);
 
 /// 3. A paused leader: SIGSTOP the current leader, wait past the lease until another replica
 ///    takes over, keep writing, then SIGCONT it. Whatever it still had in flight must not
 ///    break per-key first-occurrence order; duplicates stay within a batch per pause.
-#[test]
-fn paused_leader_loses_lease_and_order_holds() {
-    run_scenario(
-        "paused_leader_loses_lease_and_order_holds",
-        minutes(5),
-        |ctx| async move {
-            assert!(
+async fn paused_leader(ctx: Arc<Ctx>) {
+    assert!(
                 ctx.lease,
                 "outbox-relay has no --lease-duration flag: this scenario needs the lease-based leader election {}",
                 ctx.tag()
             );
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let pauses = if ctx.soak { 8 } else { 2 };
-            let mut rng = ctx.rng("pauses");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for p in 1..=pauses {
-                let old = fleet.wait_single_leader(Duration::from_secs(30)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                fleet.pause(old);
-                let t = Instant::now();
-                // The lease is 3 s and standbys poll every 100 ms: another replica must take over.
-                let new = fleet.wait_single_leader(Duration::from_secs(30)).await;
-                let takeover = t.elapsed();
-                assert_ne!(new, old);
-                assert!(
-                    takeover < Duration::from_secs(15),
-                    "takeover took {takeover:?} with a 3s lease {}",
-                    ctx.tag()
-                );
-                db.wait_progress(&ctx, 100, PROGRESS).await;
-                sleep_ms(rng.random_range(500..2500)).await;
-                let paused_for = t.elapsed();
-                fleet.resume(old);
-                // The woken replica must find it lost the lease: one leader again, and progress.
-                sleep_ms(1000).await;
-                let leader = fleet.wait_single_leader(Duration::from_secs(30)).await;
-                db.wait_progress(&ctx, 50, PROGRESS).await;
-                ctx.say(&format!(
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let pauses = if ctx.soak { 8 } else { 2 };
+    let mut rng = ctx.rng("pauses");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for p in 1..=pauses {
+        let old = fleet.wait_single_leader(Duration::from_secs(30)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        fleet.pause(old);
+        let t = Instant::now();
+        // The lease is 3 s and standbys poll every 100 ms: another replica must take over.
+        let new = fleet.wait_single_leader(Duration::from_secs(30)).await;
+        let takeover = t.elapsed();
+        assert_ne!(new, old);
+        assert!(
+            takeover < Duration::from_secs(15),
+            "takeover took {takeover:?} with a 3s lease {}",
+            ctx.tag()
+        );
+        db.wait_progress(&ctx, 100, PROGRESS).await;
+        sleep_ms(rng.random_range(500..2500)).await;
+        let paused_for = t.elapsed();
+        fleet.resume(old);
+        // The woken replica must find it lost the lease: one leader again, and progress.
+        sleep_ms(1000).await;
+        let leader = fleet.wait_single_leader(Duration::from_secs(30)).await;
+        db.wait_progress(&ctx, 50, PROGRESS).await;
+        ctx.say(&format!(
                     "pause {p}/{pauses}: leader {old} stopped for {:.1}s; replica {new} took over after {:.2}s; leader now {leader}",
                     paused_for.as_secs_f64(),
                     takeover.as_secs_f64()
                 ));
-            }
-            fleet.assert_all_running();
-            conclude(
-                &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * pauses,
-            )
-            .await;
-        },
-    );
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * pauses,
+    )
+    .await;
 }
+
+both_modes!(
+    paused_leader_loses_lease_and_order_holds,
+    append_paused_leader_loses_lease_and_order_holds,
+    minutes(5),
+    paused_leader
+);
 
 /// 4. The broker is killed with SIGKILL and restarted during load.
-#[test]
-fn broker_sigkilled_and_restarted_under_load() {
-    run_scenario(
-        "broker_sigkilled_and_restarted_under_load",
-        minutes(5),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let kills = if ctx.soak { 6 } else { 2 };
-            let mut rng = ctx.rng("broker-kills");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for k in 1..=kills {
-                sleep_ms(rng.random_range(1000..3000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                service(&ctx, "kafka.sh", &["kill9"]).await;
-                sleep_ms(rng.random_range(1000..4000)).await;
-                service(&ctx, "kafka.sh", &["start"]).await;
-                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-                ctx.say(&format!(
-                    "broker kill {k}/{kills}: publishing again {:.1}s after the restart",
-                    resumed.as_secs_f64()
-                ));
-            }
-            fleet.assert_all_running();
-            conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
-        },
-    );
+async fn broker_sigkilled(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let kills = if ctx.soak { 6 } else { 2 };
+    let mut rng = ctx.rng("broker-kills");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for k in 1..=kills {
+        sleep_ms(rng.random_range(1000..3000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        service(&ctx, "kafka.sh", &["kill9"]).await;
+        sleep_ms(rng.random_range(1000..4000)).await;
+        service(&ctx, "kafka.sh", &["start"]).await;
+        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+        ctx.say(&format!(
+            "broker kill {k}/{kills}: publishing again {:.1}s after the restart",
+            resumed.as_secs_f64()
+        ));
+    }
+    fleet.assert_all_running();
+    conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
 }
 
+both_modes!(
+    broker_sigkilled_and_restarted_under_load,
+    append_broker_sigkilled_and_restarted_under_load,
+    minutes(5),
+    broker_sigkilled
+);
+
 /// 5. The broker is paused (SIGSTOP) for ~10 s, then resumed, during load.
-#[test]
-fn broker_paused_and_resumed_under_load() {
-    run_scenario(
-        "broker_paused_and_resumed_under_load",
-        minutes(4),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let pauses = if ctx.soak { 4 } else { 1 };
-            let mut rng = ctx.rng("broker-pauses");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for p in 1..=pauses {
-                sleep_ms(rng.random_range(500..2000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                service(&ctx, "kafka.sh", &["pause"]).await;
-                sleep_ms(10_000).await;
-                service(&ctx, "kafka.sh", &["resume"]).await;
-                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-                ctx.say(&format!(
-                    "broker pause {p}/{pauses}: publishing again {:.1}s after the resume",
-                    resumed.as_secs_f64()
-                ));
-            }
-            fleet.assert_all_running();
-            conclude(
-                &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * pauses,
-            )
-            .await;
-        },
-    );
+async fn broker_paused(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let pauses = if ctx.soak { 4 } else { 1 };
+    let mut rng = ctx.rng("broker-pauses");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for p in 1..=pauses {
+        sleep_ms(rng.random_range(500..2000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        service(&ctx, "kafka.sh", &["pause"]).await;
+        sleep_ms(10_000).await;
+        service(&ctx, "kafka.sh", &["resume"]).await;
+        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+        ctx.say(&format!(
+            "broker pause {p}/{pauses}: publishing again {:.1}s after the resume",
+            resumed.as_secs_f64()
+        ));
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * pauses,
+    )
+    .await;
 }
+
+both_modes!(
+    broker_paused_and_resumed_under_load,
+    append_broker_paused_and_resumed_under_load,
+    minutes(4),
+    broker_paused
+);
 
 /// 6. The broker is down for ~15 s, longer than `message.timeout.ms=5000`: messages time out
 ///    in the producer. Nothing may be lost, and per-key first-occurrence order must hold.
-#[test]
-fn broker_down_longer_than_message_timeout() {
-    run_scenario(
-        "broker_down_longer_than_message_timeout",
-        minutes(4),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet =
-                fleet(&ctx, &db, 2, &["--kafka-config", "message.timeout.ms=5000"]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let outages = if ctx.soak { 3 } else { 1 };
-            let mut rng = ctx.rng("broker-outages");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for o in 1..=outages {
-                sleep_ms(rng.random_range(500..2000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                service(&ctx, "kafka.sh", &["stop"]).await;
-                sleep_ms(15_000).await;
-                service(&ctx, "kafka.sh", &["start"]).await;
-                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-                ctx.say(&format!(
-                    "broker outage {o}/{outages} (15s): publishing again {:.1}s after the restart",
-                    resumed.as_secs_f64()
-                ));
-            }
-            fleet.assert_all_running();
-            conclude(
-                &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * outages,
-            )
-            .await;
-        },
-    );
+async fn broker_down(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &["--kafka-config", "message.timeout.ms=5000"]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let outages = if ctx.soak { 3 } else { 1 };
+    let mut rng = ctx.rng("broker-outages");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for o in 1..=outages {
+        sleep_ms(rng.random_range(500..2000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        service(&ctx, "kafka.sh", &["stop"]).await;
+        sleep_ms(15_000).await;
+        service(&ctx, "kafka.sh", &["start"]).await;
+        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+        ctx.say(&format!(
+            "broker outage {o}/{outages} (15s): publishing again {:.1}s after the restart",
+            resumed.as_secs_f64()
+        ));
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * outages,
+    )
+    .await;
 }
+
+both_modes!(
+    broker_down_longer_than_message_timeout,
+    append_broker_down_longer_than_message_timeout,
+    minutes(4),
+    broker_down
+);
 
 /// 7. PostgreSQL restarted (fast shutdown) and crashed (SIGKILL of the postmaster, then start)
 ///    under load. Writers retry their transactions and resolve unknown COMMIT outcomes.
-#[test]
-fn postgres_restarted_and_crashed_under_load() {
-    run_scenario(
-        "postgres_restarted_and_crashed_under_load",
-        minutes(5),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let rounds = if ctx.soak { 4 } else { 1 };
-            let mut rng = ctx.rng("postgres-faults");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for r in 1..=rounds {
-                sleep_ms(rng.random_range(1000..3000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                service(&ctx, "pg.sh", &["restart-fast"]).await;
-                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-                ctx.say(&format!(
-                    "round {r}/{rounds}: fast restart; publishing again after {:.1}s",
-                    resumed.as_secs_f64()
-                ));
-                sleep_ms(rng.random_range(1000..3000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-                service(&ctx, "pg.sh", &["kill9"]).await;
-                sleep_ms(rng.random_range(500..2000)).await;
-                service(&ctx, "pg.sh", &["start"]).await;
-                let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-                ctx.say(&format!(
-                    "round {r}/{rounds}: crash and start; publishing again after {:.1}s",
-                    resumed.as_secs_f64()
-                ));
-            }
-            fleet.assert_all_running();
-            conclude(
-                &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * 2 * rounds,
-            )
-            .await;
-        },
-    );
+async fn postgres_restarted(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let rounds = if ctx.soak { 4 } else { 1 };
+    let mut rng = ctx.rng("postgres-faults");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for r in 1..=rounds {
+        sleep_ms(rng.random_range(1000..3000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        service(&ctx, "pg.sh", &["restart-fast"]).await;
+        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+        ctx.say(&format!(
+            "round {r}/{rounds}: fast restart; publishing again after {:.1}s",
+            resumed.as_secs_f64()
+        ));
+        sleep_ms(rng.random_range(1000..3000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
+        service(&ctx, "pg.sh", &["kill9"]).await;
+        sleep_ms(rng.random_range(500..2000)).await;
+        service(&ctx, "pg.sh", &["start"]).await;
+        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
+        ctx.say(&format!(
+            "round {r}/{rounds}: crash and start; publishing again after {:.1}s",
+            resumed.as_secs_f64()
+        ));
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * 2 * rounds,
+    )
+    .await;
 }
+
+both_modes!(
+    postgres_restarted_and_crashed_under_load,
+    append_postgres_restarted_and_crashed_under_load,
+    minutes(5),
+    postgres_restarted
+);
 
 /// 8. `pg_terminate_backend` of every connection of the relays (application_name
 ///    'outbox-relay') a few times under load.
-#[test]
-fn relay_connections_terminated_under_load() {
-    run_scenario(
-        "relay_connections_terminated_under_load",
-        minutes(4),
-        |ctx| async move {
-            let (db, topics) = setup(&ctx, 2).await;
-            let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-            let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
-            let rounds = if ctx.soak { 25 } else { 4 };
-            let mut rng = ctx.rng("terminations");
-            let mut bursts = Bursts::new(&ctx, &topics);
-            for r in 1..=rounds {
-                sleep_ms(rng.random_range(500..3000)).await;
-                maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
-                let killed = db
-                    .scalar(
-                        &ctx,
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                         WHERE application_name = 'outbox-relay' AND datname = current_database()",
-                    )
-                    .await;
-                let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
-                ctx.say(&format!(
-                    "termination {r}/{rounds}: {killed} relay connections; publishing again after {:.1}s",
-                    resumed.as_secs_f64()
-                ));
-                assert!(killed > 0, "no relay connection to terminate {}", ctx.tag());
-            }
-            fleet.assert_all_running();
-            conclude(
+async fn connections_terminated(ctx: Arc<Ctx>) {
+    let (db, topics) = setup(&ctx, 2).await;
+    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let rounds = if ctx.soak { 25 } else { 4 };
+    let mut rng = ctx.rng("terminations");
+    let mut bursts = Bursts::new(&ctx, &topics);
+    for r in 1..=rounds {
+        sleep_ms(rng.random_range(500..3000)).await;
+        maybe_burst(&mut bursts, &db, &mut rng, 0.6).await;
+        let killed = db
+            .scalar(
                 &ctx,
-                db,
-                fleet,
-                (load, bursts),
-                &topics,
-                DUP_WINDOW * rounds,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE application_name = 'outbox-relay' AND datname = current_database()",
             )
             .await;
-        },
-    );
+        let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
+        ctx.say(&format!(
+            "termination {r}/{rounds}: {killed} relay connections; publishing again after {:.1}s",
+            resumed.as_secs_f64()
+        ));
+        assert!(killed > 0, "no relay connection to terminate {}", ctx.tag());
+    }
+    fleet.assert_all_running();
+    conclude(
+        &ctx,
+        db,
+        fleet,
+        (load, bursts),
+        &topics,
+        DUP_WINDOW * rounds,
+    )
+    .await;
 }
+
+both_modes!(
+    relay_connections_terminated_under_load,
+    append_relay_connections_terminated_under_load,
+    minutes(4),
+    connections_terminated
+);
 
 /// A poison row and what must become of it.
 struct Poison {
@@ -875,6 +899,74 @@ fn soak_backlog_1m_drained_in_bounded_memory() {
         |ctx| backlog(ctx, 1_000_000),
     );
 }
+
+/// 11. A write transaction stays open ~15 s (on a side table, plus one outbox event of its own)
+///     while the load runs. Append mode reads only below the oldest running transaction: it
+///     must publish nothing of the transactions that began after it while it is open, then
+///     deliver everything once it commits. Claim mode publishes on meanwhile. In both, the held
+///     transaction's own event (a late commit with a low id) arrives, and the usual checks hold
+///     (no fault: not a single duplicate).
+async fn long_transaction(ctx: Arc<Ctx>) {
+    const HELD: Duration = Duration::from_secs(15);
+    let (db, topics) = setup(&ctx, 2).await;
+    let fleet = fleet(&ctx, &db, 2, &[]).await;
+    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let mut bursts = Bursts::new(&ctx, &topics);
+    let held = LongTx::begin(&ctx, &db, &topics[0]).await;
+    let opened = Instant::now();
+    if ctx.mode == Mode::Claim {
+        db.wait_progress(&ctx, 200, PROGRESS).await;
+    }
+    tokio::time::sleep(HELD.saturating_sub(opened.elapsed() + Duration::from_secs(1))).await;
+    // Rows of transactions that began after the held one, committed and published so far.
+    let later = |what: &str| {
+        format!(
+            "SELECT count(*) FROM outbox WHERE xid > '{}'::xid8{what}",
+            held.xid
+        )
+    };
+    let committed = db.scalar(&ctx, &later("")).await;
+    let published = db.scalar(&ctx, &later(&format!(" AND {PUBLISHED}"))).await;
+    ctx.say(&format!(
+        "{:.1}s into the long transaction: {published} of {committed} rows committed after it began are published",
+        opened.elapsed().as_secs_f64()
+    ));
+    assert!(
+        committed > 0,
+        "the writers committed nothing while the long transaction was open {}",
+        ctx.tag()
+    );
+    match ctx.mode {
+        Mode::Append => assert_eq!(
+            published,
+            0,
+            "append mode published rows above the oldest running transaction {}",
+            ctx.tag()
+        ),
+        Mode::Claim => assert!(
+            published > 0,
+            "claim mode was held back by a long transaction {}",
+            ctx.tag()
+        ),
+    }
+    tokio::time::sleep(HELD.saturating_sub(opened.elapsed())).await;
+    bursts.ledger.merge(held.commit().await);
+    let resumed = db
+        .wait_progress(&ctx, (committed - published).max(50), PROGRESS)
+        .await;
+    ctx.say(&format!(
+        "publishing on {:.1}s after the commit",
+        resumed.as_secs_f64()
+    ));
+    conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
+}
+
+both_modes!(
+    long_transaction_open_under_load,
+    append_long_transaction_open_under_load,
+    minutes(4),
+    long_transaction
+);
 
 /// The checker itself: fed records with a gap, a per-key reordering, a duplicate, a rolled-back
 /// event, an unknown event and a corrupted payload (produced straight to Kafka, no relay), it

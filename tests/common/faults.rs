@@ -200,9 +200,36 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
-/// The running scenario: its name, seed and clock.
+/// The relay's read mode a scenario runs in: the table is migrated for it and every replica
+/// runs with it (`--read-mode`; claim mode passes no flag, the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Claim,
+    Append,
+}
+
+impl Mode {
+    /// The flags `migrate` and `run` get.
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Claim => &[],
+            Mode::Append => &["--read-mode", "append"],
+        }
+    }
+}
+
+/// Rows published in either read mode: marked (claim mode, and append mode's rows delivered
+/// past a row to retry), or at or behind append mode's cursor in the lease row.
+pub const PUBLISHED: &str = "failed_at IS NULL AND (published_at IS NOT NULL \
+     OR (xid, id) <= (SELECT cursor_xid, cursor_id FROM outbox_lease WHERE id = 1))";
+/// Rows still to publish in either read mode (claim mode has no cursor: NULL, so not behind it).
+pub const PENDING: &str = "published_at IS NULL AND failed_at IS NULL \
+     AND NOT coalesce((xid, id) <= (SELECT cursor_xid, cursor_id FROM outbox_lease WHERE id = 1), false)";
+
+/// The running scenario: its name, read mode, seed and clock.
 pub struct Ctx {
     pub name: &'static str,
+    pub mode: Mode,
     pub seed: u64,
     pub soak: bool,
     pub started: Instant,
@@ -214,7 +241,7 @@ impl Ctx {
     /// Appended to every assertion message: how to reproduce.
     pub fn tag(&self) -> String {
         format!(
-            "[scenario {} seed {} (rerun: OUTBOX_FAULT_SEED={} cargo test --test faults {})]",
+            "[scenario {} seed {} (rerun: OUTBOX_FAULT_SEED={} cargo test --test faults {} -- --exact)]",
             self.name, self.seed, self.seed, self.name
         )
     }
@@ -250,9 +277,18 @@ fn supports_lease() -> bool {
     })
 }
 
-/// Run one scenario: take the suite's lock (scenarios never overlap), make sure the dedicated
-/// services are up, then run `body` on a fresh multi-threaded runtime within `limit`.
+/// Run one scenario in claim mode (the default read mode): see [`run_scenario_in`].
 pub fn run_scenario<F, Fut>(name: &'static str, limit: Duration, body: F)
+where
+    F: FnOnce(Arc<Ctx>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    run_scenario_in(name, Mode::Claim, limit, body)
+}
+
+/// Run one scenario in `mode`: take the suite's lock (scenarios never overlap), make sure the
+/// dedicated services are up, then run `body` on a fresh multi-threaded runtime within `limit`.
+pub fn run_scenario_in<F, Fut>(name: &'static str, mode: Mode, limit: Duration, body: F)
 where
     F: FnOnce(Arc<Ctx>) -> Fut,
     Fut: Future<Output = ()>,
@@ -262,6 +298,7 @@ where
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut ctx = Ctx {
         name,
+        mode,
         seed: seed(),
         soak: soak(),
         started: Instant::now(),
@@ -271,8 +308,8 @@ where
     ctx.started = Instant::now();
     let ctx = Arc::new(ctx);
     ctx.say(&format!(
-        "start: seed {} (OUTBOX_FAULT_SEED={}), soak {}, lease flag {}",
-        ctx.seed, ctx.seed, ctx.soak, ctx.lease
+        "start: {:?} mode, seed {} (OUTBOX_FAULT_SEED={}), soak {}, lease flag {}",
+        ctx.mode, ctx.seed, ctx.seed, ctx.soak, ctx.lease
     ));
     ensure_services();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -300,8 +337,8 @@ where
 // ---------------------------------------------------------------------------------------
 // Database
 
-/// A fresh database on the suite's PostgreSQL, migrated by the real binary, with the writers'
-/// `key_seq` table.
+/// A fresh database on the suite's PostgreSQL, migrated by the real binary for the scenario's
+/// read mode, with the writers' `key_seq` table.
 pub struct FaultDb {
     pub name: String,
     pub url: String,
@@ -321,13 +358,12 @@ impl FaultDb {
             .unwrap();
         let _ = admin.close().await;
         let url = format!("postgres://postgres@127.0.0.1:{PG_PORT}/{name}");
-        let migrate_url = url.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            relay_command(&["migrate", "--database-url", &migrate_url]).output()
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let mut migrate = relay_command(&["migrate", "--database-url", &url]);
+        migrate.args(ctx.mode.args());
+        let out = tokio::task::spawn_blocking(move || migrate.output())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             out.status.success(),
             "outbox-relay migrate failed: {} {}",
@@ -370,17 +406,14 @@ impl FaultDb {
     }
 
     pub async fn pending(&self, ctx: &Ctx) -> i64 {
-        self.scalar(
-            ctx,
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND failed_at IS NULL",
-        )
-        .await
+        self.scalar(ctx, &format!("SELECT count(*) FROM outbox WHERE {PENDING}"))
+            .await
     }
 
     pub async fn published(&self, ctx: &Ctx) -> i64 {
         self.scalar(
             ctx,
-            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+            &format!("SELECT count(*) FROM outbox WHERE {PUBLISHED}"),
         )
         .await
     }
@@ -573,12 +606,14 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// `args` are added to the suite's defaults (poll 100ms, lease 3s when supported).
+    /// `args` are added to the suite's defaults (poll 100ms, lease 3s when supported, the
+    /// scenario's read mode).
     pub fn new(ctx: &Arc<Ctx>, db: &FaultDb, args: &[&str]) -> Fleet {
         let mut all: Vec<String> = vec!["--poll-interval".into(), "100ms".into()];
         if ctx.lease {
             all.extend(["--lease-duration".into(), "3s".into()]);
         }
+        all.extend(ctx.mode.args().iter().map(|a| a.to_string()));
         all.extend(args.iter().map(|a| a.to_string()));
         Fleet {
             ctx: ctx.clone(),
@@ -1027,6 +1062,20 @@ fn headers_json(e: &Expected) -> serde_json::Value {
     )
 }
 
+/// Insert the event's row; returns its id.
+async fn insert_event<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    e: &Expected,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(INSERT_SQL)
+        .bind(&e.topic)
+        .bind(&e.key)
+        .bind(&e.payload)
+        .bind(headers_json(e))
+        .fetch_one(conn)
+        .await
+}
+
 /// Run one transaction. `commit_sent` holds the event once COMMIT was sent: if an error
 /// follows, the outcome is unknown.
 async fn run_attempt(
@@ -1045,13 +1094,7 @@ async fn run_attempt(
         None => None,
     };
     let mut e = a.expected(seq);
-    e.id = sqlx::query_scalar::<_, i64>(INSERT_SQL)
-        .bind(&e.topic)
-        .bind(&e.key)
-        .bind(&e.payload)
-        .bind(headers_json(&e))
-        .fetch_one(&mut *tx)
-        .await?;
+    e.id = insert_event(&mut *tx, &e).await?;
     if let Some(hold) = a.hold {
         tokio::time::sleep(hold).await;
     }
@@ -1365,6 +1408,75 @@ impl Bursts {
     }
 }
 
+/// A write transaction held open (see [`LongTx::begin`]).
+pub struct LongTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// Its transaction id (xid8 as a number): rows of transactions that began later have higher ones.
+    pub xid: i64,
+    event: Expected,
+    ctx: Arc<Ctx>,
+}
+
+impl LongTx {
+    /// Open a transaction on its own connection that writes a side table (so it has a
+    /// transaction id and holds `pg_snapshot_xmin` back for the whole cluster) and one outbox
+    /// event of its own (key `long-tx` on `topic`): a late commit, with a lower id and xid than
+    /// every row committed while it stays open.
+    pub async fn begin(ctx: &Arc<Ctx>, db: &FaultDb, topic: &str) -> LongTx {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(db.opts.clone().application_name("fault-long-tx"))
+            .await
+            .unwrap_or_else(|e| panic!("long transaction: {e} {}", ctx.tag()));
+        sqlx::query("CREATE TABLE IF NOT EXISTS long_tx_side (at timestamptz NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO long_tx_side VALUES (now())")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let attempt = Attempt {
+            token: format!("{}-{}-long-tx", ctx.name, ctx.seed),
+            topic: topic.to_string(),
+            key: Some("long-tx".into()),
+            tombstone: false,
+            noise: Vec::new(),
+            hold: None,
+            rollback: false,
+        };
+        let mut event = attempt.expected(Some(1));
+        event.id = insert_event(&mut *tx, &event).await.unwrap();
+        ctx.say(&format!(
+            "long transaction open: xid {xid}, its own event id {}",
+            event.id
+        ));
+        LongTx {
+            tx,
+            xid,
+            event,
+            ctx: ctx.clone(),
+        }
+    }
+
+    /// Commit it; its event goes to the checker.
+    pub async fn commit(self) -> Ledger {
+        self.tx
+            .commit()
+            .await
+            .unwrap_or_else(|e| panic!("long transaction commit: {e} {}", self.ctx.tag()));
+        self.ctx.say("long transaction committed");
+        let mut ledger = Ledger::default();
+        ledger.add(self.event);
+        ledger
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The checker
 
@@ -1454,9 +1566,9 @@ pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect
         "the table holds rows the writers did not commit (or lost some) {tag}"
     );
     let ids: Vec<i64> = ledger.committed.values().map(|e| e.id).collect();
-    let published: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE id = ANY($1) AND published_at IS NOT NULL",
-    )
+    let published: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM outbox WHERE id = ANY($1) AND {PUBLISHED}"
+    )))
     .bind(&ids)
     .fetch_one(&db.pool)
     .await
