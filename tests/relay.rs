@@ -314,26 +314,29 @@ async fn rolled_back_rows_never_appear() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let db = TestDb::new().await;
+    kill_9_mid_stream_then_restart(TestDb::new().await, &["--batch-size", "500"]).await;
+}
+
+/// Kill -9 the relay mid-stream and start it again: nothing is lost, and at most the batch
+/// whose mark (or cursor write) was being written and the batch in flight are published twice.
+async fn kill_9_mid_stream_then_restart(db: TestDb, args: &[&str]) {
+    let published = format!("published_at IS NOT NULL OR {PASSED}");
     let topics = topics(2).await;
     let written = write_events(&db, &topics, 50, 20_000, 8).await;
-    let relay = Relay::start(&db, &["--batch-size", "500"]);
-    db.wait_count("published_at IS NOT NULL", 2_000, Duration::from_secs(60))
+    let relay = Relay::start(&db, args);
+    db.wait_count(&published, 2_000, Duration::from_secs(60))
         .await;
     relay.kill9();
-    let published_at_kill = db.count("published_at IS NOT NULL").await;
+    let published_at_kill = db.count(&published).await;
     assert!(
         published_at_kill < 20_000,
         "the kill should land mid-stream"
     );
-    let relay = Relay::start(&db, &["--batch-size", "500"]);
-    db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
+    let relay = Relay::start(&db, args);
+    db.wait_count(&published, 20_000, Duration::from_secs(60))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 20_000, 2, 60).await;
+    let consumed = read_back(&topics, 20_000, 2, 60).await;
     let dups = check_delivery(&written, &consumed);
-    // At most the batch whose mark was being written and the batch in flight at the kill are
-    // published twice.
     assert!(dups <= 1000, "{dups} duplicates exceed two batches");
     drop(relay);
 }
@@ -916,23 +919,8 @@ async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_mode_kill_9_then_restart_resumes_from_the_cursor() {
-    let db = append_db().await;
-    let topics = topics(2).await;
-    let written = write_events(&db, &topics, 50, 20_000, 8).await;
     let args = ["--read-mode", "append", "--batch-size", "500"];
-    let relay = Relay::start(&db, &args);
-    db.wait_count(PASSED, 2_000, Duration::from_secs(60)).await;
-    relay.kill9();
-    assert!(
-        db.count(PASSED).await < 20_000,
-        "the kill should land mid-stream"
-    );
-    let relay = Relay::start(&db, &args);
-    db.wait_count(PASSED, 20_000, Duration::from_secs(60)).await;
-    let consumed = read_back(&topics, 20_000, 2, 60).await;
-    let dups = check_delivery(&written, &consumed);
-    assert!(dups <= 1000, "{dups} duplicates exceed two batches");
-    drop(relay);
+    kill_9_mid_stream_then_restart(append_db().await, &args).await;
 }
 
 /// claim -> append -> claim on one table: each switch (migrate, then run in the new mode)
