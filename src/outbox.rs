@@ -122,7 +122,13 @@ impl OutboxStore {
             "(o.xid, o.id) > (coalesce((SELECT cursor_xid FROM {lease} WHERE id = 1), '0'::xid8), \
              coalesce((SELECT cursor_id FROM {lease} WHERE id = 1), 0))"
         );
-        let columns = "id, topic, key, payload, headers, created_at, xid::text::int8 AS xid";
+        // Claim mode never needs the xid (and so runs on a table migrated before it existed).
+        let columns = match mode {
+            ReadMode::Claim => "id, topic, key, payload, headers, created_at, NULL::int8 AS xid",
+            ReadMode::Append => {
+                "id, topic, key, payload, headers, created_at, xid::text::int8 AS xid"
+            }
+        };
         let blocked = if block_parked_keys {
             format!(
                 " AND NOT EXISTS (SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL AND f.topic = o.topic AND f.key = o.key)"

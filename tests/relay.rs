@@ -990,3 +990,29 @@ async fn append_mode_parks_poison_and_a_retried_row_is_published_again() {
     assert_eq!(retried.payload.as_deref(), Some(&b"poison"[..]));
     drop(relay);
 }
+
+/// A relay upgraded before `migrate` ran (the table lacks the xid column and the lease row's
+/// wake_wanted and cursor columns) keeps publishing in claim mode and says to run migrate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claim_mode_publishes_on_a_table_migrated_by_an_older_release() {
+    let db = TestDb::new().await;
+    for sql in [
+        "ALTER TABLE outbox DROP COLUMN xid",
+        "ALTER TABLE outbox_lease DROP COLUMN wake_wanted, DROP COLUMN cursor_xid, DROP COLUMN cursor_id",
+        "DROP TABLE outbox_replicas",
+        // The older release's insert trigger notified on every commit.
+        "CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_notify('outbox_relay.outbox', ''); RETURN NULL; END $$",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let topics = topics(1).await;
+    let relay = Relay::start(&db, &[]);
+    let written = write_events(&db, &topics, 10, 500, 4).await;
+    db.wait_count("published_at IS NOT NULL", 500, Duration::from_secs(30))
+        .await;
+    let consumed = read_back(&topics, 500, 2, 30).await;
+    assert_eq!(check_delivery(&written, &consumed), 0);
+    relay.wait_log("outbox-relay migrate", Duration::from_secs(10));
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}
