@@ -622,6 +622,11 @@ pub fn hint(e: &sqlx::Error, table: &TableName) -> String {
     }
 }
 
+/// The table or lease row lacks a column (an older schema: `migrate` adds it).
+pub fn is_undefined_column(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42703")
+}
+
 /// sqlx reports rustls certificate failures as I/O errors of kind `InvalidData`.
 pub fn is_tls_failure(e: &sqlx::Error) -> bool {
     match e {

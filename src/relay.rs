@@ -171,7 +171,7 @@ impl Relay {
                 Ok(0) => {}
                 Ok(rows) => tracing::info!(rows, "claim mode after append mode: marked the rows behind the append cursor published"),
                 // An older schema has no cursor columns (and so no append mode ever ran).
-                Err(e) if crate::outbox::hint(&e, self.store.table()).contains("lacks a relay column") => {
+                Err(e) if crate::outbox::is_undefined_column(&e) => {
                     tracing::warn!(error = %e, "run `outbox-relay migrate` to upgrade the table; publishing goes on")
                 }
                 Err(e) => return Err(e),
@@ -217,13 +217,13 @@ impl Relay {
             finish_marking(marking).await;
         }
         // Rows whose mark is still being written look pending: leave them out of the read.
-        let marked_soon = marking.as_ref().map_or(vec![], |mk| mk.ids.clone());
+        let marked_soon = marking.as_ref().map_or(&[][..], |mk| mk.ids.as_slice());
         let rows = match self.read_ahead.take() {
             Some(rows) => rows,
             None => {
                 let read =
                     self.store
-                        .fetch_pending(self.config.batch_size, &marked_soon, self.cursor);
+                        .fetch_pending(self.config.batch_size, marked_soon, self.cursor);
                 timed(m, "fetch", read).await?
             }
         };
@@ -248,9 +248,10 @@ impl Relay {
             && read == self.config.batch_size as usize)
             .then(|| {
                 let (store, limit) = (self.store.clone(), self.config.batch_size);
+                let exclude = marked_soon.to_vec();
                 async move {
                     store
-                        .fetch_pending(limit, &marked_soon, batch_end.unwrap_or_default())
+                        .fetch_pending(limit, &exclude, batch_end.unwrap_or_default())
                         .await
                         .ok()
                 }
@@ -396,23 +397,22 @@ impl Relay {
             let marked = rows.is_empty()
                 || writer
                     .write_retrying("mark", &cancel, |store| async move {
-                        store.mark_published(rows).await.map(|_| ())
+                        store.mark_published(rows).await
                     })
-                    .await;
+                    .await
+                    .is_some();
             let moved = match progress.cursor {
                 Some(cursor) if marked => {
-                    let (holder, moved) = (&holder, &std::sync::atomic::AtomicBool::new(true));
-                    let written = writer
+                    let holder = &holder;
+                    let moved = writer
                         .write_retrying("cursor", &cancel, |store| async move {
-                            let ok = store.save_cursor(holder, epoch, cursor).await?;
-                            moved.store(ok, Ordering::Relaxed);
-                            Ok(())
+                            store.save_cursor(holder, epoch, cursor).await
                         })
                         .await;
-                    if written && !moved.load(Ordering::Relaxed) {
+                    if moved == Some(false) {
                         tracing::warn!(epoch, "cursor not moved: another replica leads now; it publishes these rows again");
                     }
-                    written
+                    moved.is_some()
                 }
                 _ => marked,
             };
@@ -526,7 +526,8 @@ impl Relay {
                         let sent = sent.clone();
                         async move { store.mark_dead_lettered(&sent).await }
                     })
-                    .await;
+                    .await
+                    .is_some();
                 if marked {
                     dead_lettered.extend(sent.iter().map(|(id, _)| *id));
                 }
@@ -550,7 +551,8 @@ impl Relay {
                 let failures = failures.clone();
                 async move { store.park(&failures).await }
             })
-            .await;
+            .await
+            .is_some();
         let mut done: HashSet<i64> = dead_lettered;
         if parked {
             done.extend(failures.iter().map(|(id, _)| *id));
@@ -701,18 +703,23 @@ struct Writer {
 }
 
 impl Writer {
-    /// Run a write until it succeeds (true) or shutdown interrupts it (false: the rows stay
-    /// pending and the next run handles them again). Giving up earlier would republish them.
-    async fn write_retrying<F, Fut>(&self, what: &str, cancel: &CancellationToken, write: F) -> bool
+    /// Run a write until it succeeds (its result) or shutdown interrupts it (`None`: the rows
+    /// stay pending and the next run handles them again). Giving up earlier would republish them.
+    async fn write_retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        cancel: &CancellationToken,
+        write: F,
+    ) -> Option<T>
     where
         F: Fn(OutboxStore) -> Fut,
-        Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
     {
         let mut backoff = retry_backoff();
         loop {
             match write(self.store.clone()).await {
-                Ok(()) => return true,
-                Err(_) if cancel.is_cancelled() => return false,
+                Ok(done) => return Some(done),
+                Err(_) if cancel.is_cancelled() => return None,
                 Err(e) => self.database_failed(what, &e, &mut backoff, cancel).await,
             }
         }

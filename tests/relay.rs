@@ -22,8 +22,10 @@ struct Written {
 }
 
 /// `total` events over `keys` keys spread on `topics`, from `writers` concurrent connections.
-/// Each transaction bumps the key's sequence first (serializing writers of one key, as an
-/// application updating its aggregate does), so per-key commit order is sequence order.
+/// Each transaction locks its key and bumps the key's sequence first (serializing writers of one
+/// key before their first write, as the README's ordering contract asks: a bare upsert that
+/// creates a new key lets two writers take xids in either order), so per-key commit order is
+/// sequence order.
 async fn write_events(
     db: &TestDb,
     topics: &[String],
@@ -48,7 +50,8 @@ async fn write_events(
                 let topic = topics[k % topics.len()].clone();
                 let mut tx = pool.begin().await.unwrap();
                 let seq: i64 = sqlx::query_scalar(
-                    "INSERT INTO key_seq VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq",
+                    "WITH l AS (SELECT pg_advisory_xact_lock(hashtext($1))) \
+                     INSERT INTO key_seq SELECT $1, 1 FROM l ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq",
                 )
                 .bind(&key)
                 .fetch_one(&mut *tx)
@@ -232,20 +235,29 @@ async fn assert_exactly_once_in_key_order(topics: &[String], written: &[Written]
     }
 }
 
+/// Insert a row with payload `late` in a transaction left open: (the transaction, the row id).
+async fn open_late_row(
+    db: &TestDb,
+    topic: &str,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, i64) {
+    let mut late = db.pool.begin().await.unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'late', 'late') RETURNING id",
+    )
+    .bind(topic)
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+    (late, id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_commit_with_a_lower_id_is_delivered() {
     let db = TestDb::new().await;
     let topics = topics(1).await;
     let relay = Relay::start(&db, &[]);
     // Take a low id and hold the transaction open.
-    let mut late = db.pool.begin().await.unwrap();
-    let late_id: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'late', 'late') RETURNING id",
-    )
-    .bind(&topics[0])
-    .fetch_one(&mut *late)
-    .await
-    .unwrap();
+    let (late, late_id) = open_late_row(&db, &topics[0]).await;
     // Later ids commit and are published while it is open.
     for i in 0..50 {
         sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, 'early')")
@@ -874,14 +886,7 @@ async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() 
     let topics = topics(1).await;
     let relay = Relay::start(&db, &["--read-mode", "append"]);
     // An open transaction takes the lowest id and xid and holds them.
-    let mut late = db.pool.begin().await.unwrap();
-    let late_id: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'late', 'late') RETURNING id",
-    )
-    .bind(&topics[0])
-    .fetch_one(&mut *late)
-    .await
-    .unwrap();
+    let (late, late_id) = open_late_row(&db, &topics[0]).await;
     for i in 0..100 {
         let mut tx = db.pool.begin().await.unwrap();
         sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)")

@@ -996,7 +996,10 @@ pub struct Load {
     ctx: Arc<Ctx>,
 }
 
-const BUMP_SQL: &str = "INSERT INTO key_seq VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq";
+/// The key's lock is taken before the transaction's first write (the README's ordering contract
+/// for append mode: two upserts creating a new key take their xids before either holds the row).
+const BUMP_SQL: &str = "WITH l AS (SELECT pg_advisory_xact_lock(hashtext($1))) \
+     INSERT INTO key_seq SELECT $1, 1 FROM l ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq";
 const INSERT_SQL: &str =
     "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id";
 const EXISTS_SQL: &str =
