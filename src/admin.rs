@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::postgres::PgPool;
 use sqlx::AssertSqlSafe;
 
-use crate::config::RowSelector;
+use crate::lease::LeaseState;
 use crate::replica::{self, Replica};
 use crate::table::TableName;
 
@@ -20,12 +20,13 @@ pub struct TopicBacklog {
     pub parked: i64,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct LeaseState {
-    pub holder: String,
-    pub epoch: i64,
-    pub expires_at: DateTime<Utc>,
-    pub valid: bool,
+/// Which parked rows an action applies to. `All` selects every parked row (with the
+/// action's topic filter, if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rows {
+    Id(i64),
+    Key(String),
+    All,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,16 +77,11 @@ impl Admin {
                UNION ALL
                SELECT topic, 0, NULL, count(*) FROM {t} WHERE failed_at IS NOT NULL GROUP BY topic
              ) s GROUP BY topic ORDER BY topic",
-            unpublished = crate::outbox::unpublished(&self.table)
+            unpublished = crate::store::unpublished(&self.table)
         )))
         .fetch_all(&self.pool)
         .await?;
-        let leader: Option<LeaseState> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT holder, epoch, expires_at, expires_at > clock_timestamp() AS valid FROM {}",
-            self.table.lease_table()
-        )))
-        .fetch_optional(&self.pool)
-        .await?;
+        let leader = LeaseState::read(&self.pool, &self.table).await?;
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
             .fetch_one(&self.pool)
             .await?;
@@ -126,7 +122,7 @@ impl Admin {
 
     /// Make the selected parked rows pending again. Returns how many. Each gets this
     /// transaction's xid, so append mode (whose cursor has passed it) reads it again, at the tail.
-    pub async fn retry(&self, rows: &RowSelector, topic: Option<&str>) -> Result<u64, sqlx::Error> {
+    pub async fn retry(&self, rows: &Rows, topic: Option<&str>) -> Result<u64, sqlx::Error> {
         let sql = format!(
             "UPDATE {} SET failed_at = NULL, xid = pg_current_xact_id() WHERE {SELECTED}",
             self.table.quoted()
@@ -137,7 +133,7 @@ impl Admin {
     /// Mark the selected parked rows handled without publishing them. Returns how many.
     pub async fn skip(
         &self,
-        rows: &RowSelector,
+        rows: &Rows,
         topic: Option<&str>,
         reason: &str,
     ) -> Result<u64, sqlx::Error> {
@@ -153,13 +149,19 @@ impl Admin {
     async fn act(
         &self,
         sql: String,
-        rows: &RowSelector,
+        rows: &Rows,
         topic: Option<&str>,
         reason: Option<&str>,
     ) -> Result<u64, sqlx::Error> {
         let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(rows.id)
-            .bind(rows.key.as_deref())
+            .bind(match rows {
+                Rows::Id(id) => Some(*id),
+                _ => None,
+            })
+            .bind(match rows {
+                Rows::Key(key) => Some(key.as_str()),
+                _ => None,
+            })
             .bind(topic);
         if let Some(reason) = reason {
             q = q.bind(reason);

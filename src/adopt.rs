@@ -428,7 +428,7 @@ pub async fn install(
         .await?;
     let mut sql = String::new();
     if !target_exists {
-        sql.push_str(&target.ddl(true, crate::config::ReadMode::Claim));
+        sql.push_str(&target.ddl(true, crate::table::ReadMode::Claim));
         sql.push('\n');
     }
     sql.push_str(&checked.ddl(target));

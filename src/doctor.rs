@@ -8,8 +8,9 @@ use rdkafka::client::DefaultClientContext;
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-use crate::config::{transport_findings, DatabaseConfig, KafkaConfig};
-use crate::publisher::client_config;
+use crate::kafka::{client_config, KafkaConfig};
+use crate::settings::{transport_findings, DatabaseConfig};
+use crate::table::ReadMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,7 +90,7 @@ async fn database(db: &DatabaseConfig, r: &mut Report) -> Pending {
             r.error(
                 "database",
                 format!("cannot connect to {}: {e}", db.display),
-                crate::outbox::hint(&e, &db.table),
+                crate::store::errors::hint(&e, &db.table),
             );
             return Pending::default();
         }
@@ -102,7 +103,7 @@ async fn database(db: &DatabaseConfig, r: &mut Report) -> Pending {
             r.error(
                 "database",
                 format!("a check query failed: {e}"),
-                crate::outbox::hint(&e, &db.table),
+                crate::store::errors::hint(&e, &db.table),
             );
             Pending::default()
         }
@@ -201,19 +202,31 @@ async fn database_checks(
             "run `outbox-relay migrate`",
         );
     }
-    let index: Option<String> = sqlx::query_scalar(
-        "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND indexname = $2",
-    )
-    .bind(db.table.schema())
-    .bind(format!("{}_pending_idx", db.table.table()))
-    .fetch_optional(&mut *conn)
-    .await?;
-    match index {
-        Some(i) => r.ok("indexes", format!("pending-rows index {i} present")),
+    // The table is migrated for one read mode: its read index tells which.
+    let mut migrated_for = None;
+    for mode in ReadMode::ALL {
+        let present: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(db.table.read_index(mode))
+            .fetch_one(&mut *conn)
+            .await?;
+        if present {
+            migrated_for = Some(mode);
+            break;
+        }
+    }
+    match migrated_for {
+        Some(mode) => r.ok(
+            "indexes",
+            format!(
+                "read index {} present: the table is migrated for --read-mode {}",
+                db.table.read_index(mode),
+                mode.as_str()
+            ),
+        ),
         None => r.warn(
             "indexes",
-            "the pending-rows partial index is missing: every read scans the table",
-            "run `outbox-relay migrate`",
+            "no read index (claim: <table>_pending_idx, append: <table>_xid_idx): every read scans the table",
+            "run `outbox-relay migrate --read-mode <the mode the relay runs with>`",
         ),
     }
 
@@ -310,7 +323,7 @@ async fn database_checks(
         );
     }
 
-    let unpublished = crate::outbox::unpublished(&db.table);
+    let unpublished = crate::store::unpublished(&db.table);
     let (pending, parked, largest): (i64, i64, Option<i64>) =
         sqlx::query_as(AssertSqlSafe(format!(
             "SELECT (SELECT count(*) FROM {t} AS o WHERE {unpublished}), \

@@ -6,8 +6,6 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::config::TopicAllowList;
-
 /// Header carrying the row id: a stable event id for consumer-side deduplication.
 pub const HEADER_EVENT_ID: &str = "outbox-event-id";
 /// Header carrying the row's `created_at` (RFC 3339, microseconds, UTC).
@@ -86,6 +84,37 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Which topics rows may name (`--allowed-topics`): exact names, or prefixes ending in `*`.
+#[derive(Debug, Clone, Default)]
+pub struct TopicAllowList(Vec<String>);
+
+impl TopicAllowList {
+    pub fn new(entries: &[String]) -> Result<TopicAllowList, String> {
+        let entries: Vec<String> = entries
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        for e in &entries {
+            let name = e.strip_suffix('*').unwrap_or(e);
+            if name.contains('*') || (!name.is_empty() && check_topic(name).is_err()) {
+                return Err(format!(
+                    "{e:?} is not a topic name or a prefix ending in '*'"
+                ));
+            }
+        }
+        Ok(TopicAllowList(entries))
+    }
+
+    pub fn allows(&self, topic: &str) -> bool {
+        self.0.is_empty()
+            || self.0.iter().any(|e| match e.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => topic == e,
+            })
+    }
 }
 
 /// How rows become messages, fixed at startup.

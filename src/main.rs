@@ -7,11 +7,17 @@ use clap::Parser;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use outbox_relay::config::{
-    AdoptArgs, CleanupArgs, Cli, Command, DatabaseConfig, DoctorArgs, FailedAction, FailedArgs,
-    LogFormat, MigrateArgs, RunArgs, StatusArgs,
+mod cli;
+
+use cli::{
+    AdoptArgs, CleanupArgs, Cli, Command, DatabaseArgs, DoctorArgs, FailedAction, FailedArgs,
+    MigrateArgs, RunArgs, StatusArgs,
 };
-use outbox_relay::{outbox, publisher::Publisher, shutdown, telemetry};
+use outbox_relay::kafka::Publisher;
+use outbox_relay::settings::DatabaseConfig;
+use outbox_relay::shutdown;
+use outbox_relay::store::{self, errors};
+use outbox_relay::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // a bad flag exits 2 with a message naming it
@@ -46,7 +52,7 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     telemetry::init_logging(args.log_format);
-    let findings = outbox_relay::config::transport_findings(&config.db, &config.kafka);
+    let findings = outbox_relay::settings::transport_findings(&config.db, &config.kafka);
     if args.require_secure_transport && !findings.is_empty() {
         return usage_error(format!(
             "--require-secure-transport: {}",
@@ -71,7 +77,7 @@ fn run(args: RunArgs) -> ExitCode {
             ))
         }
     };
-    let shutdown_timeout = config.shutdown_timeout;
+    let shutdown_timeout = config.relay.shutdown_timeout;
     runtime().block_on(async move {
         let cancel = CancellationToken::new();
         if let Err(e) = shutdown::on_signal(cancel.clone()) {
@@ -102,9 +108,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Connect, retrying for up to a minute (an init container may start before the database).
-async fn connect(
-    db: &outbox_relay::config::DatabaseConfig,
-) -> Result<sqlx::PgConnection, sqlx::Error> {
+async fn connect(db: &DatabaseConfig) -> Result<sqlx::PgConnection, sqlx::Error> {
     let policy = backoff::ExponentialBackoff {
         max_elapsed_time: Some(Duration::from_secs(60)),
         ..Default::default()
@@ -113,12 +117,11 @@ async fn connect(
         sqlx::PgConnection::connect_with(&db.connect)
             .await
             .map_err(|e| {
-                let hint = outbox::hint(&e, &db.table);
-                eprintln!("connecting to {}: {e} ({hint})", db.display);
-                match e {
-                    _ if outbox::is_tls_failure(&e) => backoff::Error::permanent(e),
-                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => backoff::Error::transient(e),
-                    _ => backoff::Error::permanent(e),
+                let diagnosis = errors::diagnose(&e, &db.table);
+                eprintln!("connecting to {}: {e} ({})", db.display, diagnosis.hint);
+                match diagnosis.action {
+                    errors::Action::Retry => backoff::Error::transient(e),
+                    errors::Action::Fix => backoff::Error::permanent(e),
                 }
             })
     })
@@ -128,7 +131,7 @@ async fn connect(
 /// `migrate` and `adopt`: resolve the database flags, log as text, connect (with retries),
 /// run `f` on the connection, and let `done` turn the outcome into the exit code.
 fn with_connection<T, E: From<sqlx::Error>>(
-    args: &outbox_relay::config::DatabaseArgs,
+    args: &DatabaseArgs,
     f: impl AsyncFnOnce(&mut sqlx::PgConnection, &DatabaseConfig) -> Result<T, E>,
     done: impl FnOnce(Result<T, E>, &DatabaseConfig) -> ExitCode,
 ) -> ExitCode {
@@ -155,20 +158,20 @@ fn migrate(args: MigrateArgs) -> ExitCode {
     let (notify, mode) = (args.notify_trigger, args.read_mode);
     with_connection(
         &args.db,
-        async |conn, db| outbox::migrate(conn, &db.table, notify, mode).await,
+        async |conn, db| store::migrate(conn, &db.table, notify, mode).await,
         |result, db| match result {
             Ok(()) => {
                 println!(
                     "outbox table {} is up to date (notify trigger: {notify}, read mode: {})",
                     db.table,
-                    format!("{mode:?}").to_lowercase()
+                    mode.as_str()
                 );
                 ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!(
                     "error: migrate failed: {e} ({})",
-                    outbox::hint(&e, &db.table)
+                    errors::hint(&e, &db.table)
                 );
                 ExitCode::FAILURE
             }
@@ -215,7 +218,7 @@ fn adopt(args: AdoptArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(AdoptError::Database(e)) => {
-                eprintln!("error: adopt failed: {e} ({})", outbox::hint(&e, &db.table));
+                eprintln!("error: adopt failed: {e} ({})", errors::hint(&e, &db.table));
                 ExitCode::FAILURE
             }
             Err(e) => usage_error(e),
@@ -230,12 +233,11 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
     };
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
-        let pool = outbox::pool(&db.connect, 1);
-        let store = outbox::OutboxStore::new(
+        let pool = store::pool(&db.connect, 1);
+        let store = store::OutboxStore::new(
             pool,
             db.table.clone(),
-            false,
-            outbox_relay::config::OnPublish::Mark,
+            store::OnPublish::Mark,
             args.read_mode,
         );
         match store.cleanup(args.retention, 5000).await {
@@ -249,7 +251,7 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
             Err(e) => {
                 eprintln!(
                     "error: cleanup failed: {e} ({})",
-                    outbox::hint(&e, &db.table)
+                    errors::hint(&e, &db.table)
                 );
                 ExitCode::FAILURE
             }
@@ -263,7 +265,7 @@ fn status(args: StatusArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     runtime().block_on(async {
-        let admin = outbox_relay::admin::Admin::new(outbox::pool(&db.connect, 1), db.table.clone());
+        let admin = outbox_relay::admin::Admin::new(store::pool(&db.connect, 1), db.table.clone());
         match admin.status().await {
             Ok(s) if args.json => {
                 println!(
@@ -279,7 +281,7 @@ fn status(args: StatusArgs) -> ExitCode {
             Err(e) => {
                 eprintln!(
                     "error: status failed: {e} ({})",
-                    outbox::hint(&e, &db.table)
+                    errors::hint(&e, &db.table)
                 );
                 ExitCode::FAILURE
             }
@@ -294,7 +296,7 @@ fn failed(args: FailedArgs) -> ExitCode {
     };
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
-        let admin = outbox_relay::admin::Admin::new(outbox::pool(&db.connect, 1), db.table.clone());
+        let admin = outbox_relay::admin::Admin::new(store::pool(&db.connect, 1), db.table.clone());
         let result = match &args.action {
             FailedAction::List { topic, limit, json } => admin.list_failed(topic.as_deref(), *limit).await.map(|rows| {
                 for r in &rows {
@@ -305,11 +307,11 @@ fn failed(args: FailedArgs) -> ExitCode {
                     }
                 }
             }),
-            FailedAction::Retry { rows, topic } => admin.retry(rows, topic.as_deref()).await.map(|n| {
+            FailedAction::Retry { rows, topic } => admin.retry(&rows.rows(), topic.as_deref()).await.map(|n| {
                 tracing::info!(action = "retry", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, "parked rows made pending again");
                 println!("{n} parked rows are pending again");
             }),
-            FailedAction::Skip { rows, topic, reason } => admin.skip(rows, topic.as_deref(), reason).await.map(|n| {
+            FailedAction::Skip { rows, topic, reason } => admin.skip(&rows.rows(), topic.as_deref(), reason).await.map(|n| {
                 tracing::info!(action = "skip", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, reason = %reason, "parked rows skipped");
                 println!("{n} parked rows skipped (marked handled, not published)");
             }),
@@ -321,7 +323,7 @@ fn failed(args: FailedArgs) -> ExitCode {
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: failed {:?}: {e} ({})", args.action, outbox::hint(&e, &db.table));
+                eprintln!("error: failed {:?}: {e} ({})", args.action, errors::hint(&e, &db.table));
                 ExitCode::FAILURE
             }
         }

@@ -15,7 +15,7 @@ use sqlx::AssertSqlSafe;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::LeaseState;
+use crate::lease::LeaseState;
 use crate::table::TableName;
 
 /// A replica unseen for this many lease durations is shown as stale (it beats every third
@@ -62,50 +62,6 @@ impl Identity {
             pid,
             version: env!("CARGO_PKG_VERSION"),
         }
-    }
-}
-
-/// The lease's side of the heartbeat: after each acquire/renew attempt that reached the
-/// database it reports its role (`Some(epoch)` while leading); a beat goes to the heartbeat
-/// task when the role changed or a renewal interval has passed since the last one.
-pub struct Heartbeat {
-    tx: watch::Sender<Option<i64>>,
-    every: Duration,
-    last: Option<(Instant, Option<i64>)>,
-}
-
-impl Heartbeat {
-    pub fn new(every: Duration) -> (Heartbeat, watch::Receiver<Option<i64>>) {
-        let (tx, rx) = watch::channel(None);
-        (
-            Heartbeat {
-                tx,
-                every,
-                last: None,
-            },
-            rx,
-        )
-    }
-
-    /// `now` is when the lease statement started (the lease's own clock), so a leader that
-    /// renews every `every` also beats every `every`.
-    pub fn report(&mut self, epoch: Option<i64>, now: Instant) {
-        if beat_due(self.last, epoch, now, self.every) {
-            self.last = Some((now, epoch));
-            self.tx.send_replace(epoch); // never blocks; the task coalesces
-        }
-    }
-}
-
-fn beat_due(
-    last: Option<(Instant, Option<i64>)>,
-    epoch: Option<i64>,
-    now: Instant,
-    every: Duration,
-) -> bool {
-    match last {
-        None => true,
-        Some((at, was)) => was != epoch || now >= at + every,
     }
 }
 
@@ -191,7 +147,7 @@ pub async fn heartbeat(
             Err(e) => {
                 failing = true;
                 if let Some(suppressed) = warn.allow(Instant::now()) {
-                    tracing::warn!(error = %e, hint = crate::outbox::hint(&e, &registry.table), suppressed,
+                    tracing::warn!(error = %e, hint = crate::store::errors::hint(&e, &registry.table), suppressed,
                         "replica heartbeat failed (`status` may show this replica as stale); relaying continues");
                 }
             }
@@ -503,43 +459,6 @@ mod tests {
             "the lease is the authority on ownership"
         );
         assert_eq!(v[0].last_seen_age_seconds, 600.0);
-    }
-
-    #[test]
-    fn beats_follow_the_renewal_cadence_and_role_changes() {
-        let every = Duration::from_secs(3);
-        let t0 = Instant::now();
-        assert!(beat_due(None, None, t0, every), "the first report beats");
-        let last = Some((t0, None));
-        assert!(
-            !beat_due(last, None, t0 + Duration::from_millis(250), every),
-            "a standby polls often but beats once per interval"
-        );
-        assert!(beat_due(last, None, t0 + every, every));
-        assert!(
-            beat_due(last, Some(1), t0 + Duration::from_millis(1), every),
-            "becoming leader beats at once"
-        );
-        assert!(
-            beat_due(Some((t0, Some(1))), Some(2), t0, every),
-            "a new epoch beats at once"
-        );
-    }
-
-    #[test]
-    fn heartbeat_sends_only_due_beats() {
-        let (mut hb, mut rx) = Heartbeat::new(Duration::from_secs(3));
-        let t0 = Instant::now();
-        hb.report(None, t0);
-        assert!(rx.has_changed().unwrap());
-        rx.mark_unchanged();
-        hb.report(None, t0 + Duration::from_secs(1));
-        assert!(!rx.has_changed().unwrap());
-        hb.report(Some(3), t0 + Duration::from_secs(2));
-        assert_eq!(
-            (rx.has_changed().unwrap(), *rx.borrow_and_update()),
-            (true, Some(3))
-        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::event::Message;
-use crate::publisher::{Failure, Receipt};
+use crate::kafka::{Failure, Receipt};
 use crate::telemetry::Metrics;
 
 /// The W3C trace context header names (Kafka binding: lowercase).

@@ -6,7 +6,30 @@
 
 use std::fmt;
 
-use crate::config::ReadMode;
+/// How the relay finds the rows to publish; the table's read index depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadMode {
+    /// Read pending rows by state in id order and mark (or delete) each one once Kafka has
+    /// acknowledged it. Per-key order is id order; a late commit with a lower id is still read.
+    Claim,
+    /// Read in order of the writing transaction's xid8, only below the database's oldest
+    /// running transaction, with a cursor in the lease row and no per-row write: the lightest
+    /// mode. Per-key order is transaction-xid order; a long write transaction anywhere in the
+    /// cluster holds publishing back until it ends. Needs `migrate --read-mode append`.
+    Append,
+}
+
+impl ReadMode {
+    pub const ALL: [ReadMode; 2] = [ReadMode::Claim, ReadMode::Append];
+
+    /// The flag value: `claim` or `append`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadMode::Claim => "claim",
+            ReadMode::Append => "append",
+        }
+    }
+}
 
 /// A validated, schema-qualified table name. Both parts are quoted wherever SQL is built.
 #[derive(Clone, PartialEq, Eq)]
@@ -108,6 +131,19 @@ impl TableName {
             h = h.wrapping_mul(0x100000001b3);
         }
         h as i64
+    }
+
+    /// The index `mode` reads through, schema-qualified and quoted (for `to_regclass`).
+    pub fn read_index(&self, mode: ReadMode) -> String {
+        let suffix = match mode {
+            ReadMode::Claim => "pending_idx",
+            ReadMode::Append => "xid_idx",
+        };
+        format!(
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&format!("{}_{suffix}", self.table))
+        )
     }
 
     /// The DDL that creates (or upgrades) this outbox table, with the read index `mode` needs

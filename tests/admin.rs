@@ -380,3 +380,37 @@ async fn doctor_reports_missing_topics_and_oversized_payloads_with_fixes() {
     assert_eq!(code, 1);
     assert!(out.contains("[FAIL] database: cannot connect"), "{out}");
 }
+
+/// `doctor` checks the read index of the mode the table is migrated for: an append-mode table
+/// has no pending-rows index and must not be told to migrate (which would drop its index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_read_index_of_the_migrated_mode() {
+    let brokers = common::kafka_brokers();
+    for (mode, index) in [("claim", "_pending_idx"), ("append", "_xid_idx")] {
+        let db = TestDb::migrated(&["--read-mode", mode]).await;
+        let (_, out, err) = db.run(&["doctor", "--kafka-brokers", &brokers, "--json"]);
+        let findings: Vec<serde_json::Value> =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+        let index_finding = findings
+            .iter()
+            .find(|f| f["check"] == "indexes")
+            .unwrap_or_else(|| panic!("no index finding: {out}"));
+        let message = index_finding["message"].as_str().unwrap();
+        assert_eq!(index_finding["severity"], "ok", "{mode}: {out}");
+        assert!(
+            message.contains(index) && message.contains(&format!("--read-mode {mode}")),
+            "{mode}: {message}"
+        );
+    }
+    // Neither index: a warning that names the fix for the mode in use.
+    let db = TestDb::new().await;
+    sqlx::query("DROP INDEX outbox_pending_idx")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (_, out, _) = db.run(&["doctor", "--kafka-brokers", &brokers]);
+    assert!(
+        out.contains("[WARN] indexes: no read index") && out.contains("migrate --read-mode"),
+        "{out}"
+    );
+}

@@ -1,77 +1,53 @@
-//! The Kafka side: an idempotent producer, one delivery report per message, and the single
-//! place where Kafka errors are sorted into poison (park the row), transient (retry) and
-//! fatal (recreate the producer).
+//! Where messages go: the [`Sink`] boundary and its Kafka implementation, an idempotent
+//! producer with one delivery report per message. [`classify`] sorts Kafka errors;
+//! [`config`] holds the producer's properties and refuses the ones that void a guarantee.
+
+pub mod classify;
+pub mod config;
 
 use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaConfig;
 use crate::event::Message;
+pub use classify::{classify, Failure};
+pub use config::{client_config, KafkaConfig};
 
-/// Why a message was not delivered, and so what the relay does with its row.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Failure {
-    /// The row can never be published as it is: park it with the reason.
-    Poison { kind: &'static str, reason: String },
-    /// Worth retrying: the row stays pending (and so do later rows of its key).
-    Transient(String),
-    /// The producer is unusable (e.g. a broken idempotence sequence): recreate it, retry.
-    Fatal(String),
+/// Every message's outcome and [`Receipt`], in the order the messages were given.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub outcomes: Vec<Result<(), Failure>>,
+    pub receipts: Vec<Receipt>,
 }
 
-impl Failure {
-    pub fn into_reason(self) -> String {
-        match self {
-            Failure::Poison { reason, .. }
-            | Failure::Transient(reason)
-            | Failure::Fatal(reason) => reason,
-        }
-    }
-}
-
-/// Sort a Kafka error into what the relay should do. The one place this decision is made.
-pub fn classify(err: &KafkaError) -> Failure {
-    use RDKafkaErrorCode as C;
-    let code = match err {
-        KafkaError::MessageProduction(code) => *code,
-        other => return Failure::Transient(other.to_string()),
-    };
-    let poison = |kind, hint: &str| Failure::Poison {
-        kind,
-        reason: format!("{err}: {hint}"),
-    };
-    match code {
-        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => poison(
-            "too_large",
-            "the message exceeds the broker's or topic's max.message.bytes (or the producer's message.max.bytes); \
-             shrink the payload or raise the limit, then retry the row",
-        ),
-        // The broker's UnknownTopicOrPartition may only mean its metadata lags a topic created
-        // a moment ago: retry. librdkafka's local UnknownTopic comes after it waited
-        // topic.metadata.propagation.max.ms and the cluster still says the topic is absent.
-        C::UnknownTopic | C::UnknownPartition => poison(
-            "unknown_topic",
-            "the topic does not exist; create it (automatic topic creation should stay off), then retry the row",
-        ),
-        C::InvalidTopic => poison("invalid_topic", "the topic name is not legal in Kafka"),
-        C::TopicAuthorizationFailed => poison(
-            "unauthorized",
-            "the relay's principal may not write to this topic; grant WRITE on it, then retry the row",
-        ),
-        C::InvalidMessage | C::InvalidRecord | C::PolicyViolation => poison(
-            "rejected",
-            "the broker rejected this record; inspect it and fix or skip the row",
-        ),
-        C::Fatal => Failure::Fatal(err.to_string()),
-        _ => Failure::Transient(err.to_string()),
-    }
+/// Where messages go. The contract the loop relies on: `publish` returns exactly one outcome
+/// per message, in order, and `Ok(())` only once the destination has durably acknowledged
+/// that message (for Kafka: its own delivery report, with acks=all). Messages of one key are
+/// handed over in order, and the destination keeps that order (idempotent producer).
+pub trait Sink: Clone + Send + Sync + 'static {
+    /// Publish `messages` in order and wait for each one's outcome. On cancellation, flush
+    /// within `flush_timeout` and report what was acknowledged by then.
+    fn publish(
+        &self,
+        messages: &[Message],
+        cancel: &CancellationToken,
+        flush_timeout: Duration,
+    ) -> impl std::future::Future<Output = Published> + Send;
+    /// A fatal error that makes this sink unusable, if one was raised.
+    fn fatal_error(&self) -> Option<String>;
+    /// A fresh sink with the same settings (after a fatal error, or to drop a stuck queue).
+    fn recreate(&self) -> Result<Self, String>;
+    /// Whether the destination answers within `timeout` (for readiness).
+    fn check_connection(
+        &self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// Routes librdkafka's own log lines into `tracing`.
@@ -103,33 +79,6 @@ impl ClientContext for RelayContext {
     }
 }
 
-/// The relay's producer defaults; `--kafka-config` may override any of them.
-pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", "outbox-relay")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        // Never time a message out: an outage stalls publishing (readiness fails) instead of
-        // failing messages, which is what keeps a key's order across long broker outages.
-        .set("message.timeout.ms", "0")
-        // A batch is enqueued at once, so a longer linger buys little batching and costs
-        // latency at low rates (p50 at 1k events/s: 3.1 ms with 1 ms, 5.6 ms with 2 ms; the
-        // command is in BENCHMARKS.md's notes).
-        .set("linger.ms", "1")
-        .set("topic.metadata.propagation.max.ms", "10000")
-        .set_log_level(RDKafkaLogLevel::Warning);
-    for (k, v) in &cfg.properties {
-        c.set(k, v.expose());
-        if k == "debug" {
-            // librdkafka's debug contexts log at debug level: let them through.
-            c.set_log_level(RDKafkaLogLevel::Debug);
-        }
-    }
-    c
-}
-
 /// When and where a message went, for trace spans (`spans`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Receipt {
@@ -141,38 +90,30 @@ pub struct Receipt {
     pub position: Option<(i32, i64)>,
 }
 
+/// The Kafka [`Sink`].
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
+    config: std::sync::Arc<KafkaConfig>,
 }
 
 impl Publisher {
     /// Build the producer. Fails only on invalid configuration (no connection is made here).
     pub fn new(cfg: &KafkaConfig) -> Result<Publisher, KafkaError> {
         let producer = client_config(cfg).create_with_context(RelayContext)?;
-        Ok(Publisher { producer })
+        Ok(Publisher {
+            producer,
+            config: std::sync::Arc::new(cfg.clone()),
+        })
     }
 
-    /// Publish messages in order and wait for each one's delivery report. On cancellation,
-    /// flush within `flush_timeout` and report what was delivered by then.
-    pub async fn publish(
+    /// Enqueue every message, then await each delivery report in order ([`Sink::publish`]).
+    async fn publish_all(
         &self,
         messages: &[Message],
         cancel: &CancellationToken,
         flush_timeout: Duration,
-    ) -> Vec<Result<(), Failure>> {
-        self.publish_with_receipts(messages, cancel, flush_timeout)
-            .await
-            .0
-    }
-
-    /// [`Publisher::publish`], also returning each message's [`Receipt`].
-    pub async fn publish_with_receipts(
-        &self,
-        messages: &[Message],
-        cancel: &CancellationToken,
-        flush_timeout: Duration,
-    ) -> (Vec<Result<(), Failure>>, Vec<Receipt>) {
+    ) -> Published {
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
             pending.push((self.enqueue(m, cancel).await, SystemTime::now()));
@@ -203,7 +144,7 @@ impl Publisher {
             });
             outcomes.push(report.map(|_| ()));
         }
-        (outcomes, receipts)
+        Published { outcomes, receipts }
     }
 
     async fn enqueue(
@@ -262,7 +203,7 @@ impl Publisher {
             .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
-    /// Ask a broker for cluster metadata: true if Kafka answers within `timeout`.
+    /// Ask a broker for cluster metadata: Ok if Kafka answers within `timeout`.
     pub async fn check_connection(&self, timeout: Duration) -> Result<(), KafkaError> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -270,6 +211,31 @@ impl Publisher {
         })
         .await
         .unwrap_or(Err(KafkaError::Canceled))
+    }
+}
+
+impl Sink for Publisher {
+    async fn publish(
+        &self,
+        messages: &[Message],
+        cancel: &CancellationToken,
+        flush_timeout: Duration,
+    ) -> Published {
+        self.publish_all(messages, cancel, flush_timeout).await
+    }
+
+    fn fatal_error(&self) -> Option<String> {
+        Publisher::fatal_error(self)
+    }
+
+    fn recreate(&self) -> Result<Self, String> {
+        Publisher::new(&self.config).map_err(|e| e.to_string())
+    }
+
+    async fn check_connection(&self, timeout: Duration) -> Result<(), String> {
+        Publisher::check_connection(self, timeout)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -290,64 +256,4 @@ fn report_outcome(
 
 fn shutdown_failure() -> Failure {
     Failure::Transient("shutting down before the delivery report arrived".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classifies_errors() {
-        let e = |c| KafkaError::MessageProduction(c);
-        assert!(matches!(
-            classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
-            Failure::Poison {
-                kind: "too_large",
-                ..
-            }
-        ));
-        assert!(matches!(
-            classify(&e(RDKafkaErrorCode::UnknownTopic)),
-            Failure::Poison {
-                kind: "unknown_topic",
-                ..
-            }
-        ));
-        assert!(matches!(
-            classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
-            Failure::Poison {
-                kind: "unauthorized",
-                ..
-            }
-        ));
-        assert!(matches!(
-            classify(&e(RDKafkaErrorCode::MessageTimedOut)),
-            Failure::Transient(_)
-        ));
-        assert!(matches!(
-            classify(&e(RDKafkaErrorCode::NotEnoughReplicas)),
-            Failure::Transient(_)
-        ));
-        assert!(matches!(
-            classify(&e(RDKafkaErrorCode::Fatal)),
-            Failure::Fatal(_)
-        ));
-        assert!(matches!(
-            classify(&KafkaError::Canceled),
-            Failure::Transient(_)
-        ));
-    }
-
-    #[test]
-    fn defaults_are_safe_and_overridable() {
-        let cfg = KafkaConfig {
-            brokers: "b:9092".into(),
-            properties: vec![("linger.ms".into(), crate::config::Secret::new("20"))],
-        };
-        let c = client_config(&cfg);
-        assert_eq!(c.get("enable.idempotence"), Some("true"));
-        assert_eq!(c.get("acks"), Some("all"));
-        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
-        assert_eq!(c.get("linger.ms"), Some("20"));
-    }
 }

@@ -1,44 +1,26 @@
-//! Command line and environment: raw clap flags, parsed once into a validated [`Config`].
+//! Command line and environment: raw clap flags, parsed once into the library's validated
+//! settings ([`outbox_relay::settings`]). Only `main` uses this module.
 //!
 //! Every flag is also an environment variable `OUTBOX_RELAY_<FLAG>`. Secrets (the database
 //! URL or password, Kafka SASL/TLS secrets) can come from the environment or from a file
 //! (`*_FILE`), so they never have to appear in argv, and are wrapped in [`Secret`] so that
 //! `Debug` output never shows them.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::table::TableName;
-
-/// A string that must never be printed. `Debug` and `Display` show `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret::new(s))
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
+use outbox_relay::adopt;
+use outbox_relay::event::{check_topic, MessageRules, TopicAllowList};
+use outbox_relay::kafka::config::{Compression, KafkaConfig};
+use outbox_relay::relay::PoisonPolicy;
+use outbox_relay::secret::Secret;
+use outbox_relay::settings::{DatabaseConfig, RelayConfig};
+use outbox_relay::store::OnPublish;
+use outbox_relay::table::{ReadMode, TableName};
+use outbox_relay::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,6 +93,17 @@ pub struct RowSelector {
     /// Every parked row.
     #[arg(long)]
     pub all: bool,
+}
+
+impl RowSelector {
+    pub fn rows(&self) -> outbox_relay::admin::Rows {
+        use outbox_relay::admin::Rows;
+        match (self.id, &self.key) {
+            (Some(id), _) => Rows::Id(id),
+            (None, Some(key)) => Rows::Key(key.clone()),
+            (None, None) => Rows::All,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -229,69 +222,6 @@ pub struct KafkaArgs {
     pub compression: Compression,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Compression {
-    None,
-    Gzip,
-    Snappy,
-    Lz4,
-    Zstd,
-}
-
-impl Compression {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Gzip => "gzip",
-            Compression::Snappy => "snappy",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-        }
-    }
-}
-
-/// What to do with a row that can never be published as it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PoisonPolicy {
-    /// Park it (failed_at, last_error) and keep publishing everything else, its key included.
-    Park,
-    /// Park it and hold back later rows of its topic and key until an operator retries or
-    /// deletes the parked row.
-    BlockKey,
-    /// Publish a copy to --dead-letter-topic with the error in headers, then mark it published.
-    DeadLetter,
-}
-
-/// What the relay does with a row once Kafka has acknowledged it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnPublish {
-    /// Set published_at; the built-in cleanup deletes the row after --retention (an audit
-    /// trail for inspection and replays).
-    Mark,
-    /// Delete the row at once: about a quarter of the statement time and a sixth of the WAL of a
-    /// mark per event, and no table growth; nothing published is left to inspect.
-    Delete,
-}
-
-/// How the relay finds the rows to publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ReadMode {
-    /// Read pending rows by state in id order and mark (or delete) each one once Kafka has
-    /// acknowledged it. Per-key order is id order; a late commit with a lower id is still read.
-    Claim,
-    /// Read in order of the writing transaction's xid8, only below the database's oldest
-    /// running transaction, with a cursor in the lease row and no per-row write: the lightest
-    /// mode. Per-key order is transaction-xid order; a long write transaction anywhere in the
-    /// cluster holds publishing back until it ends. Needs `migrate --read-mode append`.
-    Append,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -376,8 +306,8 @@ pub struct OtlpArgs {
     /// Export trace spans (outbox wait + publish, in the writer's trace from the row's
     /// `traceparent` header) over OTLP/HTTP JSON to this collector, e.g. http://127.0.0.1:4318.
     /// Plain http only: use a local OpenTelemetry Collector agent. Off when unset.
-    #[arg(long, env = "OUTBOX_RELAY_OTLP_ENDPOINT", value_parser = crate::spans::OtlpEndpoint::parse, help_heading = "Tracing")]
-    pub otlp_endpoint: Option<crate::spans::OtlpEndpoint>,
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_ENDPOINT", value_parser = outbox_relay::spans::OtlpEndpoint::parse, help_heading = "Tracing")]
+    pub otlp_endpoint: Option<outbox_relay::spans::OtlpEndpoint>,
     /// `service.name` of the exported spans.
     #[arg(long, env = "OUTBOX_RELAY_OTLP_SERVICE_NAME", default_value = "outbox-relay", value_parser = parse_service_name, help_heading = "Tracing")]
     pub otlp_service_name: String,
@@ -387,10 +317,10 @@ pub struct OtlpArgs {
 }
 
 impl OtlpArgs {
-    pub fn resolve(&self) -> Option<crate::spans::OtlpConfig> {
+    pub fn resolve(&self) -> Option<outbox_relay::spans::OtlpConfig> {
         self.otlp_endpoint
             .clone()
-            .map(|endpoint| crate::spans::OtlpConfig {
+            .map(|endpoint| outbox_relay::spans::OtlpConfig {
                 endpoint,
                 service_name: self.otlp_service_name.clone(),
                 timeout: self.otlp_timeout,
@@ -439,20 +369,20 @@ pub struct AdoptArgs {
     pub payload_column: String,
     /// Topic: literal parts and ${column} placeholders (Debezium route.topic.replacement with
     /// route.by.field aggregatetype).
-    #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", default_value = "outbox.event.${aggregatetype}", value_parser = crate::adopt::TopicTemplate::parse, help_heading = "Adopt")]
-    pub topic_template: crate::adopt::TopicTemplate,
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", default_value = "outbox.event.${aggregatetype}", value_parser = adopt::TopicTemplate::parse, help_heading = "Adopt")]
+    pub topic_template: adopt::TopicTemplate,
     /// More headers, comma-separated `column[:header-name]` (Debezium
     /// table.fields.additional.placement=column:header:name); empty for none.
     #[arg(long, env = "OUTBOX_RELAY_HEADER_COLUMNS", default_value = "type", value_parser = parse_header_columns, help_heading = "Adopt")]
     pub header_columns: HeaderColumns,
     /// Key bytes: `json` as Kafka Connect's JsonConverter writes them (a string key quoted), `raw`
     /// as StringConverter does.
-    #[arg(long, env = "OUTBOX_RELAY_KEY_FORMAT", value_enum, default_value_t = crate::adopt::Encoding::Json, help_heading = "Adopt")]
-    pub key_format: crate::adopt::Encoding,
+    #[arg(long, env = "OUTBOX_RELAY_KEY_FORMAT", value_enum, default_value_t = adopt::Encoding::Json, help_heading = "Adopt")]
+    pub key_format: adopt::Encoding,
     /// Value bytes: `json` as JsonConverter writes a JSON column without
     /// table.expand.json.payload (a JSON-encoded string), `raw` the column's text (StringConverter).
-    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_enum, default_value_t = crate::adopt::Encoding::Json, help_heading = "Adopt")]
-    pub payload_format: crate::adopt::Encoding,
+    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_enum, default_value_t = adopt::Encoding::Json, help_heading = "Adopt")]
+    pub payload_format: adopt::Encoding,
     /// Print the SQL instead of applying it (still reads the table's columns to check the mapping).
     #[arg(long, env = "OUTBOX_RELAY_PRINT_SQL", help_heading = "Adopt")]
     pub print_sql: bool,
@@ -463,24 +393,24 @@ pub struct AdoptArgs {
 
 /// The parsed `--header-columns` list.
 #[derive(Debug, Clone, Default)]
-pub struct HeaderColumns(pub Vec<crate::adopt::HeaderColumn>);
+pub struct HeaderColumns(pub Vec<adopt::HeaderColumn>);
 
 fn parse_header_columns(s: &str) -> Result<HeaderColumns, String> {
     s.split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
-        .map(crate::adopt::HeaderColumn::parse)
+        .map(adopt::HeaderColumn::parse)
         .collect::<Result<_, _>>()
         .map(HeaderColumns)
 }
 
 fn parse_column(s: &str) -> Result<String, String> {
-    crate::adopt::check_column(s).map(|()| s.to_string())
+    adopt::check_column(s).map(|()| s.to_string())
 }
 
 impl AdoptArgs {
-    pub fn mapping(&self) -> crate::adopt::Mapping {
-        crate::adopt::Mapping {
+    pub fn mapping(&self) -> adopt::Mapping {
+        adopt::Mapping {
             source: self.source_table.clone(),
             id_column: self.id_column.clone(),
             key_column: self.key_column.clone(),
@@ -561,24 +491,6 @@ fn read_secret_file(flag: &'static str, path: &Path) -> Result<Secret, ConfigErr
         })
 }
 
-/// Database connection settings, validated.
-#[derive(Clone)]
-pub struct DatabaseConfig {
-    pub connect: sqlx::postgres::PgConnectOptions,
-    pub table: TableName,
-    /// Host, port and database, for logs (never the password).
-    pub display: String,
-}
-
-impl fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseConfig")
-            .field("server", &self.display)
-            .field("table", &self.table)
-            .finish_non_exhaustive()
-    }
-}
-
 impl DatabaseArgs {
     pub fn resolve(&self) -> Result<DatabaseConfig, ConfigError> {
         let url = match (&self.database_url, &self.database_url_file) {
@@ -622,61 +534,9 @@ fn redact_url_error(message: &str, url: &Secret) -> String {
     }
 }
 
-/// Kafka producer settings, validated. `Debug` redacts every secret-looking property.
-#[derive(Clone)]
-pub struct KafkaConfig {
-    pub brokers: String,
-    /// Properties applied on top of the relay's defaults, in order.
-    pub properties: Vec<(String, Secret)>,
-}
-
-/// librdkafka property names whose values are secret.
-pub fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "jaas",
-        "key.pem",
-        "private",
-        "token",
-        "credential",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
-}
-
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let props: Vec<String> = self
-            .properties
-            .iter()
-            .map(|(k, v)| {
-                if is_secret_property(k) {
-                    format!("{k}=***")
-                } else {
-                    format!("{k}={}", v.expose())
-                }
-            })
-            .collect();
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("properties", &props)
-            .finish()
-    }
-}
-
 impl KafkaArgs {
     pub fn resolve(&self) -> Result<KafkaConfig, ConfigError> {
-        if self.kafka_brokers.trim().is_empty() {
-            return Err(ConfigError::Invalid(
-                "--kafka-brokers: must name at least one broker host:port".into(),
-            ));
-        }
-        let mut properties = vec![(
-            "compression.type".to_string(),
-            Secret::new(self.compression.as_str()),
-        )];
+        let mut overrides = Vec::new();
         if let Some(path) = &self.kafka_config_file {
             let text = read_secret_file("--kafka-config-file", path)?;
             for (i, line) in text.expose().lines().enumerate() {
@@ -689,7 +549,8 @@ impl KafkaArgs {
                         path: path.clone(),
                         line: i + 1,
                     })?;
-                properties.push((k, Secret::new(v)));
+                let origin = format!("--kafka-config-file {} line {}", path.display(), i + 1);
+                overrides.push((origin, k, Secret::new(v)));
             }
         }
         for (i, entry) in self.kafka_config.iter().enumerate() {
@@ -701,126 +562,28 @@ impl KafkaArgs {
                     i + 1
                 ))
             })?;
-            if k == "bootstrap.servers" {
-                return Err(ConfigError::Invalid(
-                    "--kafka-config bootstrap.servers: use --kafka-brokers instead".into(),
-                ));
-            }
-            properties.push((k, Secret::new(v)));
+            overrides.push(("--kafka-config".to_string(), k, Secret::new(v)));
         }
-        match (&self.kafka_sasl_password, &self.kafka_sasl_password_file) {
-            (Some(p), _) => properties.push(("sasl.password".into(), p.clone())),
-            (None, Some(path)) => properties.push((
-                "sasl.password".into(),
+        let password = match (&self.kafka_sasl_password, &self.kafka_sasl_password_file) {
+            (Some(p), _) => Some(("--kafka-sasl-password", p.clone())),
+            (None, Some(path)) => Some((
+                "--kafka-sasl-password-file",
                 read_secret_file("--kafka-sasl-password-file", path)?,
             )),
-            (None, None) => {}
+            (None, None) => None,
+        };
+        if let Some((flag, p)) = password {
+            overrides.push((flag.to_string(), "sasl.password".into(), p));
         }
-        Ok(KafkaConfig {
-            brokers: self.kafka_brokers.trim().to_string(),
-            properties,
-        })
+        KafkaConfig::new(&self.kafka_brokers, self.compression, overrides)
+            .map_err(ConfigError::Invalid)
     }
-}
-
-/// Everything `run` needs, validated.
-#[derive(Debug, Clone)]
-pub struct RelayConfig {
-    pub db: DatabaseConfig,
-    pub kafka: KafkaConfig,
-    pub batch_size: u32,
-    pub poll_interval: Duration,
-    pub listen: bool,
-    pub retention: Duration,
-    pub on_publish: OnPublish,
-    pub read_mode: ReadMode,
-    pub cleanup_interval: Duration,
-    pub stall_timeout: Duration,
-    pub metrics_addr: SocketAddr,
-    pub shutdown_timeout: Duration,
-    /// How rows become messages (source header, allowed topics, CloudEvents).
-    pub rules: crate::event::MessageRules,
-    pub lease_duration: Duration,
-    pub poison_policy: PoisonPolicy,
-    /// Set exactly when the policy is dead-letter.
-    pub dead_letter_topic: Option<String>,
-    /// Span export; `None` (the default) records spans only as debug log events.
-    pub otlp: Option<crate::spans::OtlpConfig>,
-}
-
-/// Which topics rows may name (`--allowed-topics`): exact names, or prefixes ending in `*`.
-#[derive(Debug, Clone, Default)]
-pub struct TopicAllowList(Vec<String>);
-
-impl TopicAllowList {
-    pub fn new(entries: &[String]) -> Result<TopicAllowList, ConfigError> {
-        let entries: Vec<String> = entries
-            .iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect();
-        for e in &entries {
-            let name = e.strip_suffix('*').unwrap_or(e);
-            if name.contains('*') || (!name.is_empty() && crate::event::check_topic(name).is_err())
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "--allowed-topics: {e:?} is not a topic name or a prefix ending in '*'"
-                )));
-            }
-        }
-        Ok(TopicAllowList(entries))
-    }
-
-    pub fn allows(&self, topic: &str) -> bool {
-        self.0.is_empty()
-            || self.0.iter().any(|e| match e.strip_suffix('*') {
-                Some(prefix) => topic.starts_with(prefix),
-                None => topic == e,
-            })
-    }
-}
-
-/// Problems with how the relay would connect: plaintext or unverified TLS.
-pub fn transport_findings(db: &DatabaseConfig, kafka: &KafkaConfig) -> Vec<String> {
-    use sqlx::postgres::PgSslMode;
-    let mut findings = Vec::new();
-    match db.connect.get_ssl_mode() {
-        PgSslMode::VerifyFull => {}
-        PgSslMode::VerifyCa => findings.push(
-            "PostgreSQL: sslmode=verify-ca checks the CA but not the host name; use sslmode=verify-full".into(),
-        ),
-        mode => findings.push(format!(
-            "PostgreSQL: sslmode={} may send credentials and data in plaintext or to an unverified server; \
-             use sslmode=verify-full&sslrootcert=/path/ca.pem",
-            format!("{mode:?}").to_lowercase()
-        )),
-    }
-    let prop = |key: &str| {
-        kafka
-            .properties
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.expose().to_ascii_lowercase())
-    };
-    let protocol = prop("security.protocol").unwrap_or_else(|| "plaintext".into());
-    if !matches!(protocol.as_str(), "ssl" | "sasl_ssl") {
-        findings.push(format!(
-            "Kafka: security.protocol={protocol} is not encrypted; use --kafka-config security.protocol=SASL_SSL (or SSL)"
-        ));
-    } else if prop("enable.ssl.certificate.verification").as_deref() == Some("false") {
-        findings.push(
-            "Kafka: enable.ssl.certificate.verification=false accepts any broker certificate"
-                .into(),
-        );
-    }
-    findings
 }
 
 impl RunArgs {
     fn dead_letter_topic(&self) -> Result<Option<String>, ConfigError> {
         match (self.poison_policy, &self.dead_letter_topic) {
-            (PoisonPolicy::DeadLetter, Some(t)) => match crate::event::check_topic(t) {
+            (PoisonPolicy::DeadLetter, Some(t)) => match check_topic(t) {
                 Ok(()) => Ok(Some(t.clone())),
                 Err(e) => Err(ConfigError::Invalid(format!("--dead-letter-topic: {e}"))),
             },
@@ -855,27 +618,32 @@ impl RunArgs {
     }
 
     pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
+        let db = self.db.resolve()?;
         Ok(RelayConfig {
-            db: self.db.resolve()?,
             kafka: self.kafka.resolve()?,
-            batch_size: self.batch_size,
-            poll_interval: self.poll_interval,
-            listen: self.listen,
-            retention: self.retention,
-            on_publish: self.on_publish,
-            read_mode: self.read_mode()?,
-            cleanup_interval: self.cleanup_interval,
-            stall_timeout: self.stall_timeout,
-            metrics_addr: self.metrics_addr,
-            shutdown_timeout: self.shutdown_timeout,
-            rules: crate::event::MessageRules {
-                source: self.db.table.to_string(),
-                allowed_topics: TopicAllowList::new(&self.allowed_topics)?,
-                cloudevents: self.cloudevents,
+            relay: outbox_relay::relay::Settings {
+                table: db.table.clone(),
+                batch_size: self.batch_size,
+                poll_interval: self.poll_interval,
+                listen: self.listen,
+                stall_timeout: self.stall_timeout,
+                shutdown_timeout: self.shutdown_timeout,
+                poison_policy: self.poison_policy,
+                dead_letter_topic: self.dead_letter_topic()?,
+                rules: MessageRules {
+                    source: self.db.table.to_string(),
+                    allowed_topics: TopicAllowList::new(&self.allowed_topics)
+                        .map_err(|e| ConfigError::Invalid(format!("--allowed-topics: {e}")))?,
+                    cloudevents: self.cloudevents,
+                },
             },
+            db,
+            read_mode: self.read_mode()?,
+            on_publish: self.on_publish,
+            retention: self.retention,
+            cleanup_interval: self.cleanup_interval,
             lease_duration: self.lease_duration,
-            poison_policy: self.poison_policy,
-            dead_letter_topic: self.dead_letter_topic()?,
+            metrics_addr: self.metrics_addr,
             otlp: self.otlp.resolve(),
         })
     }
@@ -1058,7 +826,7 @@ mod tests {
                 panic!()
             };
             let c = args.resolve().unwrap();
-            transport_findings(&c.db, &c.kafka)
+            outbox_relay::settings::transport_findings(&c.db, &c.kafka)
         };
         let f = resolve("postgres://db/app", &[]);
         assert_eq!(f.len(), 2, "{f:?}");
@@ -1082,30 +850,53 @@ mod tests {
     }
 
     #[test]
-    fn kafka_properties_keep_order_and_reject_bootstrap_override() {
-        let cli = run_args(&[
-            "--database-url",
-            "postgres://db/app",
-            "--kafka-config",
-            "linger.ms=2;acks=1",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
+    fn kafka_properties_keep_order_and_refuse_what_voids_a_guarantee() {
+        let kafka = |entries: &str| {
+            let cli = run_args(&[
+                "--database-url",
+                "postgres://db/app",
+                "--kafka-config",
+                entries,
+            ])
+            .unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
+            args.kafka.resolve()
         };
-        let k = args.kafka.resolve().unwrap();
-        let keys: Vec<&str> = k.properties.iter().map(|(k, _)| k.as_str()).collect();
+        let k = kafka("linger.ms=2;acks=all").unwrap();
+        let keys: Vec<&str> = k.properties().iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["compression.type", "linger.ms", "acks"]);
+        for refused in ["bootstrap.servers=x", "acks=1", "enable.idempotence=false"] {
+            let err = kafka(refused).unwrap_err().to_string();
+            let key = refused.split('=').next().unwrap();
+            assert!(err.contains(&format!("--kafka-config: {key}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_refused_property_in_the_file_names_the_file_and_line() {
+        let path = std::env::temp_dir().join(format!(
+            "outbox-relay-kafka-{}.properties",
+            std::process::id()
+        ));
+        std::fs::write(&path, "# producer\nlinger.ms=5\nacks=1\n").unwrap();
+        let file = path.to_str().unwrap();
         let cli = run_args(&[
             "--database-url",
             "postgres://db/app",
-            "--kafka-config",
-            "bootstrap.servers=x",
+            "--kafka-config-file",
+            file,
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        assert!(args.kafka.resolve().is_err());
+        let err = args.kafka.resolve().unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains(&format!("--kafka-config-file {file} line 3: acks")),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,240 @@
+//! `run`: start the relay's parts in order, run the loop until shutdown, then drain: the loop
+//! settles and records its in-flight batch (flushing the producer), background tasks stop,
+//! the pool closes, the HTTP server stops last.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{Publisher, Sink};
+use crate::lease::{Leadership, Lease};
+use crate::read::{append, AppendReader, ClaimReader, Reader};
+use crate::relay::{PoisonPolicy, Relay};
+use crate::settings::RelayConfig;
+use crate::store::{self, errors, OutboxStore};
+use crate::table::ReadMode;
+use crate::telemetry::{Health, Metrics};
+use crate::{replica, spans, telemetry};
+
+/// Run the relay until `cancel` fires, then drain.
+pub async fn run(
+    config: RelayConfig,
+    publisher: Publisher,
+    http: std::net::TcpListener,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::new(config.relay.stall_timeout));
+    let tasks = CancellationToken::new();
+    tokio::spawn({
+        let (health, cancel) = (health.clone(), cancel.clone());
+        async move {
+            cancel.cancelled().await;
+            health.stopping.store(true, Ordering::Relaxed);
+        }
+    });
+    let http = tokio::net::TcpListener::from_std(http)?;
+    let server = tokio::spawn(telemetry::serve(
+        http,
+        metrics.clone(),
+        health.clone(),
+        tasks.clone(),
+    ));
+
+    let pool = store::pool(&config.db.connect, 4);
+    let table = config.db.table.clone();
+    let store = OutboxStore::new(
+        pool.clone(),
+        table.clone(),
+        config.on_publish,
+        config.read_mode,
+    );
+    warn_without_read_index(&store).await;
+    let wake = Arc::new(Notify::new());
+    let listener = config.relay.listen.then(|| {
+        tokio::spawn(store::listen(
+            pool.clone(),
+            table.channel(),
+            wake.clone(),
+            tasks.clone(),
+        ))
+    });
+    let (publisher_tx, publisher_rx) = watch::channel(publisher);
+    let monitor = tokio::spawn(monitor(
+        store.clone(),
+        publisher_rx,
+        metrics.clone(),
+        health.clone(),
+        tasks.clone(),
+    ));
+    let cleanup = tokio::spawn(cleanup(
+        store.clone(),
+        config.retention,
+        config.cleanup_interval,
+        metrics.clone(),
+        tasks.clone(),
+    ));
+
+    let identity = replica::Identity::of_this_process();
+    let lease = Lease::new(
+        pool.clone(),
+        &table,
+        config.lease_duration,
+        identity.id.clone(),
+    );
+    let (heartbeat, beats) = crate::lease::Heartbeat::new(lease.renew_every());
+    let registry = replica::Registry::new(
+        pool.clone(),
+        &table,
+        identity.clone(),
+        config.lease_duration,
+    );
+    let heartbeat_task = tokio::spawn(replica::heartbeat(registry, beats, tasks.clone()));
+
+    tracing::info!(database = %config.db.display, table = %table, kafka = %config.kafka.brokers,
+        read_mode = config.read_mode.as_str(), batch_size = config.relay.batch_size,
+        poll_interval = ?config.relay.poll_interval, listen = config.relay.listen,
+        replica = %identity.id, "outbox-relay started");
+    let (spans, exporter) =
+        spans::Tracer::new(config.otlp.clone(), table.to_string(), metrics.clone());
+    let exporter = exporter.map(tokio::spawn);
+    let lease = lease.with_heartbeat(heartbeat);
+    let parts = (publisher_tx, lease, metrics, health.clone(), wake, spans);
+    // The one place a read mode is chosen: each reader holds its own state.
+    match config.read_mode {
+        ReadMode::Claim => {
+            let block_keys = config.relay.poison_policy == PoisonPolicy::BlockKey;
+            run_loop(
+                config.relay,
+                ClaimReader::new(store, block_keys),
+                parts,
+                cancel,
+            )
+            .await
+        }
+        ReadMode::Append => run_loop(config.relay, AppendReader::new(store), parts, cancel).await,
+    }
+
+    tasks.cancel();
+    // The loop (and with it the span sender) is gone: the exporter sends what is left, within
+    // one --otlp-timeout.
+    for task in [
+        Some(monitor),
+        Some(cleanup),
+        Some(heartbeat_task),
+        listener,
+        exporter,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let _ = task.await;
+    }
+    pool.close().await;
+    let _ = server.await;
+    Ok(())
+}
+
+type Parts<S, L> = (
+    watch::Sender<S>,
+    L,
+    Metrics,
+    Arc<Health>,
+    Arc<Notify>,
+    spans::Tracer,
+);
+
+async fn run_loop<R: Reader, S: Sink, L: Leadership>(
+    settings: crate::relay::Settings,
+    reader: R,
+    (sink, lease, metrics, health, wake, spans): Parts<S, L>,
+    cancel: CancellationToken,
+) {
+    Relay::new(settings, reader, sink, lease, metrics, health, wake, spans)
+        .run(cancel)
+        .await
+}
+
+/// Warn once at start when the read mode's index is missing (every read would scan the table).
+async fn warn_without_read_index(store: &OutboxStore) {
+    if let Ok(false) = store.has_read_index().await {
+        let mode = store.mode().as_str();
+        tracing::warn!(table = %store.table(),
+            "the table lacks the index --read-mode {mode} reads through; every read scans the table: \
+             run `outbox-relay migrate --read-mode {mode}`");
+    }
+}
+
+/// Every few seconds: backlog gauges, database and Kafka reachability (for /readyz).
+async fn monitor<S: Sink>(
+    store: OutboxStore,
+    sink: watch::Receiver<S>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    let mut warned_at: Option<std::time::Instant> = None;
+    while !cancel.is_cancelled() {
+        match store.backlog().await {
+            Ok(b) => {
+                if store.mode() == ReadMode::Append
+                    && metrics.leader.get() == 1
+                    && b.oldest_pending_age.unwrap_or(0.0)
+                        > append::HORIZON_WARN_AFTER.as_secs_f64()
+                    && warned_at.is_none_or(|at| at.elapsed() > Duration::from_secs(30))
+                {
+                    append::warn_about_horizon(&store).await;
+                    warned_at = Some(std::time::Instant::now());
+                }
+                health.database_ok.store(true, Ordering::Relaxed);
+                health.has_pending.store(b.pending > 0, Ordering::Relaxed);
+                metrics.pending_rows.set(b.pending);
+                metrics
+                    .oldest_pending_age
+                    .set(b.oldest_pending_age.unwrap_or(0.0).max(0.0));
+                metrics.parked_rows.set(b.parked);
+            }
+            Err(e) => {
+                health.database_ok.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, hint = %errors::hint(&e, store.table()), "backlog query failed");
+            }
+        }
+        let s = sink.borrow().clone();
+        let kafka = s.check_connection(Duration::from_secs(5)).await;
+        if let Err(e) = &kafka {
+            tracing::warn!(error = %e, "Kafka metadata request failed: check --kafka-brokers and the network");
+        }
+        health.kafka_ok.store(kafka.is_ok(), Ordering::Relaxed);
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(5)) => {} }
+    }
+}
+
+/// Delete old published rows on a schedule (only while this replica leads).
+async fn cleanup(
+    store: OutboxStore,
+    retention: Duration,
+    every: Duration,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(every) => {} }
+        if metrics.leader.get() != 1 {
+            continue;
+        }
+        match store.cleanup(retention, 5000).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.cleaned.inc_by(n);
+                tracing::info!(rows = n, retention = ?retention, "cleanup deleted published rows");
+            }
+            Err(e) => tracing::warn!(error = %e, "cleanup failed; will retry"),
+        }
+    }
+}

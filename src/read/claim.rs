@@ -1,0 +1,133 @@
+//! `--read-mode claim`: pending rows by state (`published_at IS NULL AND failed_at IS NULL`)
+//! in id order, never by an id cursor, so a row whose transaction commits late with a lower
+//! id is simply read on the next pass. Progress marks (or deletes) each delivered row.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sqlx::AssertSqlSafe;
+
+use super::{Fence, Ledger, Progress, Reader, Recorded};
+use crate::event::OutboxRow;
+use crate::settle::Delivered;
+use crate::store::{errors, OutboxStore, PENDING};
+
+pub struct ClaimReader {
+    store: OutboxStore,
+    fetch_sql: Arc<str>,
+    close_cursor_sql: Arc<str>,
+}
+
+impl ClaimReader {
+    /// `block_parked_keys` (`--poison-policy block-key`): skip pending rows whose topic and
+    /// key have a parked row.
+    pub fn new(store: OutboxStore, block_parked_keys: bool) -> ClaimReader {
+        let t = store.table().quoted();
+        let lease = store.table().lease_table();
+        let blocked = if block_parked_keys {
+            format!(
+                " AND NOT EXISTS (SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL AND f.topic = o.topic AND f.key = o.key)"
+            )
+        } else {
+            String::new()
+        };
+        ClaimReader {
+            // No xid: claim mode runs on a table migrated before that column existed.
+            fetch_sql: format!(
+                "SELECT id, topic, key, payload, headers, created_at, NULL::int8 AS xid FROM {t} AS o \
+                 WHERE {PENDING}{blocked} AND o.id <> ALL($2) ORDER BY id LIMIT $1"
+            )
+            .into(),
+            // Leaving append mode: rows behind the cursor were published; mark them so claim
+            // mode does not publish them again, and drop the cursor (one statement).
+            close_cursor_sql: format!(
+                "WITH c AS (SELECT cursor_xid, cursor_id FROM {lease} WHERE id = 1 AND cursor_xid IS NOT NULL FOR UPDATE), \
+                 m AS (UPDATE {t} AS o SET published_at = now() FROM c \
+                       WHERE o.published_at IS NULL AND o.failed_at IS NULL \
+                       AND (o.xid, o.id) <= (c.cursor_xid, c.cursor_id) RETURNING 1), \
+                 x AS (UPDATE {lease} AS l SET cursor_xid = NULL, cursor_id = NULL FROM c WHERE l.id = 1) \
+                 SELECT count(*) FROM m"
+            )
+            .into(),
+            store,
+        }
+    }
+}
+
+impl Reader for ClaimReader {
+    type Position = ();
+    type Ledger = OutboxStore;
+
+    fn ledger(&self) -> OutboxStore {
+        self.store.clone()
+    }
+
+    /// If append mode ran before, mark the rows behind its cursor published (so they are not
+    /// published again) and drop the cursor.
+    async fn on_new_epoch(&mut self) -> Result<(), sqlx::Error> {
+        let closed: Result<i64, _> =
+            sqlx::query_scalar(AssertSqlSafe(self.close_cursor_sql.clone()))
+                .fetch_one(self.store.pool())
+                .await;
+        match closed {
+            Ok(0) => Ok(()),
+            Ok(rows) => {
+                tracing::info!(rows, "claim mode after append mode: marked the rows behind the append cursor published");
+                Ok(())
+            }
+            // An older schema has no cursor columns (and so no append mode ever ran).
+            Err(e) if errors::is_undefined_column(&e) => {
+                tracing::warn!(error = %e, "run `outbox-relay migrate` to upgrade the table; publishing goes on");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn next_batch(
+        &mut self,
+        limit: u32,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
+            .bind(i64::from(limit))
+            .bind(in_flight)
+            .fetch_all(self.store.pool())
+            .await
+    }
+
+    /// Every delivered row is marked; rows to retry stay pending and are read again.
+    fn progress(&mut self, delivered: Delivered, _set_aside: &HashSet<i64>) -> Progress<()> {
+        Progress {
+            mark: delivered.ids().to_vec(),
+            delivered,
+            position: None,
+        }
+    }
+}
+
+/// Claim mode's ledger: progress is a mark (or delete) per delivered row.
+impl Ledger for OutboxStore {
+    type Position = ();
+
+    async fn record(
+        &self,
+        progress: &Progress<()>,
+        _fence: &Fence,
+    ) -> Result<Recorded, sqlx::Error> {
+        self.mark_published(&progress.mark).await?;
+        Ok(Recorded::Done)
+    }
+
+    async fn park(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        OutboxStore::park(self, rows).await
+    }
+
+    async fn dead_lettered(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        self.mark_dead_lettered(rows).await
+    }
+
+    async fn note_retry(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        OutboxStore::note_retry(self, rows).await
+    }
+}

@@ -1,0 +1,120 @@
+//! The read boundary: where committed events come from, and how progress is made durable.
+//!
+//! A [`Reader`] yields batches of committed rows in publish order and keeps whatever state its
+//! mode needs (append mode's cursor and read-ahead). After a batch is settled it turns the
+//! delivered and set-aside rows into [`Progress`], which its [`Ledger`] writes in the
+//! background. [`Delivered`] can only be made by [`crate::settle`], from delivery reports:
+//! that is how the types keep the invariant **a row is recorded as published only after its
+//! own delivery report**.
+//!
+//! - [`claim`]: pending rows by state; progress marks each delivered row.
+//! - [`append`]: a cursor on (writing transaction's xid8, id) below the horizon; progress
+//!   moves the cursor past the settled prefix of the batch.
+
+pub mod append;
+pub mod claim;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::event::OutboxRow;
+use crate::settle::Delivered;
+
+pub use append::AppendReader;
+pub use claim::ClaimReader;
+
+/// Who may record progress: the lease holder in its epoch (a deposed leader's late write
+/// changes nothing where the mode can check it).
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub holder: Arc<str>,
+    pub epoch: i64,
+}
+
+/// What a settled batch lets the reader record.
+#[derive(Debug)]
+pub struct Progress<P> {
+    /// Rows with their own delivery report (counted and timed once the write is done).
+    pub delivered: Delivered,
+    /// Rows to mark published one by one.
+    pub mark: Vec<i64>,
+    /// The reader's new durable position, if it moved.
+    pub position: Option<P>,
+}
+
+impl<P> Progress<P> {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.delivered.is_empty() && self.mark.is_empty() && self.position.is_none()
+    }
+}
+
+/// How a progress write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Done,
+    /// Not written: another replica leads now (it publishes these rows again).
+    Fenced,
+}
+
+/// Where committed events come from. Implementations hold their mode's state; the loop holds
+/// none and checks no mode.
+pub trait Reader: Send {
+    /// The reader's durable position (a cursor, an LSN; `()` when progress is per row).
+    type Position: Copy + Send + Sync + std::fmt::Debug + 'static;
+    /// Writes this reader's progress and settles failed rows.
+    type Ledger: Ledger<Position = Self::Position>;
+
+    /// A handle for the background writes.
+    fn ledger(&self) -> Self::Ledger;
+
+    /// This replica leads in a new lease epoch: reload durable state (another leader may
+    /// have moved it) and drop anything read before.
+    fn on_new_epoch(&mut self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The next committed rows to publish, in publish order, at most `limit`, leaving out
+    /// `in_flight` (delivered rows whose progress is still being written).
+    fn next_batch(
+        &mut self,
+        limit: u32,
+        in_flight: &[i64],
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
+
+    /// The last batch is settled: what may be recorded. Rows neither delivered nor set aside
+    /// (to be retried) stay unrecorded and are read again. If this is not called (the batch
+    /// was abandoned), the next `next_batch` reads from the last recorded progress again.
+    fn progress(
+        &mut self,
+        delivered: Delivered,
+        set_aside: &HashSet<i64>,
+    ) -> Progress<Self::Position>;
+}
+
+/// The durable writes of the loop's outcomes. Each write is retried by the caller until it
+/// succeeds: giving up would publish the rows again.
+pub trait Ledger: Clone + Send + Sync + 'static {
+    type Position: Copy + Send + Sync + std::fmt::Debug + 'static;
+
+    /// Record a settled batch's progress (marks, then the position), fenced by the lease.
+    fn record(
+        &self,
+        progress: &Progress<Self::Position>,
+        fence: &Fence,
+    ) -> impl Future<Output = Result<Recorded, sqlx::Error>> + Send;
+
+    /// Set rows aside as failed, with the reason; they are not read again.
+    fn park(&self, rows: &[(i64, String)]) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Rows whose dead-letter copy was delivered: recorded as handled, with why.
+    fn dead_lettered(
+        &self,
+        rows: &[(i64, String)],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Note a transient failure on rows that stay pending (visible to operators).
+    fn note_retry(
+        &self,
+        rows: &[(i64, String)],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
