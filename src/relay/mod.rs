@@ -334,7 +334,9 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
     /// After transient or fatal failures: count and record them, recreate a poisoned producer.
     /// The rows stay pending; the caller backs off before the next read.
     async fn retry_later(&mut self, sink: &S, s: &Settlement, cancel: &CancellationToken) {
-        let kind = if s.fatal { "fatal" } else { "transient" };
+        // A producer with a fatal error fails its queue with assorted codes: count them fatal.
+        let fatal = s.fatal || sink.fatal_error().is_some();
+        let kind = if fatal { "fatal" } else { "transient" };
         self.metrics
             .publish_errors
             .with_label_values(&[kind])
@@ -344,7 +346,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         if let Err(e) = self.ledger.note_retry(&s.retry).await {
             tracing::warn!(error = %e, "could not record the retry on the rows");
         }
-        if s.fatal || sink.fatal_error().is_some() {
+        if fatal {
             self.recreate_sink(sink, cancel).await;
         }
     }
@@ -393,3 +395,6 @@ async fn timed<T>(metrics: &Metrics, phase: &str, fut: impl std::future::Future<
     timer.observe_duration();
     out
 }
+
+#[cfg(test)]
+mod tests;
