@@ -1,6 +1,6 @@
 //! Fault injection: per-key order and zero loss with several replicas, under every fault we
 //! can inject, against a real PostgreSQL and a real Kafka that this suite starts as its own
-//! instances (see `tests/common/faults.rs`), so it can kill and restart them freely.
+//! instances (see `tests/faults/harness.rs`), so it can kill and restart them freely.
 //!
 //! The scenarios that matter most for append mode's cursor (`--read-mode append`) also run in
 //! that mode, as `append_<scenario>` (`cargo test --test faults append_` runs them all).
@@ -18,18 +18,21 @@
 //! of every run in `target/tmp/test-logs/faults-summary.log`.
 
 mod common;
+/// The fault harness: compiled into this suite only (every suite shares `tests/common`).
+#[path = "faults/harness.rs"]
+mod harness;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use common::faults::{
+use common::unique;
+use harness::{
     create_topics, delete_topics, metric, run_scenario, run_scenario_in, service, soak, vm_hwm_kb,
     wait_topic_ready, Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec,
     LongTx, Mode, PUBLISHED, TOKEN_HEADER,
 };
-use common::unique;
 
 /// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
 const BATCH: usize = 200;
@@ -124,7 +127,7 @@ async fn conclude(
     max_duplicates: usize,
 ) {
     let mut ledger = stop(load, bursts).await;
-    common::faults::verify(ctx, &db, &mut ledger, expect(topics, max_duplicates)).await;
+    harness::verify(ctx, &db, &mut ledger, expect(topics, max_duplicates)).await;
     fleet.wait_single_leader(Duration::from_secs(30)).await;
     fleet.stop_all().await;
     finish(db, topics).await;
@@ -711,7 +714,7 @@ fn poison_rows_parked_while_others_flow() {
             let mut ledger = load.stop().await;
             let mut all_topics = topics.clone();
             all_topics.push(big.clone());
-            common::faults::verify(
+            harness::verify(
                 &ctx,
                 &db,
                 &mut ledger,
@@ -861,7 +864,7 @@ async fn backlog(ctx: Arc<Ctx>, rows: i64) {
         ctx.tag()
     );
     fleet.assert_all_running();
-    common::faults::verify(
+    harness::verify(
         &ctx,
         &db,
         &mut ledger,
@@ -1013,7 +1016,7 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 &stranger,
             ];
             let producer: FutureProducer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", common::faults::brokers())
+                .set("bootstrap.servers", harness::brokers())
                 .set("enable.idempotence", "true")
                 .set("partitioner", "murmur2_random")
                 .create()
@@ -1055,12 +1058,7 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
             let not_committed: HashSet<String> = [rolled_back.token.clone()].into();
             let t = topics.clone();
             let (report, violations) = tokio::task::spawn_blocking(move || {
-                common::faults::consume_and_check(
-                    &t,
-                    &committed,
-                    &not_committed,
-                    Duration::from_secs(10),
-                )
+                harness::consume_and_check(&t, &committed, &not_committed, Duration::from_secs(10))
             })
             .await
             .unwrap();

@@ -492,6 +492,3 @@ pub fn duplicates(records: &[Consumed]) -> Vec<i64> {
     d.sort();
     d
 }
-
-/// The fault-injection suite's harness (tests/faults.rs): its own PostgreSQL and Kafka.
-pub mod faults;

@@ -43,7 +43,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use super::{relay_command, unique, Relay};
+use crate::common::{relay_command, unique, Relay};
 
 pub const PG_PORT: u16 = 55433;
 pub const KAFKA_PORT: u16 = 29192;
