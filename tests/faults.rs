@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use common::unique;
+use common::{delete_topics, metric, wait_topic_ready};
 use harness::{
-    create_topics, delete_topics, metric, run_scenario, run_scenario_in, service, soak, vm_hwm_kb,
-    wait_topic_ready, Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec,
-    LongTx, Mode, PUBLISHED, TOKEN_HEADER,
+    brokers, create_topics, run_scenario, run_scenario_in, service, soak, vm_hwm_kb, Bursts, Ctx,
+    Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec, LongTx, Mode, PUBLISHED,
+    TOKEN_HEADER, TOPIC_READY,
 };
 
 /// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
@@ -76,7 +77,7 @@ async fn setup(ctx: &Ctx, topics: usize) -> (FaultDb, Vec<String>) {
 /// A passing scenario leaves nothing behind (a failing one keeps its database and topics).
 async fn finish(db: FaultDb, topics: &[String]) {
     db.drop_database().await;
-    delete_topics(topics).await;
+    delete_topics(&brokers(), topics).await;
 }
 
 /// `n` replicas with the fault suite's batch size (plus `extra` flags), all ready.
@@ -538,7 +539,7 @@ fn poison_rows_parked_while_others_flow() {
                 ],
             )
             .await;
-            wait_topic_ready(&ctx, &big, 3).await;
+            wait_topic_ready(&brokers(), &big, 3, TOPIC_READY, &ctx.tag()).await;
             let missing = unique("fault_poison_never_created");
             let long_topic = "t".repeat(250);
             let mut fleet = fleet(&ctx, &db, 1, &[]).await;
@@ -1016,7 +1017,7 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 &stranger,
             ];
             let producer: FutureProducer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", harness::brokers())
+                .set("bootstrap.servers", brokers())
                 .set("enable.idempotence", "true")
                 .set("partitioner", "murmur2_random")
                 .create()
@@ -1077,7 +1078,7 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 );
             }
             assert_eq!(report.duplicates, 1, "{report:?} {}", ctx.tag());
-            delete_topics(&topics).await;
+            delete_topics(&brokers(), &topics).await;
         },
     );
 }

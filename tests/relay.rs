@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{consume, create_topics, duplicates, unique, Consumed, Relay, TestDb};
+use common::{create_topics, duplicates, metric, strs, unique, Consumed, Relay, TestDb};
 use serde_json::json;
 
 const PARTITIONS: i32 = 3;
@@ -146,11 +146,7 @@ fn check_delivery(written: &[Written], consumed: &[Consumed]) -> usize {
 
 async fn topics(n: usize) -> Vec<String> {
     let t: Vec<String> = (0..n).map(|i| unique(&format!("t{i}"))).collect();
-    create_topics(
-        &t.iter().map(String::as_str).collect::<Vec<_>>(),
-        PARTITIONS,
-    )
-    .await;
+    create_topics(&strs(&t), PARTITIONS).await;
     t
 }
 
@@ -162,23 +158,14 @@ async fn read_back(
     idle_secs: u64,
     timeout_secs: u64,
 ) -> Vec<Consumed> {
-    let t = topics.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let idle = Duration::from_secs(idle_secs);
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            n,
-            idle,
-            Duration::from_secs(timeout_secs),
-        )
-    })
+    common::read_back(
+        topics,
+        PARTITIONS,
+        n,
+        Duration::from_secs(idle_secs),
+        Duration::from_secs(timeout_secs),
+    )
     .await
-    .unwrap()
-}
-
-fn refs(t: &[String]) -> Vec<&str> {
-    t.iter().map(String::as_str).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -222,12 +209,11 @@ async fn assert_exactly_once_in_key_order(topics: &[String], written: &[Written]
     );
     assert_eq!(consumed.len(), written.len());
     // The counter moves when a batch's mark commits, which may trail the broker's ack.
-    let line = format!("outbox_relay_published_total {}", written.len());
     let start = std::time::Instant::now();
     loop {
         let (code, metrics) = relay.http_get("/metrics");
         assert_eq!(code, 200);
-        if metrics.contains(&line) {
+        if metric(&metrics, "outbox_relay_published_total") == Some(written.len() as f64) {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "{metrics}");
@@ -485,12 +471,20 @@ async fn malformed_rows_are_parked_with_a_reason_and_others_flow() {
     let logs = relay.logs();
     assert!(logs.contains("row parked as failed"), "{logs}");
     let (_, metrics) = relay.http_get("/metrics");
-    assert!(
-        metrics.contains("outbox_relay_parked_total{reason=\"invalid_row\"} 4"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "outbox_relay_parked_total{reason=\"invalid_row\"}"
+        ),
+        Some(4.0),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("outbox_relay_parked_total{reason=\"unknown_topic\"} 1"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "outbox_relay_parked_total{reason=\"unknown_topic\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
     let t2 = topics.clone();
@@ -517,12 +511,7 @@ async fn two_replicas_publish_each_row_once_in_order() {
     assert_eq!(check_delivery(&written, &consumed), 0);
     let leaders = [&a, &b]
         .iter()
-        .filter(|r| {
-            r.http_get("/metrics")
-                .1
-                .lines()
-                .any(|l| l == "outbox_relay_leader 1")
-        })
+        .filter(|r| r.metric("outbox_relay_leader") == Some(1.0))
         .count();
     assert_eq!(leaders, 1, "exactly one replica publishes");
 }
@@ -719,8 +708,12 @@ async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
         Some("10000 bytes")
     );
     let (_, metrics) = relay.http_get("/metrics");
-    assert!(
-        metrics.contains("outbox_relay_dead_lettered_total{reason=\"too_large\"} 1"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "outbox_relay_dead_lettered_total{reason=\"too_large\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
     drop(relay);
@@ -778,7 +771,11 @@ async fn a_fatal_producer_error_recreates_the_producer_and_loses_nothing() {
     );
     let (_, metrics) = relay.http_get("/metrics");
     assert!(
-        metrics.contains("outbox_relay_publish_errors_total{kind=\"fatal\"}"),
+        metric(
+            &metrics,
+            "outbox_relay_publish_errors_total{kind=\"fatal\"}"
+        )
+        .is_some(),
         "{metrics}"
     );
     drop(relay);

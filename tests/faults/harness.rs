@@ -24,8 +24,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +33,6 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -43,7 +40,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{relay_command, unique, Relay};
+use crate::common::{
+    create_topics_on, http_get, log_dir, metric, relay_command, strs, unique, Relay,
+};
 
 pub const PG_PORT: u16 = 55433;
 pub const KAFKA_PORT: u16 = 29192;
@@ -57,12 +56,6 @@ const NOTE: &str = "naïve ü 日本 🚀";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-pub fn log_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The environment that points scripts/pg.sh and scripts/kafka.sh at this suite's instances.
@@ -476,106 +469,28 @@ impl FaultDb {
 // ---------------------------------------------------------------------------------------
 // Kafka topics
 
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap()
-}
-
 /// `n` fresh topics of PARTITIONS partitions on the suite's Kafka, ready (every partition led).
 pub async fn create_topics(ctx: &Ctx, n: usize) -> Vec<String> {
     let names: Vec<String> = (0..n)
         .map(|i| unique(&format!("fault_{}_{i}", ctx.name)))
         .collect();
-    let admin = admin();
-    let new: Vec<NewTopic> = names
-        .iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create topics: {e} {}", ctx.tag()));
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e} {}", ctx.tag()));
-    }
-    for name in &names {
-        wait_topic_ready(ctx, name, PARTITIONS).await;
-    }
+    create_topics_on(
+        &brokers(),
+        &strs(&names),
+        PARTITIONS,
+        &[],
+        TOPIC_READY,
+        &ctx.tag(),
+    )
+    .await;
     names
 }
 
-pub async fn wait_topic_ready(ctx: &Ctx, name: &str, partitions: i32) {
-    let client = admin();
-    let start = Instant::now();
-    loop {
-        let ready = client
-            .inner()
-            .fetch_metadata(Some(name), Duration::from_secs(5))
-            .is_ok_and(|md| {
-                md.topics().iter().any(|t| {
-                    t.error().is_none()
-                        && t.partitions().len() == partitions as usize
-                        && t.partitions().iter().all(|p| p.leader() >= 0)
-                })
-            });
-        if ready {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "topic {name} never became ready {}",
-            ctx.tag()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub async fn delete_topics(topics: &[String]) {
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let _ = admin()
-        .delete_topics(
-            &refs,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await;
-}
+/// How long a new topic may take to be ready on the suite's Kafka.
+pub const TOPIC_READY: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Relay replicas
-
-/// GET over HTTP/1.0 with timeouts (a SIGSTOPped relay accepts connections but never answers).
-pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// The value of one exact series (`name` or `name{labels}`) in a Prometheus text body.
-pub fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
-}
 
 /// Peak resident set size (VmHWM) of a process, in kB.
 pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
@@ -584,14 +499,6 @@ pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Replicas of the relay on one database. A slot holds the current process of that replica;
@@ -606,10 +513,10 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// `args` are added to the suite's defaults (poll 100ms, lease 3s when supported, the
-    /// scenario's read mode).
+    /// `args` are added to the suite's defaults (poll 100ms as every [`Relay::launch`], lease 3s
+    /// when supported, the scenario's read mode).
     pub fn new(ctx: &Arc<Ctx>, db: &FaultDb, args: &[&str]) -> Fleet {
-        let mut all: Vec<String> = vec!["--poll-interval".into(), "100ms".into()];
+        let mut all: Vec<String> = vec![];
         if ctx.lease {
             all.extend(["--lease-duration".into(), "3s".into()]);
         }
@@ -626,32 +533,18 @@ impl Fleet {
     }
 
     fn launch(&self, slot: usize, generation: usize) -> Relay {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let log = log_dir().join(format!(
             "faults-{}-{}-r{slot}.{generation}.log",
             self.ctx.name, self.ctx.seed
         ));
-        let brokers = brokers();
-        let mut args: Vec<&str> = vec![
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--metrics-addr",
-            &metrics_addr,
-        ];
-        args.extend(self.args.iter().map(String::as_str));
-        let child = relay_command(&args)
-            .env("OUTBOX_RELAY_DATABASE_URL", &self.db_url)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Relay {
-            child,
-            metrics_addr,
+        let args = strs(&self.args);
+        Relay::launch(
             log,
-        }
+            &self.db_url,
+            &brokers(),
+            &args,
+            &[("RUST_LOG", "info")],
+        )
     }
 
     /// Start a new replica; returns its slot.
@@ -698,9 +591,11 @@ impl Fleet {
     pub async fn get(&self, slot: usize, path: &str) -> Option<(u16, String)> {
         let addr = self.slots[slot].as_ref()?.metrics_addr.clone();
         let path = path.to_string();
-        tokio::task::spawn_blocking(move || http_get(&addr, &path, Duration::from_secs(2)).ok())
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            http_get(&addr, &path, Some(Duration::from_secs(2))).ok()
+        })
+        .await
+        .unwrap()
     }
 
     pub async fn metrics(&self, slot: usize) -> Option<String> {
@@ -711,7 +606,7 @@ impl Fleet {
     pub async fn says_leader(&self, slot: usize) -> Option<bool> {
         self.metrics(slot)
             .await
-            .map(|m| m.lines().any(|l| l == "outbox_relay_leader 1"))
+            .map(|m| metric(&m, "outbox_relay_leader") == Some(1.0))
     }
 
     /// The slots (not paused) that say they lead.
