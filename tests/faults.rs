@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use common::load::{Expected, Ledger, Load, LoadSpec, Reading, TOKEN_HEADER};
 use common::unique;
 use common::{delete_topics, metric, wait_topic_ready};
 use harness::{
     brokers, create_topics, run_scenario, run_scenario_in, service, soak, vm_hwm_kb, Bursts, Ctx,
-    Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec, LongTx, Mode, PUBLISHED,
-    TOKEN_HEADER, TOPIC_READY,
+    Expect, FaultDb, Fleet, LongTx, Mode, PARTITIONS, PUBLISHED, TOPIC_READY,
 };
 
 /// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
@@ -94,7 +94,7 @@ async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet 
 
 /// Writers started, and publishing seen to work before any fault.
 async fn load(ctx: &Arc<Ctx>, db: &FaultDb, spec: LoadSpec) -> Load {
-    let load = Load::start(ctx, db, spec);
+    let load = Load::start(ctx.clone(), db.writer_pool(spec.writers), spec);
     load.wait_committed(100, PROGRESS).await;
     db.wait_progress(ctx, 50, PROGRESS).await;
     load
@@ -821,7 +821,8 @@ async fn backlog(ctx: Arc<Ctx>, rows: i64) {
         t.elapsed().as_secs_f64()
     ));
     // What each row must look like in Kafka (mirrors the SQL above).
-    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, headers->>'fault-event' FROM outbox")
+    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, headers->>$1 FROM outbox")
+        .bind(TOKEN_HEADER)
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -829,21 +830,15 @@ async fn backlog(ctx: Arc<Ctx>, rows: i64) {
     for (id, token) in ids {
         let i: i64 = token.strip_prefix(&prefix).unwrap().parse().unwrap();
         let seq = i / KEYS + 1;
-        let mut payload = format!("tok:{token}|").into_bytes();
-        payload.extend_from_slice(&[0x00, 0xff, 0xfe]);
-        payload.extend_from_slice(&[b'x'; 64]);
-        ledger.add(Expected {
+        let topic = &topics[(i % 2) as usize];
+        ledger.add(Expected::bulk(
             id,
-            topic: topics[(i % 2) as usize].clone(),
-            key: Some(format!("bk-{}", i % KEYS)),
-            seq: Some(seq),
-            payload: Some(payload),
-            headers: vec![
-                (TOKEN_HEADER.to_string(), token.clone().into_bytes()),
-                ("seq".to_string(), seq.to_string().into_bytes()),
-            ],
             token,
-        });
+            topic,
+            format!("bk-{}", i % KEYS),
+            seq,
+            &[b'x'; 64],
+        ));
     }
     let t = Instant::now();
     let mut fleet = Fleet::new(&ctx, &db, &["--batch-size", "5000"]);
@@ -1057,9 +1052,15 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 .map(|e| (e.token.clone(), e))
                 .collect();
             let not_committed: HashSet<String> = [rolled_back.token.clone()].into();
-            let t = topics.clone();
+            let read = Reading {
+                brokers: brokers(),
+                topics: topics.clone(),
+                partitions: PARTITIONS,
+                settle: Duration::from_secs(1),
+                timeout: Duration::from_secs(10),
+            };
             let (report, violations) = tokio::task::spawn_blocking(move || {
-                harness::consume_and_check(&t, &committed, &not_committed, Duration::from_secs(10))
+                common::load::consume_and_check(&read, &committed, &not_committed)
             })
             .await
             .unwrap();

@@ -6,6 +6,8 @@
 //! TLS tests, OUTBOX_TEST_KAFKA_SASL_BROKERS and OUTBOX_TEST_CERTS_DIR).
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command};
