@@ -158,15 +158,13 @@ async fn a_late_commit_with_a_lower_id_is_delivered() {
     db.wait_count("published_at IS NOT NULL", 50, Duration::from_secs(20))
         .await;
     // The later ids are in Kafka; the open, lower id is not (it is not committed).
-    let t = topics.clone();
-    let before = read_back(&t, 50, 2, 30).await;
+    let before = read_back(&topics, 50, 2, 30).await;
     assert_eq!(before.len(), 50);
     assert!(before.iter().all(|c| c.event_id() > late_id));
     late.commit().await.unwrap();
     db.wait_count("published_at IS NOT NULL", 51, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 51, 1, 30).await;
+    let consumed = read_back(&topics, 51, 1, 30).await;
     assert_eq!(consumed.len(), 51);
     let late_msg = consumed
         .iter()
@@ -203,8 +201,7 @@ async fn rolled_back_rows_never_appear() {
     }
     db.wait_count("published_at IS NOT NULL", 100, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 100, 2, 30).await;
+    let consumed = read_back(&topics, 100, 2, 30).await;
     assert_eq!(consumed.len(), 100);
     assert!(consumed
         .iter()
@@ -288,8 +285,7 @@ async fn tombstones_null_keys_and_json_helper() {
         .unwrap();
     db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 3, 1, 30).await;
+    let consumed = read_back(&topics, 3, 1, 30).await;
     assert_eq!(consumed.len(), 3);
     let tomb = consumed
         .iter()
@@ -383,8 +379,7 @@ async fn malformed_rows_are_parked_with_a_reason_and_others_flow() {
         Some(1.0),
         "{metrics}"
     );
-    let t2 = topics.clone();
-    let consumed = read_back(&t2, 2, 1, 30).await;
+    let consumed = read_back(&topics, 2, 1, 30).await;
     let payloads: Vec<_> = consumed
         .iter()
         .map(|c| c.payload.clone().unwrap())
@@ -529,8 +524,7 @@ async fn block_key_policy_holds_a_key_until_its_parked_row_is_fixed() {
         .unwrap();
     db.wait_count("published_at IS NOT NULL", 4, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 4, 1, 30).await;
+    let consumed = read_back(&topics, 4, 1, 30).await;
     let a: Vec<Vec<u8>> = consumed
         .iter()
         .filter(|c| c.key.as_deref() == Some(&b"a"[..]))
@@ -800,10 +794,9 @@ async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() 
     // Nothing is below the horizon while the oldest writer is open: nothing is published,
     // and after a while the relay names the transaction it waits for.
     relay.wait_log("waits for a transaction", Duration::from_secs(30));
-    let t = topics.clone();
-    assert!(read_back(&t, 1, 1, 2).await.is_empty());
+    assert!(read_back(&topics, 1, 1, 2).await.is_empty());
     late.commit().await.unwrap();
-    let consumed = read_back(&t, 51, 2, 30).await;
+    let consumed = read_back(&topics, 51, 2, 30).await;
     assert_eq!(consumed.len(), 51);
     assert!(duplicates(&consumed).is_empty());
     assert!(consumed

@@ -4,6 +4,10 @@
 //! Services come from `scripts/services.sh up` (what `make test` runs); the URLs can be
 //! overridden with OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_KAFKA_BROKERS (and, for the
 //! TLS tests, OUTBOX_TEST_KAFKA_SASL_BROKERS and OUTBOX_TEST_CERTS_DIR).
+//!
+//! Every suite compiles this module (`mod common;`) and uses a part of it, hence the allow.
+//! [`load`] is the writer and checker of the delivery tests; the fault suite's own harness is
+//! `tests/faults/harness.rs`, compiled into that suite only.
 #![allow(dead_code)]
 
 pub mod load;
