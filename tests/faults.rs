@@ -1,6 +1,6 @@
 //! Fault injection: per-key order and zero loss with several replicas, under every fault we
 //! can inject, against a real PostgreSQL and a real Kafka that this suite starts as its own
-//! instances (see `tests/common/faults.rs`), so it can kill and restart them freely.
+//! instances (see `tests/faults/harness.rs`), so it can kill and restart them freely.
 //!
 //! The scenarios that matter most for append mode's cursor (`--read-mode append`) also run in
 //! that mode, as `append_<scenario>` (`cargo test --test faults append_` runs them all).
@@ -18,18 +18,22 @@
 //! of every run in `target/tmp/test-logs/faults-summary.log`.
 
 mod common;
+/// The fault harness: compiled into this suite only (every suite shares `tests/common`).
+#[path = "faults/harness.rs"]
+mod harness;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use common::faults::{
-    create_topics, delete_topics, metric, run_scenario, run_scenario_in, service, soak, vm_hwm_kb,
-    wait_topic_ready, Bursts, Ctx, Expect, Expected, FaultDb, Fleet, Ledger, Load, LoadSpec,
-    LongTx, Mode, PUBLISHED, TOKEN_HEADER,
-};
+use common::load::{Expected, Ledger, Load, LoadSpec, Reading, TOKEN_HEADER};
 use common::unique;
+use common::{delete_topics, metric, wait_topic_ready};
+use harness::{
+    brokers, create_topics, run_scenario, run_scenario_in, service, soak, vm_hwm_kb, Bursts, Ctx,
+    Expect, FaultDb, Fleet, LongTx, Mode, PARTITIONS, PUBLISHED, TOPIC_READY,
+};
 
 /// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
 const BATCH: usize = 200;
@@ -73,7 +77,7 @@ async fn setup(ctx: &Ctx, topics: usize) -> (FaultDb, Vec<String>) {
 /// A passing scenario leaves nothing behind (a failing one keeps its database and topics).
 async fn finish(db: FaultDb, topics: &[String]) {
     db.drop_database().await;
-    delete_topics(topics).await;
+    delete_topics(&brokers(), topics).await;
 }
 
 /// `n` replicas with the fault suite's batch size (plus `extra` flags), all ready.
@@ -90,7 +94,7 @@ async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet 
 
 /// Writers started, and publishing seen to work before any fault.
 async fn load(ctx: &Arc<Ctx>, db: &FaultDb, spec: LoadSpec) -> Load {
-    let load = Load::start(ctx, db, spec);
+    let load = Load::start(ctx.clone(), db.writer_pool(spec.writers), spec);
     load.wait_committed(100, PROGRESS).await;
     db.wait_progress(ctx, 50, PROGRESS).await;
     load
@@ -124,7 +128,7 @@ async fn conclude(
     max_duplicates: usize,
 ) {
     let mut ledger = stop(load, bursts).await;
-    common::faults::verify(ctx, &db, &mut ledger, expect(topics, max_duplicates)).await;
+    harness::verify(ctx, &db, &mut ledger, expect(topics, max_duplicates)).await;
     fleet.wait_single_leader(Duration::from_secs(30)).await;
     fleet.stop_all().await;
     finish(db, topics).await;
@@ -535,7 +539,7 @@ fn poison_rows_parked_while_others_flow() {
                 ],
             )
             .await;
-            wait_topic_ready(&ctx, &big, 3).await;
+            wait_topic_ready(&brokers(), &big, 3, TOPIC_READY, &ctx.tag()).await;
             let missing = unique("fault_poison_never_created");
             let long_topic = "t".repeat(250);
             let mut fleet = fleet(&ctx, &db, 1, &[]).await;
@@ -711,7 +715,7 @@ fn poison_rows_parked_while_others_flow() {
             let mut ledger = load.stop().await;
             let mut all_topics = topics.clone();
             all_topics.push(big.clone());
-            common::faults::verify(
+            harness::verify(
                 &ctx,
                 &db,
                 &mut ledger,
@@ -817,7 +821,8 @@ async fn backlog(ctx: Arc<Ctx>, rows: i64) {
         t.elapsed().as_secs_f64()
     ));
     // What each row must look like in Kafka (mirrors the SQL above).
-    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, headers->>'fault-event' FROM outbox")
+    let ids: Vec<(i64, String)> = sqlx::query_as("SELECT id, headers->>$1 FROM outbox")
+        .bind(TOKEN_HEADER)
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -825,21 +830,15 @@ async fn backlog(ctx: Arc<Ctx>, rows: i64) {
     for (id, token) in ids {
         let i: i64 = token.strip_prefix(&prefix).unwrap().parse().unwrap();
         let seq = i / KEYS + 1;
-        let mut payload = format!("tok:{token}|").into_bytes();
-        payload.extend_from_slice(&[0x00, 0xff, 0xfe]);
-        payload.extend_from_slice(&[b'x'; 64]);
-        ledger.add(Expected {
+        let topic = &topics[(i % 2) as usize];
+        ledger.add(Expected::bulk(
             id,
-            topic: topics[(i % 2) as usize].clone(),
-            key: Some(format!("bk-{}", i % KEYS)),
-            seq: Some(seq),
-            payload: Some(payload),
-            headers: vec![
-                (TOKEN_HEADER.to_string(), token.clone().into_bytes()),
-                ("seq".to_string(), seq.to_string().into_bytes()),
-            ],
             token,
-        });
+            topic,
+            format!("bk-{}", i % KEYS),
+            seq,
+            &[b'x'; 64],
+        ));
     }
     let t = Instant::now();
     let mut fleet = Fleet::new(&ctx, &db, &["--batch-size", "5000"]);
@@ -861,7 +860,7 @@ async fn backlog(ctx: Arc<Ctx>, rows: i64) {
         ctx.tag()
     );
     fleet.assert_all_running();
-    common::faults::verify(
+    harness::verify(
         &ctx,
         &db,
         &mut ledger,
@@ -1013,7 +1012,7 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 &stranger,
             ];
             let producer: FutureProducer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", common::faults::brokers())
+                .set("bootstrap.servers", brokers())
                 .set("enable.idempotence", "true")
                 .set("partitioner", "murmur2_random")
                 .create()
@@ -1053,14 +1052,15 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 .map(|e| (e.token.clone(), e))
                 .collect();
             let not_committed: HashSet<String> = [rolled_back.token.clone()].into();
-            let t = topics.clone();
+            let read = Reading {
+                brokers: brokers(),
+                topics: topics.clone(),
+                partitions: PARTITIONS,
+                settle: Duration::from_secs(1),
+                timeout: Duration::from_secs(10),
+            };
             let (report, violations) = tokio::task::spawn_blocking(move || {
-                common::faults::consume_and_check(
-                    &t,
-                    &committed,
-                    &not_committed,
-                    Duration::from_secs(10),
-                )
+                common::load::consume_and_check(&read, &committed, &not_committed)
             })
             .await
             .unwrap();
@@ -1079,7 +1079,7 @@ fn checker_catches_loss_disorder_duplicates_and_strangers() {
                 );
             }
             assert_eq!(report.duplicates, 1, "{report:?} {}", ctx.tag());
-            delete_topics(&topics).await;
+            delete_topics(&brokers(), &topics).await;
         },
     );
 }

@@ -2,155 +2,58 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{consume, create_topics, duplicates, unique, Consumed, Relay, TestDb};
+use common::load::{self, Ledger, LoadSpec, Reading, Report};
+use common::{create_topics, duplicates, metric, strs, unique, Consumed, Relay, TestDb};
 use serde_json::json;
 
 const PARTITIONS: i32 = 3;
 
-/// One committed event as the writer knows it.
-#[derive(Debug, Clone)]
-struct Written {
-    id: i64,
-    topic: String,
-    key: String,
-    seq: i64,
-    payload: Vec<u8>,
-}
-
-/// `total` events over `keys` keys spread on `topics`, from `writers` concurrent connections.
-/// Each transaction locks its key and bumps the key's sequence first (serializing writers of one
-/// key before their first write, as the README's ordering contract asks: a bare upsert that
-/// creates a new key lets two writers take xids in either order), so per-key commit order is
-/// sequence order.
+/// `total` events over `keys` keys spread on `topics`, from `writers` concurrent connections,
+/// every one committed: the shared writers (tests/common/load.rs), whose transactions lock
+/// their key and bump its sequence first (serializing writers of one key before their first
+/// write, as the README's ordering contract asks: a bare upsert that creates a new key lets two
+/// writers take xids in either order), so per-key commit order is sequence order.
 async fn write_events(
     db: &TestDb,
     topics: &[String],
     keys: usize,
     total: usize,
     writers: usize,
-) -> Vec<Written> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS key_seq (key text PRIMARY KEY, seq bigint NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let topics = Arc::new(topics.to_vec());
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let pool = db.pool.clone();
-        let topics = topics.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            for i in (w..total).step_by(writers) {
-                let k = (i * 7919) % keys;
-                let key = format!("key-{k}");
-                let topic = topics[k % topics.len()].clone();
-                let mut tx = pool.begin().await.unwrap();
-                let seq: i64 = sqlx::query_scalar(
-                    "WITH l AS (SELECT pg_advisory_xact_lock(hashtext($1))) \
-                     INSERT INTO key_seq SELECT $1, 1 FROM l ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq",
-                )
-                .bind(&key)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-                let mut payload = format!("{key}:{seq}:").into_bytes();
-                payload.extend_from_slice(&[0x00, 0xff, 0xfe, (seq % 251) as u8]);
-                let headers = json!({"seq": seq.to_string(), "note": "naïve ü 日本 🚀"});
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id",
-                )
-                .bind(&topic)
-                .bind(&key)
-                .bind(&payload)
-                .bind(&headers)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-                tx.commit().await.unwrap();
-                out.push(Written { id, topic, key, seq, payload });
-            }
-            out
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all
+) -> Ledger {
+    load::write(
+        db.pool.clone(),
+        LoadSpec::counted(topics, writers, keys, total),
+    )
+    .await
 }
 
-/// Every written event arrived with identical key, payload and headers, and each key's
-/// events arrived in sequence order (first occurrences). Returns the duplicate count.
-fn check_delivery(written: &[Written], consumed: &[Consumed]) -> usize {
-    let by_id: HashMap<i64, &Written> = written.iter().map(|w| (w.id, w)).collect();
-    let mut last_seq: HashMap<&str, i64> = HashMap::new();
-    let mut seen = HashSet::new();
-    let mut dups = 0;
-    for c in consumed {
-        let id = c.event_id();
-        let w = by_id
-            .get(&id)
-            .unwrap_or_else(|| panic!("consumed event {id} that was never committed"));
-        assert_eq!(c.topic, w.topic, "event {id}: topic");
-        assert_eq!(c.key.as_deref(), Some(w.key.as_bytes()), "event {id}: key");
-        assert_eq!(
-            c.payload.as_deref(),
-            Some(&w.payload[..]),
-            "event {id}: payload bytes"
-        );
-        assert_eq!(
-            c.header("seq"),
-            Some(w.seq.to_string()),
-            "event {id}: header"
-        );
-        assert_eq!(
-            c.header("note").as_deref(),
-            Some("naïve ü 日本 🚀"),
-            "event {id}: unicode header"
-        );
-        assert!(
-            c.header("outbox-created-at").is_some(),
-            "event {id}: created-at header"
-        );
-        if !seen.insert(id) {
-            dups += 1;
-            continue;
-        }
-        let last = last_seq.entry(&w.key).or_insert(0);
-        assert!(
-            w.seq > *last,
-            "key {}: seq {} arrived after seq {} (order broken)",
-            w.key,
-            w.seq,
-            last
-        );
-        *last = w.seq;
-    }
-    let missing: Vec<i64> = written
-        .iter()
-        .map(|w| w.id)
-        .filter(|id| !seen.contains(id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} committed events never arrived, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    dups
+/// Read `topics` back and check every committed event of `ledger` with the shared checker:
+/// arrived with identical topic, key, payload and headers, no other record, each key's first
+/// occurrences in sequence order, at most `max_duplicates` duplicates (it panics otherwise).
+async fn check_delivery(
+    topics: &[String],
+    ledger: &Ledger,
+    max_duplicates: usize,
+    timeout_secs: u64,
+) -> Report {
+    let read = Reading {
+        brokers: common::kafka_brokers(),
+        topics: topics.to_vec(),
+        partitions: PARTITIONS,
+        settle: Duration::from_secs(2),
+        timeout: Duration::from_secs(timeout_secs),
+    };
+    let (report, violations) = load::check(read, ledger).await;
+    load::assert_checked(&report, &violations, max_duplicates, "");
+    report
 }
 
 async fn topics(n: usize) -> Vec<String> {
     let t: Vec<String> = (0..n).map(|i| unique(&format!("t{i}"))).collect();
-    create_topics(
-        &t.iter().map(String::as_str).collect::<Vec<_>>(),
-        PARTITIONS,
-    )
-    .await;
+    create_topics(&strs(&t), PARTITIONS).await;
     t
 }
 
@@ -162,23 +65,14 @@ async fn read_back(
     idle_secs: u64,
     timeout_secs: u64,
 ) -> Vec<Consumed> {
-    let t = topics.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let idle = Duration::from_secs(idle_secs);
-        consume(
-            &refs(&t),
-            PARTITIONS,
-            n,
-            idle,
-            Duration::from_secs(timeout_secs),
-        )
-    })
+    common::read_back(
+        topics,
+        PARTITIONS,
+        n,
+        Duration::from_secs(idle_secs),
+        Duration::from_secs(timeout_secs),
+    )
     .await
-    .unwrap()
-}
-
-fn refs(t: &[String]) -> Vec<&str> {
-    t.iter().map(String::as_str).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -212,22 +106,16 @@ async fn on_publish_delete_deletes_each_row_after_its_delivery() {
 }
 
 /// Every written event arrives exactly once, in per-key order, and the relay counted them.
-async fn assert_exactly_once_in_key_order(topics: &[String], written: &[Written], relay: &Relay) {
-    let consumed = read_back(topics, written.len(), 2, 60).await;
-    assert_eq!(
-        check_delivery(written, &consumed),
-        0,
-        "duplicates: {:?}",
-        duplicates(&consumed)
-    );
-    assert_eq!(consumed.len(), written.len());
+async fn assert_exactly_once_in_key_order(topics: &[String], written: &Ledger, relay: &Relay) {
+    let report = check_delivery(topics, written, 0, 60).await;
+    assert_eq!(report.records, written.committed.len());
     // The counter moves when a batch's mark commits, which may trail the broker's ack.
-    let line = format!("outbox_relay_published_total {}", written.len());
     let start = std::time::Instant::now();
     loop {
         let (code, metrics) = relay.http_get("/metrics");
         assert_eq!(code, 200);
-        if metrics.contains(&line) {
+        if metric(&metrics, "outbox_relay_published_total") == Some(written.committed.len() as f64)
+        {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "{metrics}");
@@ -270,15 +158,13 @@ async fn a_late_commit_with_a_lower_id_is_delivered() {
     db.wait_count("published_at IS NOT NULL", 50, Duration::from_secs(20))
         .await;
     // The later ids are in Kafka; the open, lower id is not (it is not committed).
-    let t = topics.clone();
-    let before = read_back(&t, 50, 2, 30).await;
+    let before = read_back(&topics, 50, 2, 30).await;
     assert_eq!(before.len(), 50);
     assert!(before.iter().all(|c| c.event_id() > late_id));
     late.commit().await.unwrap();
     db.wait_count("published_at IS NOT NULL", 51, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 51, 1, 30).await;
+    let consumed = read_back(&topics, 51, 1, 30).await;
     assert_eq!(consumed.len(), 51);
     let late_msg = consumed
         .iter()
@@ -315,8 +201,7 @@ async fn rolled_back_rows_never_appear() {
     }
     db.wait_count("published_at IS NOT NULL", 100, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 100, 2, 30).await;
+    let consumed = read_back(&topics, 100, 2, 30).await;
     assert_eq!(consumed.len(), 100);
     assert!(consumed
         .iter()
@@ -347,9 +232,8 @@ async fn kill_9_mid_stream_then_restart(db: TestDb, args: &[&str]) {
     let relay = Relay::start(&db, args);
     db.wait_count(&published, 20_000, Duration::from_secs(60))
         .await;
-    let consumed = read_back(&topics, 20_000, 2, 60).await;
-    let dups = check_delivery(&written, &consumed);
-    assert!(dups <= 1000, "{dups} duplicates exceed two batches");
+    // At most two batches of 500 duplicated.
+    check_delivery(&topics, &written, 1000, 60).await;
     drop(relay);
 }
 
@@ -376,14 +260,9 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
     let relay = Relay::start(&db, &["--batch-size", "500"]);
     db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 20_000, 2, 60).await;
-    assert_eq!(
-        check_delivery(&written, &consumed),
-        0,
-        "a graceful stop must not duplicate"
-    );
-    assert_eq!(consumed.len(), 20_000);
+    // A graceful stop must not duplicate.
+    let report = check_delivery(&topics, &written, 0, 60).await;
+    assert_eq!(report.records, 20_000);
     drop(relay);
 }
 
@@ -406,8 +285,7 @@ async fn tombstones_null_keys_and_json_helper() {
         .unwrap();
     db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 3, 1, 30).await;
+    let consumed = read_back(&topics, 3, 1, 30).await;
     assert_eq!(consumed.len(), 3);
     let tomb = consumed
         .iter()
@@ -485,16 +363,23 @@ async fn malformed_rows_are_parked_with_a_reason_and_others_flow() {
     let logs = relay.logs();
     assert!(logs.contains("row parked as failed"), "{logs}");
     let (_, metrics) = relay.http_get("/metrics");
-    assert!(
-        metrics.contains("outbox_relay_parked_total{reason=\"invalid_row\"} 4"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "outbox_relay_parked_total{reason=\"invalid_row\"}"
+        ),
+        Some(4.0),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("outbox_relay_parked_total{reason=\"unknown_topic\"} 1"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "outbox_relay_parked_total{reason=\"unknown_topic\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
-    let t2 = topics.clone();
-    let consumed = read_back(&t2, 2, 1, 30).await;
+    let consumed = read_back(&topics, 2, 1, 30).await;
     let payloads: Vec<_> = consumed
         .iter()
         .map(|c| c.payload.clone().unwrap())
@@ -512,17 +397,10 @@ async fn two_replicas_publish_each_row_once_in_order() {
     let written = write_events(&db, &topics, 40, 4_000, 8).await;
     db.wait_count("published_at IS NOT NULL", 4_000, Duration::from_secs(60))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 4_000, 2, 60).await;
-    assert_eq!(check_delivery(&written, &consumed), 0);
+    check_delivery(&topics, &written, 0, 60).await;
     let leaders = [&a, &b]
         .iter()
-        .filter(|r| {
-            r.http_get("/metrics")
-                .1
-                .lines()
-                .any(|l| l == "outbox_relay_leader 1")
-        })
+        .filter(|r| r.metric("outbox_relay_leader") == Some(1.0))
         .count();
     assert_eq!(leaders, 1, "exactly one replica publishes");
 }
@@ -646,8 +524,7 @@ async fn block_key_policy_holds_a_key_until_its_parked_row_is_fixed() {
         .unwrap();
     db.wait_count("published_at IS NOT NULL", 4, Duration::from_secs(20))
         .await;
-    let t = topics.clone();
-    let consumed = read_back(&t, 4, 1, 30).await;
+    let consumed = read_back(&topics, 4, 1, 30).await;
     let a: Vec<Vec<u8>> = consumed
         .iter()
         .filter(|c| c.key.as_deref() == Some(&b"a"[..]))
@@ -719,8 +596,12 @@ async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
         Some("10000 bytes")
     );
     let (_, metrics) = relay.http_get("/metrics");
-    assert!(
-        metrics.contains("outbox_relay_dead_lettered_total{reason=\"too_large\"} 1"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "outbox_relay_dead_lettered_total{reason=\"too_large\"}"
+        ),
+        Some(1.0),
         "{metrics}"
     );
     drop(relay);
@@ -778,7 +659,11 @@ async fn a_fatal_producer_error_recreates_the_producer_and_loses_nothing() {
     );
     let (_, metrics) = relay.http_get("/metrics");
     assert!(
-        metrics.contains("outbox_relay_publish_errors_total{kind=\"fatal\"}"),
+        metric(
+            &metrics,
+            "outbox_relay_publish_errors_total{kind=\"fatal\"}"
+        )
+        .is_some(),
         "{metrics}"
     );
     drop(relay);
@@ -909,10 +794,9 @@ async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() 
     // Nothing is below the horizon while the oldest writer is open: nothing is published,
     // and after a while the relay names the transaction it waits for.
     relay.wait_log("waits for a transaction", Duration::from_secs(30));
-    let t = topics.clone();
-    assert!(read_back(&t, 1, 1, 2).await.is_empty());
+    assert!(read_back(&topics, 1, 1, 2).await.is_empty());
     late.commit().await.unwrap();
-    let consumed = read_back(&t, 51, 2, 30).await;
+    let consumed = read_back(&topics, 51, 2, 30).await;
     assert_eq!(consumed.len(), 51);
     assert!(duplicates(&consumed).is_empty());
     assert!(consumed
@@ -934,12 +818,12 @@ async fn append_mode_kill_9_then_restart_resumes_from_the_cursor() {
 async fn switching_read_modes_publishes_each_row_once() {
     let db = TestDb::new().await;
     let topics = topics(2).await;
-    let mut written = Vec::new();
+    let mut written = Ledger::default();
     for (round, mode) in ["claim", "append", "claim"].into_iter().enumerate() {
         let (code, _, err) = db.run(&["migrate", "--read-mode", mode]);
         assert_eq!(code, 0, "{err}");
         let relay = Relay::start(&db, &["--read-mode", mode]);
-        written.extend(write_events(&db, &topics, 20, 1_000, 4).await);
+        written.merge(write_events(&db, &topics, 20, 1_000, 4).await);
         let published = format!("published_at IS NOT NULL OR {PASSED}");
         db.wait_count(
             &published,
@@ -949,8 +833,8 @@ async fn switching_read_modes_publishes_each_row_once() {
         .await;
         assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0), "{mode}");
     }
-    let consumed = read_back(&topics, 3_000, 2, 60).await;
-    assert_eq!(check_delivery(&written, &consumed), 0, "published twice");
+    // Not one published twice.
+    check_delivery(&topics, &written, 0, 60).await;
     assert_eq!(db.count(PASSED).await, 0, "claim mode dropped the cursor");
 }
 
@@ -1016,8 +900,7 @@ async fn claim_mode_publishes_on_a_table_migrated_by_an_older_release() {
     let written = write_events(&db, &topics, 10, 500, 4).await;
     db.wait_count("published_at IS NOT NULL", 500, Duration::from_secs(30))
         .await;
-    let consumed = read_back(&topics, 500, 2, 30).await;
-    assert_eq!(check_delivery(&written, &consumed), 0);
+    check_delivery(&topics, &written, 0, 30).await;
     relay.wait_log("outbox-relay migrate", Duration::from_secs(10));
     assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
 }

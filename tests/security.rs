@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    certs_dir, consume, create_topics, database_host_port, kafka_brokers, kafka_sasl_brokers,
-    relay_command, unique, Relay, TestDb,
+    certs_dir, create_topics, database_host_port, kafka_brokers, kafka_sasl_brokers, log_dir,
+    read_back, relay_command, strs, unique, Relay, TestDb,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -63,10 +63,6 @@ fn sasl_config(user: &str, root: &Path) -> Vec<String> {
     .into_iter()
     .flat_map(|p| ["--kafka-config".to_string(), p])
     .collect()
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// A 0600 file holding `content` (with a trailing newline, as editors and Secrets leave it).
@@ -168,9 +164,7 @@ fn listening(host: &str) -> bool {
 
 /// Run a command that should exit on its own: (exit code, stdout, stderr).
 fn run_to_exit(command: &mut Command, timeout: Duration) -> (Option<i32>, String, String) {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let base = dir.join(unique("cmd"));
+    let base = log_dir().join(unique("cmd"));
     let (out, err) = (base.with_extension("stdout"), base.with_extension("stderr"));
     let mut child = command
         .stdin(Stdio::null())
@@ -349,18 +343,14 @@ async fn relay_over_verified_tls_and_scram_publishes_and_marks() {
         "{conns:?}"
     );
 
-    let t = topic.clone();
-    let consumed = tokio::task::spawn_blocking(move || {
-        consume(
-            &[&t],
-            3,
-            50,
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )
-    })
-    .await
-    .unwrap();
+    let consumed = read_back(
+        std::slice::from_ref(&topic),
+        3,
+        50,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
     let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
     got.sort();
     ids.sort();

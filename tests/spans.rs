@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{consume, create_topics_with_config, unique, Consumed, Relay, TestDb};
+use common::{create_topics_with_config, free_port, read_back, unique, Consumed, Relay, TestDb};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -126,18 +126,14 @@ async fn insert(db: &TestDb, topic: &str, key: &str, headers: Option<Value>) -> 
 }
 
 async fn consume_all(topic: &str, n: usize) -> Vec<Consumed> {
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        consume(
-            &[&topic],
-            2,
-            n,
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-        )
-    })
+    read_back(
+        &[topic.to_string()],
+        2,
+        n,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
     .await
-    .unwrap()
 }
 
 fn by_id(records: &[Consumed], id: i64) -> &Consumed {
@@ -159,15 +155,6 @@ fn nanos(span: &Value, field: &str) -> u64 {
         .expect("64-bit ints are strings")
         .parse()
         .unwrap()
-}
-
-/// The relay's value of a metric line, e.g. `outbox_relay_spans_exported_total`.
-fn metric(relay: &Relay, line_start: &str) -> Option<f64> {
-    relay
-        .http_get("/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +193,7 @@ async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
     let spans = collector.wait_spans(2, Duration::from_secs(10)).await;
     // The relay exports at most every second: wait for anything else it might send.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let exported = metric(&relay, "outbox_relay_spans_exported_total");
+    let exported = relay.metric("outbox_relay_spans_exported_total");
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     let spans_after = collector.spans();
     assert_eq!(
@@ -384,10 +371,7 @@ async fn a_collector_that_is_down_costs_spans_never_messages() {
     let db = TestDb::new().await;
     let topic = topic().await;
     // A port nobody listens on.
-    let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let down = format!("http://127.0.0.1:{}", free_port());
     let relay = Relay::start(&db, &["--otlp-endpoint", &down, "--otlp-timeout", "1s"]);
     for i in 0..20 {
         insert(
@@ -411,23 +395,17 @@ async fn a_collector_that_is_down_costs_spans_never_messages() {
     }
     let start = Instant::now();
     let failed = r#"outbox_relay_spans_dropped_total{reason="export_failed"}"#;
-    while metric(&relay, failed) != Some(40.0) {
+    while relay.metric(failed) != Some(40.0) {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "{failed} = {:?}, expected 40",
-            metric(&relay, failed)
+            relay.metric(failed)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(relay.metric("outbox_relay_spans_exported_total"), Some(0.0));
     assert_eq!(
-        metric(&relay, "outbox_relay_spans_exported_total"),
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(
-            &relay,
-            r#"outbox_relay_spans_dropped_total{reason="queue_full"}"#
-        ),
+        relay.metric(r#"outbox_relay_spans_dropped_total{reason="queue_full"}"#),
         Some(0.0)
     );
     relay.wait_http("/readyz", 200, Duration::from_secs(10)); // a missing collector is not a readiness problem

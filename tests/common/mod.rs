@@ -4,7 +4,13 @@
 //! Services come from `scripts/services.sh up` (what `make test` runs); the URLs can be
 //! overridden with OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_KAFKA_BROKERS (and, for the
 //! TLS tests, OUTBOX_TEST_KAFKA_SASL_BROKERS and OUTBOX_TEST_CERTS_DIR).
+//!
+//! Every suite compiles this module (`mod common;`) and uses a part of it, hence the allow.
+//! [`load`] is the writer and checker of the delivery tests; the fault suite's own harness is
+//! `tests/faults/harness.rs`, compiled into that suite only.
 #![allow(dead_code)]
+
+pub mod load;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -151,10 +157,34 @@ pub async fn create_topics(names: &[&str], partitions: i32) {
 
 /// [`create_topics`] with topic configs, e.g. `("message.timestamp.type", "LogAppendTime")`.
 pub async fn create_topics_with_config(names: &[&str], partitions: i32, config: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    create_topics_on(
+        &kafka_brokers(),
+        names,
+        partitions,
+        config,
+        Duration::from_secs(30),
+        "",
+    )
+    .await
+}
+
+fn kafka_admin(brokers: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Create topics on `brokers` and wait until they are ready (see [`wait_topic_ready`]); `tag`
+/// ends every panic message.
+pub async fn create_topics_on(
+    brokers: &str,
+    names: &[&str],
+    partitions: i32,
+    config: &[(&str, &str)],
+    ready_within: Duration,
+    tag: &str,
+) {
     let topics: Vec<NewTopic> = names
         .iter()
         .map(|n| {
@@ -164,39 +194,62 @@ pub async fn create_topics_with_config(names: &[&str], partitions: i32, config: 
             )
         })
         .collect();
-    let results = admin
+    let results = kafka_admin(brokers)
         .create_topics(
             &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
         )
         .await
-        .expect("create topics");
+        .unwrap_or_else(|e| panic!("create topics: {e} {tag}"));
     for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e} {tag}"));
     }
-    // The broker loads new topics asynchronously: wait until every partition has a leader.
-    let client = admin.inner();
-    let start = Instant::now();
     for name in names {
-        loop {
-            let md = client
-                .fetch_metadata(Some(name), Duration::from_secs(5))
-                .unwrap();
-            let ready = md.topics().iter().any(|t| {
-                t.error().is_none()
-                    && t.partitions().len() == partitions as usize
-                    && t.partitions().iter().all(|p| p.leader() >= 0)
-            });
-            if ready {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "topic {name} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_topic_ready(brokers, name, partitions, ready_within, tag).await;
     }
+}
+
+/// The broker loads new topics asynchronously: wait until the topic has `partitions`
+/// partitions, each with a leader (panics, with `tag`, after `within`).
+pub async fn wait_topic_ready(
+    brokers: &str,
+    name: &str,
+    partitions: i32,
+    within: Duration,
+    tag: &str,
+) {
+    let admin = kafka_admin(brokers);
+    let start = Instant::now();
+    loop {
+        let ready = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(5))
+            .is_ok_and(|md| {
+                md.topics().iter().any(|t| {
+                    t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            });
+        if ready {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "topic {name} never became ready {tag}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Delete topics on `brokers` (best effort).
+pub async fn delete_topics(brokers: &str, topics: &[String]) {
+    let _ = kafka_admin(brokers)
+        .delete_topics(
+            &strs(topics),
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await;
 }
 
 pub fn relay_command(args: &[&str]) -> Command {
@@ -206,12 +259,64 @@ pub fn relay_command(args: &[&str]) -> Command {
     c
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on now (another process may still take it before it is bound).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// target/tmp/test-logs: relay logs and command output.
+pub fn log_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// GET `path` from `addr` over HTTP/1.0: (status code, body). `timeout` bounds connecting,
+/// writing and each read (a SIGSTOPped relay accepts connections but never answers).
+pub fn http_get(
+    addr: &str,
+    path: &str,
+    timeout: Option<Duration>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = match timeout {
+        Some(t) => {
+            let s = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), t)?;
+            s.set_read_timeout(Some(t))?;
+            s.set_write_timeout(Some(t))?;
+            s
+        }
+        None => std::net::TcpStream::connect(addr)?,
+    };
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The value of one exact series (`name` or `name{labels}`) in a Prometheus text body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
 /// The relay binary running as a child process, logging to target/test-logs/.
@@ -226,8 +331,8 @@ impl Relay {
         Relay::spawn(&db.name, &db.url, &kafka_brokers(), extra, &[])
     }
 
-    /// Like [`Relay::start`] with any database URL and brokers, and extra environment
-    /// (applied last: it may override RUST_LOG). Stdout goes to `<log>.stdout`.
+    /// Like [`Relay::start`] with any database URL and brokers, and extra environment (see
+    /// [`Relay::launch`]); the log is named after `label`.
     pub fn spawn(
         label: &str,
         database_url: &str,
@@ -235,10 +340,21 @@ impl Relay {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Relay {
+        let log = log_dir().join(format!("{}.log", unique(label)));
+        Relay::launch(log, database_url, brokers, extra, env)
+    }
+
+    /// `outbox-relay run` on a free metrics port, with `--poll-interval 100ms` unless `extra`
+    /// sets it, then `extra`; RUST_LOG=info,librdkafka=warn, then `env` (applied last: it may
+    /// override RUST_LOG). Stderr goes to `log`, stdout to `<log>.stdout`.
+    pub fn launch(
+        log: PathBuf,
+        database_url: &str,
+        brokers: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join(format!("{}.log", unique(label)));
         let mut args = vec![
             "run",
             "--kafka-brokers",
@@ -329,21 +445,12 @@ impl Relay {
     }
 
     fn try_http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.metrics_addr)?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        http_get(&self.metrics_addr, path, None)
+    }
+
+    /// One series of the relay's /metrics (see [`metric`]).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.http_get("/metrics").1, series)
     }
 
     /// Poll an HTTP path until it answers with `code`.
@@ -421,6 +528,22 @@ pub fn consume(
     )
 }
 
+/// [`consume`] off the async runtime.
+pub async fn read_back(
+    topics: &[String],
+    partitions: i32,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        consume(&strs(&topics), partitions, expected, quiet, timeout)
+    })
+    .await
+    .unwrap()
+}
+
 /// `consume`, from the given bootstrap servers (e.g. a librdkafka mock cluster).
 pub fn consume_from(
     brokers: &str,
@@ -492,6 +615,3 @@ pub fn duplicates(records: &[Consumed]) -> Vec<i64> {
     d.sort();
     d
 }
-
-/// The fault-injection suite's harness (tests/faults.rs): its own PostgreSQL and Kafka.
-pub mod faults;

@@ -13,37 +13,32 @@
 //!   checkout take turns), each with a fresh database and fresh topics, and a seed
 //!   (`OUTBOX_FAULT_SEED`, else random) printed at the start and in every assertion message.
 //! - **Replicas** of the relay binary ([`Fleet`]), found as leader through `/metrics`.
-//! - **Writers** ([`Load`]) that commit events under load while faults happen: each
-//!   transaction bumps the key's sequence number first (serializing a key's writers, so a
-//!   key's commit order is its sequence order), some roll back, some stay open a while (so
-//!   they commit out of id order); connection errors are retried, and a COMMIT whose outcome
-//!   is unknown is resolved by looking the row up.
-//! - **One checker** ([`verify`]) every scenario ends with.
-#![allow(dead_code)]
+//! - **Writers**: the shared ones (`tests/common/load.rs`, as tests/relay.rs uses them) commit
+//!   events under load while faults happen (`LoadSpec::new`), plus [`Bursts`] of events and a
+//!   [`LongTx`] held open.
+//! - **One checker** ([`verify`]) every scenario ends with: the table, then Kafka through the
+//!   shared checker ([`consume_and_check`](crate::common::load::consume_and_check)).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rand::SeedableRng;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool};
-use tokio_util::sync::CancellationToken;
 
-use super::{relay_command, unique, Relay};
+use crate::common::load::{
+    assert_checked, check, check_key_seq, fnv, insert_event, resolve, Attempt, Expected, Ledger,
+    Reading, Report, Scenario, KEY_SEQ_SQL, TOKEN_HEADER,
+};
+use crate::common::{
+    create_topics_on, http_get, log_dir, metric, relay_command, strs, unique, Relay,
+};
 
 pub const PG_PORT: u16 = 55433;
 pub const KAFKA_PORT: u16 = 29192;
@@ -51,18 +46,9 @@ pub const KAFKA_CONTROLLER_PORT: u16 = 29193;
 pub const KAFKA_SASL_PORT: u16 = 29194;
 /// Partitions of every topic the suite creates.
 pub const PARTITIONS: i32 = 3;
-/// The header every writer event carries its token in (the token also starts the payload).
-pub const TOKEN_HEADER: &str = "fault-event";
-const NOTE: &str = "naïve ü 日本 🚀";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-pub fn log_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The environment that points scripts/pg.sh and scripts/kafka.sh at this suite's instances.
@@ -194,12 +180,6 @@ pub fn soak() -> bool {
     std::env::var("OUTBOX_SOAK").is_ok_and(|v| v == "1")
 }
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
-}
-
 /// The relay's read mode a scenario runs in: the table is migrated for it and every replica
 /// runs with it (`--read-mode`; claim mode passes no flag, the default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +246,24 @@ impl Ctx {
         {
             let _ = f.write_all(line.as_bytes());
         }
+    }
+}
+
+impl Scenario for Ctx {
+    fn label(&self) -> String {
+        format!("{}-{}", self.name, self.seed)
+    }
+
+    fn rng(&self, purpose: &str) -> StdRng {
+        Ctx::rng(self, purpose)
+    }
+
+    fn say(&self, line: &str) {
+        Ctx::say(self, line)
+    }
+
+    fn tag(&self) -> String {
+        Ctx::tag(self)
     }
 }
 
@@ -375,10 +373,7 @@ impl FaultDb {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(opts.clone().application_name("fault-checker"));
-        sqlx::query("CREATE TABLE key_seq (key text PRIMARY KEY, seq bigint NOT NULL)")
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query(KEY_SEQ_SQL).execute(&pool).await.unwrap();
         ctx.say(&format!("database {name}"));
         FaultDb {
             name,
@@ -386,6 +381,15 @@ impl FaultDb {
             pool,
             opts,
         }
+    }
+
+    /// A pool for `writers` writers (`Load::start`): named fault-writer, failing fast while
+    /// the database is down.
+    pub fn writer_pool(&self, writers: usize) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(writers as u32 + 2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(self.opts.clone().application_name("fault-writer"))
     }
 
     /// A single-number query, retried through database outages (up to 2 minutes).
@@ -476,106 +480,28 @@ impl FaultDb {
 // ---------------------------------------------------------------------------------------
 // Kafka topics
 
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap()
-}
-
 /// `n` fresh topics of PARTITIONS partitions on the suite's Kafka, ready (every partition led).
 pub async fn create_topics(ctx: &Ctx, n: usize) -> Vec<String> {
     let names: Vec<String> = (0..n)
         .map(|i| unique(&format!("fault_{}_{i}", ctx.name)))
         .collect();
-    let admin = admin();
-    let new: Vec<NewTopic> = names
-        .iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("create topics: {e} {}", ctx.tag()));
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e} {}", ctx.tag()));
-    }
-    for name in &names {
-        wait_topic_ready(ctx, name, PARTITIONS).await;
-    }
+    create_topics_on(
+        &brokers(),
+        &strs(&names),
+        PARTITIONS,
+        &[],
+        TOPIC_READY,
+        &ctx.tag(),
+    )
+    .await;
     names
 }
 
-pub async fn wait_topic_ready(ctx: &Ctx, name: &str, partitions: i32) {
-    let client = admin();
-    let start = Instant::now();
-    loop {
-        let ready = client
-            .inner()
-            .fetch_metadata(Some(name), Duration::from_secs(5))
-            .is_ok_and(|md| {
-                md.topics().iter().any(|t| {
-                    t.error().is_none()
-                        && t.partitions().len() == partitions as usize
-                        && t.partitions().iter().all(|p| p.leader() >= 0)
-                })
-            });
-        if ready {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "topic {name} never became ready {}",
-            ctx.tag()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub async fn delete_topics(topics: &[String]) {
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let _ = admin()
-        .delete_topics(
-            &refs,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
-        .await;
-}
+/// How long a new topic may take to be ready on the suite's Kafka.
+pub const TOPIC_READY: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Relay replicas
-
-/// GET over HTTP/1.0 with timeouts (a SIGSTOPped relay accepts connections but never answers).
-pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// The value of one exact series (`name` or `name{labels}`) in a Prometheus text body.
-pub fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
-}
 
 /// Peak resident set size (VmHWM) of a process, in kB.
 pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
@@ -584,14 +510,6 @@ pub fn vm_hwm_kb(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Replicas of the relay on one database. A slot holds the current process of that replica;
@@ -606,10 +524,10 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// `args` are added to the suite's defaults (poll 100ms, lease 3s when supported, the
-    /// scenario's read mode).
+    /// `args` are added to the suite's defaults (poll 100ms as every [`Relay::launch`], lease 3s
+    /// when supported, the scenario's read mode).
     pub fn new(ctx: &Arc<Ctx>, db: &FaultDb, args: &[&str]) -> Fleet {
-        let mut all: Vec<String> = vec!["--poll-interval".into(), "100ms".into()];
+        let mut all: Vec<String> = vec![];
         if ctx.lease {
             all.extend(["--lease-duration".into(), "3s".into()]);
         }
@@ -626,32 +544,18 @@ impl Fleet {
     }
 
     fn launch(&self, slot: usize, generation: usize) -> Relay {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let log = log_dir().join(format!(
             "faults-{}-{}-r{slot}.{generation}.log",
             self.ctx.name, self.ctx.seed
         ));
-        let brokers = brokers();
-        let mut args: Vec<&str> = vec![
-            "run",
-            "--kafka-brokers",
-            &brokers,
-            "--metrics-addr",
-            &metrics_addr,
-        ];
-        args.extend(self.args.iter().map(String::as_str));
-        let child = relay_command(&args)
-            .env("OUTBOX_RELAY_DATABASE_URL", &self.db_url)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Relay {
-            child,
-            metrics_addr,
+        let args = strs(&self.args);
+        Relay::launch(
             log,
-        }
+            &self.db_url,
+            &brokers(),
+            &args,
+            &[("RUST_LOG", "info")],
+        )
     }
 
     /// Start a new replica; returns its slot.
@@ -698,9 +602,11 @@ impl Fleet {
     pub async fn get(&self, slot: usize, path: &str) -> Option<(u16, String)> {
         let addr = self.slots[slot].as_ref()?.metrics_addr.clone();
         let path = path.to_string();
-        tokio::task::spawn_blocking(move || http_get(&addr, &path, Duration::from_secs(2)).ok())
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            http_get(&addr, &path, Some(Duration::from_secs(2))).ok()
+        })
+        .await
+        .unwrap()
     }
 
     pub async fn metrics(&self, slot: usize) -> Option<String> {
@@ -711,7 +617,7 @@ impl Fleet {
     pub async fn says_leader(&self, slot: usize) -> Option<bool> {
         self.metrics(slot)
             .await
-            .map(|m| m.lines().any(|l| l == "outbox_relay_leader 1"))
+            .map(|m| metric(&m, "outbox_relay_leader") == Some(1.0))
     }
 
     /// The slots (not paused) that say they lead.
@@ -889,419 +795,6 @@ impl Fleet {
 // ---------------------------------------------------------------------------------------
 // Writers
 
-/// The shape of the load.
-#[derive(Clone, Debug)]
-pub struct LoadSpec {
-    pub writers: usize,
-    pub keys: usize,
-    pub topics: Vec<String>,
-    /// Transactions per writer, at most (bounded loop).
-    pub max_per_writer: usize,
-    /// Writers stop by themselves after this long (time limit).
-    pub time_limit: Duration,
-    /// Pause between a writer's transactions, in ms (uniform in the range).
-    pub gap_ms: (u64, u64),
-    /// Share of transactions that roll back.
-    pub rollback: f64,
-    /// Share of transactions held open 100-500 ms before committing (they commit out of id order).
-    pub hold: f64,
-    /// Share of events without a key (not ordered), and of tombstones (NULL payload).
-    pub null_key: f64,
-    pub tombstone: f64,
-}
-
-impl LoadSpec {
-    pub fn new(topics: &[String]) -> LoadSpec {
-        LoadSpec {
-            writers: 6,
-            keys: 40,
-            topics: topics.to_vec(),
-            max_per_writer: 50_000,
-            time_limit: Duration::from_secs(600),
-            gap_ms: (2, 25),
-            rollback: 0.10,
-            hold: 0.05,
-            null_key: 0.03,
-            tombstone: 0.02,
-        }
-    }
-
-    /// The key of index `k`: some ASCII, some not (keys are compared byte for byte).
-    pub fn key(k: usize) -> String {
-        if k % 2 == 0 {
-            format!("key-{k}")
-        } else {
-            format!("ключ-{k}")
-        }
-    }
-
-    /// Every key of the load lives on one topic.
-    pub fn topic_of(&self, k: usize) -> &str {
-        &self.topics[k % self.topics.len()]
-    }
-}
-
-/// A committed event as its writer knows it: what Kafka must carry, byte for byte.
-#[derive(Debug, Clone)]
-pub struct Expected {
-    pub id: i64,
-    pub token: String,
-    pub topic: String,
-    pub key: Option<String>,
-    /// The key's sequence number (bumped in the same transaction); None for unkeyed events.
-    pub seq: Option<i64>,
-    pub payload: Option<Vec<u8>>,
-    /// The row's own headers, sorted by name (the relay adds its `outbox-*` ones).
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-/// What the writers did: committed events by token, and tokens that must never be seen.
-#[derive(Debug, Default)]
-pub struct Ledger {
-    pub committed: HashMap<String, Expected>,
-    /// Rolled back, failed before COMMIT, or COMMIT failed and the row is not there.
-    pub not_committed: HashSet<String>,
-    /// Unknown COMMIT outcomes not resolved yet (the database was down): resolved by `verify`.
-    pub unresolved: Vec<Expected>,
-    pub rolled_back: usize,
-    pub failed: usize,
-    pub ambiguous_committed: usize,
-    pub ambiguous_aborted: usize,
-    /// Check the committed sequence numbers of each key against `key_seq` (1..=n, no gaps).
-    pub check_key_seq: bool,
-}
-
-impl Ledger {
-    pub fn merge(&mut self, other: Ledger) {
-        self.committed.extend(other.committed);
-        self.not_committed.extend(other.not_committed);
-        self.unresolved.extend(other.unresolved);
-        self.rolled_back += other.rolled_back;
-        self.failed += other.failed;
-        self.ambiguous_committed += other.ambiguous_committed;
-        self.ambiguous_aborted += other.ambiguous_aborted;
-    }
-
-    pub fn add(&mut self, e: Expected) {
-        self.committed.insert(e.token.clone(), e);
-    }
-}
-
-/// Writers running in the background until [`Load::stop`].
-pub struct Load {
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<Ledger>>,
-    committed: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    ctx: Arc<Ctx>,
-}
-
-/// The key's lock is taken before the transaction's first write (the README's ordering contract
-/// for append mode: two upserts creating a new key take their xids before either holds the row).
-const BUMP_SQL: &str = "WITH l AS (SELECT pg_advisory_xact_lock(hashtext($1))) \
-     INSERT INTO key_seq SELECT $1, 1 FROM l ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq";
-const INSERT_SQL: &str =
-    "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id";
-const EXISTS_SQL: &str =
-    "SELECT EXISTS (SELECT 1 FROM outbox WHERE id = $1 AND headers->>'fault-event' = $2)";
-
-/// One transaction's plan.
-struct Attempt {
-    token: String,
-    topic: String,
-    key: Option<String>,
-    tombstone: bool,
-    noise: Vec<u8>,
-    hold: Option<Duration>,
-    rollback: bool,
-}
-
-impl Attempt {
-    fn expected(&self, seq: Option<i64>) -> Expected {
-        let payload = (!self.tombstone).then(|| {
-            let mut p = format!(
-                "tok:{}|{}|{}|",
-                self.token,
-                self.key.as_deref().unwrap_or("-"),
-                seq.unwrap_or(0)
-            )
-            .into_bytes();
-            p.extend_from_slice(&[0x00, 0xff, 0xfe]);
-            p.extend_from_slice(&self.noise);
-            p
-        });
-        let mut headers = vec![
-            (TOKEN_HEADER.to_string(), self.token.clone().into_bytes()),
-            ("note".to_string(), NOTE.as_bytes().to_vec()),
-            ("empty".to_string(), Vec::new()),
-        ];
-        if let Some(seq) = seq {
-            headers.push(("seq".to_string(), seq.to_string().into_bytes()));
-        }
-        headers.sort();
-        Expected {
-            id: 0,
-            token: self.token.clone(),
-            topic: self.topic.clone(),
-            key: self.key.clone(),
-            seq,
-            payload,
-            headers,
-        }
-    }
-}
-
-fn headers_json(e: &Expected) -> serde_json::Value {
-    serde_json::Value::Object(
-        e.headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    serde_json::Value::String(String::from_utf8(v.clone()).unwrap()),
-                )
-            })
-            .collect(),
-    )
-}
-
-/// Insert the event's row; returns its id.
-async fn insert_event<'c>(
-    conn: impl sqlx::PgExecutor<'c>,
-    e: &Expected,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(INSERT_SQL)
-        .bind(&e.topic)
-        .bind(&e.key)
-        .bind(&e.payload)
-        .bind(headers_json(e))
-        .fetch_one(conn)
-        .await
-}
-
-/// Run one transaction. `commit_sent` holds the event once COMMIT was sent: if an error
-/// follows, the outcome is unknown.
-async fn run_attempt(
-    pool: &PgPool,
-    a: &Attempt,
-    commit_sent: &mut Option<Expected>,
-) -> Result<Option<Expected>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let seq = match &a.key {
-        Some(key) => Some(
-            sqlx::query_scalar::<_, i64>(BUMP_SQL)
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?,
-        ),
-        None => None,
-    };
-    let mut e = a.expected(seq);
-    e.id = insert_event(&mut *tx, &e).await?;
-    if let Some(hold) = a.hold {
-        tokio::time::sleep(hold).await;
-    }
-    if a.rollback {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    *commit_sent = Some(e.clone());
-    tx.commit().await?;
-    Ok(Some(e))
-}
-
-/// Did this event's transaction commit? (The id alone is not proof: after a crash PostgreSQL
-/// may hand out a sequence value again, so the row must also carry the event's token.)
-async fn committed(pool: &PgPool, e: &Expected) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(EXISTS_SQL)
-        .bind(e.id)
-        .bind(&e.token)
-        .fetch_one(pool)
-        .await
-}
-
-async fn writer(
-    ctx: Arc<Ctx>,
-    pool: PgPool,
-    spec: Arc<LoadSpec>,
-    w: usize,
-    stop: CancellationToken,
-    committed_count: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-) -> Ledger {
-    let mut rng = ctx.rng(&format!("writer-{w}"));
-    let mut ledger = Ledger::default();
-    let start = Instant::now();
-    for n in 0..spec.max_per_writer {
-        if stop.is_cancelled() || start.elapsed() > spec.time_limit {
-            break;
-        }
-        let gap = rng.random_range(spec.gap_ms.0..=spec.gap_ms.1);
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(gap)) => {}
-        }
-        let keyed = !rng.random_bool(spec.null_key);
-        let k = rng.random_range(0..spec.keys);
-        let a = Attempt {
-            token: format!("{}-{}-w{w}-n{n}", ctx.name, ctx.seed),
-            topic: if keyed {
-                spec.topic_of(k).to_string()
-            } else {
-                spec.topics[rng.random_range(0..spec.topics.len())].clone()
-            },
-            key: keyed.then(|| LoadSpec::key(k)),
-            tombstone: rng.random_bool(spec.tombstone),
-            noise: {
-                let mut v = vec![0u8; rng.random_range(0..48)];
-                rng.fill(&mut v[..]);
-                v
-            },
-            hold: rng
-                .random_bool(spec.hold)
-                .then(|| Duration::from_millis(rng.random_range(100..500))),
-            rollback: rng.random_bool(spec.rollback),
-        };
-        let mut commit_sent = None;
-        let outcome = tokio::time::timeout(
-            Duration::from_secs(30),
-            run_attempt(&pool, &a, &mut commit_sent),
-        )
-        .await
-        .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
-        match outcome {
-            Ok(Some(e)) => {
-                committed_count.fetch_add(1, Ordering::Relaxed);
-                ledger.add(e);
-            }
-            Ok(None) => {
-                ledger.rolled_back += 1;
-                ledger.not_committed.insert(a.token);
-            }
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-                match commit_sent {
-                    None => {
-                        ledger.failed += 1;
-                        ledger.not_committed.insert(a.token);
-                    }
-                    Some(e) => {
-                        // COMMIT was sent and no answer came back: look the row up.
-                        let deadline = Instant::now() + Duration::from_secs(60);
-                        loop {
-                            match committed(&pool, &e).await {
-                                Ok(true) => {
-                                    ledger.ambiguous_committed += 1;
-                                    committed_count.fetch_add(1, Ordering::Relaxed);
-                                    ledger.add(e);
-                                    break;
-                                }
-                                Ok(false) => {
-                                    ledger.ambiguous_aborted += 1;
-                                    ledger.not_committed.insert(e.token);
-                                    break;
-                                }
-                                Err(_) if Instant::now() < deadline => {
-                                    tokio::time::sleep(Duration::from_millis(250)).await
-                                }
-                                Err(_) => {
-                                    ledger.unresolved.push(e);
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                }
-                // Back off a little on errors (the database may be restarting).
-                tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
-            }
-        }
-    }
-    ledger
-}
-
-impl Load {
-    pub fn start(ctx: &Arc<Ctx>, db: &FaultDb, spec: LoadSpec) -> Load {
-        let pool = PgPoolOptions::new()
-            .max_connections(spec.writers as u32 + 2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(db.opts.clone().application_name("fault-writer"));
-        let spec = Arc::new(spec);
-        let stop = CancellationToken::new();
-        let committed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
-        let tasks = (0..spec.writers)
-            .map(|w| {
-                tokio::spawn(writer(
-                    ctx.clone(),
-                    pool.clone(),
-                    spec.clone(),
-                    w,
-                    stop.clone(),
-                    committed.clone(),
-                    errors.clone(),
-                ))
-            })
-            .collect();
-        ctx.say(&format!(
-            "load: {} writers, {} keys on {} topics",
-            spec.writers,
-            spec.keys,
-            spec.topics.len()
-        ));
-        Load {
-            stop,
-            tasks,
-            committed,
-            errors,
-            ctx: ctx.clone(),
-        }
-    }
-
-    pub fn committed(&self) -> u64 {
-        self.committed.load(Ordering::Relaxed)
-    }
-
-    /// Wait until the writers committed `n` more events than now (the load is flowing).
-    pub async fn wait_committed(&self, n: u64, timeout: Duration) {
-        let from = self.committed();
-        let start = Instant::now();
-        while self.committed() < from + n {
-            assert!(
-                start.elapsed() < timeout,
-                "writers committed only {} events in {timeout:?} ({} errors) {}",
-                self.committed() - from,
-                self.errors.load(Ordering::Relaxed),
-                self.ctx.tag()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Stop the writers and collect what they did.
-    pub async fn stop(self) -> Ledger {
-        self.stop.cancel();
-        let mut ledger = Ledger {
-            check_key_seq: true,
-            ..Ledger::default()
-        };
-        for t in self.tasks {
-            ledger.merge(t.await.expect("writer task panicked"));
-        }
-        self.ctx.say(&format!(
-            "load stopped: {} committed ({} after an unknown COMMIT outcome), {} rolled back, {} failed, {} unknown outcomes not committed, {} unresolved, {} errors",
-            ledger.committed.len(),
-            ledger.ambiguous_committed,
-            ledger.rolled_back,
-            ledger.failed,
-            ledger.ambiguous_aborted,
-            ledger.unresolved.len(),
-            self.errors.load(Ordering::Relaxed)
-        ));
-        ledger
-    }
-}
-
 /// Bursts: `n` events committed by one statement (INSERT ... SELECT FROM generate_series) on
 /// keys of their own (`burst-0` .. `burst-19`, sequence numbers continuing across bursts), so a
 /// fault injected right after one lands while the leader drains a backlog, mid-batch.
@@ -1389,20 +882,15 @@ impl Bursts {
             let i: i64 = token.strip_prefix(&prefix).unwrap().parse().unwrap();
             let k = i % BURST_KEYS;
             let seq = self.seq_base + i / BURST_KEYS + 1;
-            let mut payload = format!("tok:{token}|").into_bytes();
-            payload.extend_from_slice(&[0x00, 0xff, 0xfe]);
-            self.ledger.add(Expected {
+            let topic = &self.topics[k as usize % self.topics.len()];
+            self.ledger.add(Expected::bulk(
                 id,
-                topic: self.topics[k as usize % self.topics.len()].clone(),
-                key: Some(format!("burst-{k}")),
-                seq: Some(seq),
-                payload: Some(payload),
-                headers: vec![
-                    (TOKEN_HEADER.to_string(), token.clone().into_bytes()),
-                    ("seq".to_string(), seq.to_string().into_bytes()),
-                ],
                 token,
-            });
+                topic,
+                format!("burst-{k}"),
+                seq,
+                &[],
+            ));
         }
         self.fired += 1;
         self.seq_base += n / BURST_KEYS;
@@ -1495,15 +983,6 @@ pub struct Expect<'a> {
     pub drain_timeout: Duration,
 }
 
-#[derive(Debug, Default)]
-pub struct Report {
-    pub records: usize,
-    pub distinct: usize,
-    pub duplicates: usize,
-    pub max_copies: usize,
-    pub drain: Duration,
-}
-
 /// The one checker. After the load stopped: every committed row is published (or parked where
 /// expected) and nothing is left pending; then every topic is read from the beginning and
 ///
@@ -1517,28 +996,10 @@ pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect
     let tag = ctx.tag();
     // Unknown COMMIT outcomes the writers could not resolve while the database was down.
     for e in std::mem::take(&mut ledger.unresolved) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match committed(&db.pool, &e).await {
-                Ok(true) => {
-                    ledger.ambiguous_committed += 1;
-                    ledger.add(e);
-                    break;
-                }
-                Ok(false) => {
-                    ledger.ambiguous_aborted += 1;
-                    ledger.not_committed.insert(e.token);
-                    break;
-                }
-                Err(err) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "cannot resolve a COMMIT outcome: {err} {tag}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
+        let committed = resolve(&db.pool, &e, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|err| panic!("cannot resolve a COMMIT outcome: {err} {tag}"));
+        ledger.resolved(e, committed);
     }
 
     let drain = db.wait_drained(ctx, expect.drain_timeout).await;
@@ -1582,23 +1043,18 @@ pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect
         "committed rows not marked published {tag}"
     );
     if ledger.check_key_seq {
-        check_key_seq(db, ledger, &tag).await;
+        check_key_seq(&db.pool, ledger, &tag).await;
     }
 
     // Kafka.
-    let committed = std::mem::take(&mut ledger.committed);
-    let not_committed = std::mem::take(&mut ledger.not_committed);
-    let topics = expect.topics.to_vec();
-    let timeout = Duration::from_secs(if ctx.soak { 900 } else { 180 });
-    let (committed, not_committed, report, violations) = tokio::task::spawn_blocking(move || {
-        let (report, violations) = consume_and_check(&topics, &committed, &not_committed, timeout);
-        (committed, not_committed, report, violations)
-    })
-    .await
-    .unwrap();
-    ledger.committed = committed;
-    ledger.not_committed = not_committed;
-    let report = Report { drain, ..report };
+    let read = Reading {
+        brokers: brokers(),
+        topics: expect.topics.to_vec(),
+        partitions: PARTITIONS,
+        settle: Duration::from_secs(1),
+        timeout: Duration::from_secs(if ctx.soak { 900 } else { 180 }),
+    };
+    let (report, violations) = check(read, ledger).await;
     ctx.say(&format!(
         "checked: {} committed events, {} records read, {} duplicates (allowed {}), at most {} copies of one event",
         ledger.committed.len(),
@@ -1607,256 +1063,6 @@ pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect
         expect.max_duplicates,
         report.max_copies
     ));
-    if !violations.is_empty() {
-        let mut msg = format!("{} violations {tag}:\n", violations.len());
-        for v in violations.iter().take(40) {
-            let _ = writeln!(msg, "  {v}");
-        }
-        panic!("{msg}");
-    }
-    assert!(
-        report.duplicates <= expect.max_duplicates,
-        "{} duplicate records exceed the bound of {} {tag}",
-        report.duplicates,
-        expect.max_duplicates
-    );
+    assert_checked(&report, &violations, expect.max_duplicates, &tag);
     report
-}
-
-/// Per key, the committed sequence numbers are exactly 1..=n and n is the key's `key_seq`:
-/// the writers' own bookkeeping (commits, rollbacks, unknown outcomes) is right.
-async fn check_key_seq(db: &FaultDb, ledger: &Ledger, tag: &str) {
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT key, seq FROM key_seq")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    let mut by_key: HashMap<&str, BTreeSet<i64>> = HashMap::new();
-    for e in ledger.committed.values() {
-        if let (Some(k), Some(s)) = (&e.key, e.seq) {
-            assert!(
-                by_key.entry(k).or_default().insert(s),
-                "key {k}: seq {s} committed twice {tag}"
-            );
-        }
-    }
-    for (key, seq) in rows {
-        let seqs = by_key.remove(key.as_str()).unwrap_or_default();
-        let want: BTreeSet<i64> = (1..=seq).collect();
-        assert_eq!(
-            seqs, want,
-            "key {key}: the writers' committed sequence numbers are not 1..={seq} {tag}"
-        );
-    }
-    // Keys left in `by_key` are sequenced by their writer without key_seq (bursts).
-}
-
-/// The token of a record: its header, else the payload's `tok:<token>|` prefix.
-fn token_of(headers: &[(String, Option<Vec<u8>>)], payload: Option<&[u8]>) -> Option<String> {
-    if let Some((_, Some(v))) = headers.iter().find(|(k, _)| k == TOKEN_HEADER) {
-        return String::from_utf8(v.clone()).ok();
-    }
-    let p = payload?.strip_prefix(b"tok:")?;
-    let end = p.iter().position(|&b| b == b'|')?;
-    String::from_utf8(p[..end].to_vec()).ok()
-}
-
-/// Read `topics` from the beginning up to their ends and check every record against the
-/// committed events (see [`verify`]): (report, violations).
-pub fn consume_and_check(
-    topics: &[String],
-    committed: &HashMap<String, Expected>,
-    not_committed: &HashSet<String>,
-    timeout: Duration,
-) -> (Report, Vec<String>) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("fault-checker"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    for t in topics {
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
-            let (_, high) = consumer
-                .fetch_watermarks(t, p, Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("watermarks of {t}/{p}: {e}"));
-            ends.insert((t.clone(), p), high);
-        }
-    }
-    consumer.assign(&tpl).unwrap();
-
-    let mut violations: Vec<String> = Vec::new();
-    let mut copies: HashMap<&str, usize> = HashMap::new();
-    let mut last_seq: HashMap<&str, i64> = HashMap::new();
-    let mut key_home: HashMap<&str, (String, i32)> = HashMap::new();
-    let mut position: HashMap<(String, i32), i64> = HashMap::new();
-    let mut records = 0usize;
-    let start = Instant::now();
-    let mut rechecked = false;
-    loop {
-        let caught_up = ends
-            .iter()
-            .all(|(tp, end)| position.get(tp).copied().unwrap_or(0) >= *end);
-        if caught_up && copies.len() >= committed.len() {
-            if rechecked {
-                break;
-            }
-            // Everything expected is in: read up to the (possibly grown) ends once more, so a
-            // late duplicate is counted too.
-            std::thread::sleep(Duration::from_secs(1));
-            for ((t, p), end) in ends.iter_mut() {
-                if let Ok((_, high)) = consumer.fetch_watermarks(t, *p, Duration::from_secs(30)) {
-                    *end = high;
-                }
-            }
-            rechecked = true;
-            continue;
-        }
-        if start.elapsed() > timeout {
-            let missing: Vec<i64> = committed
-                .values()
-                .filter(|e| !copies.contains_key(e.token.as_str()))
-                .map(|e| e.id)
-                .take(20)
-                .collect();
-            violations.push(format!(
-                "timed out after {timeout:?}: {} of {} committed events read (positions {position:?}, ends {ends:?}); missing ids e.g. {missing:?}",
-                copies.len(),
-                committed.len()
-            ));
-            break;
-        }
-        let m = match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
-            Some(Err(e)) => {
-                violations.push(format!("consumer error: {e}"));
-                continue;
-            }
-            Some(Ok(m)) => m,
-        };
-        records += 1;
-        let tp = (m.topic().to_string(), m.partition());
-        position.insert(tp.clone(), m.offset() + 1);
-        let headers: Vec<(String, Option<Vec<u8>>)> = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let at = format!("{}/{}@{}", tp.0, tp.1, m.offset());
-        let Some(token) = token_of(&headers, m.payload()) else {
-            violations.push(format!("{at}: a record with no event token"));
-            continue;
-        };
-        let Some(e) = committed.get(&token) else {
-            if not_committed.contains(&token) {
-                violations.push(format!(
-                    "{at}: event {token} was rolled back (or never committed) but reached Kafka"
-                ));
-            } else {
-                violations.push(format!("{at}: unknown event {token}"));
-            }
-            continue;
-        };
-        let n = copies.entry(e.token.as_str()).or_default();
-        *n += 1;
-        let first = *n == 1;
-        let mut fail = |what: String| {
-            violations.push(format!("{at}: event {} (id {}): {what}", e.token, e.id))
-        };
-        if m.topic() != e.topic {
-            fail(format!("topic {} instead of {}", m.topic(), e.topic));
-        }
-        if m.key() != e.key.as_deref().map(str::as_bytes) {
-            fail(format!(
-                "key {:?} instead of {:?}",
-                m.key().map(String::from_utf8_lossy),
-                e.key
-            ));
-        }
-        if m.payload() != e.payload.as_deref() {
-            fail(format!(
-                "payload differs: {:?} instead of {:?}",
-                m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-                e.payload
-                    .as_deref()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())
-            ));
-        }
-        let mut own: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut relay_headers: HashMap<&str, Vec<u8>> = HashMap::new();
-        for (k, v) in &headers {
-            let v = v.clone().unwrap_or_default();
-            match k.as_str() {
-                "outbox-event-id" | "outbox-created-at" | "outbox-source" => {
-                    relay_headers.insert(k.as_str(), v);
-                }
-                _ => own.push((k.clone(), v)),
-            }
-        }
-        own.sort();
-        if own != e.headers {
-            fail(format!("headers {own:?} instead of {:?}", e.headers));
-        }
-        if relay_headers.get("outbox-event-id") != Some(&e.id.to_string().into_bytes()) {
-            fail(format!(
-                "outbox-event-id {:?} instead of {}",
-                relay_headers
-                    .get("outbox-event-id")
-                    .map(|v| String::from_utf8_lossy(v)),
-                e.id
-            ));
-        }
-        if relay_headers.get("outbox-source").map(Vec::as_slice) != Some(b"public.outbox") {
-            fail("outbox-source is not public.outbox".into());
-        }
-        let created = relay_headers
-            .get("outbox-created-at")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
-        if created.is_none() {
-            fail("outbox-created-at missing or not RFC 3339".into());
-        }
-        if let (Some(key), Some(seq)) = (e.key.as_deref(), e.seq) {
-            let home = key_home.entry(key).or_insert_with(|| tp.clone());
-            if *home != tp {
-                fail(format!("key {key} on {tp:?} and on {home:?}"));
-            }
-            if first {
-                let last = last_seq.entry(key).or_insert(0);
-                if seq <= *last {
-                    fail(format!(
-                        "key {key}: first occurrence of seq {seq} after seq {last} (per-key order broken)"
-                    ));
-                }
-                *last = (*last).max(seq);
-            }
-        }
-    }
-    let distinct = copies.len();
-    let missing: Vec<(i64, &str)> = committed
-        .values()
-        .filter(|e| !copies.contains_key(e.token.as_str()))
-        .map(|e| (e.id, e.token.as_str()))
-        .collect();
-    if !missing.is_empty() {
-        violations.push(format!(
-            "{} committed events never reached Kafka, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(10)]
-        ));
-    }
-    let report = Report {
-        records,
-        distinct,
-        duplicates: copies.values().map(|n| n - 1).sum(),
-        max_copies: copies.values().copied().max().unwrap_or(0),
-        drain: Duration::ZERO,
-    };
-    (report, violations)
 }
