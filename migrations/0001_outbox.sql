@@ -26,12 +26,17 @@ ALTER TABLE "public"."outbox" ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
 CREATE INDEX IF NOT EXISTS "outbox_pending_idx" ON "public"."outbox" (id)
     WHERE published_at IS NULL AND failed_at IS NULL;
 DROP INDEX IF EXISTS "public"."outbox_xid_idx";
+DROP TRIGGER IF EXISTS "outbox_own_xid_insert" ON "public"."outbox";
+DROP TRIGGER IF EXISTS "outbox_own_xid_update" ON "public"."outbox";
 
 -- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (published_at)
     WHERE published_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS "outbox_failed_idx" ON "public"."outbox" (topic, key)
+-- Parked rows, by when they failed. Not by (topic, key): parking a row must never depend on
+-- its contents fitting a btree entry (a key over ~2.7 KB would make the park fail).
+CREATE INDEX IF NOT EXISTS "outbox_parked_idx" ON "public"."outbox" (failed_at)
     WHERE failed_at IS NOT NULL;
+DROP INDEX IF EXISTS "public"."outbox_failed_idx";
 
 -- Leader election: the replica holding this lease publishes; the others stand by.
 -- wake_wanted: the leader is idle and wants a NOTIFY on insert (see the notify function).

@@ -231,6 +231,10 @@ pub struct RunArgs {
     /// Maximum rows read, published and marked per batch.
     #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000), help_heading = "Relay")]
     pub batch_size: u32,
+    /// Maximum bytes per batch (keys, payloads and headers as stored; a larger row is published
+    /// alone): bounds memory at any backlog. Suffixes KiB, MiB, GiB.
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes, help_heading = "Relay")]
+    pub batch_bytes: u64,
     /// Safety-net poll interval when no notification arrives (e.g. 250ms, 1s).
     #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration, help_heading = "Relay")]
     pub poll_interval: Duration,
@@ -441,6 +445,33 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e} (use a duration such as 250ms, 5s or 1m)"))
 }
 
+/// A size in bytes: a number, optionally with KiB, MiB or GiB; from 1 KiB to 1 GiB.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, ""),
+    };
+    let unit = match unit.trim() {
+        "" | "B" => 1u64,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}: use a number of bytes, or KiB, MiB, GiB"
+            ))
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a size such as 16MiB".to_string())?;
+    match n.checked_mul(unit) {
+        Some(b) if (1 << 10..=1 << 30).contains(&b) => Ok(b),
+        _ => Err("must be between 1KiB and 1GiB".into()),
+    }
+}
+
 fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err("must be greater than zero".into()),
@@ -624,6 +655,7 @@ impl RunArgs {
             relay: outbox_relay::relay::Settings {
                 table: db.table.clone(),
                 batch_size: self.batch_size,
+                batch_bytes: self.batch_bytes,
                 poll_interval: self.poll_interval,
                 listen: self.listen,
                 stall_timeout: self.stall_timeout,

@@ -36,18 +36,57 @@ pub fn is_reserved_header(name: &str) -> bool {
     RESERVED_HEADERS.contains(&name)
 }
 
-/// A committed, unpublished outbox row, as read from the table.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A committed, unpublished outbox row, as read from the table. Decoding never fails on a
+/// column's value: what cannot be used is named in `unreadable`, and the row is poison.
+#[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
     pub topic: String,
     pub key: Option<String>,
     pub payload: Option<Vec<u8>>,
-    pub headers: Option<serde_json::Value>,
+    /// The `headers` column as stored (JSON text); parsed when the message is built.
+    pub headers: Option<String>,
+    /// `created_at` (the Unix epoch when it is unreadable).
     pub created_at: DateTime<Utc>,
     /// The writing transaction's xid8 (NULL for rows older than the column).
-    #[sqlx(default)]
     pub xid: Option<i64>,
+    /// Why a column's value cannot be used, if so.
+    pub unreadable: Option<String>,
+}
+
+/// The columns a reader selects, in the form [`OutboxRow`] decodes without failing: headers as
+/// text, created_at as microseconds since the epoch (a float, so `infinity` comes through).
+pub const ROW_COLUMNS: &str = "id, topic, key, payload, headers::text AS headers, \
+     (extract(epoch FROM created_at) * 1000000)::float8 AS created_us";
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for OutboxRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let created_us: Option<f64> = row.try_get("created_us")?;
+        let created_at = created_us
+            .filter(|us| us.is_finite() && us.abs() < 9.0e18)
+            .and_then(|us| DateTime::from_timestamp_micros(us.round() as i64));
+        let xid = match row.try_get::<Option<i64>, _>("xid") {
+            Ok(xid) => xid,
+            Err(sqlx::Error::ColumnNotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(OutboxRow {
+            id: row.try_get("id")?,
+            topic: row.try_get("topic")?,
+            key: row.try_get("key")?,
+            payload: row.try_get("payload")?,
+            headers: row.try_get("headers")?,
+            unreadable: created_at.is_none().then(|| {
+                format!(
+                    "created_at is not a usable timestamp ({}); set it to a real time, then retry the row",
+                    created_us.map_or("NULL".to_string(), |us| format!("{us} microseconds since 1970"))
+                )
+            }),
+            created_at: created_at.unwrap_or(DateTime::UNIX_EPOCH),
+            xid,
+        })
+    }
 }
 
 /// The Kafka record for a row. `payload: None` is a tombstone.
@@ -133,13 +172,31 @@ pub fn to_message(
     row: OutboxRow,
     rules: &MessageRules,
 ) -> Result<Message, Box<(OutboxRow, String)>> {
-    match check_row(&row, &rules.allowed_topics) {
-        Ok(()) => Ok(build(row, rules)),
+    let headers = match (&row.unreadable, parse_headers(row.headers.as_deref())) {
+        (Some(reason), _) => Err(reason.clone()),
+        (None, Err(reason)) => Err(reason),
+        (None, Ok(headers)) => {
+            check_row(&row, headers.as_ref(), &rules.allowed_topics).map(|()| headers)
+        }
+    };
+    match headers {
+        Ok(headers) => Ok(build(row, headers, rules)),
         Err(reason) => Err(Box::new((row, reason))),
     }
 }
 
-fn check_row(row: &OutboxRow, allowed: &TopicAllowList) -> Result<(), String> {
+/// The headers column's JSON, or why it cannot be read (e.g. a number beyond f64).
+fn parse_headers(text: Option<&str>) -> Result<Option<serde_json::Value>, String> {
+    text.map(serde_json::from_str).transpose().map_err(|e| {
+        format!("headers cannot be read ({e}); fix the row's headers, then retry the row")
+    })
+}
+
+fn check_row(
+    row: &OutboxRow,
+    headers: Option<&serde_json::Value>,
+    allowed: &TopicAllowList,
+) -> Result<(), String> {
     check_topic(&row.topic)?;
     if !allowed.allows(&row.topic) {
         return Err(format!(
@@ -147,7 +204,7 @@ fn check_row(row: &OutboxRow, allowed: &TopicAllowList) -> Result<(), String> {
             row.topic
         ));
     }
-    match &row.headers {
+    match headers {
         None | Some(serde_json::Value::Null) => Ok(()),
         Some(serde_json::Value::Object(map)) => {
             for (name, value) in map {
@@ -184,8 +241,8 @@ fn standard_headers(id: i64, created_at: DateTime<Utc>, source: &str) -> [(Strin
 }
 
 /// Build the message of a row that passed `check_row`.
-fn build(row: OutboxRow, rules: &MessageRules) -> Message {
-    let mut headers: Vec<(String, String)> = match row.headers {
+fn build(row: OutboxRow, headers: Option<serde_json::Value>, rules: &MessageRules) -> Message {
+    let mut headers: Vec<(String, String)> = match headers {
         Some(serde_json::Value::Object(map)) => map
             .into_iter()
             .filter_map(|(k, v)| match v {
@@ -266,7 +323,7 @@ pub fn dead_letter(
         Poisoned::Row(r) => {
             let mut headers = Vec::new();
             if let Some(h) = &r.headers {
-                headers.push((HEADER_ORIGINAL_HEADERS.to_string(), h.to_string()));
+                headers.push((HEADER_ORIGINAL_HEADERS.to_string(), h.clone()));
             }
             headers.extend(standard_headers(r.id, r.created_at, source));
             (r.id, r.topic, r.key, r.payload, r.created_at, headers)
@@ -332,9 +389,10 @@ mod tests {
             topic: topic.into(),
             key: Some("k".into()),
             payload: Some(b"p".to_vec()),
-            headers,
+            headers: headers.map(|h| h.to_string()),
             created_at: DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
             xid: None,
+            unreadable: None,
         }
     }
 

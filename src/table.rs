@@ -154,6 +154,10 @@ impl TableName {
         let xid_idx = quote_ident(&format!("{}_xid_idx", self.table));
         let published_idx = quote_ident(&format!("{}_published_idx", self.table));
         let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
+        let parked_idx = quote_ident(&format!("{}_parked_idx", self.table));
+        let xid_fn = self.derived("own_xid");
+        let xid_insert = quote_ident(&format!("{}_own_xid_insert", self.table));
+        let xid_update = quote_ident(&format!("{}_own_xid_update", self.table));
         let notify_fn = self.derived("notify");
         let lease = self.lease_table();
         let replicas = self.replicas_table();
@@ -189,8 +193,11 @@ ALTER TABLE {t} ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
 -- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS {published_idx} ON {t} (published_at)
     WHERE published_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS {failed_idx} ON {t} (topic, key)
+-- Parked rows, by when they failed. Not by (topic, key): parking a row must never depend on
+-- its contents fitting a btree entry (a key over ~2.7 KB would make the park fail).
+CREATE INDEX IF NOT EXISTS {parked_idx} ON {t} (failed_at)
     WHERE failed_at IS NOT NULL;
+DROP INDEX IF EXISTS {schema}.{failed_idx};
 
 -- Leader election: the replica holding this lease publishes; the others stand by.
 -- wake_wanted: the leader is idle and wants a NOTIFY on insert (see the notify function).
@@ -260,7 +267,9 @@ $$;
                 ReadMode::Claim => format!(
                     "-- The relay (--read-mode claim) reads pending rows in id order through this small partial index.\n\
                      CREATE INDEX IF NOT EXISTS {pending_idx} ON {t} (id)\n    WHERE published_at IS NULL AND failed_at IS NULL;\n\
-                     DROP INDEX IF EXISTS {schema}.{xid_idx};\n",
+                     DROP INDEX IF EXISTS {schema}.{xid_idx};\n\
+                     DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
+                     DROP TRIGGER IF EXISTS {xid_update} ON {t};\n",
                     schema = quote_ident(&self.schema),
                 ),
                 ReadMode::Append => format!(
@@ -268,7 +277,22 @@ $$;
                      CREATE INDEX IF NOT EXISTS {xid_idx} ON {t} (xid, id)\n    WHERE published_at IS NULL AND failed_at IS NULL;\n\
                      DROP INDEX IF EXISTS {schema}.{pending_idx};\n\
                      -- Pending rows written before the xid column existed join the queue now.\n\
-                     UPDATE {t} SET xid = pg_current_xact_id() WHERE xid IS NULL AND published_at IS NULL AND failed_at IS NULL;\n",
+                     UPDATE {t} SET xid = pg_current_xact_id() WHERE xid IS NULL AND published_at IS NULL AND failed_at IS NULL;\n\
+                     -- A row must carry its own writing transaction's xid, or the cursor may already be past it:\n\
+                     -- rows inserted with a NULL or other xid (a copy from another cluster), a changed xid, and\n\
+                     -- parked rows made pending again by hand (failed_at = NULL) get the current transaction's\n\
+                     -- xid, so they are read at the tail instead of passed for good. The WHEN clauses keep\n\
+                     -- ordinary inserts and the relay's own updates free of any function call.\n\
+                     CREATE OR REPLACE FUNCTION {xid_fn}() RETURNS trigger LANGUAGE plpgsql AS $$\n\
+                     BEGIN\n    NEW.xid := pg_current_xact_id();\n    RETURN NEW;\nEND\n$$;\n\
+                     DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
+                     CREATE TRIGGER {xid_insert} BEFORE INSERT ON {t} FOR EACH ROW\n    \
+                     WHEN (NEW.xid IS NULL OR NEW.xid <> pg_current_xact_id()) EXECUTE FUNCTION {xid_fn}();\n\
+                     DROP TRIGGER IF EXISTS {xid_update} ON {t};\n\
+                     CREATE TRIGGER {xid_update} BEFORE UPDATE ON {t} FOR EACH ROW\n    \
+                     WHEN (NEW.xid IS DISTINCT FROM OLD.xid\n          \
+                     OR (OLD.failed_at IS NOT NULL AND NEW.failed_at IS NULL AND NEW.published_at IS NULL))\n    \
+                     EXECUTE FUNCTION {xid_fn}();\n",
                     schema = quote_ident(&self.schema),
                 ),
             },

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
 
-use super::{Fence, Ledger, Progress, Reader, Recorded};
+use super::{bytes_bounded, BatchLimit, Fence, Ledger, Progress, Reader, Recorded, ROW_BYTES};
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
 use crate::store::{OutboxStore, PENDING};
@@ -49,11 +49,15 @@ impl AppendReader {
         AppendReader {
             // Below the horizon every writing transaction has ended: nothing can still
             // appear behind the cursor. $3, $4: the cursor.
-            fetch_sql: format!(
-                "SELECT id, topic, key, payload, headers, created_at, xid::text::int8 AS xid FROM {t} AS o \
-                 WHERE (o.xid, o.id) > ($3::int8::text::xid8, $4) \
-                 AND o.xid < pg_snapshot_xmin(pg_current_snapshot()) AND {PENDING} \
-                 AND o.id <> ALL($2) ORDER BY o.xid, o.id LIMIT $1"
+            fetch_sql: bytes_bounded(
+                &format!(
+                    "SELECT o.*, {ROW_BYTES} AS row_bytes, o.xid::text::int8 AS read_xid FROM {t} AS o \
+                     WHERE (o.xid, o.id) > ($3::int8::text::xid8, $4) \
+                     AND o.xid < pg_snapshot_xmin(pg_current_snapshot()) AND {PENDING} \
+                     AND o.id <> ALL($2) ORDER BY o.xid, o.id LIMIT $1"
+                ),
+                "xid, id",
+                "$5",
             )
             .into(),
             load_cursor_sql: format!(
@@ -80,7 +84,7 @@ impl AppendReader {
 
     fn fetch(
         &self,
-        limit: u32,
+        limit: BatchLimit,
         in_flight: &[i64],
         after: Cursor,
     ) -> impl std::future::Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send + 'static
@@ -92,10 +96,11 @@ impl AppendReader {
         );
         async move {
             sqlx::query_as(AssertSqlSafe(sql))
-                .bind(i64::from(limit))
+                .bind(i64::from(limit.rows))
                 .bind(exclude)
                 .bind(after.0)
                 .bind(after.1)
+                .bind(limit.bytes as i64)
                 .fetch_all(&pool)
                 .await
         }
@@ -134,7 +139,7 @@ impl Reader for AppendReader {
 
     async fn next_batch(
         &mut self,
-        limit: u32,
+        limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         let ahead = if self.ahead_valid {
@@ -156,7 +161,7 @@ impl Reader for AppendReader {
             .collect();
         // A full batch: read the next one while this one is published (kept only if the
         // cursor passes the whole batch).
-        if let (true, Some(&(_, end))) = (rows.len() == limit as usize, self.batch.last()) {
+        if let (true, Some(&(_, end))) = (rows.len() == limit.rows as usize, self.batch.last()) {
             self.read_ahead = Some(tokio::spawn(self.fetch(limit, in_flight, end)));
         }
         Ok(rows)

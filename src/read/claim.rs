@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sqlx::AssertSqlSafe;
 
-use super::{Fence, Ledger, Progress, Reader, Recorded};
+use super::{bytes_bounded, BatchLimit, Fence, Ledger, Progress, Reader, Recorded, ROW_BYTES};
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
 use crate::store::{errors, OutboxStore, PENDING};
@@ -33,9 +33,13 @@ impl ClaimReader {
         };
         ClaimReader {
             // No xid: claim mode runs on a table migrated before that column existed.
-            fetch_sql: format!(
-                "SELECT id, topic, key, payload, headers, created_at, NULL::int8 AS xid FROM {t} AS o \
-                 WHERE {PENDING}{blocked} AND o.id <> ALL($2) ORDER BY id LIMIT $1"
+            fetch_sql: bytes_bounded(
+                &format!(
+                    "SELECT o.*, {ROW_BYTES} AS row_bytes, NULL::int8 AS read_xid FROM {t} AS o \
+                     WHERE {PENDING}{blocked} AND o.id <> ALL($2) ORDER BY o.id LIMIT $1"
+                ),
+                "id",
+                "$3",
             )
             .into(),
             // Leaving append mode: rows behind the cursor were published; mark them so claim
@@ -86,12 +90,13 @@ impl Reader for ClaimReader {
 
     async fn next_batch(
         &mut self,
-        limit: u32,
+        limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
-            .bind(i64::from(limit))
+            .bind(i64::from(limit.rows))
             .bind(in_flight)
+            .bind(limit.bytes as i64)
             .fetch_all(self.store.pool())
             .await
     }

@@ -18,11 +18,33 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::event::OutboxRow;
+use crate::event::{OutboxRow, ROW_COLUMNS};
 use crate::settle::Delivered;
 
 pub use append::AppendReader;
 pub use claim::ClaimReader;
+
+/// How much one batch may hold: rows, and bytes of keys, payloads and headers as stored (a
+/// row larger than `bytes` comes alone). Memory stays bounded at any backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimit {
+    pub rows: u32,
+    pub bytes: u64,
+}
+
+/// Wrap a reader's `SELECT o.*, <xid> AS read_xid FROM <table> AS o ... ORDER BY <order>
+/// LIMIT $1` so the batch also stops before `$bytes` (the first row always comes). Only the
+/// returned rows' payloads reach the relay.
+pub(crate) fn bytes_bounded(inner: &str, order: &str, bytes: &str) -> String {
+    format!(
+        "SELECT {ROW_COLUMNS}, read_xid AS xid FROM (SELECT b.*, sum(b.row_bytes) OVER (ORDER BY {order}) AS upto \
+         FROM ({inner}) AS b) AS o WHERE o.upto - o.row_bytes < {bytes} ORDER BY {order}"
+    )
+}
+
+/// A row's size as the bound counts it.
+pub(crate) const ROW_BYTES: &str = "octet_length(o.topic) + coalesce(octet_length(o.key), 0) \
+     + coalesce(octet_length(o.payload), 0) + coalesce(pg_column_size(o.headers), 0)";
 
 /// Who may record progress: the lease holder in its epoch (a deposed leader's late write
 /// changes nothing where the mode can check it).
@@ -73,11 +95,11 @@ pub trait Reader: Send {
     /// have moved it) and drop anything read before.
     fn on_new_epoch(&mut self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// The next committed rows to publish, in publish order, at most `limit`, leaving out
+    /// The next committed rows to publish, in publish order, within `limit`, leaving out
     /// `in_flight` (delivered rows whose progress is still being written).
     fn next_batch(
         &mut self,
-        limit: u32,
+        limit: BatchLimit,
         in_flight: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
 

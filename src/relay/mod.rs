@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{Message, MessageRules};
 use crate::kafka::{Published, Sink};
 use crate::lease::Leadership;
-use crate::read::{Fence, Ledger, Progress, Reader, Recorded};
+use crate::read::{BatchLimit, Fence, Ledger, Progress, Reader, Recorded};
 use crate::settle::{settle, Settlement};
 use crate::spans::Tracer;
 use crate::table::TableName;
@@ -39,6 +39,8 @@ pub use poison::PoisonPolicy;
 pub struct Settings {
     pub table: TableName,
     pub batch_size: u32,
+    /// A batch's bound in bytes of keys, payloads and headers (a larger row comes alone).
+    pub batch_bytes: u64,
     pub poll_interval: Duration,
     /// Ask writers to NOTIFY while idle (LISTEN is on).
     pub listen: bool,
@@ -49,6 +51,15 @@ pub struct Settings {
     pub dead_letter_topic: Option<String>,
     /// How rows become messages (source header, allowed topics, CloudEvents).
     pub rules: MessageRules,
+}
+
+impl Settings {
+    pub fn batch_limit(&self) -> BatchLimit {
+        BatchLimit {
+            rows: self.batch_size,
+            bytes: self.batch_bytes,
+        }
+    }
 }
 
 pub struct Relay<R: Reader, S: Sink, L: Leadership> {
@@ -166,7 +177,9 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             return Ok(false);
         }
         if self.led_epoch != Some(self.lease.epoch()) {
-            in_flight.finish().await;
+            if self.holding_lease(in_flight.finish(), None).await.is_err() {
+                return Ok(false);
+            }
             self.reader.on_new_epoch().await?;
             self.led_epoch = Some(self.lease.epoch());
         }
@@ -187,7 +200,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             m,
             "fetch",
             self.reader
-                .next_batch(self.settings.batch_size, in_flight.ids()),
+                .next_batch(self.settings.batch_limit(), in_flight.ids()),
         )
         .await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
@@ -227,7 +240,15 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             std::mem::take(&mut settlement.park),
         ));
         let set_aside = self.set_aside(poison, cancel).await;
-        timed(m, "mark_wait", in_flight.finish()).await;
+        let waited = timed(m, "mark_wait", self.holding_lease(in_flight.finish(), None)).await;
+        if let Err(why) = waited {
+            tracing::warn!(
+                reason = why,
+                rows = messages.len(),
+                "not recording the batch: another replica publishes it again"
+            );
+            return Err(StepError::Kafka);
+        }
         let progress = self
             .reader
             .progress(std::mem::take(&mut settlement.delivered), &set_aside);
@@ -250,12 +271,24 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         cancel: &CancellationToken,
     ) -> Result<Published, &'static str> {
         let flush_timeout = self.settings.shutdown_timeout.mul_f32(0.8);
-        let publish = sink.publish(messages, cancel, flush_timeout);
-        tokio::pin!(publish);
+        let stall = Some(self.settings.stall_timeout);
+        self.holding_lease(sink.publish(messages, cancel, flush_timeout), stall)
+            .await
+    }
+
+    /// Await `work` while renewing the lease: no step (a publish, a write retried through a
+    /// database outage) holds the lease without renewing it. Gives up when the lease is lost,
+    /// or, with `stall`, when `work` has not completed within it.
+    async fn holding_lease<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        stall: Option<Duration>,
+    ) -> Result<T, &'static str> {
+        tokio::pin!(work);
         let started = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                published = &mut publish => return Ok(published),
+                done = &mut work => return Ok(done),
                 _ = tokio::time::sleep(self.lease.renew_every()) => {}
             }
             match self.lease.ensure().await {
@@ -264,11 +297,9 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                     self.metrics.leader.set(0);
                     return Err("lost the lease to another replica");
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not renew the lease while waiting for Kafka")
-                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the lease while waiting"),
             }
-            if started.elapsed() > self.settings.stall_timeout {
+            if stall.is_some_and(|stall| started.elapsed() > stall) {
                 return Err("no delivery report within --stall-timeout; recreating the producer");
             }
         }

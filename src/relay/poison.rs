@@ -150,14 +150,12 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                         }
                     }
                 }
-                let recorded = self
-                    .writer()
-                    .write_retrying("dead-letter mark", cancel, |ledger| {
-                        let sent = sent.clone();
-                        async move { ledger.dead_lettered(&sent).await }
-                    })
-                    .await
-                    .is_some();
+                let writer = self.writer();
+                let write = writer.write_retrying("dead-letter mark", cancel, |ledger| {
+                    let sent = sent.clone();
+                    async move { ledger.dead_lettered(&sent).await }
+                });
+                let recorded = matches!(self.holding_lease(write, None).await, Ok(Some(())));
                 if recorded {
                     done.extend(sent.iter().map(|(id, _)| *id));
                 }
@@ -175,14 +173,12 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             .into_iter()
             .map(|(id, _, reason)| (id, reason))
             .collect();
-        let parked = self
-            .writer()
-            .write_retrying("park", cancel, |ledger| {
-                let failures = failures.clone();
-                async move { ledger.park(&failures).await }
-            })
-            .await
-            .is_some();
+        let writer = self.writer();
+        let write = writer.write_retrying("park", cancel, |ledger| {
+            let failures = failures.clone();
+            async move { ledger.park(&failures).await }
+        });
+        let parked = matches!(self.holding_lease(write, None).await, Ok(Some(())));
         if parked {
             done.extend(failures.iter().map(|(id, _)| *id));
         }

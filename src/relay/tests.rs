@@ -15,7 +15,7 @@ use crate::event::{Message, MessageRules, OutboxRow};
 use crate::kafka::{Failure, Published, Receipt, Sink};
 use crate::lease::Leadership;
 use crate::read::append::{advance, Cursor};
-use crate::read::{Fence, Ledger, Progress, Reader, Recorded};
+use crate::read::{BatchLimit, Fence, Ledger, Progress, Reader, Recorded};
 use crate::settle::Delivered;
 use crate::table::TableName;
 use crate::telemetry::{Health, Metrics};
@@ -56,6 +56,7 @@ fn world(rows: usize, keys: usize) -> Shared {
             headers: None,
             created_at: chrono::Utc::now(),
             xid: None,
+            unreadable: None,
         })
         .collect();
     Arc::new(Mutex::new(World {
@@ -75,12 +76,12 @@ struct MemReader {
 }
 
 impl MemReader {
-    fn read(&self, limit: u32, in_flight: &[i64], after: i64) -> Vec<OutboxRow> {
+    fn read(&self, limit: BatchLimit, in_flight: &[i64], after: i64) -> Vec<OutboxRow> {
         let w = self.w.lock().unwrap();
         w.rows
             .iter()
             .filter(|r| r.id > after && !w.marked.contains(&r.id) && !in_flight.contains(&r.id))
-            .take(limit as usize)
+            .take(limit.rows as usize)
             .cloned()
             .collect()
     }
@@ -104,7 +105,7 @@ impl Reader for MemReader {
 
     async fn next_batch(
         &mut self,
-        limit: u32,
+        limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         let ahead = self.ahead.take();
@@ -121,7 +122,7 @@ impl Reader for MemReader {
         };
         self.ahead_valid = false;
         self.batch = rows.iter().map(|r| (r.id, (0, r.id))).collect();
-        if rows.len() == limit as usize {
+        if rows.len() == limit.rows as usize {
             self.ahead = Some(self.read(limit, in_flight, rows[rows.len() - 1].id));
         }
         Ok(rows)
@@ -261,6 +262,7 @@ async fn run_until(w: &Shared, batch_size: u32, done: impl Fn(&World) -> bool) -
     let settings = Settings {
         table: TableName::parse("outbox").unwrap(),
         batch_size,
+        batch_bytes: 1 << 20,
         poll_interval: Duration::from_millis(50),
         listen: false,
         stall_timeout: Duration::from_secs(30),
