@@ -49,7 +49,8 @@ pub struct FailedRow {
     pub topic: String,
     pub key: Option<String>,
     pub attempts: i32,
-    pub created_at: DateTime<Utc>,
+    /// NULL when the stored value is no usable timestamp (e.g. `infinity`).
+    pub created_at: Option<DateTime<Utc>>,
     pub failed_at: DateTime<Utc>,
     pub last_error: Option<String>,
 }
@@ -60,7 +61,8 @@ pub struct Admin {
 }
 
 /// Parked rows matching a selector: $1 id, $2 key, $3 topic (NULL = any).
-const SELECTED: &str = "failed_at IS NOT NULL AND ($1::bigint IS NULL OR id = $1) \
+const SELECTED: &str =
+    "failed_at IS NOT NULL AND published_at IS NULL AND ($1::bigint IS NULL OR id = $1) \
      AND ($2::text IS NULL OR key = $2) AND ($3::text IS NULL OR topic = $3)";
 
 impl Admin {
@@ -75,9 +77,10 @@ impl Admin {
                SELECT topic, count(*) AS pending, extract(epoch FROM now() - min(created_at))::float8 AS age, 0 AS parked
                  FROM {t} AS o WHERE {unpublished} GROUP BY topic
                UNION ALL
-               SELECT topic, 0, NULL, count(*) FROM {t} WHERE failed_at IS NOT NULL GROUP BY topic
+               SELECT topic, 0, NULL, count(*) FROM {t} WHERE {parked} GROUP BY topic
              ) s GROUP BY topic ORDER BY topic",
-            unpublished = crate::store::unpublished(&self.table)
+            unpublished = crate::store::unpublished(&self.table),
+            parked = crate::store::PARKED,
         )))
         .fetch_all(&self.pool)
         .await?;
@@ -108,7 +111,9 @@ impl Admin {
         limit: i64,
     ) -> Result<Vec<FailedRow>, sqlx::Error> {
         sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT id, topic, key, attempts, created_at, failed_at, last_error FROM {} \
+            "SELECT id, topic, key, attempts, \
+             CASE WHEN created_at BETWEEN '0001-01-01' AND '9999-12-31' THEN created_at END AS created_at, \
+             failed_at, last_error FROM {} \
              WHERE {SELECTED} ORDER BY id LIMIT $4",
             self.table.quoted()
         )))
@@ -138,7 +143,7 @@ impl Admin {
         reason: &str,
     ) -> Result<u64, sqlx::Error> {
         let sql = format!(
-            "UPDATE {} SET failed_at = NULL, published_at = now(), \
+            "UPDATE {} SET published_at = now(), \
              last_error = 'skipped by an operator: ' || $4 || ' (was: ' || coalesce(last_error, '') || ')' \
              WHERE {SELECTED}",
             self.table.quoted()

@@ -431,7 +431,8 @@ impl AdoptArgs {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
-    /// Delete published rows older than this.
+    /// Delete published rows older than this (0s keeps them forever, as for `run`). Parked and
+    /// skipped rows are never deleted here (`failed purge` does that).
     #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration)]
     pub retention: Duration,
     /// The relay's read mode: append also deletes the rows behind its cursor created before

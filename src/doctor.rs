@@ -327,7 +327,7 @@ async fn database_checks(
     let (pending, parked, largest): (i64, i64, Option<i64>) =
         sqlx::query_as(AssertSqlSafe(format!(
             "SELECT (SELECT count(*) FROM {t} AS o WHERE {unpublished}), \
-         (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL), \
+         (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL AND published_at IS NULL), \
          (SELECT max(octet_length(payload))::int8 FROM {t} AS o WHERE {unpublished})"
         )))
         .fetch_one(&mut *conn)

@@ -231,6 +231,12 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return usage_error(e),
     };
+    if args.retention.is_zero() {
+        println!(
+            "--retention 0s keeps published rows forever, as it does for `run`: nothing deleted"
+        );
+        return ExitCode::SUCCESS;
+    }
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
         let pool = store::pool(&db.connect, 1);

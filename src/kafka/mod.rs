@@ -5,7 +5,8 @@
 pub mod classify;
 pub mod config;
 
-use std::time::{Duration, SystemTime};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
@@ -95,7 +96,12 @@ pub struct Receipt {
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
     config: std::sync::Arc<KafkaConfig>,
+    /// Topics the cluster said exist, and when it said so.
+    known_topics: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
+
+/// How long a topic's existence is trusted before it is checked again.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 impl Publisher {
     /// Build the producer. Fails only on invalid configuration (no connection is made here).
@@ -104,6 +110,7 @@ impl Publisher {
         Ok(Publisher {
             producer,
             config: std::sync::Arc::new(cfg.clone()),
+            known_topics: Default::default(),
         })
     }
 
@@ -114,9 +121,19 @@ impl Publisher {
         cancel: &CancellationToken,
         flush_timeout: Duration,
     ) -> Published {
+        // A message to a topic the cluster says does not exist is not produced: librdkafka would
+        // hold the whole batch for topic.metadata.propagation.max.ms first.
+        let missing = self.missing_topics(messages).await;
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
-            pending.push((self.enqueue(m, cancel).await, SystemTime::now()));
+            let enqueued = if missing.contains(m.topic.as_str()) {
+                Err(classify(&KafkaError::MessageProduction(
+                    RDKafkaErrorCode::UnknownTopic,
+                )))
+            } else {
+                self.enqueue(m, cancel).await
+            };
+            pending.push((enqueued, SystemTime::now()));
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut receipts = Vec::with_capacity(messages.len());
@@ -144,7 +161,111 @@ impl Publisher {
             });
             outcomes.push(report.map(|_| ()));
         }
-        Published { outcomes, receipts }
+        let mut published = Published { outcomes, receipts };
+        if !flushed && !cancel.is_cancelled() {
+            self.isolate_rejected(messages, &mut published).await;
+        }
+        published
+    }
+
+    /// Of the batch's topics, those the cluster says do not exist. A topic confirmed within
+    /// [`TOPIC_CHECK_EVERY`] is not asked about; when the cluster cannot be asked, nothing is
+    /// presumed missing.
+    async fn missing_topics(&self, messages: &[Message]) -> HashSet<String> {
+        let unchecked: HashSet<String> = {
+            let known = self.known_topics.lock().unwrap_or_else(|e| e.into_inner());
+            messages
+                .iter()
+                .filter(|m| {
+                    known
+                        .get(&m.topic)
+                        .is_none_or(|at| at.elapsed() > TOPIC_CHECK_EVERY)
+                })
+                .map(|m| m.topic.clone())
+                .collect()
+        };
+        let mut missing = HashSet::new();
+        for topic in unchecked {
+            let producer = self.producer.clone();
+            let asked = topic.clone();
+            let exists = tokio::task::spawn_blocking(move || {
+                let metadata = producer
+                    .client()
+                    .fetch_metadata(Some(&asked), Duration::from_secs(5))
+                    .ok()?;
+                let t = metadata.topics().iter().find(|t| t.name() == asked)?;
+                Some(t.error().is_none() && !t.partitions().is_empty())
+            })
+            .await
+            .ok()
+            .flatten();
+            match exists {
+                Some(true) => {
+                    let mut known = self.known_topics.lock().unwrap_or_else(|e| e.into_inner());
+                    known.insert(topic, Instant::now());
+                }
+                Some(false) => {
+                    missing.insert(topic);
+                }
+                None => {}
+            }
+        }
+        missing
+    }
+
+    /// The broker rejects a whole record batch for one bad record (e.g. a NULL key on a
+    /// compacted topic: InvalidRecord), so every row that shared its batch comes back rejected.
+    /// Publish each rejected message again alone (awaiting each report before the next), with
+    /// every later message of its key, so only the offending row stays rejected; a key's later
+    /// messages follow it again in order (duplicates, never a reordering).
+    async fn isolate_rejected(&self, messages: &[Message], published: &mut Published) {
+        let rejected: Vec<usize> = (0..messages.len())
+            .filter(|&i| {
+                matches!(
+                    &published.outcomes[i],
+                    Err(Failure::Poison {
+                        kind: "rejected",
+                        ..
+                    })
+                )
+            })
+            .collect();
+        let shared = |i: usize| {
+            messages
+                .iter()
+                .filter(|m| m.topic == messages[i].topic)
+                .count()
+                > 1
+        };
+        if !rejected.iter().any(|&i| shared(i)) {
+            return;
+        }
+        let mut again: Vec<usize> = Vec::new();
+        for &i in &rejected {
+            again.push(i);
+            if let Some(key) = &messages[i].key {
+                again.extend((i + 1..messages.len()).filter(|&j| {
+                    messages[j].topic == messages[i].topic && messages[j].key.as_ref() == Some(key)
+                }));
+            }
+        }
+        again.sort_unstable();
+        again.dedup();
+        tracing::info!(rows = again.len(), "the broker rejected a record batch: publishing its rows one by one to find the bad one");
+        let never = CancellationToken::new();
+        for i in again {
+            let handed_off = SystemTime::now();
+            let report = match self.enqueue(&messages[i], &never).await {
+                Ok(delivery) => report_outcome(delivery.await),
+                Err(f) => Err(f),
+            };
+            published.receipts[i] = Receipt {
+                handed_off,
+                reported: SystemTime::now(),
+                position: report.as_ref().ok().copied(),
+            };
+            published.outcomes[i] = report.map(|_| ());
+        }
     }
 
     async fn enqueue(

@@ -26,7 +26,7 @@ impl ClaimReader {
         let lease = store.table().lease_table();
         let blocked = if block_parked_keys {
             format!(
-                " AND NOT EXISTS (SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL AND f.topic = o.topic AND f.key = o.key)"
+                " AND NOT EXISTS (SELECT 1 FROM {t} AS f WHERE f.failed_at IS NOT NULL AND f.published_at IS NULL AND f.topic = o.topic AND f.key = o.key)"
             )
         } else {
             String::new()

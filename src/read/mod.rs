@@ -33,12 +33,13 @@ pub struct BatchLimit {
 }
 
 /// Wrap a reader's `SELECT o.*, <xid> AS read_xid FROM <table> AS o ... ORDER BY <order>
-/// LIMIT $1` so the batch also stops before `$bytes` (the first row always comes). Only the
+/// LIMIT $1` so the batch also stops at `$bytes` (the first row always comes, alone if it is
+/// larger). Only the
 /// returned rows' payloads reach the relay.
 pub(crate) fn bytes_bounded(inner: &str, order: &str, bytes: &str) -> String {
     format!(
         "SELECT {ROW_COLUMNS}, read_xid AS xid FROM (SELECT b.*, sum(b.row_bytes) OVER (ORDER BY {order}) AS upto \
-         FROM ({inner}) AS b) AS o WHERE o.upto - o.row_bytes < {bytes} ORDER BY {order}"
+         FROM ({inner}) AS b) AS o WHERE o.upto <= {bytes} OR o.upto = o.row_bytes ORDER BY {order}"
     )
 }
 

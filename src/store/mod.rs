@@ -87,6 +87,10 @@ pub struct OutboxStore {
 /// Rows pending by state (neither published nor parked).
 pub const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 
+/// Parked rows: set aside, waiting for an operator. A skipped row (`failed skip`) keeps its
+/// `failed_at` and gets a `published_at`: handled, never published, never deleted by cleanup.
+pub const PARKED: &str = "failed_at IS NOT NULL AND published_at IS NULL";
+
 /// Rows the relay has yet to publish, in either read mode: pending by state and not behind
 /// append mode's cursor (NULL in claim mode). The table's alias must be `o`.
 pub fn unpublished(table: &TableName) -> String {
@@ -139,18 +143,18 @@ impl OutboxStore {
                 ReadMode::Claim => format!(
                     "SELECT (SELECT count(*) FROM {t} WHERE {PENDING}), \
                      (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} WHERE {PENDING} ORDER BY id LIMIT 1), \
-                     (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL)"
+                     (SELECT count(*) FROM {t} WHERE {PARKED})"
                 ),
                 ReadMode::Append => format!(
                     "SELECT (SELECT count(*) FROM {t} AS o WHERE {PENDING} AND {after_cursor}), \
                      (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} AS o WHERE {PENDING} AND {after_cursor} \
                       ORDER BY o.xid, o.id LIMIT 1), \
-                     (SELECT count(*) FROM {t} WHERE failed_at IS NOT NULL)"
+                     (SELECT count(*) FROM {t} WHERE {PARKED})"
                 ),
             }
             .into(),
             cleanup_sql: format!(
-                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE published_at < now() - make_interval(secs => $1) \
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE published_at < now() - make_interval(secs => $1) AND failed_at IS NULL \
                  ORDER BY published_at LIMIT $2)"
             )
             .into(),
@@ -240,6 +244,9 @@ impl OutboxStore {
     /// cursor created before then), in batches of `batch` rows (each its own short statement,
     /// so no long locks). Returns how many rows were deleted.
     pub async fn cleanup(&self, retention: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+        if retention.is_zero() {
+            return Ok(0); // 0 keeps published rows forever, everywhere
+        }
         let mut total = 0;
         let statements = match self.mode {
             ReadMode::Claim => vec![&self.cleanup_sql],
