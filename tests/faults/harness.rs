@@ -102,12 +102,9 @@ pub fn script(name: &str, args: &[&str]) -> Result<String, String> {
 pub async fn service(ctx: &Ctx, name: &'static str, args: &[&str]) -> String {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        script(name, &refs)
-    })
-    .await
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || script(name, &strs(&args)))
+        .await
+        .unwrap();
     match out {
         Ok(out) => {
             ctx.say(&format!(
