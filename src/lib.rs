@@ -9,7 +9,8 @@
 //! - [`publisher`]: the idempotent Kafka producer and the error classifier.
 //! - [`replica`]: this process's replica id and heartbeat row; how `status` lists replicas.
 //! - [`relay`]: the loop (read, publish, settle, mark) and its invariant.
-//! - [`telemetry`]: metrics, health, the HTTP endpoints, logging.
+//! - [`telemetry`]: metrics, health, logging.
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` server.
 //! - [`spans`]: W3C trace context: outbox-wait and publish spans, optional OTLP export.
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`doctor`]: preflight checks against the real database and Kafka.
@@ -21,6 +22,7 @@ pub mod adopt;
 pub mod config;
 pub mod doctor;
 pub mod event;
+pub mod http;
 pub mod outbox;
 pub mod publisher;
 pub mod relay;
@@ -61,11 +63,11 @@ pub async fn run(
         }
     });
     let http = tokio::net::TcpListener::from_std(http)?;
-    let server = tokio::spawn(telemetry::serve(
+    let server = tokio::spawn(http::serve(
         http,
         metrics.clone(),
         health.clone(),
-        tasks.clone(),
+        tasks.clone().cancelled_owned(),
     ));
 
     let pool = outbox::pool(&config.db.connect, 4);
