@@ -17,7 +17,7 @@ use crate::settings::RelayConfig;
 use crate::store::{self, errors, OutboxStore};
 use crate::table::ReadMode;
 use crate::telemetry::{Health, Metrics};
-use crate::{replica, spans, telemetry};
+use crate::{replica, spans};
 
 /// Run the relay until `cancel` fires, then drain.
 pub async fn run(
@@ -37,11 +37,11 @@ pub async fn run(
         }
     });
     let http = tokio::net::TcpListener::from_std(http)?;
-    let server = tokio::spawn(telemetry::serve(
+    let server = tokio::spawn(crate::http::serve(
         http,
         metrics.clone(),
         health.clone(),
-        tasks.clone(),
+        tasks.clone().cancelled_owned(),
     ));
 
     let pool = store::pool(&config.db.connect, 4);

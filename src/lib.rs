@@ -20,7 +20,8 @@
 //!   classifier and the producer's properties beside it.
 //! - [`event`]: a row and the Kafka message it becomes (validation, standard headers).
 //! - [`table`]: the table's name (always quoted), its read modes and DDL.
-//! - [`telemetry`]: metrics, health, the HTTP endpoints, logging. [`secret`]: redacted strings.
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` server (hyper, axum's router).
+//! - [`telemetry`]: metrics, health, logging. [`secret`]: redacted strings.
 //! - Operator commands: [`doctor`] (preflight), [`admin`] (`status`, `failed ...`), [`adopt`]
 //!   (publish an existing Debezium-style table). [`shutdown`]: signals to a cancellation token.
 
@@ -29,6 +30,7 @@ pub mod adopt;
 pub mod app;
 pub mod doctor;
 pub mod event;
+pub mod http;
 pub mod kafka;
 pub mod lease;
 pub mod read;

@@ -1,17 +1,10 @@
-//! Metrics (explicit Prometheus registry), health state, the small HTTP server for
-//! `/metrics`, `/healthz` and `/readyz`, and log setup.
+//! Metrics (explicit Prometheus registry), health state and log setup. [`crate::http`] serves
+//! them on `/metrics`, `/healthz` and `/readyz`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -246,90 +239,6 @@ impl Health {
     }
 }
 
-/// Serve /metrics, /healthz and /readyz until cancelled. A deliberately tiny HTTP/1.0 server:
-/// three GET endpoints do not justify a web framework in a relay.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Metrics,
-    health: Arc<Health>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            // Read the request head (up to 4 KiB) until the blank line.
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let read_head = async {
-                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read_head)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) = route(path, &metrics, &health);
-            let head = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(&body).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-fn route(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'static str, Vec<u8>) {
-    match path {
-        "/metrics" => {
-            let mut body = Vec::new();
-            match TextEncoder::new().encode(&metrics.registry.gather(), &mut body) {
-                Ok(()) => ("200 OK", "text/plain; version=0.0.4", body),
-                Err(e) => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    e.to_string().into_bytes(),
-                ),
-            }
-        }
-        "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
-        "/readyz" => match health.readiness() {
-            Ok(()) => ("200 OK", "text/plain", b"ready\n".to_vec()),
-            Err(why) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("not ready: {why}\n").into_bytes(),
-            ),
-        },
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            b"try /metrics, /healthz or /readyz\n".to_vec(),
-        ),
-    }
-}
-
 /// Log to stderr as text or JSON; RUST_LOG filters (default `info`).
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -393,20 +302,5 @@ mod tests {
             used += 1;
         }
         assert!(used >= 10, "the dashboard should chart the relay's metrics");
-    }
-
-    #[test]
-    fn routes() {
-        let m = Metrics::new();
-        m.published.inc();
-        let h = Health::new(Duration::from_secs(60));
-        let (status, _, body) = route("/metrics", &m, &h);
-        assert_eq!(status, "200 OK");
-        assert!(String::from_utf8(body)
-            .unwrap()
-            .contains("outbox_relay_published_total 1"));
-        assert_eq!(route("/healthz", &m, &h).0, "200 OK");
-        assert_eq!(route("/readyz", &m, &h).0, "503 Service Unavailable");
-        assert_eq!(route("/nope", &m, &h).0, "404 Not Found");
     }
 }
