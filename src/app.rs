@@ -198,8 +198,9 @@ async fn monitor<S: Sink>(
                 metrics.parked_rows.set(b.parked);
             }
             Err(e) => {
-                health.database_ok.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %e, hint = %errors::hint(&e, store.table()), "backlog query failed");
+                let diagnosis = errors::diagnose(&e, store.table());
+                health.database_failed(diagnosis.kind, "backlog", &diagnosis.hint);
+                tracing::warn!(error = %e, kind = diagnosis.kind, hint = %diagnosis.hint, "backlog query failed");
             }
         }
         let s = sink.borrow().clone();

@@ -178,6 +178,8 @@ impl Default for Metrics {
 /// Readiness inputs, shared between the relay's tasks and the HTTP server.
 pub struct Health {
     pub database_ok: AtomicBool,
+    /// What readiness says while `database_ok` is false (which kind of error, and the fix).
+    database_error: std::sync::Mutex<Option<String>>,
     pub kafka_ok: AtomicBool,
     pub has_pending: AtomicBool,
     /// Set once shutdown starts: readiness turns off so traffic and scrapes move on.
@@ -198,6 +200,7 @@ impl Health {
     pub fn new(stall_timeout: Duration) -> Health {
         Health {
             database_ok: AtomicBool::new(false),
+            database_error: std::sync::Mutex::new(None),
             kafka_ok: AtomicBool::new(false),
             has_pending: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -211,13 +214,31 @@ impl Health {
     }
 
     /// `Ok` when ready; otherwise the reasons, for the /readyz body.
+    /// A database error of this `kind` (from the one error policy) in `step`: readiness says
+    /// which, and the fix, instead of calling every error "unreachable".
+    pub fn database_failed(&self, kind: &str, step: &str, hint: &str) {
+        self.database_ok.store(false, Ordering::Relaxed);
+        let error = match kind {
+            "unreachable" => "postgres unreachable".to_string(),
+            kind => format!("postgres {kind} error ({step}): {hint}"),
+        };
+        if let Ok(mut e) = self.database_error.lock() {
+            *e = Some(error);
+        }
+    }
+
     pub fn readiness(&self) -> Result<(), String> {
         let mut problems = Vec::new();
         if self.stopping.load(Ordering::Relaxed) {
             problems.push("shutting down".to_string());
         }
         if !self.database_ok.load(Ordering::Relaxed) {
-            problems.push("postgres unreachable".to_string());
+            let error = self
+                .database_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or(None);
+            problems.push(error.unwrap_or_else(|| "postgres unreachable".to_string()));
         }
         if !self.kafka_ok.load(Ordering::Relaxed) {
             problems.push("kafka unreachable".to_string());
@@ -268,6 +289,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         assert!(h.readiness().unwrap_err().contains("stalled"));
         h.progressed();
+        assert!(h.readiness().is_ok());
+    }
+
+    #[test]
+    fn readiness_names_the_kind_of_database_error() {
+        let h = Health::new(Duration::from_secs(60));
+        h.kafka_ok.store(true, Ordering::Relaxed);
+        h.database_failed("unreachable", "read", "cannot reach PostgreSQL");
+        assert_eq!(h.readiness().unwrap_err(), "postgres unreachable");
+        h.database_failed("permission", "park", "GRANT UPDATE ON outbox");
+        let why = h.readiness().unwrap_err();
+        assert!(
+            why.contains("permission error (park)") && why.contains("GRANT"),
+            "{why}"
+        );
+        h.database_ok.store(true, Ordering::Relaxed);
         assert!(h.readiness().is_ok());
     }
 

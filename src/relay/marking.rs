@@ -2,7 +2,6 @@
 //! background while the next batch is read and published, one at a time, in batch order),
 //! and the retrying writer every ledger write goes through.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,9 +99,10 @@ impl<L: Ledger> Writer<L> {
         backoff: &mut backoff::ExponentialBackoff,
         cancel: &CancellationToken,
     ) {
-        self.health.database_ok.store(false, Ordering::Relaxed);
         let wait = backoff.next_backoff();
         let diagnosis = errors::diagnose(e, &self.table);
+        self.health
+            .database_failed(diagnosis.kind, what, &diagnosis.hint);
         tracing::warn!(step = what, error = %e, kind = diagnosis.kind, hint = %diagnosis.hint, retry_in = ?wait, "database error");
         sleep_or_cancel(wait, cancel).await;
     }
