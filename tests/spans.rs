@@ -1,5 +1,7 @@
-//! Trace spans end to end: the real relay binary, PostgreSQL and Kafka, and an in-test HTTP
-//! listener standing in for the OpenTelemetry Collector (it receives what the relay exports).
+//! Trace spans end to end: the real relay binary, PostgreSQL and Kafka, and an in-test OTLP/HTTP
+//! receiver standing in for the OpenTelemetry Collector (it decodes what the relay exports,
+//! over http or https). Without the `otlp` feature only the no-export test runs.
+#![cfg_attr(not(feature = "otlp"), allow(dead_code, unused_imports))]
 
 mod common;
 
@@ -7,8 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{consume, create_topics_with_config, unique, Consumed, Relay, TestDb};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use prost::Message as _;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const WRITER_SPAN: &str = "00f067aa0ba902b7";
@@ -20,10 +25,28 @@ fn traceparent() -> String {
 /// One OTLP/HTTP request as the collector received it.
 struct Request {
     head: String,
-    body: Value,
+    body: ExportTraceServiceRequest,
 }
 
-/// A minimal OTLP/HTTP receiver: records each POST and answers 200 `{}`.
+impl Request {
+    /// A request header's value (names are case-insensitive).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// A resource attribute of the first resource, in OTLP/JSON form.
+    fn resource_attr(&self, key: &str) -> Option<Value> {
+        let resource = self.body.resource_spans[0].resource.as_ref()?;
+        attr_json(&resource.attributes)
+            .into_iter()
+            .find_map(|a| (a["key"] == key).then(|| a["value"].clone()))
+    }
+}
+
+/// A minimal OTLP/HTTP receiver: records each POST (protobuf) and answers 200.
 struct Collector {
     url: String,
     requests: Arc<Mutex<Vec<Request>>>,
@@ -31,56 +54,48 @@ struct Collector {
 
 impl Collector {
     async fn start() -> Collector {
+        Collector::serve(None).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
         tokio::spawn(async move {
             loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                let seen = seen.clone();
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (seen, tls) = (seen.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 8192];
-                    let (head, body) = loop {
-                        let n = stream.read(&mut chunk).await.unwrap();
-                        assert!(n > 0, "the relay closed before a whole request");
-                        buf.extend_from_slice(&chunk[..n]);
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            continue;
-                        };
-                        let head = String::from_utf8(buf[..end].to_vec()).unwrap();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .expect("Content-Length");
-                        if buf.len() >= end + 4 + length {
-                            break (head, buf[end + 4..end + 4 + length].to_vec());
-                        }
-                    };
-                    let body = serde_json::from_slice(&body).expect("the body is JSON");
-                    seen.lock().unwrap().push(Request { head, body });
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-                        .await;
+                    match tls {
+                        // A client that refuses our certificate ends here.
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => receive(stream, &seen).await,
+                            Err(_) => None,
+                        },
+                        None => receive(stream, &seen).await,
+                    }
                 });
             }
         });
         Collector { url, requests }
     }
 
-    /// Every span received so far.
+    /// Every span received so far, in OTLP/JSON form.
     fn spans(&self) -> Vec<Value> {
         let requests = self.requests.lock().unwrap();
         let mut out = Vec::new();
         for r in requests.iter() {
-            for rs in r.body["resourceSpans"].as_array().unwrap() {
-                for ss in rs["scopeSpans"].as_array().unwrap() {
-                    out.extend(ss["spans"].as_array().unwrap().iter().cloned());
+            for rs in &r.body.resource_spans {
+                for ss in &rs.scope_spans {
+                    assert_eq!(
+                        ss.scope.as_ref().map(|s| s.name.as_str()),
+                        Some("outbox-relay")
+                    );
+                    out.extend(ss.spans.iter().map(span_json));
                 }
             }
         }
@@ -102,6 +117,88 @@ impl Collector {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Read one request (head, then a Content-Length body), record it, answer 200 and close.
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    seen: &Mutex<Vec<Request>>,
+) -> Option<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (head, body) = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None; // closed before a whole request
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("Content-Length");
+        if buf.len() >= end + 4 + length {
+            break (head, buf[end + 4..end + 4 + length].to_vec());
+        }
+    };
+    let body = ExportTraceServiceRequest::decode(&body[..]).expect("the body is OTLP protobuf");
+    seen.lock().unwrap().push(Request { head, body });
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\
+              Connection: close\r\n\r\n",
+        )
+        .await
+        .ok()?;
+    stream.shutdown().await.ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Attributes in the OTLP/JSON encoding (64-bit integers as strings).
+fn attr_json(attributes: &[KeyValue]) -> Vec<Value> {
+    attributes
+        .iter()
+        .map(|a| {
+            let value = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => json!({"stringValue": s}),
+                Some(any_value::Value::IntValue(i)) => json!({"intValue": i.to_string()}),
+                other => json!({"other": format!("{other:?}")}),
+            };
+            json!({"key": a.key, "value": value})
+        })
+        .collect()
+}
+
+/// A span in the OTLP/JSON encoding: hex ids, 64-bit integers as strings, enums as integers.
+fn span_json(s: &opentelemetry_proto::tonic::trace::v1::Span) -> Value {
+    let mut span = json!({
+        "traceId": hex(&s.trace_id),
+        "spanId": hex(&s.span_id),
+        "parentSpanId": hex(&s.parent_span_id),
+        "flags": s.flags,
+        "name": s.name,
+        "kind": s.kind,
+        "startTimeUnixNano": s.start_time_unix_nano.to_string(),
+        "endTimeUnixNano": s.end_time_unix_nano.to_string(),
+        "attributes": attr_json(&s.attributes),
+    });
+    if !s.trace_state.is_empty() {
+        span["traceState"] = json!(s.trace_state);
+    }
+    if let Some(status) = s.status.as_ref().filter(|st| st.code != 0) {
+        span["status"] = json!({"code": status.code, "message": status.message});
+    }
+    span
 }
 
 /// A topic whose record timestamps are the broker's append time.
@@ -170,6 +267,7 @@ fn metric(relay: &Relay, line_start: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
 }
 
+#[cfg(feature = "otlp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
     let collector = Collector::start().await;
@@ -192,13 +290,20 @@ async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
     )
     .await;
 
-    let relay = Relay::start(
-        &db,
+    // The flags override the standard variables.
+    let relay = Relay::spawn(
+        &db.name,
+        &db.url,
+        &common::kafka_brokers(),
         &[
             "--otlp-endpoint",
             &collector.url,
             "--otlp-service-name",
             "relay-under-test",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1"),
+            ("OTEL_SERVICE_NAME", "not-this-one"),
         ],
     );
     db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(30))
@@ -221,16 +326,19 @@ async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
         let requests = collector.requests.lock().unwrap();
         let r = &requests[0];
         assert!(r.head.starts_with("POST /v1/traces HTTP/1.1"), "{}", r.head);
-        assert!(
-            r.head
-                .to_ascii_lowercase()
-                .contains("content-type: application/json"),
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/x-protobuf"),
             "{}",
             r.head
         );
         assert_eq!(
-            r.body["resourceSpans"][0]["resource"]["attributes"][0],
-            json!({"key": "service.name", "value": {"stringValue": "relay-under-test"}})
+            r.resource_attr("service.name"),
+            Some(json!({"stringValue": "relay-under-test"}))
+        );
+        assert_eq!(
+            r.resource_attr("service.version"),
+            Some(json!({"stringValue": env!("CARGO_PKG_VERSION")}))
         );
     }
     let find = |name: &str| {
@@ -248,6 +356,7 @@ async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
             "a child of the writer's span"
         );
         assert_eq!(s["traceState"], "vendor=x");
+        assert_eq!(s["flags"], 0x301, "sampled, and the parent is remote");
         assert_eq!(
             attr(s, "messaging.message.id"),
             Some(json!({"stringValue": traced.to_string()}))
@@ -379,6 +488,7 @@ async fn without_export_headers_are_unchanged_and_spans_are_debug_events() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
 }
 
+#[cfg(feature = "otlp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_spans_never_messages() {
     let db = TestDb::new().await;
