@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,30 @@ struct Collector {
 impl Collector {
     async fn start() -> Collector {
         Collector::serve(None).await
+    }
+
+    /// Over https, with the test CA's server certificate (SAN localhost and 127.0.0.1).
+    async fn start_tls(certs: &Path) -> Collector {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(certs.join("server.pem"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no test certificates in {}: run scripts/certs.sh (or set OUTBOX_TEST_CERTS_DIR): {e}",
+                    certs.display()
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(certs.join("server.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Collector::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
     }
 
     async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Collector {
@@ -549,4 +574,129 @@ async fn a_collector_that_is_down_costs_spans_never_messages() {
         relay.logs()
     );
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+}
+
+/// Export configured by the standard variables alone: https with the test CA, auth headers.
+#[cfg(feature = "otlp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_variables_set_up_https_with_a_ca_and_auth_headers() {
+    let certs = common::certs_dir();
+    let collector = Collector::start_tls(&certs).await;
+    let db = TestDb::new().await;
+    let topic = topic().await;
+    let (traced, _) = insert(
+        &db,
+        &topic,
+        "k",
+        Some(json!({"traceparent": traceparent()})),
+    )
+    .await;
+    let ca = certs.join("ca.pem");
+    let relay = Relay::spawn(
+        &db.name,
+        &db.url,
+        &common::kafka_brokers(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.url),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.to_str().unwrap()),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20s3cret-sentinel,x-tenant=acme",
+            ),
+            ("OTEL_SERVICE_NAME", "from-env"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "3000"),
+        ],
+    );
+    let spans = collector.wait_spans(2, Duration::from_secs(20)).await;
+    assert!(spans.iter().all(|s| s["traceId"] == TRACE), "{spans:#?}");
+    let records = consume_all(&topic, 1).await;
+    let publish = spans
+        .iter()
+        .find(|s| s["kind"] == 4)
+        .expect("a publish span");
+    assert_eq!(
+        by_id(&records, traced).header("traceparent"),
+        Some(format!(
+            "00-{TRACE}-{}-01",
+            publish["spanId"].as_str().unwrap()
+        ))
+    );
+    let log = relay.log.clone();
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    {
+        let requests = collector.requests.lock().unwrap();
+        let r = &requests[0];
+        assert!(r.head.starts_with("POST /v1/traces HTTP/1.1"), "{}", r.head);
+        assert_eq!(r.header("authorization"), Some("Bearer s3cret-sentinel"));
+        assert_eq!(r.header("x-tenant"), Some("acme"));
+        assert_eq!(
+            r.resource_attr("service.name"),
+            Some(json!({"stringValue": "from-env"}))
+        );
+    }
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    let logs = read(&log) + &read(&log.with_extension("stdout"));
+    assert!(
+        logs.contains("exporting trace spans") && logs.contains("authorization,x-tenant"),
+        "the header names are logged: {logs}"
+    );
+    assert!(
+        !logs.contains("s3cret-sentinel"),
+        "header values never are: {logs}"
+    );
+}
+
+#[cfg(feature = "otlp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_whose_certificate_is_not_trusted_costs_spans_never_messages() {
+    let certs = common::certs_dir();
+    let collector = Collector::start_tls(&certs).await;
+    let db = TestDb::new().await;
+    let topic = topic().await;
+    let other_ca = certs.join("other-ca.pem");
+    let relay = Relay::spawn(
+        &db.name,
+        &db.url,
+        &common::kafka_brokers(),
+        &["--otlp-timeout", "1s"],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                &format!("{}/v1/traces", collector.url),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                other_ca.to_str().unwrap(),
+            ),
+        ],
+    );
+    insert(
+        &db,
+        &topic,
+        "k",
+        Some(json!({"traceparent": traceparent()})),
+    )
+    .await;
+    let records = consume_all(&topic, 1).await;
+    assert_eq!(records.len(), 1, "the message is published");
+    let failed = r#"outbox_relay_spans_dropped_total{reason="export_failed"}"#;
+    let start = Instant::now();
+    while metric(&relay, failed) != Some(2.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{failed} = {:?}, expected 2",
+            metric(&relay, failed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.wait_log("trace span export failed", Duration::from_secs(5));
+    let logs = relay.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("trace span export failed") && l.contains("certificate")),
+        "the warning says why: {logs}"
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    assert!(collector.spans().is_empty());
 }
