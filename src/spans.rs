@@ -385,6 +385,7 @@ pub struct Span {
 #[derive(Debug, Clone)]
 pub struct Stamp {
     parent: TraceParent,
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
     trace_state: Option<String>,
     /// When exporting: the publish span's id, which the rewritten `traceparent` names.
     publish_span: Option<[u8; 8]>,
