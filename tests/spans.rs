@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,10 +48,12 @@ impl Request {
     }
 }
 
-/// A minimal OTLP/HTTP receiver: records each POST (protobuf) and answers 200.
+/// A minimal OTLP/HTTP receiver: records each POST (protobuf) and answers 200, or 503 while
+/// `throttle` is above zero (counting it down).
 struct Collector {
     url: String,
     requests: Arc<Mutex<Vec<Request>>>,
+    throttle: Arc<AtomicUsize>,
 }
 
 impl Collector {
@@ -87,26 +90,32 @@ impl Collector {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let throttle = Arc::new(AtomicUsize::new(0));
         let seen = requests.clone();
+        let busy = throttle.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (seen, tls) = (seen.clone(), tls.clone());
+                let (seen, busy, tls) = (seen.clone(), busy.clone(), tls.clone());
                 tokio::spawn(async move {
                     match tls {
                         // A client that refuses our certificate ends here.
                         Some(tls) => match tls.accept(stream).await {
-                            Ok(stream) => receive(stream, &seen).await,
+                            Ok(stream) => receive(stream, &seen, &busy).await,
                             Err(_) => None,
                         },
-                        None => receive(stream, &seen).await,
+                        None => receive(stream, &seen, &busy).await,
                     }
                 });
             }
         });
-        Collector { url, requests }
+        Collector {
+            url,
+            requests,
+            throttle,
+        }
     }
 
     /// Every span received so far, in OTLP/JSON form.
@@ -144,10 +153,12 @@ impl Collector {
     }
 }
 
-/// Read one request (head, then a Content-Length body), record it, answer 200 and close.
+/// Read one request (head, then a Content-Length body); record it and answer 200, or answer
+/// 503 (Retry-After: 1) while `throttle` lasts; close.
 async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     seen: &Mutex<Vec<Request>>,
+    throttle: &AtomicUsize,
 ) -> Option<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -174,6 +185,19 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let body = ExportTraceServiceRequest::decode(&body[..]).expect("the body is OTLP protobuf");
+    let throttled = throttle
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok();
+    if throttled {
+        stream
+            .write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\
+                  Connection: close\r\n\r\n",
+            )
+            .await
+            .ok()?;
+        return stream.shutdown().await.ok();
+    }
     seen.lock().unwrap().push(Request { head, body });
     stream
         .write_all(
@@ -296,6 +320,8 @@ fn metric(relay: &Relay, line_start: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
     let collector = Collector::start().await;
+    // The first export is answered 503: the exporter retries it (after Retry-After).
+    collector.throttle.store(1, Ordering::Relaxed);
     let db = TestDb::new().await;
     let topic = topic().await;
     let (traced, created_us) = insert(
@@ -337,6 +363,10 @@ async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
     // The relay exports at most every second: wait for anything else it might send.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let exported = metric(&relay, "outbox_relay_spans_exported_total");
+    let failed = metric(
+        &relay,
+        r#"outbox_relay_spans_dropped_total{reason="export_failed"}"#,
+    );
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     let spans_after = collector.spans();
     assert_eq!(
@@ -345,7 +375,12 @@ async fn a_traced_row_gets_wait_and_publish_spans_in_the_writers_trace() {
         "only the valid traceparent gets spans: {spans_after:#?}"
     );
     assert_eq!(spans, spans_after);
-    assert_eq!(exported, Some(2.0));
+    assert_eq!((exported, failed), (Some(2.0), Some(0.0)));
+    assert_eq!(
+        collector.throttle.load(Ordering::Relaxed),
+        0,
+        "the 503 was answered, and the spans came on the retry"
+    );
 
     {
         let requests = collector.requests.lock().unwrap();
