@@ -308,27 +308,32 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Args)]
 pub struct OtlpArgs {
     /// Export trace spans (outbox wait + publish, in the writer's trace from the row's
-    /// `traceparent` header) over OTLP/HTTP JSON to this collector, e.g. http://127.0.0.1:4318.
-    /// Plain http only: use a local OpenTelemetry Collector agent. Off when unset.
+    /// `traceparent` header) over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// http://127.0.0.1:4318 or https://collector:4318 (`/v1/traces` is appended unless the
+    /// path ends with it). Overrides OTEL_EXPORTER_OTLP_TRACES_ENDPOINT and
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; export is off when none is set. Headers (e.g. auth) come
+    /// from OTEL_EXPORTER_OTLP_HEADERS, the CA for https from OTEL_EXPORTER_OTLP_CERTIFICATE.
     #[arg(long, env = "OUTBOX_RELAY_OTLP_ENDPOINT", value_parser = outbox_relay::spans::OtlpEndpoint::parse, help_heading = "Tracing")]
     pub otlp_endpoint: Option<outbox_relay::spans::OtlpEndpoint>,
-    /// `service.name` of the exported spans.
-    #[arg(long, env = "OUTBOX_RELAY_OTLP_SERVICE_NAME", default_value = "outbox-relay", value_parser = parse_service_name, help_heading = "Tracing")]
-    pub otlp_service_name: String,
-    /// Time allowed for one export request (spans are dropped, and counted, when it expires).
-    #[arg(long, env = "OUTBOX_RELAY_OTLP_TIMEOUT", default_value = "5s", value_parser = parse_nonzero_duration, help_heading = "Tracing")]
-    pub otlp_timeout: Duration,
+    /// `service.name` of the exported spans [default: OTEL_SERVICE_NAME, else outbox-relay].
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_SERVICE_NAME", value_parser = parse_service_name, help_heading = "Tracing")]
+    pub otlp_service_name: Option<String>,
+    /// Time allowed for one export, retries included (spans are dropped, and counted, when it
+    /// expires) [default: OTEL_EXPORTER_OTLP_TIMEOUT (milliseconds), else 5s].
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_TIMEOUT", value_parser = parse_nonzero_duration, help_heading = "Tracing")]
+    pub otlp_timeout: Option<Duration>,
 }
 
 impl OtlpArgs {
-    pub fn resolve(&self) -> Option<outbox_relay::spans::OtlpConfig> {
-        self.otlp_endpoint
-            .clone()
-            .map(|endpoint| outbox_relay::spans::OtlpConfig {
-                endpoint,
-                service_name: self.otlp_service_name.clone(),
-                timeout: self.otlp_timeout,
-            })
+    /// The flags over the standard OTEL_* variables; `None`: export is off.
+    pub fn resolve(&self) -> Result<Option<outbox_relay::spans::OtlpConfig>, ConfigError> {
+        outbox_relay::spans::OtlpConfig::resolve(
+            self.otlp_endpoint.clone(),
+            self.otlp_service_name.clone(),
+            self.otlp_timeout,
+            &|name| std::env::var(name).ok(),
+        )
+        .map_err(ConfigError::Invalid)
     }
 }
 
@@ -677,7 +682,7 @@ impl RunArgs {
             cleanup_interval: self.cleanup_interval,
             lease_duration: self.lease_duration,
             metrics_addr: self.metrics_addr,
-            otlp: self.otlp.resolve(),
+            otlp: self.otlp.resolve()?,
         })
     }
 }
@@ -793,19 +798,22 @@ mod tests {
     }
 
     #[test]
-    fn otlp_flags_are_off_by_default_and_refuse_https() {
+    fn otlp_flags_are_off_by_default_and_accept_https() {
         let Command::Run(args) = run_args(&["--database-url", "postgres://db/a"])
             .unwrap()
             .command
         else {
             panic!("not run")
         };
-        assert!(args.resolve().unwrap().otlp.is_none());
-        let err = run_args(&["--otlp-endpoint", "https://collector:4318"]).unwrap_err();
+        let no_env = |_: &str| None;
+        let otlp = &args.otlp;
+        let resolved = outbox_relay::spans::OtlpConfig::resolve(None, None, None, &no_env).unwrap();
+        assert!(otlp.otlp_endpoint.is_none() && resolved.is_none());
+        let err = run_args(&["--otlp-endpoint", "grpc://collector:4317"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         let shown = err.to_string();
         assert!(
-            shown.contains("--otlp-endpoint") && shown.contains("Collector agent"),
+            shown.contains("--otlp-endpoint") && shown.contains("not supported"),
             "{shown}"
         );
         let err = run_args(&["--otlp-service-name", " "]).unwrap_err();
@@ -814,7 +822,9 @@ mod tests {
             "--database-url",
             "postgres://db/a",
             "--otlp-endpoint",
-            "http://127.0.0.1:4318",
+            "https://collector:4318",
+            "--otlp-service-name",
+            "relay-a",
             "--otlp-timeout",
             "2s",
         ])
@@ -823,12 +833,28 @@ mod tests {
         else {
             panic!("not run")
         };
-        let otlp = args.resolve().unwrap().otlp.unwrap();
-        assert_eq!(otlp.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
-        assert_eq!(
-            (otlp.service_name.as_str(), otlp.timeout),
-            ("outbox-relay", Duration::from_secs(2))
-        );
+        let otlp = &args.otlp;
+        if cfg!(feature = "otlp") {
+            let resolved = outbox_relay::spans::OtlpConfig::resolve(
+                otlp.otlp_endpoint.clone(),
+                otlp.otlp_service_name.clone(),
+                otlp.otlp_timeout,
+                &no_env,
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                resolved.endpoint.to_string(),
+                "https://collector:4318/v1/traces"
+            );
+            assert_eq!(
+                (resolved.service_name.as_deref(), resolved.timeout),
+                (Some("relay-a"), Duration::from_secs(2))
+            );
+        } else {
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains("--otlp-endpoint"), "{err}");
+        }
     }
 
     #[test]

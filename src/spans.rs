@@ -1,19 +1,24 @@
 //! W3C trace context: spans for the time an event waited in the outbox and for its publish,
-//! in the writer's trace, optionally exported over OTLP/HTTP (JSON) to a collector.
+//! in the writer's trace, optionally exported over OTLP/HTTP by the OpenTelemetry SDK.
 //!
 //! A row whose `traceparent` header is valid (version 00, lowercase hex, non-zero ids) and
 //! sampled gets two spans, both children of the writer's span: `outbox.wait` (created_at to
 //! the hand-off to the producer) and `<topic> publish` (PRODUCER, hand-off to the delivery
-//! report). Anything else gets no span and its headers are left alone. Spans never block or
-//! fail delivery: the exporter is a background task behind a bounded channel, and a full
-//! channel or an unreachable collector drops spans (counted), never messages.
+//! report). Anything else gets no span and its headers are left alone. Without export the
+//! spans are debug log events only and every header is carried exactly as it was.
+//!
+//! Export (cargo feature `otlp`, on by default) is the OpenTelemetry SDK: a batch span
+//! processor (its own thread, a bounded queue) and the OTLP/HTTP protobuf exporter (retries
+//! 429/502/503/504 and connection failures within the timeout; gzip with
+//! `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`; headers from `OTEL_EXPORTER_OTLP_HEADERS`) over a
+//! reqwest client with rustls. What stays here: the `traceparent` header (parsed and
+//! rewritten by us, strictly), the spans' names, attributes and times, the configuration,
+//! and counting what becomes of each span. Spans never block or fail delivery: a full queue
+//! or an unreachable collector drops spans (counted), never messages.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::event::Message;
 use crate::kafka::{Failure, Receipt};
@@ -23,13 +28,23 @@ use crate::telemetry::Metrics;
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 pub const HEADER_TRACESTATE: &str = "tracestate";
 
+/// `service.name` when neither the flag, `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES`
+/// names one.
+pub const DEFAULT_SERVICE_NAME: &str = "outbox-relay";
+/// Time allowed for one export (retries included) unless configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Spans per OTLP request, at most.
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 const BATCH_MAX: usize = 512;
 /// A partial batch is sent after this long.
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 const BATCH_EVERY: Duration = Duration::from_secs(1);
-/// Spans waiting for the exporter, at most; more are dropped (and counted).
-const QUEUE: usize = 8192;
+/// Spans waiting for the exporter, at most; more are dropped (and counted). The SDK allocates
+/// the queue up front (~350 B a slot): 2,048 (its default) keeps that under 1 MB.
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+const QUEUE: usize = 2048;
 /// At most one export-failure warning per this interval (with the count since the last).
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A parsed `traceparent` (version 00): the writer's trace, its span, and the trace flags.
@@ -109,63 +124,243 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Span ids: SplitMix64 over a counter seeded once from the OS (/dev/urandom, else the
-/// randomly keyed std hasher). Unique per process without a lock; never zero.
-pub struct SpanIds(AtomicU64);
+/// Where spans go: the collector's OTLP/HTTP traces URL, http or https
+/// (e.g. `https://collector:4318/v1/traces`). No credentials, query or fragment in it, so it
+/// can be logged: credentials go in `OTEL_EXPORTER_OTLP_HEADERS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpEndpoint(url::Url);
 
-impl SpanIds {
-    pub fn new() -> SpanIds {
-        SpanIds(AtomicU64::new(os_seed()))
-    }
-
-    pub fn next(&self) -> [u8; 8] {
-        loop {
-            let mut z = self
-                .0
-                .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
-                .wrapping_add(0x9e37_79b9_7f4a_7c15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            if z != 0 {
-                return z.to_be_bytes();
-            }
+impl OtlpEndpoint {
+    /// `--otlp-endpoint`: the collector's address; `/v1/traces` is appended to the path unless
+    /// it already ends with it.
+    pub fn parse(url: &str) -> Result<OtlpEndpoint, String> {
+        let url = checked_url(url)?;
+        if url.path().trim_end_matches('/').ends_with("/v1/traces") {
+            let path = url.path().trim_end_matches('/').to_string();
+            return Ok(OtlpEndpoint(with_path(url, &path)));
         }
+        Ok(OtlpEndpoint::with_traces_path(url))
+    }
+
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a base URL, to which `v1/traces` is always appended
+    /// (OpenTelemetry's rule for this variable).
+    fn base(url: &str) -> Result<OtlpEndpoint, String> {
+        checked_url(url).map(OtlpEndpoint::with_traces_path)
+    }
+
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the traces URL, used as it is.
+    fn exact(url: &str) -> Result<OtlpEndpoint, String> {
+        checked_url(url).map(OtlpEndpoint)
+    }
+
+    fn with_traces_path(url: url::Url) -> OtlpEndpoint {
+        let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+        OtlpEndpoint(with_path(url, &path))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.0.scheme() == "https"
     }
 }
 
-impl Default for SpanIds {
-    fn default() -> Self {
-        Self::new()
+impl std::fmt::Display for OtlpEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
     }
 }
 
-fn os_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::io::Read;
-    let mut buf = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .is_ok()
-    {
-        return u64::from_ne_bytes(buf);
-    }
-    // std seeds RandomState's keys from the OS's random source.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish()
+fn with_path(mut url: url::Url, path: &str) -> url::Url {
+    url.set_path(path);
+    url
 }
 
-/// OpenTelemetry span kinds used here (OTLP enum values).
+fn checked_url(s: &str) -> Result<url::Url, String> {
+    const EXAMPLE: &str = "expected a URL such as http://127.0.0.1:4318 or https://collector:4318";
+    let url = url::Url::parse(s.trim()).map_err(|e| format!("{e}; {EXAMPLE}"))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => return Err(format!("scheme {other:?} is not supported; {EXAMPLE}")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("missing host; {EXAMPLE}"));
+    }
+    if url.port() == Some(0) {
+        return Err("port 0 is not a port to connect to".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "credentials in the URL are not supported; send them as a header with \
+             OTEL_EXPORTER_OTLP_HEADERS (e.g. authorization=Bearer%20<token>)"
+                .into(),
+        );
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("a query or fragment is not supported; give scheme://host:port[/path]".into());
+    }
+    Ok(url)
+}
+
+/// Span export settings: export is on exactly when an endpoint is configured. Holds no
+/// header values: the exporter reads `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` itself, and only
+/// their names are kept here (for the startup log).
+#[derive(Clone)]
+pub struct OtlpConfig {
+    pub endpoint: OtlpEndpoint,
+    /// Which flag or variable named the endpoint.
+    pub endpoint_from: &'static str,
+    /// `--otlp-service-name`, else `OTEL_SERVICE_NAME`; `None`: `service.name` from
+    /// `OTEL_RESOURCE_ATTRIBUTES`, else [`DEFAULT_SERVICE_NAME`].
+    pub service_name: Option<String>,
+    /// Time allowed for one export, retries included; also the bound on the shutdown flush.
+    pub timeout: Duration,
+    /// Names of the headers sent with every export request.
+    pub header_names: Vec<String>,
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE`: the CA bundle trusted for an https
+    /// endpoint, instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    #[cfg(feature = "otlp")]
+    ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for OtlpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpConfig")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("endpoint_from", &self.endpoint_from)
+            .field("service_name", &self.service_name)
+            .field("timeout", &self.timeout)
+            .field("header_names", &self.header_names)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl OtlpConfig {
+    /// The flags (explicit overrides), else the standard OpenTelemetry variables read through
+    /// `env` (empty values count as unset). `Ok(None)`: no endpoint anywhere, export is off.
+    pub fn resolve(
+        endpoint: Option<OtlpEndpoint>,
+        service_name: Option<String>,
+        timeout: Option<Duration>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<OtlpConfig>, String> {
+        let var = |name: &'static str| {
+            env(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (name, v))
+        };
+        let in_var = |name: &str, e: String| format!("{name}: {e}");
+        let (endpoint, endpoint_from) = match endpoint {
+            Some(e) => (e, "--otlp-endpoint"),
+            None => match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                Some((name, v)) => (OtlpEndpoint::exact(&v).map_err(|e| in_var(name, e))?, name),
+                None => match var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                    Some((name, v)) => (OtlpEndpoint::base(&v).map_err(|e| in_var(name, e))?, name),
+                    None => return Ok(None),
+                },
+            },
+        };
+        if cfg!(not(feature = "otlp")) {
+            return Err(format!(
+                "{endpoint_from}: this build of outbox-relay cannot export spans (it was built \
+                 without the `otlp` cargo feature); unset it, or use a build with the feature"
+            ));
+        }
+        let service_name =
+            service_name.or_else(|| var("OTEL_SERVICE_NAME").map(|(_, v)| v.trim().to_string()));
+        let timeout = match timeout {
+            Some(t) => t,
+            None => match var("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+                .or_else(|| var("OTEL_EXPORTER_OTLP_TIMEOUT"))
+            {
+                Some((name, v)) => match v.trim().parse::<u64>() {
+                    Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                    _ => {
+                        return Err(format!(
+                            "{name}: expected a whole number of milliseconds greater than 0, \
+                             got {v:?}"
+                        ))
+                    }
+                },
+                None => DEFAULT_TIMEOUT,
+            },
+        };
+        // The exporter reads the signal's variable if set, else the general one (not both).
+        let header_names = match var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_HEADERS"))
+        {
+            Some((name, v)) => header_names(&v).map_err(|e| in_var(name, e))?,
+            None => Vec::new(),
+        };
+        let ca_file = var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_CERTIFICATE"));
+        #[cfg(feature = "otlp")]
+        let ca = match &ca_file {
+            Some((name, path)) => read_ca(path).map_err(|e| in_var(name, e))?,
+            None => Vec::new(),
+        };
+        Ok(Some(OtlpConfig {
+            endpoint,
+            endpoint_from,
+            service_name,
+            timeout,
+            header_names,
+            ca_file: ca_file.map(|(_, path)| PathBuf::from(path)),
+            #[cfg(feature = "otlp")]
+            ca,
+        }))
+    }
+}
+
+/// The names in an `OTEL_EXPORTER_OTLP_HEADERS` value (`name=value,name=value`, values
+/// percent-encoded). A malformed entry is refused by its position: values are never echoed.
+fn header_names(value: &str) -> Result<Vec<String>, String> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    value
+        .split_terminator(',')
+        .enumerate()
+        .map(|(i, entry)| match entry.split_once('=') {
+            Some((name, _)) if !name.trim().is_empty() && name.trim().chars().all(token) => {
+                Ok(name.trim().to_ascii_lowercase())
+            }
+            _ => Err(format!(
+                "entry {} is not name=value with a valid header name (values are \
+                 percent-encoded, e.g. authorization=Bearer%20<token>)",
+                i + 1
+            )),
+        })
+        .collect()
+}
+
+/// The certificates of a PEM file (a CA or a bundle of them).
+#[cfg(feature = "otlp")]
+fn read_ca(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{path} is not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path} holds no PEM certificate"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("{path}: a certificate cannot be used as a CA: {e}"))?;
+    }
+    Ok(certs)
+}
+
+/// OpenTelemetry span kinds used here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    Internal = 1,
-    Producer = 4,
+    Internal,
+    Producer,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,14 +369,10 @@ pub enum Value {
     Int(i64),
 }
 
-/// One finished span.
+/// One finished span, as the relay measured it. Its trace, parent and trace state are the
+/// writer's (from the [`Stamp`]); its own id, when exported, is the SDK's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Span {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub parent_span_id: [u8; 8],
-    pub trace_state: Option<String>,
-    pub flags: u8,
     pub name: String,
     pub kind: Kind,
     pub start_unix_nano: u64,
@@ -191,200 +382,85 @@ pub struct Span {
     pub error: Option<String>,
 }
 
-/// OTLP span flags: the W3C trace flags plus "the parent is remote" (it is the writer's).
-const FLAGS_HAS_IS_REMOTE: u32 = 0x100;
-const FLAGS_IS_REMOTE: u32 = 0x200;
-/// OTLP `STATUS_CODE_ERROR`.
-const STATUS_ERROR: u8 = 2;
-
-/// An OTLP/HTTP JSON `ExportTraceServiceRequest` body: ids as lowercase hex, 64-bit integers
-/// as decimal strings, enums as integers, lowerCamelCase field names.
-pub fn otlp_json(spans: &[Span], service_name: &str) -> serde_json::Value {
-    use serde_json::json;
-    let attr = |key: &str, value: &Value| match value {
-        Value::Str(s) => json!({"key": key, "value": {"stringValue": s}}),
-        Value::Int(i) => json!({"key": key, "value": {"intValue": i.to_string()}}),
-    };
-    let spans: Vec<serde_json::Value> = spans
-        .iter()
-        .map(|s| {
-            let mut span = json!({
-                "traceId": hex(&s.trace_id),
-                "spanId": hex(&s.span_id),
-                "parentSpanId": hex(&s.parent_span_id),
-                "flags": u32::from(s.flags) | FLAGS_HAS_IS_REMOTE | FLAGS_IS_REMOTE,
-                "name": s.name,
-                "kind": s.kind as u8,
-                "startTimeUnixNano": s.start_unix_nano.to_string(),
-                "endTimeUnixNano": s.end_unix_nano.to_string(),
-                "attributes": s.attributes.iter().map(|(k, v)| attr(k, v)).collect::<Vec<_>>(),
-            });
-            if let Some(state) = &s.trace_state {
-                span["traceState"] = json!(state);
-            }
-            if let Some(message) = &s.error {
-                span["status"] = json!({"code": STATUS_ERROR, "message": message});
-            }
-            span
-        })
-        .collect();
-    json!({"resourceSpans": [{
-        "resource": {"attributes": [
-            attr("service.name", &Value::Str(service_name.to_string())),
-            attr("service.version", &Value::Str(env!("CARGO_PKG_VERSION").to_string())),
-        ]},
-        "scopeSpans": [{
-            "scope": {"name": "outbox-relay", "version": env!("CARGO_PKG_VERSION")},
-            "spans": spans,
-        }],
-    }]})
-}
-
-/// Where spans go: an OTLP/HTTP endpoint (`http://host:port[/path]`). Plain HTTP only: run an
-/// OpenTelemetry Collector agent next to the relay (sidecar or node agent) for TLS and auth.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OtlpEndpoint {
-    /// Host to connect to (an IPv6 address without brackets).
-    pub host: String,
-    pub port: u16,
-    /// `Host` header value.
-    pub authority: String,
-    /// Request path: the URL's path if it ends in `/v1/traces`, else that path + `/v1/traces`.
-    pub path: String,
-}
-
-impl OtlpEndpoint {
-    pub fn parse(url: &str) -> Result<OtlpEndpoint, String> {
-        let url = url.trim();
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err("expected a URL such as http://127.0.0.1:4318".into());
-        };
-        match scheme.to_ascii_lowercase().as_str() {
-            "http" => {}
-            "https" => {
-                return Err("https is not supported: point the relay at a local OpenTelemetry Collector \
-                     agent over http (e.g. http://127.0.0.1:4318, a sidecar or node agent) and let it \
-                     export with TLS"
-                    .into())
-            }
-            other => return Err(format!("scheme {other:?} is not supported; use http://host:port")),
-        }
-        if rest.contains(['?', '#']) {
-            return Err(
-                "a query or fragment is not supported; give http://host:port[/path]".into(),
-            );
-        }
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if authority.contains('@') {
-            return Err(
-                "credentials in the URL are not supported; use a local collector agent".into(),
-            );
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(':') && (!h.contains(':') || h.starts_with('[')) => {
-                let port = p
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| format!("port {p:?} is not a number from 1 to 65535"))?;
-                (h, port)
-            }
-            _ => (authority, 80),
-        };
-        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-        if host.is_empty() || (host.contains(':') && bare.is_none()) {
-            return Err(
-                "missing or malformed host; expected http://host:port (IPv6: http://[::1]:4318)"
-                    .into(),
-            );
-        }
-        let path = path.trim_end_matches('/');
-        let path = if path.ends_with("/v1/traces") {
-            path.to_string()
-        } else {
-            format!("{path}/v1/traces")
-        };
-        Ok(OtlpEndpoint {
-            host: bare.unwrap_or(host).to_string(),
-            port,
-            authority: authority.to_string(),
-            path,
-        })
-    }
-}
-
-impl std::fmt::Display for OtlpEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.path)
-    }
-}
-
-/// `--otlp-*`: export is on exactly when this is configured.
-#[derive(Debug, Clone)]
-pub struct OtlpConfig {
-    pub endpoint: OtlpEndpoint,
-    pub service_name: String,
-    pub timeout: Duration,
-}
-
 /// A message's trace context, taken before it is produced.
 #[derive(Debug, Clone)]
 pub struct Stamp {
     parent: TraceParent,
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
     trace_state: Option<String>,
-    /// The publish span's id (the `traceparent` header's parent id when exporting).
-    publish_span: [u8; 8],
+    /// When exporting: the publish span's id, which the rewritten `traceparent` names.
+    publish_span: Option<[u8; 8]>,
 }
 
 /// Records spans for the relay loop: [`Tracer::stamp`] before producing a batch,
 /// [`Tracer::record`] after its delivery reports.
 pub struct Tracer {
-    export: Option<mpsc::Sender<Span>>,
-    ids: SpanIds,
     table: String,
-    metrics: Metrics,
+    #[cfg(feature = "otlp")]
+    export: Option<otlp::Export>,
 }
 
 impl Tracer {
-    /// A tracer and, when `otlp` is set, the exporter task to spawn. The exporter drains and
-    /// ends once the tracer is dropped.
+    /// A tracer and, when `otlp` is set, the exporter's shutdown, to spawn: once the tracer is
+    /// dropped it sends what is still queued, within one export timeout, and stops the
+    /// exporter. Call within a Tokio runtime.
     pub fn new(
         otlp: Option<OtlpConfig>,
         table: String,
         metrics: Metrics,
-    ) -> (Tracer, Option<impl std::future::Future<Output = ()>>) {
+    ) -> (
+        Tracer,
+        Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    ) {
         Tracer::with_queue(otlp, table, metrics, QUEUE)
     }
 
+    #[cfg(feature = "otlp")]
     fn with_queue(
         otlp: Option<OtlpConfig>,
         table: String,
         metrics: Metrics,
         queue: usize,
-    ) -> (Tracer, Option<impl std::future::Future<Output = ()>>) {
-        let (export, exporter) = match otlp {
-            Some(cfg) => {
-                for reason in ["queue_full", "export_failed"] {
-                    metrics.spans_dropped.with_label_values(&[reason]); // shown as 0 from the start
-                }
-                let (tx, rx) = mpsc::channel(queue);
-                (Some(tx), Some(export(rx, cfg, metrics.clone())))
+    ) -> (
+        Tracer,
+        Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    ) {
+        let (export, shutdown) = match otlp.map(|cfg| otlp::Export::start(cfg, metrics, queue)) {
+            Some(Ok((export, shutdown))) => (Some(export), Some(shutdown)),
+            Some(Err(error)) => {
+                tracing::error!(%error, "cannot start the trace span exporter; spans are not exported (delivery is unaffected)");
+                (None, None)
             }
             None => (None, None),
         };
-        let tracer = Tracer {
-            export,
-            ids: SpanIds::new(),
-            table,
-            metrics,
-        };
-        (tracer, exporter)
+        (Tracer { table, export }, shutdown)
+    }
+
+    #[cfg(not(feature = "otlp"))]
+    fn with_queue(
+        otlp: Option<OtlpConfig>,
+        table: String,
+        metrics: Metrics,
+        queue: usize,
+    ) -> (
+        Tracer,
+        Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    ) {
+        // OtlpConfig::resolve refuses an endpoint in a build without the feature.
+        let _ = (otlp, metrics, queue);
+        (Tracer { table }, None::<std::future::Ready<()>>)
+    }
+
+    fn exporting(&self) -> bool {
+        #[cfg(feature = "otlp")]
+        return self.export.is_some();
+        #[cfg(not(feature = "otlp"))]
+        return false;
     }
 
     /// True when spans are wanted at all (exported, or logged at debug level).
     fn active(&self) -> bool {
-        self.export.is_some()
-            || tracing::enabled!(target: "outbox_relay::spans", tracing::Level::DEBUG)
+        self.exporting() || tracing::enabled!(target: "outbox_relay::spans", tracing::Level::DEBUG)
     }
 
     /// Read each message's trace context. When exporting, a traced message's `traceparent`
@@ -409,13 +485,9 @@ impl Tracer {
                     }
                 };
                 let trace_state = find(HEADER_TRACESTATE).map(|i| m.headers[i].1.clone());
-                let publish_span = self.ids.next();
-                if self.export.is_some() {
-                    m.headers[at].1 = TraceParent {
-                        span_id: publish_span,
-                        ..parent
-                    }
-                    .header();
+                let publish_span = self.new_span_id();
+                if let Some(span_id) = publish_span {
+                    m.headers[at].1 = TraceParent { span_id, ..parent }.header();
                 }
                 Some(Stamp {
                     parent,
@@ -426,8 +498,18 @@ impl Tracer {
             .collect()
     }
 
+    #[cfg(feature = "otlp")]
+    fn new_span_id(&self) -> Option<[u8; 8]> {
+        self.export.as_ref().map(otlp::Export::new_span_id)
+    }
+
+    #[cfg(not(feature = "otlp"))]
+    fn new_span_id(&self) -> Option<[u8; 8]> {
+        None
+    }
+
     /// The two spans of every stamped message that has an outcome; logged at debug level and,
-    /// when exporting, queued for the exporter (dropped and counted if the queue is full).
+    /// when exporting, handed to the exporter (dropped and counted if its queue is full).
     pub fn record(
         &self,
         messages: &[Message],
@@ -439,49 +521,38 @@ impl Tracer {
             messages.iter().zip(stamps).zip(outcomes).zip(receipts)
         {
             let Some(stamp) = stamp else { continue };
-            for span in self.spans(m, stamp, outcome, receipt) {
-                tracing::debug!(target: "outbox_relay::spans", trace_id = %hex(&span.trace_id),
-                    span_id = %hex(&span.span_id), parent_span_id = %hex(&span.parent_span_id),
+            let [wait, publish] = self.spans(m, outcome, receipt);
+            for (span, span_id) in [(wait, None), (publish, stamp.publish_span)] {
+                let exported_as = self.export(stamp, &span, span_id);
+                tracing::debug!(target: "outbox_relay::spans", trace_id = %hex(&stamp.parent.trace_id),
+                    span_id = exported_as.map(|id| hex(&id)).as_deref(),
+                    parent_span_id = %hex(&stamp.parent.span_id),
                     name = %span.name, row_id = m.id,
                     duration_us = span.end_unix_nano.saturating_sub(span.start_unix_nano) / 1000,
                     error = span.error.as_deref(), "span");
-                let Some(tx) = &self.export else { continue };
-                if tx.try_send(span).is_err() {
-                    self.metrics
-                        .spans_dropped
-                        .with_label_values(&["queue_full"])
-                        .inc();
-                }
             }
         }
     }
 
-    fn spans(
-        &self,
-        m: &Message,
-        stamp: &Stamp,
-        outcome: &Result<(), Failure>,
-        receipt: &Receipt,
-    ) -> [Span; 2] {
+    /// Hand a span to the exporter; its id if it was taken.
+    #[cfg(feature = "otlp")]
+    fn export(&self, stamp: &Stamp, span: &Span, span_id: Option<[u8; 8]>) -> Option<[u8; 8]> {
+        self.export.as_ref()?.record(stamp, span, span_id)
+    }
+
+    #[cfg(not(feature = "otlp"))]
+    fn export(&self, _: &Stamp, _: &Span, _: Option<[u8; 8]>) -> Option<[u8; 8]> {
+        None
+    }
+
+    /// `outbox.wait` and `<topic> publish` for a message, with their times and attributes.
+    fn spans(&self, m: &Message, outcome: &Result<(), Failure>, receipt: &Receipt) -> [Span; 2] {
         let handed_off = unix_nanos(receipt.handed_off);
         let created = m
             .created_at
             .timestamp_nanos_opt()
             .map_or(0, |n| n.max(0) as u64)
             .min(handed_off); // clocks differ: never end before the start
-        let span = |span_id, name: String, kind, start, end, attributes| Span {
-            trace_id: stamp.parent.trace_id,
-            span_id,
-            parent_span_id: stamp.parent.span_id,
-            trace_state: stamp.trace_state.clone(),
-            flags: stamp.parent.flags,
-            name,
-            kind,
-            start_unix_nano: start,
-            end_unix_nano: end,
-            attributes,
-            error: None,
-        };
         let common = || {
             vec![
                 ("messaging.system", Value::Str("kafka".into())),
@@ -490,14 +561,14 @@ impl Tracer {
                 ("outbox.table", Value::Str(self.table.clone())),
             ]
         };
-        let wait = span(
-            self.ids.next(),
-            "outbox.wait".into(),
-            Kind::Internal,
-            created,
-            handed_off,
-            common(),
-        );
+        let wait = Span {
+            name: "outbox.wait".into(),
+            kind: Kind::Internal,
+            start_unix_nano: created,
+            end_unix_nano: handed_off,
+            attributes: common(),
+            error: None,
+        };
         let mut attributes = common();
         attributes.push(("messaging.operation", Value::Str("publish".into())));
         if let Some(key) = &m.key {
@@ -510,18 +581,17 @@ impl Tracer {
             ));
             attributes.push(("messaging.kafka.message.offset", Value::Int(offset)));
         }
-        let reported = unix_nanos(receipt.reported).max(handed_off);
-        let mut publish = span(
-            stamp.publish_span,
-            format!("{} publish", m.topic),
-            Kind::Producer,
-            handed_off,
-            reported,
+        let publish = Span {
+            name: format!("{} publish", m.topic),
+            kind: Kind::Producer,
+            start_unix_nano: handed_off,
+            end_unix_nano: unix_nanos(receipt.reported).max(handed_off),
             attributes,
-        );
-        if let Err(failure) = outcome {
-            publish.error = Some(failure.clone().into_reason());
-        }
+            error: outcome
+                .as_ref()
+                .err()
+                .map(|failure| failure.clone().into_reason()),
+        };
         [wait, publish]
     }
 }
@@ -530,160 +600,459 @@ fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
 }
 
-/// The exporter task: batches of up to 512 spans (or whatever arrived within 1 s) posted to
-/// the collector. When the tracer is dropped it sends what is left within one --otlp-timeout.
-async fn export(mut rx: mpsc::Receiver<Span>, cfg: OtlpConfig, metrics: Metrics) {
-    tracing::info!(endpoint = %cfg.endpoint, service_name = %cfg.service_name, "exporting trace spans over OTLP/HTTP");
-    let mut warn = RateLimitedWarn::default();
-    let mut batch: Vec<Span> = Vec::with_capacity(BATCH_MAX);
-    let mut open = true;
-    while open {
-        match rx.recv().await {
-            Some(span) => batch.push(span),
-            None => break,
-        }
-        let deadline = tokio::time::Instant::now() + BATCH_EVERY;
-        while batch.len() < BATCH_MAX {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) => {
-                    open = false;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        send(&mut batch, &cfg, cfg.timeout, &metrics, &mut warn).await;
-    }
-    // Shutdown: the loop has stopped; send what is queued within one timeout.
-    let deadline = Instant::now() + cfg.timeout;
-    loop {
-        while batch.len() < BATCH_MAX {
-            match rx.try_recv() {
-                Ok(span) => batch.push(span),
-                Err(_) => break,
-            }
-        }
-        if batch.is_empty() {
-            break;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        send(&mut batch, &cfg, left, &metrics, &mut warn).await;
-    }
-    warn.flush();
-}
+/// The OpenTelemetry SDK behind [`Tracer`]: provider, batch span processor, OTLP/HTTP exporter.
+#[cfg(feature = "otlp")]
+mod otlp {
+    use std::cell::Cell;
+    use std::fmt::Write as _;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant, UNIX_EPOCH};
 
-async fn send(
-    batch: &mut Vec<Span>,
-    cfg: &OtlpConfig,
-    timeout: Duration,
-    metrics: &Metrics,
-    warn: &mut RateLimitedWarn,
-) {
-    let n = batch.len() as u64;
-    let body = otlp_json(batch, &cfg.service_name).to_string();
-    batch.clear();
-    let result = if timeout.is_zero() {
-        Err("shutdown: no time left to export".to_string())
-    } else {
-        post(&cfg.endpoint, body.as_bytes(), timeout).await
+    use opentelemetry::trace::{
+        Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
+        TraceFlags, TraceId, TraceState, Tracer as _, TracerProvider as _,
     };
-    match result {
-        Ok(()) => metrics.spans_exported.inc_by(n),
-        Err(e) => {
-            metrics
-                .spans_dropped
-                .with_label_values(&["export_failed"])
-                .inc_by(n);
-            warn.failed(&cfg.endpoint, n, &e);
-        }
-    }
-}
-
-/// POST one request and read the status line. `Connection: close`: a request per batch, at
-/// most a few per second, to a collector on the same host or network.
-async fn post(endpoint: &OtlpEndpoint, body: &[u8], timeout: Duration) -> Result<(), String> {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let head = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-             User-Agent: outbox-relay/{}\r\nConnection: close\r\n\r\n",
-            endpoint.path,
-            endpoint.authority,
-            body.len(),
-            env!("CARGO_PKG_VERSION")
-        );
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .map_err(|e| format!("send failed: {e}"))?;
-        stream
-            .write_all(body)
-            .await
-            .map_err(|e| format!("send failed: {e}"))?;
-        let mut response = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !response.contains(&b'\n') && response.len() < 4096 {
-            match stream.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => response.extend_from_slice(&buf[..n]),
-                Err(e) => return Err(format!("reading the response failed: {e}")),
-            }
-        }
-        let line = String::from_utf8_lossy(&response);
-        let line = line.lines().next().unwrap_or("").trim();
-        match line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-        {
-            Some(code) if (200..300).contains(&code) => Ok(()),
-            Some(404) => Err(format!(
-                "the collector answered {line:?}: is {} its OTLP/HTTP traces path?",
-                endpoint.path
-            )),
-            Some(_) => Err(format!("the collector answered {line:?}")),
-            None => Err(
-                "no HTTP response (is this the collector's OTLP/HTTP port, usually 4318?)".into(),
-            ),
-        }
+    use opentelemetry::{Context, InstrumentationScope, Key, KeyValue};
+    use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+    use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{
+        BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, Sampler, SdkTracer,
+        SdkTracerProvider, SpanData, SpanExporter,
     };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within --otlp-timeout ({timeout:?})")))
-}
+    use opentelemetry_sdk::Resource;
 
-/// Export failures warn at most once a minute, with what was dropped meanwhile.
-#[derive(Default)]
-struct RateLimitedWarn {
-    last: Option<Instant>,
-    dropped_since: u64,
-    last_error: Option<String>,
-}
+    use super::{
+        Kind, OtlpConfig, Span, Stamp, Value, BATCH_EVERY, BATCH_MAX, DEFAULT_SERVICE_NAME,
+        WARN_EVERY,
+    };
+    use crate::telemetry::Metrics;
 
-impl RateLimitedWarn {
-    fn failed(&mut self, endpoint: &OtlpEndpoint, spans: u64, error: &str) {
-        self.dropped_since += spans;
-        if self.last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
-            self.last_error = Some(error.to_string());
-            return;
-        }
-        tracing::warn!(endpoint = %endpoint, error, dropped_spans = self.dropped_since,
-            "trace span export failed; spans dropped (delivery is unaffected). Next warning in 60s at the earliest");
-        self.last = Some(Instant::now());
-        self.dropped_since = 0;
-        self.last_error = None;
+    const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+    pub(super) struct Export {
+        tracer: SdkTracer,
+        ids: RandomIdGenerator,
+        /// Spans handed to the SDK and not yet taken by an export. At most `queue`, the batch
+        /// processor's own queue size, so that queue never overflows unseen: a span that
+        /// would exceed it is dropped here and counted as `queue_full`.
+        queued: Arc<AtomicUsize>,
+        queue: usize,
+        metrics: Metrics,
+        /// Dropped with the tracer: the shutdown future then flushes and stops the exporter.
+        _alive: tokio::sync::oneshot::Sender<()>,
     }
 
-    fn flush(&mut self) {
-        if let Some(error) = self.last_error.take() {
-            tracing::warn!(
-                error,
-                dropped_spans = self.dropped_since,
-                "trace span export failed; spans dropped"
+    impl Export {
+        pub(super) fn start(
+            cfg: OtlpConfig,
+            metrics: Metrics,
+            queue: usize,
+        ) -> Result<(Export, impl Future<Output = ()> + Send + 'static), String> {
+            for reason in ["queue_full", "export_failed"] {
+                metrics.spans_dropped.with_label_values(&[reason]); // shown as 0 from the start
+            }
+            warn_unsupported_variables();
+            let last_error = Arc::new(Mutex::new(None));
+            let client = OnRuntime {
+                client: http_client(&cfg)?,
+                runtime: tokio::runtime::Handle::current(),
+                last_error: last_error.clone(),
+            };
+            // Headers (OTEL_EXPORTER_OTLP_[TRACES_]HEADERS) and compression
+            // (OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION) come from the environment, read by the
+            // SDK; everything set here overrides its variable.
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(cfg.endpoint.as_str())
+                .with_timeout(cfg.timeout)
+                .with_http_client(client)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let queued = Arc::new(AtomicUsize::new(0));
+            let counted = Counted {
+                inner: exporter,
+                queued: queued.clone(),
+                metrics: metrics.clone(),
+                last_error,
+                warn: Mutex::new(RateLimitedWarn::default()),
+                endpoint: cfg.endpoint.to_string(),
+            };
+            let batch = BatchConfigBuilder::default()
+                .with_max_queue_size(queue)
+                .with_max_export_batch_size(BATCH_MAX.min(queue))
+                .with_scheduled_delay(BATCH_EVERY)
+                .build();
+            let service_name = service_name(cfg.service_name.clone());
+            let resource = Resource::builder()
+                .with_service_name(service_name.clone())
+                .with_attribute(KeyValue::new("service.version", VERSION))
+                .build();
+            let provider = SdkTracerProvider::builder()
+                .with_span_processor(
+                    BatchSpanProcessor::builder(counted)
+                        .with_batch_config(batch)
+                        .build(),
+                )
+                // Only sampled parents get spans, and every one of them is kept (this also
+                // overrides OTEL_TRACES_SAMPLER: a rewritten traceparent must name a span
+                // that is exported).
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+                .with_id_generator(PresetSpanIds::default())
+                .with_resource(resource)
+                .build();
+            let tracer = provider.tracer_with_scope(
+                InstrumentationScope::builder("outbox-relay")
+                    .with_version(VERSION)
+                    .build(),
             );
+            tracing::info!(endpoint = %cfg.endpoint, from = cfg.endpoint_from, service_name,
+                timeout = ?cfg.timeout, headers = %cfg.header_names.join(","),
+                ca_file = cfg.ca_file.as_ref().map(|p| p.display().to_string()).as_deref(),
+                "exporting trace spans over OTLP/HTTP");
+            let (alive, dropped) = tokio::sync::oneshot::channel::<()>();
+            let shutdown = {
+                let (queued, metrics, timeout) = (queued.clone(), metrics.clone(), cfg.timeout);
+                async move {
+                    let _ = dropped.await; // the tracer is gone: no more spans
+                    let stopped = tokio::task::spawn_blocking(move || {
+                        provider.shutdown_with_timeout(timeout)
+                    })
+                    .await;
+                    let left = queued.swap(0, Ordering::AcqRel) as u64;
+                    if left > 0 {
+                        metrics
+                            .spans_dropped
+                            .with_label_values(&["export_failed"])
+                            .inc_by(left);
+                        let error = match stopped {
+                            Ok(Ok(())) => "none".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::warn!(
+                            dropped_spans = left,
+                            ?timeout,
+                            error,
+                            "trace spans still queued at shutdown were not exported in time"
+                        );
+                    }
+                }
+            };
+            let export = Export {
+                tracer,
+                ids: RandomIdGenerator::default(),
+                queued,
+                queue,
+                metrics,
+                _alive: alive,
+            };
+            Ok((export, shutdown))
+        }
+
+        pub(super) fn new_span_id(&self) -> [u8; 8] {
+            self.ids.new_span_id().to_bytes()
+        }
+
+        /// Hand a finished span to the SDK, with `span_id` if given, unless the queue is full
+        /// (then it is dropped and counted). Its id if it was handed over.
+        pub(super) fn record(
+            &self,
+            stamp: &Stamp,
+            span: &Span,
+            span_id: Option<[u8; 8]>,
+        ) -> Option<[u8; 8]> {
+            if self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.metrics
+                    .spans_dropped
+                    .with_label_values(&["queue_full"])
+                    .inc();
+                return None;
+            }
+            let parent = SpanContext::new(
+                TraceId::from_bytes(stamp.parent.trace_id),
+                SpanId::from_bytes(stamp.parent.span_id),
+                TraceFlags::new(stamp.parent.flags),
+                true, // the writer's span: remote
+                stamp
+                    .trace_state
+                    .as_deref()
+                    .and_then(|s| s.parse::<TraceState>().ok())
+                    .unwrap_or_default(),
+            );
+            let parent = Context::new().with_remote_span_context(parent);
+            let builder = SpanBuilder::from_name(span.name.clone())
+                .with_kind(match span.kind {
+                    Kind::Internal => SpanKind::Internal,
+                    Kind::Producer => SpanKind::Producer,
+                })
+                .with_start_time(at(span.start_unix_nano))
+                .with_attributes(span.attributes.iter().map(|(key, value)| match value {
+                    Value::Str(s) => KeyValue::new(*key, s.clone()),
+                    Value::Int(i) => KeyValue::new(*key, *i),
+                }));
+            let mut sdk_span = PresetSpanIds::with(span_id.map(SpanId::from_bytes), || {
+                self.tracer.build_with_context(builder, &parent)
+            });
+            if let Some(message) = &span.error {
+                sdk_span.set_status(Status::error(message.clone()));
+            }
+            let id = sdk_span.span_context().span_id().to_bytes();
+            sdk_span.end_with_timestamp(at(span.end_unix_nano));
+            Some(id)
+        }
+    }
+
+    fn at(unix_nanos: u64) -> std::time::SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(unix_nanos)
+    }
+
+    /// `--otlp-service-name` or OTEL_SERVICE_NAME, else OTEL_RESOURCE_ATTRIBUTES's
+    /// `service.name`, else outbox-relay.
+    fn service_name(configured: Option<String>) -> String {
+        configured
+            .or_else(|| {
+                Resource::builder()
+                    .build()
+                    .get(&Key::from_static_str("service.name"))
+                    .map(|v| v.to_string())
+                    .filter(|name| !name.starts_with("unknown_service"))
+            })
+            .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string())
+    }
+
+    fn warn_unsupported_variables() {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        if let Some(protocol) = protocol.filter(|p| p.trim() != "http/protobuf") {
+            tracing::warn!(%protocol, "OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported; exporting with it");
+        }
+        for name in [
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        ] {
+            if var(name).is_some() {
+                tracing::warn!(
+                    variable = name,
+                    "client certificates (mTLS) are not supported; ignored"
+                );
+            }
+        }
+    }
+
+    /// reqwest over rustls (ring, as sqlx): only the configured CA bundle if there is one,
+    /// else the system's CAs; no redirects (headers go to the configured endpoint only).
+    fn http_client(cfg: &OtlpConfig) -> Result<reqwest::Client, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        if !cfg.ca.is_empty() {
+            roots.add_parsable_certificates(cfg.ca.iter().cloned());
+        } else if cfg.endpoint.is_https() {
+            let (added, _) =
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if added == 0 {
+                tracing::warn!(endpoint = %cfg.endpoint, "no system CA certificates found: https export fails unless OTEL_EXPORTER_OTLP_CERTIFICATE names the collector's CA");
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("HTTP client setup failed: {e}"))
+    }
+
+    /// The exporter's HTTP client. The batch span processor exports from its own thread,
+    /// outside Tokio: each request runs as a task on the relay's runtime, where reqwest's
+    /// I/O and timers live. Keeps the last transport error's text (the SDK reports only
+    /// "network error"); it holds the URL, never a header.
+    #[derive(Debug)]
+    struct OnRuntime {
+        client: reqwest::Client,
+        runtime: tokio::runtime::Handle,
+        last_error: Arc<Mutex<Option<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl HttpClient for OnRuntime {
+        async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+            let client = self.client.clone();
+            let sent = self
+                .runtime
+                .spawn(async move { HttpClient::send_bytes(&client, request).await })
+                .await;
+            let error: HttpError = match sent {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => e,
+                Err(e) => Box::new(e), // the runtime is shutting down
+            };
+            let mut text = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                let _ = write!(text, ": {cause}");
+                source = cause.source();
+            }
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some(text);
+            }
+            Err(error)
+        }
+    }
+
+    /// The SDK's random ids, except that the next span built on this thread may be given its
+    /// id: the publish span's id is chosen (and written into the message's `traceparent`)
+    /// before the message is produced, and the span is built after its delivery report.
+    /// (The SDK's `SpanBuilder` has no span id.)
+    #[derive(Debug, Default)]
+    struct PresetSpanIds(RandomIdGenerator);
+
+    thread_local! {
+        static PRESET_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
+    }
+
+    impl PresetSpanIds {
+        fn with<T>(id: Option<SpanId>, build: impl FnOnce() -> T) -> T {
+            PRESET_SPAN_ID.with(|preset| preset.set(id));
+            let built = build();
+            PRESET_SPAN_ID.with(|preset| preset.set(None));
+            built
+        }
+    }
+
+    impl IdGenerator for PresetSpanIds {
+        fn new_trace_id(&self) -> TraceId {
+            self.0.new_trace_id()
+        }
+
+        fn new_span_id(&self) -> SpanId {
+            PRESET_SPAN_ID
+                .with(Cell::take)
+                .unwrap_or_else(|| self.0.new_span_id())
+        }
+    }
+
+    /// The OTLP exporter, counting what becomes of each batch: `spans_exported` when the
+    /// collector accepted it, `spans_dropped{reason="export_failed"}` when it failed after the
+    /// SDK's retries, with a rate-limited warning.
+    struct Counted {
+        inner: opentelemetry_otlp::SpanExporter,
+        queued: Arc<AtomicUsize>,
+        metrics: Metrics,
+        last_error: Arc<Mutex<Option<String>>>,
+        warn: Mutex<RateLimitedWarn>,
+        endpoint: String,
+    }
+
+    impl std::fmt::Debug for Counted {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Counted")
+                .field("endpoint", &self.endpoint)
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl Counted {
+        fn flush_warning(&self) {
+            if let Ok(mut warn) = self.warn.lock() {
+                warn.flush();
+            }
+        }
+    }
+
+    impl SpanExporter for Counted {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            let n = batch.len();
+            let _ = self
+                .queued
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                    Some(q.saturating_sub(n))
+                });
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = None;
+            }
+            let result = self.inner.export(batch).await;
+            match &result {
+                Ok(()) => self.metrics.spans_exported.inc_by(n as u64),
+                Err(e) => {
+                    self.metrics
+                        .spans_dropped
+                        .with_label_values(&["export_failed"])
+                        .inc_by(n as u64);
+                    let cause = self.last_error.lock().ok().and_then(|mut l| l.take());
+                    let error = match cause {
+                        Some(cause) => format!("{e} ({cause})"),
+                        None => e.to_string(),
+                    };
+                    if let Ok(mut warn) = self.warn.lock() {
+                        warn.failed(&self.endpoint, n as u64, &error);
+                    }
+                }
+            }
+            result
+        }
+
+        fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+            self.flush_warning();
+            self.inner.shutdown_with_timeout(timeout)
+        }
+
+        fn shutdown(&self) -> OTelSdkResult {
+            self.flush_warning();
+            self.inner.shutdown()
+        }
+
+        fn force_flush(&self) -> OTelSdkResult {
+            self.inner.force_flush()
+        }
+
+        fn set_resource(&mut self, resource: &Resource) {
+            self.inner.set_resource(resource);
+        }
+    }
+
+    /// Export failures warn at most once a minute, with what was dropped meanwhile.
+    #[derive(Default)]
+    struct RateLimitedWarn {
+        last: Option<Instant>,
+        dropped_since: u64,
+        last_error: Option<String>,
+    }
+
+    impl RateLimitedWarn {
+        fn failed(&mut self, endpoint: &str, spans: u64, error: &str) {
+            self.dropped_since += spans;
+            if self.last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+                self.last_error = Some(error.to_string());
+                return;
+            }
+            tracing::warn!(endpoint, error, dropped_spans = self.dropped_since,
+                "trace span export failed; spans dropped (delivery is unaffected). Next warning in 60s at the earliest");
+            self.last = Some(Instant::now());
+            self.dropped_since = 0;
+            self.last_error = None;
+        }
+
+        fn flush(&mut self) {
+            if let Some(error) = self.last_error.take() {
+                tracing::warn!(
+                    error,
+                    dropped_spans = self.dropped_since,
+                    "trace span export failed; spans dropped"
+                );
+            }
         }
     }
 }
@@ -745,107 +1114,222 @@ mod tests {
     }
 
     #[test]
-    fn span_ids_are_nonzero_and_distinct() {
-        let ids = SpanIds::new();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            let id = ids.next();
-            assert_ne!(id, [0; 8]);
-            assert!(seen.insert(id), "repeated span id");
-        }
-        assert_ne!(SpanIds::new().next(), SpanIds::new().next(), "seeds differ");
-    }
-
-    fn span(error: Option<&str>) -> Span {
-        let p = TraceParent::parse(GOOD).unwrap();
-        Span {
-            trace_id: p.trace_id,
-            span_id: [1, 2, 3, 4, 5, 6, 7, 8],
-            parent_span_id: p.span_id,
-            trace_state: Some("congo=t61rcWkgMzE".into()),
-            flags: 1,
-            name: "orders publish".into(),
-            kind: Kind::Producer,
-            start_unix_nano: 1_700_000_000_123_456_789,
-            end_unix_nano: 1_700_000_000_223_456_789,
-            attributes: vec![
-                ("messaging.system", Value::Str("kafka".into())),
-                ("messaging.kafka.message.offset", Value::Int(42)),
-            ],
-            error: error.map(Into::into),
-        }
-    }
-
-    #[test]
-    fn otlp_json_follows_the_spec() {
-        let body = otlp_json(&[span(None), span(Some("broker said no"))], "relay-a");
-        let rs = &body["resourceSpans"][0];
+    fn endpoints_are_http_or_https_with_a_traces_path() {
+        let parsed = |url: &str| OtlpEndpoint::parse(url).unwrap().to_string();
         assert_eq!(
-            rs["resource"]["attributes"][0],
-            serde_json::json!({"key": "service.name", "value": {"stringValue": "relay-a"}})
+            parsed("http://127.0.0.1:4318"),
+            "http://127.0.0.1:4318/v1/traces"
         );
-        let scope = &rs["scopeSpans"][0];
-        assert_eq!(scope["scope"]["name"], "outbox-relay");
-        let s = &scope["spans"][0];
-        assert_eq!(s["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(s["spanId"], "0102030405060708");
-        assert_eq!(s["parentSpanId"], "00f067aa0ba902b7");
-        assert_eq!(s["traceState"], "congo=t61rcWkgMzE");
-        assert_eq!(s["flags"], 0x301, "sampled, parent is remote");
-        assert_eq!(s["name"], "orders publish");
-        assert_eq!(s["kind"], 4, "SPAN_KIND_PRODUCER");
         assert_eq!(
-            s["startTimeUnixNano"], "1700000000123456789",
-            "64-bit ints are strings"
+            parsed("http://collector.observability/otlp/"),
+            "http://collector.observability/otlp/v1/traces"
         );
-        assert_eq!(s["endTimeUnixNano"], "1700000000223456789");
         assert_eq!(
-            s["attributes"],
-            serde_json::json!([
-                {"key": "messaging.system", "value": {"stringValue": "kafka"}},
-                {"key": "messaging.kafka.message.offset", "value": {"intValue": "42"}},
-            ])
+            parsed("http://[::1]:4318/v1/traces"),
+            "http://[::1]:4318/v1/traces"
         );
-        assert!(s.get("status").is_none(), "success leaves the status unset");
-        let failed = &scope["spans"][1];
+        let https = OtlpEndpoint::parse("https://collector:4318/v1/traces/").unwrap();
+        assert!(https.is_https());
+        assert_eq!(https.as_str(), "https://collector:4318/v1/traces");
+        // The standard variables: a base URL always gets v1/traces, the traces URL is kept.
         assert_eq!(
-            failed["status"],
-            serde_json::json!({"code": 2, "message": "broker said no"})
+            OtlpEndpoint::base("https://collector/v1/traces")
+                .unwrap()
+                .as_str(),
+            "https://collector/v1/traces/v1/traces"
         );
-    }
-
-    #[test]
-    fn endpoints_are_http_only_with_a_traces_path() {
-        let e = OtlpEndpoint::parse("http://127.0.0.1:4318").unwrap();
         assert_eq!(
-            (e.host.as_str(), e.port, e.path.as_str()),
-            ("127.0.0.1", 4318, "/v1/traces")
-        );
-        assert_eq!(e.to_string(), "http://127.0.0.1:4318/v1/traces");
-        let e = OtlpEndpoint::parse("http://collector.observability/otlp/").unwrap();
-        assert_eq!(
-            (e.host.as_str(), e.port, e.path.as_str()),
-            ("collector.observability", 80, "/otlp/v1/traces")
-        );
-        let e = OtlpEndpoint::parse("http://[::1]:4318/v1/traces").unwrap();
-        assert_eq!(
-            (e.host.as_str(), e.authority.as_str(), e.path.as_str()),
-            ("::1", "[::1]:4318", "/v1/traces")
+            OtlpEndpoint::exact("https://collector/custom")
+                .unwrap()
+                .as_str(),
+            "https://collector/custom"
         );
         for (url, why) in [
-            ("https://collector:4318", "local OpenTelemetry Collector"),
             ("grpc://collector:4317", "not supported"),
             ("collector:4318", "expected a URL"),
-            ("http://:4318", "host"),
-            ("http://collector:http", "port"),
-            ("http://collector:0", "port"),
-            ("http://::1:4318", "host"),
-            ("http://user:pw@collector:4318", "credentials"),
+            ("http://:4318", "expected a URL"),
+            ("http://collector:http", "expected a URL"),
+            ("http://collector:0", "port 0"),
+            ("http://::1:4318", "expected a URL"),
+            (
+                "http://user:pw@collector:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
             ("http://collector:4318/?token=x", "query"),
         ] {
             let err = OtlpEndpoint::parse(url).unwrap_err();
             assert!(err.contains(why), "{url}: {err}");
         }
+    }
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn export_is_off_without_an_endpoint() {
+        for vars in [
+            &[
+                ("OTEL_SERVICE_NAME", "x"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "1"),
+            ][..],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")][..],
+        ] {
+            let resolved = OtlpConfig::resolve(None, None, None, &env(vars)).unwrap();
+            assert!(resolved.is_none(), "{vars:?}");
+        }
+    }
+
+    #[cfg(not(feature = "otlp"))]
+    #[test]
+    fn a_build_without_the_feature_refuses_an_endpoint() {
+        let vars = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")];
+        let err = OtlpConfig::resolve(None, None, None, &env(&vars)).unwrap_err();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_ENDPOINT") && err.contains("`otlp`"),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn flags_override_the_standard_variables_and_signal_variables_the_general_ones() {
+        let general = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://base:4318/"),
+            ("OTEL_SERVICE_NAME", " from-env "),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20hunter2-sentinel, x-tenant=a",
+            ),
+        ];
+        let cfg = OtlpConfig::resolve(None, None, None, &env(&general))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.endpoint.as_str(), "https://base:4318/v1/traces");
+        assert_eq!(cfg.endpoint_from, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        assert_eq!(cfg.service_name.as_deref(), Some("from-env"));
+        assert_eq!(cfg.timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.header_names, ["authorization", "x-tenant"]);
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2-sentinel"), "{shown}");
+
+        let signal = [
+            &general[..],
+            &[
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://traces:1234/custom",
+                ),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "700"),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
+            ],
+        ]
+        .concat();
+        let cfg = OtlpConfig::resolve(None, None, None, &env(&signal))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.endpoint.as_str(), "http://traces:1234/custom");
+        assert_eq!(cfg.endpoint_from, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        assert_eq!(cfg.timeout, Duration::from_millis(700));
+        assert_eq!(cfg.header_names, ["b"]);
+
+        let flag = OtlpEndpoint::parse("http://flag:4318").unwrap();
+        let cfg = OtlpConfig::resolve(
+            Some(flag.clone()),
+            Some("flag-name".into()),
+            Some(Duration::from_secs(3)),
+            &env(&signal),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (cfg.endpoint.as_str(), cfg.endpoint_from),
+            ("http://flag:4318/v1/traces", "--otlp-endpoint")
+        );
+        assert_eq!(cfg.service_name.as_deref(), Some("flag-name"));
+        assert_eq!(cfg.timeout, Duration::from_secs(3));
+        assert_eq!(cfg.header_names, ["b"], "headers have no flag");
+
+        let cfg = OtlpConfig::resolve(Some(flag), None, None, &env(&[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.service_name, None);
+        assert_eq!(cfg.timeout, DEFAULT_TIMEOUT);
+        assert!(cfg.header_names.is_empty() && cfg.ca_file.is_none());
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn bad_standard_variables_are_refused_by_name_without_echoing_values() {
+        let dir = std::env::temp_dir().join(format!("outbox-relay-spans-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not-a-ca.pem");
+        std::fs::write(&not_pem, "hunter2-sentinel\n").unwrap();
+        let not_pem = not_pem.to_str().unwrap();
+        let ok = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        for (vars, want) in [
+            (
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")][..],
+                "OTEL_EXPORTER_OTLP_ENDPOINT: scheme",
+            ),
+            (
+                &[(
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "https://u:hunter2-sentinel@c",
+                )],
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: credentials",
+            ),
+            (
+                &[ok, ("OTEL_EXPORTER_OTLP_TIMEOUT", "5s")],
+                "OTEL_EXPORTER_OTLP_TIMEOUT: expected a whole number of milliseconds",
+            ),
+            (
+                &[ok, ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0")],
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: expected",
+            ),
+            (
+                &[
+                    ok,
+                    (
+                        "OTEL_EXPORTER_OTLP_HEADERS",
+                        "authorization:hunter2-sentinel",
+                    ),
+                ],
+                "OTEL_EXPORTER_OTLP_HEADERS: entry 1 ",
+            ),
+            (
+                &[
+                    ok,
+                    (
+                        "OTEL_EXPORTER_OTLP_HEADERS",
+                        "a=1,bad name=hunter2-sentinel",
+                    ),
+                ],
+                "OTEL_EXPORTER_OTLP_HEADERS: entry 2 ",
+            ),
+            (
+                &[
+                    ok,
+                    ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+                ],
+                "OTEL_EXPORTER_OTLP_CERTIFICATE: cannot read /nonexistent/ca.pem",
+            ),
+            (
+                &[ok, ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", not_pem)],
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: ",
+            ),
+        ] {
+            let err = OtlpConfig::resolve(None, None, None, &env(vars)).unwrap_err();
+            assert!(err.contains(want), "{vars:?}: {err}");
+            assert!(!err.contains("hunter2-sentinel"), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn message(headers: &[(&str, &str)]) -> Message {
@@ -862,17 +1346,25 @@ mod tests {
         }
     }
 
-    fn otlp() -> OtlpConfig {
-        OtlpConfig {
-            endpoint: OtlpEndpoint::parse("http://127.0.0.1:9").unwrap(),
-            service_name: "outbox-relay".into(),
-            timeout: Duration::from_secs(1),
-        }
+    /// Export to `url`, which may answer nothing.
+    #[cfg(feature = "otlp")]
+    fn otlp(url: &str) -> OtlpConfig {
+        let endpoint = OtlpEndpoint::parse(url).unwrap();
+        OtlpConfig::resolve(Some(endpoint), None, Some(Duration::from_secs(1)), &|_| {
+            None
+        })
+        .unwrap()
+        .unwrap()
     }
 
-    #[test]
-    fn exporting_rewrites_only_valid_sampled_traceparents() {
-        let (tracer, _exporter) = Tracer::new(Some(otlp()), "public.outbox".into(), Metrics::new());
+    #[cfg(feature = "otlp")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn exporting_rewrites_only_valid_sampled_traceparents() {
+        let (tracer, _shutdown) = Tracer::new(
+            Some(otlp("http://127.0.0.1:9")),
+            "public.outbox".into(),
+            Metrics::new(),
+        );
         let unsampled = GOOD.replace("-01", "-00");
         let mut batch = [
             message(&[("traceparent", GOOD), ("tracestate", "a=b")]),
@@ -882,11 +1374,15 @@ mod tests {
         ];
         let stamps = tracer.stamp(&mut batch);
         let stamp = stamps[0].as_ref().unwrap();
+        let publish_span = stamp
+            .publish_span
+            .expect("exporting: the publish span's id");
+        assert_ne!(publish_span, [0; 8]);
         assert_eq!(
             batch[0].headers[0].1,
             format!(
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
-                hex(&stamp.publish_span)
+                hex(&publish_span)
             )
         );
         assert_eq!(batch[0].headers[1].1, "a=b", "tracestate is kept");
@@ -899,6 +1395,8 @@ mod tests {
             batch[3].headers[0].1, unsampled,
             "unsampled: carried unchanged"
         );
+        let again = tracer.stamp(&mut [message(&[("traceparent", GOOD)])]);
+        assert_ne!(again[0].as_ref().unwrap().publish_span, Some(publish_span));
     }
 
     #[test]
@@ -912,24 +1410,16 @@ mod tests {
     }
 
     #[test]
-    fn spans_cover_wait_and_publish_and_drop_when_the_queue_is_full() {
-        let metrics = Metrics::new();
-        let (tracer, _exporter) =
-            Tracer::with_queue(Some(otlp()), "public.outbox".into(), metrics.clone(), 3);
-        let mut batch = [
-            message(&[("traceparent", GOOD)]),
-            message(&[("traceparent", GOOD)]),
-        ];
-        let stamps = tracer.stamp(&mut batch);
+    fn spans_cover_wait_and_publish() {
+        let (tracer, _) = Tracer::new(None, "public.outbox".into(), Metrics::new());
+        let batch = [message(&[("traceparent", GOOD)])];
         let handed_off = UNIX_EPOCH + Duration::from_secs(1_700_000_005);
         let receipt = Receipt {
             handed_off,
             reported: handed_off + Duration::from_millis(3),
             position: Some((2, 40)),
         };
-        let [wait, publish] =
-            tracer.spans(&batch[0], stamps[0].as_ref().unwrap(), &Ok(()), &receipt);
-        let parent = TraceParent::parse(GOOD).unwrap();
+        let [wait, publish] = tracer.spans(&batch[0], &Ok(()), &receipt);
         assert_eq!(
             (wait.name.as_str(), wait.kind),
             ("outbox.wait", Kind::Internal)
@@ -938,13 +1428,6 @@ mod tests {
             (publish.name.as_str(), publish.kind),
             ("orders publish", Kind::Producer)
         );
-        for s in [&wait, &publish] {
-            assert_eq!(
-                (s.trace_id, s.parent_span_id),
-                (parent.trace_id, parent.span_id)
-            );
-        }
-        assert_ne!(wait.span_id, publish.span_id);
         assert_eq!(
             wait.start_unix_nano, 1_700_000_000_000_000_000,
             "created_at"
@@ -972,19 +1455,66 @@ mod tests {
             attr("outbox.table"),
             Some(Value::Str("public.outbox".into()))
         );
+        assert_eq!((wait.error.as_ref(), publish.error.as_ref()), (None, None));
 
         let failed = Err(Failure::Transient("timed out".into()));
-        let [_, publish] = tracer.spans(&batch[1], stamps[1].as_ref().unwrap(), &failed, &receipt);
+        let [_, publish] = tracer.spans(&batch[0], &failed, &receipt);
         assert_eq!(publish.error.as_deref(), Some("timed out"));
+    }
 
-        // Two messages, four spans, a queue of three: one dropped, counted, nothing blocks.
-        tracer.record(&batch, &stamps, &[Ok(()), failed], &[receipt, receipt]);
-        assert_eq!(
-            metrics
-                .spans_dropped
-                .with_label_values(&["queue_full"])
-                .get(),
-            1
+    #[cfg(feature = "otlp")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_full_queue_drops_spans_counted_without_blocking() {
+        // A collector that accepts connections and never answers: the first batch's export
+        // hangs (until the 1s timeout), the queue fills up behind it.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let metrics = Metrics::new();
+        let queue = 3;
+        let (tracer, shutdown) = Tracer::with_queue(
+            Some(otlp(&url)),
+            "public.outbox".into(),
+            metrics.clone(),
+            queue,
         );
+        let mut batch: Vec<Message> = (0..10).map(|_| message(&[("traceparent", GOOD)])).collect();
+        let stamps = tracer.stamp(&mut batch);
+        let handed_off = SystemTime::now();
+        let receipt = Receipt {
+            handed_off,
+            reported: handed_off,
+            position: Some((0, 1)),
+        };
+        let start = std::time::Instant::now();
+        tracer.record(&batch, &stamps, &[const { Ok(()) }; 10], &[receipt; 10]);
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "recording never waits"
+        );
+        let dropped = |reason: &str| metrics.spans_dropped.with_label_values(&[reason]).get();
+        // 20 spans: at most a queue's worth waiting and a batch (≤ queue) being exported.
+        assert!(
+            dropped("queue_full") >= 20 - 2 * queue as u64,
+            "{}",
+            dropped("queue_full")
+        );
+        drop(tracer);
+        let start = std::time::Instant::now();
+        shutdown.unwrap().await;
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "shutdown is bounded by the timeout"
+        );
+        // A batch still being exported when shutdown gave up is counted when it fails.
+        let start = std::time::Instant::now();
+        while dropped("queue_full") + dropped("export_failed") < 20 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "every span is accounted for"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(dropped("queue_full") + dropped("export_failed"), 20);
+        assert_eq!(metrics.spans_exported.get(), 0);
     }
 }
