@@ -41,7 +41,7 @@ pub struct Metrics {
     pub cleaned: IntCounter,
     /// Where does a batch's time go? (phase = fetch | publish | mark | mark_wait)
     pub phase_seconds: prometheus::HistogramVec,
-    /// Does the trace collector get our spans? (only with --otlp-endpoint)
+    /// Does the trace collector get our spans? (only with span export on)
     pub spans_exported: IntCounter,
     /// Which spans were lost, and why? (reason = queue_full | export_failed); delivery is unaffected
     pub spans_dropped: IntCounterVec,
