@@ -174,7 +174,8 @@ impl Admin {
         Ok(q.execute(&self.pool).await?.rows_affected())
     }
 
-    /// Delete parked rows that failed longer ago than `older_than`. Returns how many.
+    /// Delete parked and skipped rows that failed longer ago than `older_than` (the one way
+    /// rows never published are deleted). Returns how many.
     pub async fn purge(&self, older_than: Duration) -> Result<u64, sqlx::Error> {
         let done = sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM {} WHERE failed_at < now() - make_interval(secs => $1)",

@@ -139,7 +139,7 @@ pub enum FailedAction {
         #[arg(long)]
         reason: String,
     },
-    /// Delete parked rows that failed longer ago than --older-than.
+    /// Delete parked and skipped rows that failed longer ago than --older-than.
     Purge {
         #[arg(long, value_parser = parse_duration)]
         older_than: Duration,

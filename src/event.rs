@@ -323,7 +323,10 @@ pub fn dead_letter(
         Poisoned::Row(r) => {
             let mut headers = Vec::new();
             if let Some(h) = &r.headers {
-                headers.push((HEADER_ORIGINAL_HEADERS.to_string(), h.clone()));
+                // Compact JSON as before; the stored text when it cannot be parsed at all.
+                let original = serde_json::from_str::<serde_json::Value>(h)
+                    .map_or_else(|_| h.clone(), |v| v.to_string());
+                headers.push((HEADER_ORIGINAL_HEADERS.to_string(), original));
             }
             headers.extend(standard_headers(r.id, r.created_at, source));
             (r.id, r.topic, r.key, r.payload, r.created_at, headers)

@@ -322,8 +322,8 @@ fn failed(args: FailedArgs) -> ExitCode {
                 println!("{n} parked rows skipped (marked handled, not published)");
             }),
             FailedAction::Purge { older_than } => admin.purge(*older_than).await.map(|n| {
-                tracing::info!(action = "purge", rows = n, older_than = ?older_than, "parked rows deleted");
-                println!("{n} parked rows deleted");
+                tracing::info!(action = "purge", rows = n, older_than = ?older_than, "parked and skipped rows deleted");
+                println!("{n} parked or skipped rows deleted");
             }),
         };
         match result {
