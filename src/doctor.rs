@@ -460,9 +460,15 @@ pub fn text(findings: &[Finding]) -> String {
                 Severity::Warn => "WARN",
                 Severity::Error => "FAIL",
             };
+            // Messages name topics and tables from the database: never raw control characters.
+            let message = crate::admin::printable(&f.message);
             match &f.fix {
-                Some(fix) => format!("[{tag}] {}: {}\n       fix: {fix}\n", f.check, f.message),
-                None => format!("[{tag}] {}: {}\n", f.check, f.message),
+                Some(fix) => format!(
+                    "[{tag}] {}: {message}\n       fix: {}\n",
+                    f.check,
+                    crate::admin::printable(fix)
+                ),
+                None => format!("[{tag}] {}: {message}\n", f.check),
             }
         })
         .collect()
