@@ -380,8 +380,8 @@ async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
         Err(e) => {
             return r.error(
                 "kafka",
-                format!("invalid Kafka configuration: {e}"),
-                "fix the --kafka-config property it names",
+                format!("invalid Kafka configuration: {}", cfg.describe_error(&e)),
+                "fix the property it names (--kafka-config or the line of --kafka-config-file)",
             )
         }
     };

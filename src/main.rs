@@ -64,7 +64,15 @@ fn run(args: RunArgs) -> ExitCode {
     }
     let publisher = match Publisher::new(&config.kafka) {
         Ok(p) => p,
-        Err(e) => return usage_error(format!("invalid Kafka configuration (--kafka-config): {e}")),
+        Err(rdkafka::error::KafkaError::ClientCreation(why)) => {
+            return usage_error(format!("invalid Kafka configuration: {why}"))
+        }
+        Err(e) => {
+            return usage_error(format!(
+                "invalid Kafka configuration: {}",
+                config.kafka.describe_error(&e)
+            ))
+        }
     };
     let http = match std::net::TcpListener::bind(config.metrics_addr)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
