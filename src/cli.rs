@@ -18,6 +18,7 @@ use outbox_relay::kafka::config::{Compression, KafkaConfig};
 use outbox_relay::relay::PoisonPolicy;
 use outbox_relay::secret::Secret;
 use outbox_relay::settings::{DatabaseConfig, RelayConfig};
+use outbox_relay::store::errors::Deadlines;
 use outbox_relay::store::OnPublish;
 use outbox_relay::table::{ReadMode, TableName};
 use outbox_relay::telemetry::LogFormat;
@@ -57,6 +58,8 @@ pub struct DoctorArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
     #[command(flatten)]
+    pub timeouts: TimeoutArgs,
+    #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -67,6 +70,8 @@ pub struct DoctorArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +81,8 @@ pub struct StatusArgs {
 pub struct FailedArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     #[command(subcommand)]
     pub action: FailedAction,
 }
@@ -188,6 +195,31 @@ pub struct DatabaseArgs {
     /// Outbox table, optionally schema-qualified: `outbox` or `events.outbox`.
     #[arg(long, global = true, env = "OUTBOX_RELAY_TABLE", default_value = "outbox", value_parser = TableName::parse, help_heading = "Database")]
     pub table: TableName,
+}
+
+/// How long a one-shot command waits for PostgreSQL (`run` paces and retries on its own).
+#[derive(Debug, Clone, Args)]
+pub struct TimeoutArgs {
+    /// Give up connecting after this long (TCP, TLS and authentication). `migrate` and `adopt`
+    /// retry a refused or dropped connection within it. Default: 60s for migrate and adopt
+    /// (an init container may start before the database), 10s for the other commands.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONNECT_TIMEOUT", value_parser = duration_within("1s", "1h"), help_heading = "Database")]
+    pub connect_timeout: Option<Duration>,
+    /// Give up on a statement after this long: PostgreSQL cancels it (statement_timeout), and
+    /// the command stops waiting for a server that does not answer. Default: 10m for migrate
+    /// (it may build an index), 60s for the other commands.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_STATEMENT_TIMEOUT", value_parser = duration_within("1s", "1d"), help_heading = "Database")]
+    pub statement_timeout: Option<Duration>,
+}
+
+impl TimeoutArgs {
+    /// The bounds of a command whose defaults are `connect` and `statement`.
+    pub fn deadlines(&self, connect: Duration, statement: Duration) -> Deadlines {
+        Deadlines {
+            connect: self.connect_timeout.unwrap_or(connect),
+            statement: self.statement_timeout.unwrap_or(statement),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -345,6 +377,8 @@ fn parse_service_name(s: &str) -> Result<String, String> {
 pub struct MigrateArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// Install the statement-level NOTIFY trigger (false drops it: poll-only, no commit-time lock).
     #[arg(long, env = "OUTBOX_RELAY_NOTIFY_TRIGGER", default_value_t = true, action = clap::ArgAction::Set)]
     pub notify_trigger: bool,
@@ -361,6 +395,8 @@ pub struct MigrateArgs {
 pub struct AdoptArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// The existing outbox table, `table` or `schema.table` (case-sensitive, quoted).
     #[arg(long, env = "OUTBOX_RELAY_SOURCE_TABLE", value_parser = TableName::parse, help_heading = "Adopt")]
     pub source_table: TableName,
@@ -433,6 +469,8 @@ impl AdoptArgs {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// Delete published rows older than this.
     #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = duration_within("0s", "3650d"))]
     pub retention: Duration,
@@ -795,6 +833,11 @@ mod tests {
                 &["failed", "purge", "--older-than", "300000000years"],
             ),
             ("--retention", &["cleanup", "--retention", "300000000years"]),
+            ("--connect-timeout", &["status", "--connect-timeout", "0s"]),
+            (
+                "--statement-timeout",
+                &["migrate", "--statement-timeout", "2d"],
+            ),
         ] {
             let mut full = vec!["outbox-relay"];
             full.extend_from_slice(argv);
@@ -941,6 +984,19 @@ mod tests {
                 "{argv:?}"
             );
         }
+        let cli =
+            Cli::try_parse_from(["outbox-relay", "failed", "list", "--connect-timeout", "3s"])
+                .unwrap();
+        let Command::Failed(args) = cli.command else {
+            panic!("not failed")
+        };
+        let d = args
+            .timeouts
+            .deadlines(Duration::from_secs(10), Duration::from_secs(60));
+        assert_eq!(
+            (d.connect, d.statement),
+            (Duration::from_secs(3), Duration::from_secs(60))
+        );
     }
 
     #[test]
