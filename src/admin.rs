@@ -1,6 +1,8 @@
 //! Operator commands: `status` and `failed list|retry|skip|purge`. Each is a short statement
 //! against the outbox table (never a long lock), and each action is logged by the caller.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -188,11 +190,38 @@ impl Admin {
     }
 }
 
-/// `status` as text for a terminal.
+/// `s` safe to print on a terminal: control characters (escape sequences, carriage returns,
+/// tabs, newlines) and the invisible characters that reorder text (bidi controls) are shown
+/// escaped, `\u{1b}`, never sent raw. Rows, topics, keys and replica names come from the
+/// database: anyone who can insert a row chooses them.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    let hostile = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(hostile) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if hostile(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `status` as text for a terminal (every name from the database through [`printable`]).
 pub fn status_text(s: &Status) -> String {
     let mut out = format!(
         "table {}: {} pending, {} parked, oldest pending {}\n",
-        s.table,
+        printable(&s.table),
         s.pending,
         s.parked,
         s.oldest_pending_age_seconds
@@ -201,11 +230,15 @@ pub fn status_text(s: &Status) -> String {
     match &s.leader {
         Some(l) if l.valid => out.push_str(&format!(
             "leader: {} (epoch {}, lease until {})\n",
-            l.holder, l.epoch, l.expires_at
+            printable(&l.holder),
+            l.epoch,
+            l.expires_at
         )),
         Some(l) => out.push_str(&format!(
             "leader: none (last: {} epoch {}, lease expired {})\n",
-            l.holder, l.epoch, l.expires_at
+            printable(&l.holder),
+            l.epoch,
+            l.expires_at
         )),
         None => out.push_str("leader: none yet\n"),
     }
@@ -218,7 +251,7 @@ pub fn status_text(s: &Status) -> String {
         for t in &s.topics {
             out.push_str(&format!(
                 "{:<40} {:>10} {:>10} {:>12}\n",
-                t.topic,
+                printable(&t.topic),
                 t.pending,
                 t.parked,
                 t.oldest_pending_age_seconds
@@ -234,7 +267,7 @@ fn replicas_text(s: &Status) -> String {
     let Some(replicas) = &s.replicas else {
         return format!(
             "replicas: unknown ({}_replicas is missing: run `outbox-relay migrate`)\n",
-            s.table
+            printable(&s.table)
         );
     };
     if replicas.is_empty() {
@@ -246,14 +279,14 @@ fn replicas_text(s: &Status) -> String {
     .map(String::from)];
     for r in replicas {
         rows.push([
-            r.id.clone(),
-            r.host.clone(),
+            printable(&r.id).into_owned(),
+            printable(&r.host).into_owned(),
             r.role.as_str().into(),
-            r.owns.clone(),
+            printable(&r.owns).into_owned(),
             r.lease_seconds_left
                 .map_or("-".into(), |left| format!("{left:.1}s left")),
             format!("{:.1}s ago", r.last_seen_age_seconds),
-            r.version.clone(),
+            printable(&r.version).into_owned(),
         ]);
     }
     // Columns as wide as their widest cell (pod names are long); the last one unpadded.
@@ -276,16 +309,16 @@ fn replicas_text(s: &Status) -> String {
     out
 }
 
-/// One parked row as a text line.
+/// One parked row as a text line: tab-separated, so a tab inside a field is escaped too.
 pub fn failed_text(r: &FailedRow) -> String {
     format!(
         "{}\t{}\t{}\tattempts={}\tfailed_at={}\t{}",
         r.id,
-        r.topic,
-        r.key.as_deref().unwrap_or("<null>"),
+        printable(&r.topic),
+        r.key.as_deref().map_or(Cow::Borrowed("<null>"), printable),
         r.attempts,
         r.failed_at.to_rfc3339(),
-        r.last_error.as_deref().unwrap_or("")
+        printable(r.last_error.as_deref().unwrap_or(""))
     )
 }
 
@@ -323,6 +356,42 @@ mod tests {
             last_seen: t,
             last_seen_age_seconds: 1.25,
         }
+    }
+
+    #[test]
+    fn terminal_output_escapes_control_and_bidi_characters() {
+        assert!(matches!(printable("orders.created é"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("a\u{1b}]0;pwned\u{7}b\r\n\tc\u{202e}d\u{9b}"),
+            "a\\u{1b}]0;pwned\\u{7}b\\r\\n\\tc\\u{202e}d\\u{9b}"
+        );
+        let t = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let row = FailedRow {
+            id: 1,
+            topic: "t\u{1b}[2J".into(),
+            key: Some("k\tx".into()),
+            attempts: 1,
+            created_at: Some(t),
+            failed_at: t,
+            last_error: Some("bad\u{1b}[31m".into()),
+        };
+        let line = failed_text(&row);
+        assert!(!line.contains('\u{1b}'), "{line:?}");
+        assert_eq!(line.matches('\t').count(), 5, "{line:?}");
+        let mut s = status(Some(vec![replica(
+            "evil\u{1b}[1A:1:ab",
+            Role::Leader,
+            None,
+        )]));
+        s.topics.push(TopicBacklog {
+            topic: "x\u{1b}[2K".into(),
+            pending: 1,
+            oldest_pending_age_seconds: None,
+            parked: 0,
+        });
+        let text = status_text(&s);
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert!(text.contains("x\\u{1b}[2K"), "{text:?}");
     }
 
     #[test]

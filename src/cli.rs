@@ -18,6 +18,7 @@ use outbox_relay::kafka::config::{Compression, KafkaConfig};
 use outbox_relay::relay::PoisonPolicy;
 use outbox_relay::secret::Secret;
 use outbox_relay::settings::{DatabaseConfig, RelayConfig};
+use outbox_relay::store::errors::Deadlines;
 use outbox_relay::store::OnPublish;
 use outbox_relay::table::{ReadMode, TableName};
 use outbox_relay::telemetry::LogFormat;
@@ -57,6 +58,8 @@ pub struct DoctorArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
     #[command(flatten)]
+    pub timeouts: TimeoutArgs,
+    #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -67,6 +70,8 @@ pub struct DoctorArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +81,8 @@ pub struct StatusArgs {
 pub struct FailedArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     #[command(subcommand)]
     pub action: FailedAction,
 }
@@ -114,7 +121,7 @@ pub enum FailedAction {
         #[arg(long)]
         topic: Option<String>,
         /// At most this many rows.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
         limit: i64,
         /// Print JSON lines instead of text.
         #[arg(long)]
@@ -141,17 +148,20 @@ pub enum FailedAction {
     },
     /// Delete parked and skipped rows that failed longer ago than --older-than.
     Purge {
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration_within("0s", "3650d"))]
         older_than: Duration,
     },
 }
 
+/// The database flags, accepted anywhere after the command word (`failed list --table t`
+/// as well as `failed --table t list`).
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://relay@db:5432/app?sslmode=verify-full&sslrootcert=/ca.pem.
     /// Prefer the environment variable or --database-url-file: argv is visible to every local user.
     #[arg(
         long,
+        global = true,
         env = "OUTBOX_RELAY_DATABASE_URL",
         hide_env_values = true,
         help_heading = "Database"
@@ -160,6 +170,7 @@ pub struct DatabaseArgs {
     /// File holding the PostgreSQL URL (e.g. a mounted Kubernetes Secret).
     #[arg(
         long,
+        global = true,
         env = "OUTBOX_RELAY_DATABASE_URL_FILE",
         help_heading = "Database"
     )]
@@ -167,6 +178,7 @@ pub struct DatabaseArgs {
     /// Password for the database role; overrides any password in the URL.
     #[arg(
         long,
+        global = true,
         env = "OUTBOX_RELAY_DATABASE_PASSWORD",
         hide_env_values = true,
         help_heading = "Database"
@@ -175,13 +187,39 @@ pub struct DatabaseArgs {
     /// File holding the database password.
     #[arg(
         long,
+        global = true,
         env = "OUTBOX_RELAY_DATABASE_PASSWORD_FILE",
         help_heading = "Database"
     )]
     pub database_password_file: Option<PathBuf>,
     /// Outbox table, optionally schema-qualified: `outbox` or `events.outbox`.
-    #[arg(long, env = "OUTBOX_RELAY_TABLE", default_value = "outbox", value_parser = TableName::parse, help_heading = "Database")]
+    #[arg(long, global = true, env = "OUTBOX_RELAY_TABLE", default_value = "outbox", value_parser = TableName::parse, help_heading = "Database")]
     pub table: TableName,
+}
+
+/// How long a one-shot command waits for PostgreSQL (`run` paces and retries on its own).
+#[derive(Debug, Clone, Args)]
+pub struct TimeoutArgs {
+    /// Give up connecting after this long (TCP, TLS and authentication). `migrate` and `adopt`
+    /// retry a refused or dropped connection within it. Default: 60s for migrate and adopt
+    /// (an init container may start before the database), 10s for the other commands.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONNECT_TIMEOUT", value_parser = duration_within("1s", "1h"), help_heading = "Database")]
+    pub connect_timeout: Option<Duration>,
+    /// Give up on a statement after this long: PostgreSQL cancels it (statement_timeout), and
+    /// the command stops waiting for a server that does not answer. Default: 10m for migrate
+    /// (it may build an index), 60s for the other commands.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_STATEMENT_TIMEOUT", value_parser = duration_within("1s", "1d"), help_heading = "Database")]
+    pub statement_timeout: Option<Duration>,
+}
+
+impl TimeoutArgs {
+    /// The bounds of a command whose defaults are `connect` and `statement`.
+    pub fn deadlines(&self, connect: Duration, statement: Duration) -> Deadlines {
+        Deadlines {
+            connect: self.connect_timeout.unwrap_or(connect),
+            statement: self.statement_timeout.unwrap_or(statement),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -236,13 +274,13 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes, help_heading = "Relay")]
     pub batch_bytes: u64,
     /// Safety-net poll interval when no notification arrives (e.g. 250ms, 1s).
-    #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration, help_heading = "Relay")]
+    #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = duration_within("10ms", "1h"), help_heading = "Relay")]
     pub poll_interval: Duration,
     /// Wake on LISTEN/NOTIFY from the table's insert trigger (poll-only when false).
     #[arg(long, env = "OUTBOX_RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set, help_heading = "Relay")]
     pub listen: bool,
     /// Published rows older than this are deleted by the built-in cleanup (0s disables it).
-    #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration, help_heading = "Relay")]
+    #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = duration_within("0s", "3650d"), help_heading = "Relay")]
     pub retention: Duration,
     /// What to do with a row once Kafka acknowledged it: mark it published (kept for
     /// --retention) or delete it at once (the fastest, lightest mode).
@@ -254,10 +292,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim, help_heading = "Relay")]
     pub read_mode: ReadMode,
     /// How often the built-in cleanup runs.
-    #[arg(long, env = "OUTBOX_RELAY_CLEANUP_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration, help_heading = "Relay")]
+    #[arg(long, env = "OUTBOX_RELAY_CLEANUP_INTERVAL", default_value = "1m", value_parser = duration_within("1s", "1d"), help_heading = "Relay")]
     pub cleanup_interval: Duration,
     /// Readiness fails when pending rows exist and no batch completed for this long.
-    #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "60s", value_parser = parse_nonzero_duration, help_heading = "Relay")]
+    #[arg(long, env = "OUTBOX_RELAY_STALL_TIMEOUT", default_value = "60s", value_parser = duration_within("1s", "1d"), help_heading = "Relay")]
     pub stall_timeout: Duration,
     /// What to do with a row that can never be published (bad topic or headers, too large,
     /// unknown topic, not authorized).
@@ -268,7 +306,7 @@ pub struct RunArgs {
     pub dead_letter_topic: Option<String>,
     /// Leader lease: a replica that stops renewing (killed, paused, cut off) loses leadership
     /// after this long and a standby takes over. Graceful shutdown hands over at once.
-    #[arg(long, env = "OUTBOX_RELAY_LEASE_DURATION", default_value = "10s", value_parser = parse_lease_duration, help_heading = "Relay")]
+    #[arg(long, env = "OUTBOX_RELAY_LEASE_DURATION", default_value = "10s", value_parser = duration_within("1s", "1h"), help_heading = "Relay")]
     pub lease_duration: Duration,
     /// Topics rows may name: exact names or prefixes ending in `*` (e.g. `orders.*,audit`).
     /// A row naming any other topic is parked. Empty allows every legal topic name.
@@ -299,7 +337,7 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Operations")]
     pub log_format: LogFormat,
     /// Time allowed after SIGTERM/SIGINT to finish in-flight work, flush and mark.
-    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_nonzero_duration, help_heading = "Operations")]
+    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration_within("1s", "1h"), help_heading = "Operations")]
     pub shutdown_timeout: Duration,
     #[command(flatten)]
     pub otlp: OtlpArgs,
@@ -320,7 +358,7 @@ pub struct OtlpArgs {
     pub otlp_service_name: Option<String>,
     /// Time allowed for one export, retries included (spans are dropped, and counted, when it
     /// expires) [default: OTEL_EXPORTER_OTLP_TIMEOUT (milliseconds), else 5s].
-    #[arg(long, env = "OUTBOX_RELAY_OTLP_TIMEOUT", value_parser = parse_nonzero_duration, help_heading = "Tracing")]
+    #[arg(long, env = "OUTBOX_RELAY_OTLP_TIMEOUT", value_parser = duration_within("100ms", "5m"), help_heading = "Tracing")]
     pub otlp_timeout: Option<Duration>,
 }
 
@@ -348,6 +386,8 @@ fn parse_service_name(s: &str) -> Result<String, String> {
 pub struct MigrateArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// Install the statement-level NOTIFY trigger (false drops it: poll-only, no commit-time lock).
     #[arg(long, env = "OUTBOX_RELAY_NOTIFY_TRIGGER", default_value_t = true, action = clap::ArgAction::Set)]
     pub notify_trigger: bool,
@@ -364,6 +404,8 @@ pub struct MigrateArgs {
 pub struct AdoptArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// The existing outbox table, `table` or `schema.table` (case-sensitive, quoted).
     #[arg(long, env = "OUTBOX_RELAY_SOURCE_TABLE", value_parser = TableName::parse, help_heading = "Adopt")]
     pub source_table: TableName,
@@ -436,9 +478,11 @@ impl AdoptArgs {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
     /// Delete published rows older than this (0s keeps them forever, as for `run`). Parked and
     /// skipped rows are never deleted here (`failed purge` does that).
-    #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = duration_within("0s", "3650d"))]
     pub retention: Duration,
     /// The relay's read mode: append also deletes the rows behind its cursor created before
     /// the retention.
@@ -478,17 +522,21 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
-fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be greater than zero".into()),
-        d => Ok(d),
-    }
-}
-
-fn parse_lease_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d < Duration::from_secs(1) => Err("must be at least 1s".into()),
-        d => Ok(d),
+/// A duration flag's parser: a duration from `min` to `max` (both humantime literals), so
+/// that no value makes the process hammer the database (`--poll-interval 0s`) or overflow a
+/// timestamp (`--lease-duration 300000000years`). clap names the flag in the error.
+fn duration_within(
+    min: &'static str,
+    max: &'static str,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let bound = |b: &str| humantime::parse_duration(b).unwrap_or_default();
+        let d = parse_duration(s)?;
+        if d < bound(min) || d > bound(max) {
+            Err(format!("must be from {min} to {max}"))
+        } else {
+            Ok(d)
+        }
     }
 }
 
@@ -514,6 +562,14 @@ pub enum ConfigError {
     BadDatabaseUrl(String),
     #[error("--kafka-config-file {path}: line {line}: expected key=value")]
     BadKafkaConfigLine { path: PathBuf, line: usize },
+    #[error(
+        "{value} and {file} are both set (as flags, or as {env} and {env}_FILE): set only one"
+    )]
+    Conflict {
+        value: &'static str,
+        file: &'static str,
+        env: &'static str,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -531,7 +587,14 @@ fn read_secret_file(flag: &'static str, path: &Path) -> Result<Secret, ConfigErr
 impl DatabaseArgs {
     pub fn resolve(&self) -> Result<DatabaseConfig, ConfigError> {
         let url = match (&self.database_url, &self.database_url_file) {
-            (Some(url), _) => url.clone(),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict {
+                    value: "--database-url",
+                    file: "--database-url-file",
+                    env: "OUTBOX_RELAY_DATABASE_URL",
+                })
+            }
+            (Some(url), None) => url.clone(),
             (None, Some(path)) => read_secret_file("--database-url-file", path)?,
             (None, None) => return Err(ConfigError::MissingDatabaseUrl),
         };
@@ -540,7 +603,14 @@ impl DatabaseArgs {
                 ConfigError::BadDatabaseUrl(redact_url_error(&e.to_string(), &url))
             })?;
         let password = match (&self.database_password, &self.database_password_file) {
-            (Some(p), _) => Some(p.clone()),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict {
+                    value: "--database-password",
+                    file: "--database-password-file",
+                    env: "OUTBOX_RELAY_DATABASE_PASSWORD",
+                })
+            }
+            (Some(p), None) => Some(p.clone()),
             (None, Some(path)) => Some(read_secret_file("--database-password-file", path)?),
             (None, None) => None,
         };
@@ -602,18 +672,38 @@ impl KafkaArgs {
             overrides.push(("--kafka-config".to_string(), k, Secret::new(v)));
         }
         let password = match (&self.kafka_sasl_password, &self.kafka_sasl_password_file) {
-            (Some(p), _) => Some(("--kafka-sasl-password", p.clone())),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict {
+                    value: "--kafka-sasl-password",
+                    file: "--kafka-sasl-password-file",
+                    env: "OUTBOX_RELAY_KAFKA_SASL_PASSWORD",
+                })
+            }
+            (Some(p), None) => Some(("--kafka-sasl-password", p.clone())),
             (None, Some(path)) => Some((
                 "--kafka-sasl-password-file",
                 read_secret_file("--kafka-sasl-password-file", path)?,
             )),
             (None, None) => None,
         };
+        // Two sources for the SASL password: refused (after the properties were checked),
+        // rather than one silently winning.
+        let in_properties = overrides
+            .iter()
+            .find(|(_, k, _)| k == "sasl.password")
+            .map(|(origin, _, _)| origin.clone());
+        let flag = password.as_ref().map(|(flag, _)| *flag);
         if let Some((flag, p)) = password {
             overrides.push((flag.to_string(), "sasl.password".into(), p));
         }
-        KafkaConfig::new(&self.kafka_brokers, self.compression, overrides)
-            .map_err(ConfigError::Invalid)
+        let config = KafkaConfig::new(&self.kafka_brokers, self.compression, overrides)
+            .map_err(ConfigError::Invalid)?;
+        if let (Some(flag), Some(origin)) = (flag, in_properties) {
+            return Err(ConfigError::Invalid(format!(
+                "{flag} and sasl.password in {origin} both set the SASL password: set it in one place only"
+            )));
+        }
+        Ok(config)
     }
 }
 
@@ -747,6 +837,203 @@ mod tests {
         assert!(
             !err.contains("hunter2"),
             "a malformed entry must not be echoed: {err}"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes_out_of_their_range_are_refused_naming_the_flag() {
+        for (flag, bad) in [
+            ("--poll-interval", "0s"),
+            ("--poll-interval", "2h"),
+            ("--lease-duration", "300000000years"),
+            ("--lease-duration", "500ms"),
+            ("--retention", "300000000years"),
+            ("--cleanup-interval", "0s"),
+            ("--stall-timeout", "0s"),
+            ("--shutdown-timeout", "5d"),
+            ("--otlp-timeout", "1ms"),
+            ("--batch-size", "100001"),
+        ] {
+            let err = run_args(&[flag, bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{flag} {bad}");
+            let shown = err.to_string();
+            assert!(shown.contains(flag), "{flag} {bad}: {shown}");
+        }
+        let err = run_args(&["--poll-interval", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be from 10ms to 1h"), "{err}");
+        for (flag, argv) in [
+            ("--limit", &["failed", "list", "--limit", "0"][..]),
+            ("--limit", &["failed", "list", "--limit=-1"]),
+            (
+                "--older-than",
+                &["failed", "purge", "--older-than", "300000000years"],
+            ),
+            ("--retention", &["cleanup", "--retention", "300000000years"]),
+            ("--connect-timeout", &["status", "--connect-timeout", "0s"]),
+            (
+                "--statement-timeout",
+                &["migrate", "--statement-timeout", "2d"],
+            ),
+        ] {
+            let mut full = vec!["outbox-relay"];
+            full.extend_from_slice(argv);
+            let err = Cli::try_parse_from(full).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{argv:?}");
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        // Every default is inside its own range (clap parses defaults with the same parser).
+        let Command::Run(args) = run_args(&["--database-url", "postgres://db/a"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(args.poll_interval, Duration::from_millis(250));
+        for argv in [
+            &["cleanup"][..],
+            &["failed", "list"],
+            &["migrate"],
+            &["doctor", "--kafka-brokers", "k:1"],
+        ] {
+            let mut full = vec!["outbox-relay"];
+            full.extend_from_slice(argv);
+            assert!(Cli::try_parse_from(full).is_ok(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn two_sources_for_one_setting_are_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("outbox-relay-conflict-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let file = file.to_str().unwrap();
+        // The file named does not exist: the conflict is reported, not a missing file.
+        for argv in [
+            [
+                "--database-url",
+                "postgres://db/a",
+                "--database-url-file",
+                "/nonexistent/url",
+            ],
+            [
+                "--database-url",
+                "postgres://db/a",
+                "--database-password",
+                "pw",
+            ],
+        ] {
+            let mut argv = argv.to_vec();
+            if argv.contains(&"--database-password") {
+                argv.extend(["--database-password-file", "/nonexistent/pw"]);
+            }
+            let (a, b) = (argv[argv.len() - 4], argv[argv.len() - 2]);
+            let Command::Run(args) = run_args(&argv).unwrap().command else {
+                panic!("not run")
+            };
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{a} and {b} are both set"))
+                    && err.contains("set only one"),
+                "{err}"
+            );
+        }
+        let kafka = |extra: &[&str]| {
+            let mut argv = vec!["--database-url", "postgres://db/a"];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = run_args(&argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.kafka.resolve().map(|_| ())
+        };
+        let err = kafka(&[
+            "--kafka-sasl-password",
+            "hunter2-sentinel",
+            "--kafka-sasl-password-file",
+            "/nonexistent",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--kafka-sasl-password-file") && err.contains("set only one"),
+            "{err}"
+        );
+        let err = kafka(&[
+            "--kafka-sasl-password-file",
+            file,
+            "--kafka-config",
+            "sasl.password=hunter2-sentinel",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--kafka-sasl-password-file and sasl.password in --kafka-config"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("hunter2-sentinel") && !err.contains("from-file"),
+            "{err}"
+        );
+        assert!(kafka(&["--kafka-sasl-password-file", file]).is_ok());
+    }
+
+    #[test]
+    fn database_flags_are_accepted_after_the_subcommand_word() {
+        for argv in [
+            &[
+                "failed",
+                "list",
+                "--database-url",
+                "postgres://db/a",
+                "--table",
+                "s.t",
+            ][..],
+            &[
+                "failed",
+                "--database-url",
+                "postgres://db/a",
+                "--table",
+                "s.t",
+                "list",
+            ],
+            &[
+                "failed",
+                "--table",
+                "s.t",
+                "retry",
+                "--database-url",
+                "postgres://db/a",
+                "--all",
+            ],
+        ] {
+            let mut full = vec!["outbox-relay"];
+            full.extend_from_slice(argv);
+            let cli = Cli::try_parse_from(full).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let Command::Failed(args) = cli.command else {
+                panic!("not failed")
+            };
+            let db = args.db.resolve().unwrap();
+            assert_eq!(
+                (db.table.to_string().as_str(), db.display.as_str()),
+                ("s.t", "db:5432/a"),
+                "{argv:?}"
+            );
+        }
+        let cli =
+            Cli::try_parse_from(["outbox-relay", "failed", "list", "--connect-timeout", "3s"])
+                .unwrap();
+        let Command::Failed(args) = cli.command else {
+            panic!("not failed")
+        };
+        let d = args
+            .timeouts
+            .deadlines(Duration::from_secs(10), Duration::from_secs(60));
+        assert_eq!(
+            (d.connect, d.statement),
+            (Duration::from_secs(3), Duration::from_secs(60))
         );
     }
 

@@ -10,6 +10,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::kafka::{client_config, KafkaConfig};
 use crate::settings::{transport_findings, DatabaseConfig};
+use crate::store::errors::{self, Deadlines, Phase};
 use crate::table::ReadMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -69,7 +70,9 @@ struct Pending {
     largest_payload: Option<i64>,
 }
 
-pub async fn run(db: &DatabaseConfig, kafka: &KafkaConfig) -> Vec<Finding> {
+/// Every check, each database wait bounded by `deadlines` (a server that never answers is a
+/// finding, not a hang); Kafka requests time out after 10s each.
+pub async fn run(db: &DatabaseConfig, kafka: &KafkaConfig, deadlines: Deadlines) -> Vec<Finding> {
     let mut r = Report::default();
     for finding in transport_findings(db, kafka) {
         r.warn(
@@ -78,37 +81,56 @@ pub async fn run(db: &DatabaseConfig, kafka: &KafkaConfig) -> Vec<Finding> {
             "see README \"Security\"; --require-secure-transport enforces it",
         );
     }
-    let pending = database(db, &mut r).await;
+    let pending = database(db, deadlines, &mut r).await;
     self::kafka(kafka, &pending, &mut r).await;
     r.0
 }
 
-async fn database(db: &DatabaseConfig, r: &mut Report) -> Pending {
-    let mut conn = match PgConnection::connect_with(&db.connect).await {
+async fn database(db: &DatabaseConfig, deadlines: Deadlines, r: &mut Report) -> Pending {
+    let options = deadlines.apply(&db.connect);
+    let connect = PgConnection::connect_with(&options);
+    let mut conn = match errors::within(Phase::Connect, deadlines.connect, connect).await {
         Ok(c) => c,
         Err(e) => {
             r.error(
                 "database",
-                format!("cannot connect to {}: {e}", db.display),
-                crate::store::errors::hint(&e, &db.table),
+                format!("cannot connect to {}: {}", db.display, errors::describe(&e)),
+                errors::hint(&e, &db.table),
             );
             return Pending::default();
         }
     };
-    let checked = database_checks(&mut conn, db, r).await;
-    let _ = conn.close().await;
+    // PostgreSQL bounds each query (statement_timeout); the client bounds them together, a
+    // little later, against a server that stops answering.
+    let checks = database_checks(&mut conn, db, r);
+    let checked = match tokio::time::timeout(deadlines.statement + CLIENT_GRACE, checks).await {
+        Ok(checked) => checked,
+        Err(_) => Err(errors::TimedOut {
+            phase: Phase::Statement,
+            after: deadlines.statement,
+        }
+        .into_sqlx()),
+    };
+    // A stalled server would not answer a polite close either: just drop the connection.
+    let stalled = matches!(&checked, Err(e) if errors::timed_out(e).is_some());
+    if !stalled {
+        let _ = conn.close().await;
+    }
     match checked {
         Ok(p) => p,
         Err(e) => {
             r.error(
                 "database",
-                format!("a check query failed: {e}"),
-                crate::store::errors::hint(&e, &db.table),
+                format!("a check query failed: {}", errors::describe(&e)),
+                errors::hint(&e, &db.table),
             );
             Pending::default()
         }
     }
 }
+
+/// How much longer than the statement bound the client waits for all the checks.
+const CLIENT_GRACE: Duration = Duration::from_secs(5);
 
 async fn database_checks(
     conn: &mut PgConnection,
@@ -380,8 +402,8 @@ async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
         Err(e) => {
             return r.error(
                 "kafka",
-                format!("invalid Kafka configuration: {e}"),
-                "fix the --kafka-config property it names",
+                format!("invalid Kafka configuration: {}", cfg.describe_error(&e)),
+                "fix the property it names (--kafka-config or the line of --kafka-config-file)",
             )
         }
     };
@@ -460,9 +482,15 @@ pub fn text(findings: &[Finding]) -> String {
                 Severity::Warn => "WARN",
                 Severity::Error => "FAIL",
             };
+            // Messages name topics and tables from the database: never raw control characters.
+            let message = crate::admin::printable(&f.message);
             match &f.fix {
-                Some(fix) => format!("[{tag}] {}: {}\n       fix: {fix}\n", f.check, f.message),
-                None => format!("[{tag}] {}: {}\n", f.check, f.message),
+                Some(fix) => format!(
+                    "[{tag}] {}: {message}\n       fix: {}\n",
+                    f.check,
+                    crate::admin::printable(fix)
+                ),
+                None => format!("[{tag}] {}: {message}\n", f.check),
             }
         })
         .collect()

@@ -1,9 +1,10 @@
 //! The `outbox-relay` binary: parse flags, finish fallible setup, then hand over to the library.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
@@ -11,12 +12,13 @@ mod cli;
 
 use cli::{
     AdoptArgs, CleanupArgs, Cli, Command, DatabaseArgs, DoctorArgs, FailedAction, FailedArgs,
-    MigrateArgs, RunArgs, StatusArgs,
+    MigrateArgs, RunArgs, StatusArgs, TimeoutArgs,
 };
 use outbox_relay::kafka::Publisher;
 use outbox_relay::settings::DatabaseConfig;
 use outbox_relay::shutdown;
-use outbox_relay::store::{self, errors};
+use outbox_relay::store;
+use outbox_relay::store::errors::{self, Deadlines, Phase};
 use outbox_relay::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
@@ -64,7 +66,15 @@ fn run(args: RunArgs) -> ExitCode {
     }
     let publisher = match Publisher::new(&config.kafka) {
         Ok(p) => p,
-        Err(e) => return usage_error(format!("invalid Kafka configuration (--kafka-config): {e}")),
+        Err(rdkafka::error::KafkaError::ClientCreation(why)) => {
+            return usage_error(format!("invalid Kafka configuration: {why}"))
+        }
+        Err(e) => {
+            return usage_error(format!(
+                "invalid Kafka configuration: {}",
+                config.kafka.describe_error(&e)
+            ))
+        }
     };
     let http = match std::net::TcpListener::bind(config.metrics_addr)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
@@ -107,31 +117,189 @@ fn run(args: RunArgs) -> ExitCode {
     })
 }
 
-/// Connect, retrying for up to a minute (an init container may start before the database).
-async fn connect(db: &DatabaseConfig) -> Result<sqlx::PgConnection, sqlx::Error> {
-    let policy = backoff::ExponentialBackoff {
-        max_elapsed_time: Some(Duration::from_secs(60)),
-        ..Default::default()
-    };
-    backoff::future::retry(policy, || async {
-        sqlx::PgConnection::connect_with(&db.connect)
-            .await
-            .map_err(|e| {
-                let diagnosis = errors::diagnose(&e, &db.table);
-                eprintln!("connecting to {}: {e} ({})", db.display, diagnosis.hint);
-                match diagnosis.action {
-                    errors::Action::Retry => backoff::Error::transient(e),
-                    errors::Action::Fix => backoff::Error::permanent(e),
+/// The defaults of `--connect-timeout` and `--statement-timeout`: `migrate` and `adopt` may
+/// wait for a database that is still starting (an init container) and `migrate` may build an
+/// index; the inspection commands answer an operator at a terminal.
+const SETUP: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(600));
+const INSPECT: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(60));
+
+/// How much longer than the statement bound the client waits for the command's database work:
+/// PostgreSQL cancels a long statement itself (a clean error); this catches a server that
+/// stopped answering.
+const CLIENT_GRACE: Duration = Duration::from_secs(5);
+
+/// Connect within `deadlines.connect`. With `retry`, a passing fault (connection refused, the
+/// server starting up) is retried until that bound; a fault to fix, or a server that never
+/// answers, ends at once.
+async fn connect(
+    db: &DatabaseConfig,
+    deadlines: Deadlines,
+    retry: bool,
+) -> Result<sqlx::PgConnection, sqlx::Error> {
+    let options = deadlines.apply(&db.connect);
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let left = deadlines.connect.saturating_sub(start.elapsed());
+        let e = match errors::within(
+            Phase::Connect,
+            left,
+            sqlx::PgConnection::connect_with(&options),
+        )
+        .await
+        {
+            Ok(conn) => return Ok(conn),
+            Err(e) if errors::timed_out(&e).is_some() => {
+                return Err(errors::TimedOut {
+                    phase: Phase::Connect,
+                    after: deadlines.connect,
                 }
-            })
-    })
-    .await
+                .into_sqlx())
+            }
+            Err(e) => e,
+        };
+        let left = deadlines.connect.saturating_sub(start.elapsed());
+        if !retry || errors::diagnose(&e, &db.table).action == errors::Action::Fix {
+            return Err(e);
+        }
+        if left <= wait {
+            eprintln!(
+                "giving up connecting to {}: --connect-timeout {} would pass before the next attempt",
+                db.display,
+                humantime::format_duration(deadlines.connect)
+            );
+            return Err(e);
+        }
+        eprintln!(
+            "cannot connect to {} yet: {}; trying again in {} (for up to --connect-timeout {})",
+            db.display,
+            errors::describe(&e),
+            humantime::format_duration(wait),
+            humantime::format_duration(deadlines.connect)
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
 }
 
-/// `migrate` and `adopt`: resolve the database flags, log as text, connect (with retries),
-/// run `f` on the connection, and let `done` turn the outcome into the exit code.
+/// A one-shot command's database error, printed once: what happened and the hint. Exit 1.
+fn database_error(command: &str, e: &sqlx::Error, db: &DatabaseConfig) -> ExitCode {
+    eprintln!(
+        "error: {command}: {}\n  hint: {}",
+        errors::describe(e),
+        errors::hint(e, &db.table)
+    );
+    ExitCode::FAILURE
+}
+
+/// The connection could not be made: where to, what happened, the hint. Exit 1.
+fn connect_error(command: &str, e: &sqlx::Error, db: &DatabaseConfig) -> ExitCode {
+    eprintln!(
+        "error: {command}: cannot connect to {}: {}\n  hint: {}",
+        db.display,
+        errors::describe(e),
+        errors::hint(e, &db.table)
+    );
+    ExitCode::FAILURE
+}
+
+/// The command's database work `f`, bounded on the client by the statement bound (plus
+/// [`CLIENT_GRACE`]).
+async fn bounded<T, E: From<sqlx::Error>>(
+    deadlines: Deadlines,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let after = deadlines.statement + CLIENT_GRACE;
+    match tokio::time::timeout(after, f).await {
+        Ok(result) => result,
+        Err(_) => Err(errors::TimedOut {
+            phase: Phase::Statement,
+            after: deadlines.statement,
+        }
+        .into_sqlx()
+        .into()),
+    }
+}
+
+/// A pool of one connection for the pool-based commands (`status`, `failed`, `cleanup`), made
+/// after one direct connection attempt that reports exactly why it failed (the pool would
+/// retry and say only "timed out"). The pool's hooks record when the statement in flight
+/// started, for [`watched`].
+async fn pool(
+    db: &DatabaseConfig,
+    deadlines: Deadlines,
+) -> Result<(PgPool, InFlight), sqlx::Error> {
+    let probe = connect(db, deadlines, false).await?;
+    let _ = probe.close().await;
+    let in_flight = InFlight::default();
+    let (on_connect, on_acquire, on_release) =
+        (in_flight.clone(), in_flight.clone(), in_flight.clone());
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(deadlines.connect)
+        .after_connect(move |_, _| {
+            on_connect.set(Some(Instant::now()));
+            Box::pin(async { Ok(()) })
+        })
+        .before_acquire(move |_, _| {
+            on_acquire.set(Some(Instant::now()));
+            Box::pin(async { Ok(true) })
+        })
+        .after_release(move |_, _| {
+            on_release.set(None);
+            Box::pin(async { Ok(true) })
+        })
+        .connect_lazy_with(deadlines.apply(&db.connect));
+    Ok((pool, in_flight))
+}
+
+/// Since when the pool's connection has been out for a statement (None: idle).
+#[derive(Clone, Default)]
+struct InFlight(std::sync::Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl InFlight {
+    fn set(&self, since: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
+
+    fn since(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `f`, the work of a pool-based command, ended with a statement [`errors::TimedOut`] if one
+/// statement stays unanswered for the statement bound plus [`CLIENT_GRACE`] (PostgreSQL
+/// cancels a merely long statement first, with its own error): however many statements `f`
+/// runs (cleanup deletes batch after batch), each one is bounded, not their sum.
+async fn watched<T>(
+    in_flight: &InFlight,
+    deadlines: Deadlines,
+    f: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    let stalled = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if in_flight
+                .since()
+                .is_some_and(|t| t.elapsed() > deadlines.statement + CLIENT_GRACE)
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = f => result,
+        () = stalled => Err(errors::TimedOut { phase: Phase::Statement, after: deadlines.statement }.into_sqlx()),
+    }
+}
+
+/// `migrate` and `adopt`: resolve the database flags, log as text, connect (retrying within
+/// the connect bound), run `f` on the connection within the statement bound, and let `done`
+/// turn the outcome into the exit code.
 fn with_connection<T, E: From<sqlx::Error>>(
+    command: &str,
     args: &DatabaseArgs,
+    timeouts: &TimeoutArgs,
     f: impl AsyncFnOnce(&mut sqlx::PgConnection, &DatabaseConfig) -> Result<T, E>,
     done: impl FnOnce(Result<T, E>, &DatabaseConfig) -> ExitCode,
 ) -> ExitCode {
@@ -139,13 +307,14 @@ fn with_connection<T, E: From<sqlx::Error>>(
         Ok(d) => d,
         Err(e) => return usage_error(e),
     };
+    let deadlines = timeouts.deadlines(SETUP.0, SETUP.1);
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
-        let result = async {
-            let mut conn = connect(&db).await?;
-            f(&mut conn, &db).await
-        }
-        .await;
+        let mut conn = match connect(&db, deadlines, true).await {
+            Ok(c) => c,
+            Err(e) => return connect_error(command, &e, &db),
+        };
+        let result = bounded(deadlines, f(&mut conn, &db)).await;
         done(result, &db)
     })
 }
@@ -157,7 +326,9 @@ fn migrate(args: MigrateArgs) -> ExitCode {
     }
     let (notify, mode) = (args.notify_trigger, args.read_mode);
     with_connection(
+        "migrate",
         &args.db,
+        &args.timeouts,
         async |conn, db| store::migrate(conn, &db.table, notify, mode).await,
         |result, db| match result {
             Ok(()) => {
@@ -168,13 +339,7 @@ fn migrate(args: MigrateArgs) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!(
-                    "error: migrate failed: {e} ({})",
-                    errors::hint(&e, &db.table)
-                );
-                ExitCode::FAILURE
-            }
+            Err(e) => database_error("migrate", &e, db),
         },
     )
 }
@@ -187,7 +352,9 @@ fn adopt(args: AdoptArgs) -> ExitCode {
     }
     let source = &args.source_table;
     with_connection(
+        "adopt",
         &args.db,
+        &args.timeouts,
         async |conn, db| {
             if args.remove {
                 adopt::remove(conn, source).await?;
@@ -217,10 +384,7 @@ fn adopt(args: AdoptArgs) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(AdoptError::Database(e)) => {
-                eprintln!("error: adopt failed: {e} ({})", errors::hint(&e, &db.table));
-                ExitCode::FAILURE
-            }
+            Err(AdoptError::Database(e)) => database_error("adopt", &e, db),
             Err(e) => usage_error(e),
         },
     )
@@ -237,16 +401,20 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
-        let pool = store::pool(&db.connect, 1);
+        let (pool, in_flight) = match pool(&db, deadlines).await {
+            Ok(p) => p,
+            Err(e) => return connect_error("cleanup", &e, &db),
+        };
         let store = store::OutboxStore::new(
             pool,
             db.table.clone(),
             store::OnPublish::Mark,
             args.read_mode,
         );
-        match store.cleanup(args.retention, 5000).await {
+        match watched(&in_flight, deadlines, store.cleanup(args.retention, 5000)).await {
             Ok(n) => {
                 println!(
                     "deleted {n} published rows older than {}",
@@ -254,13 +422,7 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!(
-                    "error: cleanup failed: {e} ({})",
-                    errors::hint(&e, &db.table)
-                );
-                ExitCode::FAILURE
-            }
+            Err(e) => database_error("cleanup", &e, &db),
         }
     })
 }
@@ -270,9 +432,14 @@ fn status(args: StatusArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return usage_error(e),
     };
+    let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
     runtime().block_on(async {
-        let admin = outbox_relay::admin::Admin::new(store::pool(&db.connect, 1), db.table.clone());
-        match admin.status().await {
+        let (pool, in_flight) = match pool(&db, deadlines).await {
+            Ok(p) => p,
+            Err(e) => return connect_error("status", &e, &db),
+        };
+        let admin = outbox_relay::admin::Admin::new(pool, db.table.clone());
+        match watched(&in_flight, deadlines, admin.status()).await {
             Ok(s) if args.json => {
                 println!(
                     "{}",
@@ -284,13 +451,7 @@ fn status(args: StatusArgs) -> ExitCode {
                 print!("{}", outbox_relay::admin::status_text(&s));
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!(
-                    "error: status failed: {e} ({})",
-                    errors::hint(&e, &db.table)
-                );
-                ExitCode::FAILURE
-            }
+            Err(e) => database_error("status", &e, &db),
         }
     })
 }
@@ -300,38 +461,48 @@ fn failed(args: FailedArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => return usage_error(e),
     };
+    let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
+    let command = match &args.action {
+        FailedAction::List { .. } => "failed list",
+        FailedAction::Retry { .. } => "failed retry",
+        FailedAction::Skip { .. } => "failed skip",
+        FailedAction::Purge { .. } => "failed purge",
+    };
     telemetry::init_logging(LogFormat::Text);
     runtime().block_on(async {
-        let admin = outbox_relay::admin::Admin::new(store::pool(&db.connect, 1), db.table.clone());
-        let result = match &args.action {
-            FailedAction::List { topic, limit, json } => admin.list_failed(topic.as_deref(), *limit).await.map(|rows| {
-                for r in &rows {
-                    if *json {
-                        println!("{}", serde_json::to_string(r).expect("row serializes"));
-                    } else {
-                        println!("{}", outbox_relay::admin::failed_text(r));
-                    }
-                }
-            }),
-            FailedAction::Retry { rows, topic } => admin.retry(&rows.rows(), topic.as_deref()).await.map(|n| {
-                tracing::info!(action = "retry", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, "parked rows made pending again");
-                println!("{n} parked rows are pending again");
-            }),
-            FailedAction::Skip { rows, topic, reason } => admin.skip(&rows.rows(), topic.as_deref(), reason).await.map(|n| {
-                tracing::info!(action = "skip", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, reason = %reason, "parked rows skipped");
-                println!("{n} parked rows skipped (marked handled, not published)");
-            }),
-            FailedAction::Purge { older_than } => admin.purge(*older_than).await.map(|n| {
-                tracing::info!(action = "purge", rows = n, older_than = ?older_than, "parked and skipped rows deleted");
-                println!("{n} parked or skipped rows deleted");
-            }),
+        let (pool, in_flight) = match pool(&db, deadlines).await {
+            Ok(p) => p,
+            Err(e) => return connect_error(command, &e, &db),
         };
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: failed {:?}: {e} ({})", args.action, errors::hint(&e, &db.table));
-                ExitCode::FAILURE
+        let admin = outbox_relay::admin::Admin::new(pool, db.table.clone());
+        let work = async {
+            match &args.action {
+                FailedAction::List { topic, limit, json } => admin.list_failed(topic.as_deref(), *limit).await.map(|rows| {
+                    for r in &rows {
+                        if *json {
+                            println!("{}", serde_json::to_string(r).expect("row serializes"));
+                        } else {
+                            println!("{}", outbox_relay::admin::failed_text(r));
+                        }
+                    }
+                }),
+                FailedAction::Retry { rows, topic } => admin.retry(&rows.rows(), topic.as_deref()).await.map(|n| {
+                    tracing::info!(action = "retry", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, "parked rows made pending again");
+                    println!("{n} parked rows are pending again");
+                }),
+                FailedAction::Skip { rows, topic, reason } => admin.skip(&rows.rows(), topic.as_deref(), reason).await.map(|n| {
+                    tracing::info!(action = "skip", rows = n, id = ?rows.id, key = ?rows.key, topic = ?topic, reason = %reason, "parked rows skipped");
+                    println!("{n} parked rows skipped (marked handled, not published)");
+                }),
+                FailedAction::Purge { older_than } => admin.purge(*older_than).await.map(|n| {
+                    tracing::info!(action = "purge", rows = n, older_than = ?older_than, "parked and skipped rows deleted");
+                    println!("{n} parked or skipped rows deleted");
+                }),
             }
+        };
+        match watched(&in_flight, deadlines, work).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => database_error(command, &e, &db),
         }
     })
 }
@@ -341,8 +512,9 @@ fn doctor(args: DoctorArgs) -> ExitCode {
         (Ok(db), Ok(kafka)) => (db, kafka),
         (Err(e), _) | (_, Err(e)) => return usage_error(e),
     };
+    let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
     runtime().block_on(async {
-        let findings = outbox_relay::doctor::run(&db, &kafka).await;
+        let findings = outbox_relay::doctor::run(&db, &kafka, deadlines).await;
         if args.json {
             println!(
                 "{}",

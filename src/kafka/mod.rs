@@ -104,9 +104,13 @@ pub struct Publisher {
 const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 impl Publisher {
-    /// Build the producer. Fails only on invalid configuration (no connection is made here).
+    /// Build the producer. Fails only on invalid configuration (no connection is made here),
+    /// with [`KafkaError::ClientCreation`] carrying [`KafkaConfig::describe_error`]'s text:
+    /// librdkafka's own message may echo a property's value (a secret), this one never does.
     pub fn new(cfg: &KafkaConfig) -> Result<Publisher, KafkaError> {
-        let producer = client_config(cfg).create_with_context(RelayContext)?;
+        let producer = client_config(cfg)
+            .create_with_context(RelayContext)
+            .map_err(|e| KafkaError::ClientCreation(cfg.describe_error(&e)))?;
         Ok(Publisher {
             producer,
             config: std::sync::Arc::new(cfg.clone()),

@@ -248,18 +248,21 @@ impl Ledger for AppendLedger {
 pub const HORIZON_WARN_AFTER: Duration = Duration::from_secs(10);
 
 /// Append mode reads only below the oldest running transaction: name it when rows wait.
+/// It may be any session in the cluster, so only who and how long are logged (pid, database,
+/// user, age, state), never its query text: that can hold anything, passwords included
+/// (`ALTER ROLE ... PASSWORD '...'`).
 pub async fn warn_about_horizon(store: &OutboxStore) {
-    type Oldest = (i32, Option<f64>, String, String);
+    type Oldest = (i32, Option<f64>, String, String, String);
     let oldest: Result<Option<Oldest>, _> = sqlx::query_as(
         "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8, coalesce(state, ''), \
-         left(coalesce(query, ''), 120) FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
-         ORDER BY age(backend_xid) DESC LIMIT 1",
+         coalesce(datname::text, ''), coalesce(usename::text, '') FROM pg_stat_activity \
+         WHERE backend_xid IS NOT NULL ORDER BY age(backend_xid) DESC LIMIT 1",
     )
     .fetch_optional(store.pool())
     .await;
     match oldest {
-        Ok(Some((pid, open_for, state, query))) if open_for.unwrap_or(0.0) >= 5.0 => {
-            tracing::warn!(pid, open_seconds = open_for.unwrap_or(0.0).round(), state = %state, query = %query,
+        Ok(Some((pid, open_for, state, database, user))) if open_for.unwrap_or(0.0) >= 5.0 => {
+            tracing::warn!(pid, database = %database, user = %user, open_seconds = open_for.unwrap_or(0.0).round(), state = %state,
                 "publishing waits for a transaction to end: --read-mode append reads only rows older than the \
                  oldest running write transaction in the cluster; end that transaction (pg_terminate_backend) \
                  or run the relay with --read-mode claim")

@@ -103,7 +103,9 @@ impl<L: Ledger> Writer<L> {
         let diagnosis = errors::diagnose(e, &self.table);
         self.health
             .database_failed(diagnosis.kind, what, &diagnosis.hint);
-        tracing::warn!(step = what, error = %e, kind = diagnosis.kind, hint = %diagnosis.hint, retry_in = ?wait, "database error");
+        let retry_in = humantime::format_duration(wait.unwrap_or(Duration::from_secs(10)));
+        tracing::warn!(step = what, error = %errors::describe(e), kind = diagnosis.kind, hint = %diagnosis.hint,
+            retry_in = %retry_in, "database error; retrying");
         sleep_or_cancel(wait, cancel).await;
     }
 }
