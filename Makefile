@@ -49,3 +49,9 @@ bench:
 	bench/run.sh full
 bench-smoke:
 	bench/run.sh smoke
+
+# `outbox-relay adopt` side by side with a real Debezium Server 3.0, byte for byte, on its own
+# PostgreSQL + Kafka (bench/adopt-compare.sh; a few minutes, a JVM; not part of `test` or CI).
+.PHONY: adopt-compare
+adopt-compare:
+	bench/adopt-compare.sh

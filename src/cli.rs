@@ -415,7 +415,7 @@ pub struct AdoptArgs {
     /// Column holding the Kafka key (Debezium table.field.event.key).
     #[arg(long, env = "OUTBOX_RELAY_KEY_COLUMN", default_value = "aggregateid", value_parser = parse_column, help_heading = "Adopt")]
     pub key_column: String,
-    /// Column holding the Kafka value; NULL publishes a tombstone (Debezium table.field.event.payload).
+    /// Column holding the Kafka value (Debezium table.field.event.payload).
     #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_COLUMN", default_value = "payload", value_parser = parse_column, help_heading = "Adopt")]
     pub payload_column: String,
     /// Topic: literal parts and ${column} placeholders (Debezium route.topic.replacement with
@@ -434,6 +434,16 @@ pub struct AdoptArgs {
     /// table.expand.json.payload (a JSON-encoded string), `raw` the column's text (StringConverter).
     #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_enum, default_value_t = adopt::Encoding::Json, help_heading = "Adopt")]
     pub payload_format: adopt::Encoding,
+    /// Header values: `json` as Debezium Server's default header format (debezium.format.header=json),
+    /// `string` the column's text (Kafka Connect's SimpleHeaderConverter).
+    #[arg(long, env = "OUTBOX_RELAY_HEADER_FORMAT", value_enum, default_value_t = adopt::HeaderFormat::Json, help_heading = "Adopt")]
+    pub header_format: adopt::HeaderFormat,
+    /// With --header-format json: the schema envelope around each value (debezium.format.header.schemas.enable).
+    #[arg(long, env = "OUTBOX_RELAY_HEADER_SCHEMAS_ENABLE", default_value_t = true, action = clap::ArgAction::Set, help_heading = "Adopt")]
+    pub header_schemas_enable: bool,
+    /// A NULL or blank payload becomes a tombstone (Debezium route.tombstone.on.empty.payload).
+    #[arg(long, env = "OUTBOX_RELAY_ROUTE_TOMBSTONE_ON_EMPTY_PAYLOAD", default_value_t = false, action = clap::ArgAction::Set, help_heading = "Adopt")]
+    pub route_tombstone_on_empty_payload: bool,
     /// Print the SQL instead of applying it (still reads the table's columns to check the mapping).
     #[arg(long, env = "OUTBOX_RELAY_PRINT_SQL", help_heading = "Adopt")]
     pub print_sql: bool,
@@ -470,6 +480,9 @@ impl AdoptArgs {
             headers: self.header_columns.0.clone(),
             key_format: self.key_format,
             payload_format: self.payload_format,
+            header_format: self.header_format,
+            header_schemas: self.header_schemas_enable,
+            tombstone_on_empty_payload: self.route_tombstone_on_empty_payload,
         }
     }
 }
