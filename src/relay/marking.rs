@@ -41,11 +41,13 @@ impl InFlight {
     }
 
     /// Wait for the write in flight, if any (writes finish in batch order, one at a time).
+    /// Cancel-safe: dropped mid-wait (the lease was lost), the write stays in flight.
     pub async fn finish(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.as_mut() {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, rows = self.ids.len(), "progress write failed; the rows stay pending and will be published again");
             }
+            self.task = None;
         }
         self.ids.clear();
     }
