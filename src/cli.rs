@@ -273,6 +273,12 @@ pub struct RunArgs {
     /// alone): bounds memory at any backlog. Suffixes KiB, MiB, GiB.
     #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes, help_heading = "Relay")]
     pub batch_bytes: u64,
+    /// While a backlog drains, read and publish the next batches before the earlier ones'
+    /// delivery reports are in: at most this many batches' worth of rows published or being
+    /// recorded at once (--batch-bytes bounds their bytes together). A crash publishes these
+    /// again; 1 publishes and records one batch at a time.
+    #[arg(long, env = "OUTBOX_RELAY_IN_FLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Relay")]
+    pub in_flight_batches: u32,
     /// Safety-net poll interval when no notification arrives (e.g. 250ms, 1s).
     #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = duration_within("10ms", "1h"), help_heading = "Relay")]
     pub poll_interval: Duration,
@@ -765,6 +771,7 @@ impl RunArgs {
                 table: db.table.clone(),
                 batch_size: self.batch_size,
                 batch_bytes: self.batch_bytes,
+                in_flight_batches: self.in_flight_batches,
                 poll_interval: self.poll_interval,
                 listen: self.listen,
                 stall_timeout: self.stall_timeout,

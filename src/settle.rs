@@ -22,6 +22,23 @@ impl Delivered {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// Add a later batch's delivered rows (both came from [`settle`], so the union still
+    /// holds only rows with their own delivery report), to record them in one write.
+    pub fn extend(&mut self, later: Delivered) {
+        self.0.extend(later.0);
+    }
+}
+
+/// Streams (topic, key) with a row that failed or was held back in a batch still in flight:
+/// later rows of those streams, in any later batch in flight, are not recorded either. Empty
+/// again once no batch is in flight.
+#[derive(Debug, Default)]
+pub struct Blocked(HashSet<(String, String)>);
+
+impl Blocked {
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// What to do with each row of a published batch.
@@ -46,24 +63,40 @@ pub fn settle(
     outcomes: Vec<Result<(), Failure>>,
     poison_blocks: bool,
 ) -> Settlement {
+    settle_after(messages, outcomes, poison_blocks, &mut Blocked::default())
+}
+
+/// [`settle`] for a batch published after others still in flight: streams `blocked` by an
+/// earlier batch stay blocked here, and this batch's failures block them for later batches.
+pub fn settle_after(
+    messages: &[Message],
+    outcomes: Vec<Result<(), Failure>>,
+    poison_blocks: bool,
+    blocked: &mut Blocked,
+) -> Settlement {
     let mut s = Settlement::default();
-    let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+    let block = |blocked: &mut Blocked, m: &Message| {
+        if let Some(key) = &m.key {
+            blocked.0.insert((m.topic.clone(), key.clone()));
+        }
+    };
     for (m, outcome) in messages.iter().zip(outcomes) {
-        let stream = m.key.as_deref().map(|k| (m.topic.as_str(), k));
-        let key_blocked = stream.is_some_and(|s| blocked.contains(&s));
+        let key_blocked = m.key.as_ref().is_some_and(|k| {
+            !blocked.0.is_empty() && blocked.0.contains(&(m.topic.clone(), k.clone()))
+        });
         match outcome {
             _ if key_blocked => {}
             Ok(()) => s.delivered.0.push(m.id),
             Err(Failure::Poison { kind, reason }) => {
                 s.park.push((m.id, kind, reason));
                 if poison_blocks {
-                    blocked.extend(stream);
+                    block(blocked, m);
                 }
             }
             Err(failure) => {
                 s.fatal |= matches!(failure, Failure::Fatal(_));
                 s.retry.push((m.id, failure.into_reason()));
-                blocked.extend(stream);
+                block(blocked, m);
             }
         }
     }
@@ -166,6 +199,25 @@ mod tests {
             &vec![3],
             "2 waits until the operator handles 1"
         );
+    }
+
+    #[test]
+    fn a_failure_blocks_its_stream_in_later_batches_in_flight() {
+        let mut blocked = Blocked::default();
+        let first = [msg(1, Some("a")), msg(2, Some("b"))];
+        let ok_then_fail = vec![Err(Failure::Transient("x".into())), Ok(())];
+        let s = settle_after(&first, ok_then_fail, false, &mut blocked);
+        assert_eq!(s.delivered.ids(), &[2]);
+        let later = [msg(3, Some("a")), msg(4, Some("b"))];
+        let s = settle_after(&later, vec![Ok(()), Ok(())], false, &mut blocked);
+        assert_eq!(
+            s.delivered.ids(),
+            &[4],
+            "3 was acked in a later batch while 1 waits for its retry: not recorded ahead of it"
+        );
+        blocked.clear();
+        let s = settle_after(&later, vec![Ok(()), Ok(())], false, &mut blocked);
+        assert_eq!(s.delivered.ids(), &[3, 4]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// How many published rows did cleanup delete?
     pub cleaned: IntCounter,
-    /// Where does a batch's time go? (phase = fetch | publish | mark | mark_wait)
+    /// Where does a batch's time go? (phase = fetch | send | publish | wait | mark)
     pub phase_seconds: prometheus::HistogramVec,
     /// Does the trace collector get our spans? (only with span export on)
     pub spans_exported: IntCounter,

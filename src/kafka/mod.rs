@@ -6,8 +6,10 @@ pub mod classify;
 pub mod config;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -19,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::event::Message;
 pub use classify::{classify, Failure};
 pub use config::{client_config, KafkaConfig};
+
+/// The outcomes of messages handed over by [`Sink::send`], once they are all known.
+pub type Reports = BoxFuture<'static, Published>;
 
 /// Every message's outcome and [`Receipt`], in the order the messages were given.
 #[derive(Debug, Default)]
@@ -32,14 +37,26 @@ pub struct Published {
 /// that message (for Kafka: its own delivery report, with acks=all). Messages of one key are
 /// handed over in order, and the destination keeps that order (idempotent producer).
 pub trait Sink: Clone + Send + Sync + 'static {
-    /// Publish `messages` in order and wait for each one's outcome. On cancellation, flush
-    /// within `flush_timeout` and report what was acknowledged by then.
+    /// Hand `messages` over in order; resolves once every one is handed over (so a later
+    /// `send` keeps per-key order behind them) to the future of their outcomes. On
+    /// cancellation that future flushes within `flush_timeout` and reports what was
+    /// acknowledged by then.
+    fn send(
+        &self,
+        messages: Arc<[Message]>,
+        cancel: &CancellationToken,
+        flush_timeout: Duration,
+    ) -> impl std::future::Future<Output = Reports> + Send;
+    /// Publish `messages` in order and wait for each one's outcome.
     fn publish(
         &self,
         messages: &[Message],
         cancel: &CancellationToken,
         flush_timeout: Duration,
-    ) -> impl std::future::Future<Output = Published> + Send;
+    ) -> impl std::future::Future<Output = Published> + Send {
+        let sent = self.send(messages.into(), cancel, flush_timeout);
+        async move { sent.await.await }
+    }
     /// A fatal error that makes this sink unusable, if one was raised.
     fn fatal_error(&self) -> Option<String>;
     /// A fresh sink with the same settings (after a fatal error, or to drop a stuck queue).
@@ -118,18 +135,19 @@ impl Publisher {
         })
     }
 
-    /// Enqueue every message, then await each delivery report in order ([`Sink::publish`]).
-    async fn publish_all(
+    /// Enqueue every message, then return the future awaiting each delivery report in order
+    /// ([`Sink::send`]).
+    async fn send_all(
         &self,
-        messages: &[Message],
+        messages: Arc<[Message]>,
         cancel: &CancellationToken,
         flush_timeout: Duration,
-    ) -> Published {
+    ) -> Reports {
         // A message to a topic the cluster says does not exist is not produced: librdkafka would
         // hold the whole batch for topic.metadata.propagation.max.ms first.
-        let missing = self.missing_topics(messages).await;
+        let missing = self.missing_topics(&messages).await;
         let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
+        for m in messages.iter() {
             let enqueued = if missing.contains(m.topic.as_str()) {
                 Err(classify(&KafkaError::MessageProduction(
                     RDKafkaErrorCode::UnknownTopic,
@@ -139,6 +157,21 @@ impl Publisher {
             };
             pending.push((enqueued, SystemTime::now()));
         }
+        let (this, cancel) = (self.clone(), cancel.clone());
+        Box::pin(async move {
+            this.await_reports(&messages, pending, &cancel, flush_timeout)
+                .await
+        })
+    }
+
+    /// Await each enqueued message's delivery report, in order.
+    async fn await_reports(
+        &self,
+        messages: &[Message],
+        pending: Vec<(Result<DeliveryFuture, Failure>, SystemTime)>,
+        cancel: &CancellationToken,
+        flush_timeout: Duration,
+    ) -> Published {
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut receipts = Vec::with_capacity(messages.len());
         let mut flushed = false;
@@ -340,13 +373,13 @@ impl Publisher {
 }
 
 impl Sink for Publisher {
-    async fn publish(
+    async fn send(
         &self,
-        messages: &[Message],
+        messages: Arc<[Message]>,
         cancel: &CancellationToken,
         flush_timeout: Duration,
-    ) -> Published {
-        self.publish_all(messages, cancel, flush_timeout).await
+    ) -> Reports {
+        self.send_all(messages, cancel, flush_timeout).await
     }
 
     fn fatal_error(&self) -> Option<String> {

@@ -10,7 +10,10 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use tokio::task::JoinHandle;
 
-use super::{bytes_bounded, BatchLimit, Fence, Ledger, Progress, Reader, Recorded, ROW_BYTES};
+use super::{
+    bytes_bounded, read_in_index_order, BatchLimit, Fence, Ledger, Progress, Reader, Recorded,
+    ROW_BYTES,
+};
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
 use crate::store::{OutboxStore, PENDING};
@@ -95,14 +98,13 @@ impl AppendReader {
             in_flight.to_vec(),
         );
         async move {
-            sqlx::query_as(AssertSqlSafe(sql))
+            let read = sqlx::query_as(AssertSqlSafe(sql))
                 .bind(i64::from(limit.rows))
                 .bind(exclude)
                 .bind(after.0)
                 .bind(after.1)
-                .bind(limit.bytes as i64)
-                .fetch_all(&pool)
-                .await
+                .bind(limit.bytes as i64);
+            read_in_index_order(&pool, read).await
         }
     }
 
@@ -117,6 +119,11 @@ impl AppendReader {
 impl Reader for AppendReader {
     type Position = Cursor;
     type Ledger = AppendLedger;
+
+    /// The cursor and read-ahead follow the last settled batch: one batch at a time.
+    fn reads_past_unsettled(&self) -> bool {
+        false
+    }
 
     fn ledger(&self) -> AppendLedger {
         self.ledger.clone()

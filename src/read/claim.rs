@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use sqlx::AssertSqlSafe;
 
-use super::{bytes_bounded, BatchLimit, Fence, Ledger, Progress, Reader, Recorded, ROW_BYTES};
+use super::{
+    bytes_bounded, read_in_index_order, BatchLimit, Fence, Ledger, Progress, Reader, Recorded,
+    ROW_BYTES,
+};
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
 use crate::store::{errors, OutboxStore, PENDING};
@@ -62,6 +65,11 @@ impl Reader for ClaimReader {
     type Position = ();
     type Ledger = OutboxStore;
 
+    /// Pending rows are read by state, leaving out the rows in flight.
+    fn reads_past_unsettled(&self) -> bool {
+        true
+    }
+
     fn ledger(&self) -> OutboxStore {
         self.store.clone()
     }
@@ -93,12 +101,11 @@ impl Reader for ClaimReader {
         limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
+        let read = sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
             .bind(i64::from(limit.rows))
             .bind(in_flight)
-            .bind(limit.bytes as i64)
-            .fetch_all(self.store.pool())
-            .await
+            .bind(limit.bytes as i64);
+        read_in_index_order(self.store.pool(), read).await
     }
 
     /// Every delivered row is marked; rows to retry stay pending and are read again.

@@ -43,6 +43,29 @@ pub(crate) fn bytes_bounded(inner: &str, order: &str, bytes: &str) -> String {
     )
 }
 
+/// Run a batch read with the planner held to the read index, in read order, whatever the
+/// table's statistics say. A backlog nobody has analyzed (a bulk load; rows piled up during an
+/// outage) makes the planner expect a handful of pending rows and read each batch with a
+/// bitmap scan of the whole backlog plus a sort: 160 ms instead of 1 ms per batch at 200,000
+/// rows. `SET LOCAL` (not connection options) so it holds behind transaction-pooling proxies
+/// and touches no other statement; a custom plan per read lets `<> ALL(in-flight ids)` be
+/// hashed.
+pub(crate) async fn read_in_index_order(
+    pool: &sqlx::PgPool,
+    read: sqlx::query::QueryAs<'_, sqlx::Postgres, OutboxRow, sqlx::postgres::PgArguments>,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(
+        "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL enable_sort = off; SET LOCAL plan_cache_mode = force_custom_plan",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let rows = read.fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
 /// A row's size as the bound counts it.
 pub(crate) const ROW_BYTES: &str = "octet_length(o.topic) + coalesce(octet_length(o.key), 0) \
      + coalesce(octet_length(o.payload), 0) + coalesce(pg_column_size(o.headers), 0)";
@@ -67,6 +90,16 @@ pub struct Progress<P> {
 }
 
 impl<P> Progress<P> {
+    /// Add a later batch's progress, to record both in one write: its marks after these, and
+    /// its position (if it moved) as the new one.
+    pub fn merge(&mut self, later: Progress<P>) {
+        self.delivered.extend(later.delivered);
+        self.mark.extend(later.mark);
+        if later.position.is_some() {
+            self.position = later.position;
+        }
+    }
+
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.delivered.is_empty() && self.mark.is_empty() && self.position.is_none()
@@ -96,8 +129,13 @@ pub trait Reader: Send {
     /// have moved it) and drop anything read before.
     fn on_new_epoch(&mut self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
+    /// Whether `next_batch` may be called again before the previous batch's `progress` (the
+    /// reader reads past rows in flight by leaving them out). If not, one batch at a time is
+    /// published and settled.
+    fn reads_past_unsettled(&self) -> bool;
+
     /// The next committed rows to publish, in publish order, within `limit`, leaving out
-    /// `in_flight` (delivered rows whose progress is still being written).
+    /// `in_flight` (rows published and not yet settled, or whose progress is being written).
     fn next_batch(
         &mut self,
         limit: BatchLimit,

@@ -1,56 +1,181 @@
-//! Durable writes from the loop: the single progress write in flight (written in the
-//! background while the next batch is read and published, one at a time, in batch order),
-//! and the retrying writer every ledger write goes through.
+//! Durable writes from the loop: settled batches' progress, written in the background by one
+//! writer in batch order (consecutive batches waiting together go in one write), and the
+//! retrying writer every ledger write goes through.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
-use tokio::task::JoinHandle;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::read::Ledger;
+use crate::read::{Fence, Ledger, Progress, Recorded};
 use crate::store::errors;
 use crate::table::TableName;
-use crate::telemetry::Health;
+use crate::telemetry::{Health, Metrics};
 
-/// The batch progress being written, if any.
-#[derive(Default)]
-pub struct InFlight {
-    /// Rows it marks: they still look pending, so reads leave them out.
-    ids: Vec<i64>,
-    task: Option<JoinHandle<()>>,
+/// One settled batch's progress, and its delivered rows' creation times (for the latency
+/// metric, observed once the write is durable).
+struct Write<P> {
+    seq: u64,
+    progress: Progress<P>,
+    fence: Fence,
+    created: Vec<DateTime<Utc>>,
 }
 
-impl InFlight {
-    pub fn ids(&self) -> &[i64] {
-        &self.ids
-    }
+/// Progress writes in flight, in batch order. The rows they record still look pending, so
+/// reads leave them out ([`Marks::ids`]).
+pub struct Marks<P> {
+    queue: mpsc::UnboundedSender<Write<P>>,
+    /// The last batch whose write has ended (durable, fenced, or given up at shutdown).
+    done: watch::Receiver<u64>,
+    pending: VecDeque<(u64, Vec<i64>)>,
+    next: u64,
+}
 
-    /// Start writing the next batch's progress (after [`InFlight::finish`]).
-    pub fn start(&mut self, ids: Vec<i64>, task: JoinHandle<()>) {
-        debug_assert!(self.task.is_none(), "one progress write at a time");
-        (self.ids, self.task) = (ids, Some(task));
-    }
-
-    /// Collect a write that has already finished, without waiting.
-    pub async fn reap(&mut self) {
-        if self.task.as_ref().is_some_and(|t| t.is_finished()) {
-            self.finish().await;
+impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Marks<P> {
+    /// Start the writer for `ledger`; it ends when `self` is dropped and its queue is written.
+    pub fn start<L: Ledger<Position = P>>(
+        writer: Writer<L>,
+        metrics: Metrics,
+        cancel: CancellationToken,
+    ) -> Marks<P> {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = watch::channel(0);
+        tokio::spawn(write_in_order(rx, done_tx, writer, metrics, cancel));
+        Marks {
+            queue,
+            done,
+            pending: VecDeque::new(),
+            next: 1,
         }
     }
 
-    /// Wait for the write in flight, if any (writes finish in batch order, one at a time).
-    /// Cancel-safe: dropped mid-wait (the lease was lost), the write stays in flight.
+    /// Queue a settled batch's progress (written after every batch queued before it).
+    pub fn push(&mut self, progress: Progress<P>, fence: Fence, created: Vec<DateTime<Utc>>) {
+        if progress.is_empty() {
+            return;
+        }
+        let seq = self.next;
+        self.next += 1;
+        self.pending.push_back((seq, progress.mark.clone()));
+        let write = Write {
+            seq,
+            progress,
+            fence,
+            created,
+        };
+        if self.queue.send(write).is_err() {
+            tracing::error!("the progress writer has stopped; the rows stay pending and will be published again");
+        }
+    }
+
+    /// Forget writes that have ended, without waiting.
+    pub fn reap(&mut self) {
+        let done = *self.done.borrow();
+        while self.pending.front().is_some_and(|(seq, _)| *seq <= done) {
+            self.pending.pop_front();
+        }
+    }
+
+    /// Rows whose progress is being written.
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.pending.iter().flat_map(|(_, ids)| ids.iter().copied())
+    }
+
+    /// How many rows are waiting for their write.
+    pub fn rows(&self) -> usize {
+        self.pending.iter().map(|(_, ids)| ids.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Wait until every queued write has ended. Cancel-safe: dropped mid-wait (the lease was
+    /// lost), the writes go on.
     pub async fn finish(&mut self) {
-        if let Some(task) = self.task.as_mut() {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, rows = self.ids.len(), "progress write failed; the rows stay pending and will be published again");
-            }
-            self.task = None;
-        }
-        self.ids.clear();
+        let last = self.next - 1;
+        // Err: the writer is gone (it logged why); nothing is left to wait for.
+        let _ = self.done.wait_for(|done| *done >= last).await;
+        self.reap();
+        self.pending.clear();
     }
+}
+
+/// The writer: records queued progress in order, retrying each write until it is durable
+/// (giving up would publish the rows again). Batches queued together are recorded in one
+/// write when they share a fence.
+async fn write_in_order<L: Ledger>(
+    mut rx: mpsc::UnboundedReceiver<Write<L::Position>>,
+    done: watch::Sender<u64>,
+    writer: Writer<L>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    while let Some(mut write) = rx.recv().await {
+        let mut next = None;
+        while let Ok(later) = rx.try_recv() {
+            if later.fence.epoch != write.fence.epoch {
+                next = Some(later);
+                break;
+            }
+            write.seq = later.seq;
+            write.progress.merge(later.progress);
+            write.created.extend(later.created);
+        }
+        record(&writer, &metrics, &cancel, &write).await;
+        done.send_replace(write.seq);
+        if let Some(later) = next {
+            record(&writer, &metrics, &cancel, &later).await;
+            done.send_replace(later.seq);
+        }
+    }
+}
+
+/// Record one write (retrying); count and time its delivered rows once it is durable.
+async fn record<L: Ledger>(
+    writer: &Writer<L>,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    write: &Write<L::Position>,
+) {
+    let timer = metrics
+        .phase_seconds
+        .with_label_values(&["mark"])
+        .start_timer();
+    let recorded = writer
+        .write_retrying("mark", cancel, |ledger| async move {
+            ledger.record(&write.progress, &write.fence).await
+        })
+        .await;
+    timer.observe_duration();
+    let delivered = write.progress.delivered.len();
+    match recorded {
+        Some(Recorded::Done) => {}
+        Some(Recorded::Fenced) => {
+            tracing::warn!(
+                epoch = write.fence.epoch,
+                "progress not recorded: another replica leads now; it publishes these rows again"
+            );
+            return;
+        }
+        None => {
+            tracing::error!(
+                rows = delivered,
+                "could not record delivered rows before shutdown; they will be published again"
+            );
+            return;
+        }
+    }
+    let now = Utc::now();
+    for created_at in &write.created {
+        let age = (now - *created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+        metrics.latency.observe(age.max(0.0));
+    }
+    metrics.published.inc_by(delivered as u64);
 }
 
 pub fn retry_backoff() -> backoff::ExponentialBackoff {

@@ -1,14 +1,17 @@
 //! The relay loop: wait for a wake-up, read a batch, prepare it (poison rules), publish it
 //! holding the lease, settle each row by its own delivery report, set poison aside, record
-//! progress. One batch is published at a time; its progress is written in the background
-//! while the next batch is read and published (one write in flight, in batch order). The
-//! invariant, kept by the types: **progress is recorded for a row only after its own delivery
-//! report ([`crate::settle::Delivered`]), and never ahead of an earlier row of the same key
-//! that is still unsettled.**
+//! progress. While reads come back full (a backlog), the next batch is read and published
+//! before the earlier ones' reports are in: up to `--in-flight-batches` batches' worth of
+//! rows (and `--batch-bytes` in all) are published or being recorded at once. Batches settle
+//! in publish order and their progress is written in that order by one background writer.
+//! The invariant, kept by the types: **progress is recorded for a row only after its own
+//! delivery report ([`crate::settle::Delivered`]), and never ahead of an earlier row of the
+//! same key that is still unsettled**, in its batch or an earlier one in flight.
 //!
 //! The loop knows no read mode: the [`Reader`] holds its mode's state, the [`Sink`] is Kafka,
 //! the [`Leadership`] is the lease.
 
+mod flight;
 mod marking;
 mod pace;
 pub mod poison;
@@ -25,12 +28,13 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{Message, MessageRules};
 use crate::kafka::{Published, Sink};
 use crate::lease::Leadership;
-use crate::read::{BatchLimit, Fence, Ledger, Progress, Reader, Recorded};
-use crate::settle::{settle, Settlement};
+use crate::read::{BatchLimit, Fence, Ledger, Reader};
+use crate::settle::{settle_after, Settlement};
 use crate::spans::Tracer;
 use crate::table::TableName;
 use crate::telemetry::{Health, Metrics};
-use marking::{retry_backoff, sleep_or_cancel, InFlight, Writer};
+use flight::{message_bytes, Flight, Sent};
+use marking::{retry_backoff, sleep_or_cancel, Marks, Writer};
 pub use pace::Pace;
 pub use poison::PoisonPolicy;
 
@@ -39,8 +43,11 @@ pub use poison::PoisonPolicy;
 pub struct Settings {
     pub table: TableName,
     pub batch_size: u32,
-    /// A batch's bound in bytes of keys, payloads and headers (a larger row comes alone).
+    /// A batch's bound in bytes of keys, payloads and headers (a larger row comes alone), and
+    /// the bound of all batches in flight together.
     pub batch_bytes: u64,
+    /// At most this many batches' worth of rows published or being recorded at once.
+    pub in_flight_batches: u32,
     pub poll_interval: Duration,
     /// Ask writers to NOTIFY while idle (LISTEN is on).
     pub listen: bool,
@@ -115,21 +122,23 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         }
     }
 
-    /// The loop. Returns when `cancel` fires, after the in-flight batch is settled and recorded.
+    /// The loop. Returns when `cancel` fires, after the batches in flight are settled and
+    /// recorded.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = retry_backoff();
         let (mut pace, mut wakeups) = (Pace::start(), None);
-        let mut in_flight = InFlight::default();
+        let marks = Marks::start(self.writer(), self.metrics.clone(), cancel.clone());
+        let mut flight = Flight::new(marks);
         while !cancel.is_cancelled() {
             let wait = pace.wait(self.settings.poll_interval);
-            if !wait.is_zero() {
+            if !wait.is_zero() && flight.sent.is_empty() {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            match self.lead(&mut in_flight).await {
+            match self.lead(&mut flight).await {
                 Ok(true) => {}
                 Ok(false) => {
                     (pace, wakeups) = (Pace::Idle { confirmed: true }, None);
@@ -142,7 +151,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                     continue;
                 }
             }
-            match self.step(&cancel, &mut in_flight).await {
+            match self.step(&cancel, &mut flight).await {
                 Ok(rows) => {
                     backoff.reset();
                     self.health.progressed();
@@ -157,15 +166,19 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                 Err(StepError::Kafka) => sleep_or_cancel(backoff.next_backoff(), &cancel).await,
             }
         }
-        in_flight.finish().await;
+        // Shutdown: the sink flushes what is in flight; settle and record what it delivered.
+        while !flight.sent.is_empty() {
+            let _ = self.settle_oldest(&mut flight, &cancel).await;
+        }
+        flight.marks.finish().await;
         self.lease.release().await;
         self.metrics.leader.set(0);
         tracing::info!("relay loop stopped");
     }
 
     /// Whether this replica leads; on a new lease epoch, the reader starts over from durable
-    /// progress (after the write in flight has finished).
-    async fn lead(&mut self, in_flight: &mut InFlight) -> Result<bool, sqlx::Error> {
+    /// progress (after the writes in flight have finished).
+    async fn lead(&mut self, flight: &mut Flight<R::Position>) -> Result<bool, sqlx::Error> {
         let leading = self
             .lease
             .ensure()
@@ -177,7 +190,12 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             return Ok(false);
         }
         if self.led_epoch != Some(self.lease.epoch()) {
-            if self.holding_lease(in_flight.finish(), None).await.is_err() {
+            flight.abandon();
+            if self
+                .holding_lease(flight.marks.finish(), None)
+                .await
+                .is_err()
+            {
                 return Ok(false);
             }
             self.reader.on_new_epoch().await?;
@@ -186,23 +204,48 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         Ok(true)
     }
 
-    /// One batch: read, prepare, publish, settle, set aside, then start recording its progress
-    /// (after the previous batch's). Returns how many rows were read.
+    /// Settle the batches whose reports are in; read and publish the next batch if there is
+    /// room; unless that read came back full (a backlog: keep reading ahead), wait for the
+    /// oldest batch in flight and settle it. Returns how many rows were read.
     async fn step(
         &mut self,
         cancel: &CancellationToken,
-        in_flight: &mut InFlight,
+        flight: &mut Flight<R::Position>,
+    ) -> Result<usize, StepError> {
+        flight.marks.reap();
+        while flight.sent.front().is_some_and(|s| s.reports.is_finished()) {
+            self.settle_oldest(flight, cancel).await?;
+        }
+        let read_past = self.reader.reads_past_unsettled();
+        let room = flight.room(
+            self.settings.batch_limit(),
+            self.settings.in_flight_batches,
+            read_past,
+        );
+        let (read, full) = match room {
+            Some(limit) => {
+                let read = self.read_and_send(limit, flight, cancel).await?;
+                (read, read >= limit.rows as usize)
+            }
+            None => (0, false),
+        };
+        if !full && !flight.sent.is_empty() {
+            self.settle_oldest(flight, cancel).await?;
+        }
+        Ok(read)
+    }
+
+    /// Read the next batch (leaving out the rows in flight), prepare it and hand it to the
+    /// sink; its reports are awaited in the background. Returns how many rows were read.
+    async fn read_and_send(
+        &mut self,
+        limit: BatchLimit,
+        flight: &mut Flight<R::Position>,
+        cancel: &CancellationToken,
     ) -> Result<usize, StepError> {
         let m = &self.metrics.clone(); // shared handles: cheap to clone
-        in_flight.reap().await;
-        // Rows whose progress is still being written look pending: the read leaves them out.
-        let rows = timed(
-            m,
-            "fetch",
-            self.reader
-                .next_batch(self.settings.batch_limit(), in_flight.ids()),
-        )
-        .await?;
+        let in_flight = flight.ids();
+        let rows = timed(m, "fetch", self.reader.next_batch(limit, &in_flight)).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
         let read = rows.len();
         if read == 0 {
@@ -210,54 +253,112 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         }
         m.batch_size.observe(read as f64);
         let block_key = self.settings.poison_policy == PoisonPolicy::BlockKey;
-        let (mut messages, mut poison) = poison::prepare(rows, &self.settings.rules, block_key);
+        let (mut messages, poison) = poison::prepare(rows, &self.settings.rules, block_key);
         let stamps = self.spans.stamp(&mut messages);
+        let messages: Arc<[Message]> = messages.into();
+        let bytes = messages.iter().map(message_bytes).sum();
         let sink = self.sink.borrow().clone();
-        let published = timed(
-            m,
-            "publish",
-            self.publish_holding_lease(&sink, &messages, cancel),
-        )
-        .await;
-        let Published { outcomes, receipts } = match published {
-            Ok(published) => published,
-            Err(why) => {
-                // Nothing is recorded: the rows stay pending for whoever leads next (duplicates
-                // at most, never a reordering). A fresh producer drops the stuck queue.
-                tracing::warn!(
-                    reason = why,
-                    rows = messages.len(),
-                    "abandoning the in-flight batch"
-                );
-                self.recreate_sink(&sink, cancel).await;
-                return Err(StepError::Kafka);
-            }
+        let flush_timeout = self.settings.shutdown_timeout.mul_f32(0.8);
+        let stall = Some(self.settings.stall_timeout);
+        let handed = self.holding_lease(sink.send(messages.clone(), cancel, flush_timeout), stall);
+        let reports = match timed(m, "send", handed).await {
+            Ok(reports) => reports,
+            Err(why) => return Err(self.abandon(flight, &sink, why, cancel).await),
         };
+        let timer = m
+            .phase_seconds
+            .with_label_values(&["publish"])
+            .start_timer();
+        let reports = tokio::spawn(async move {
+            let published = reports.await;
+            timer.observe_duration();
+            published
+        });
+        flight.sent.push_back(Sent {
+            messages,
+            stamps,
+            poison,
+            bytes,
+            reports,
+        });
+        Ok(read)
+    }
+
+    /// Wait (holding the lease) for the oldest batch's reports, settle each row, set poison
+    /// aside and queue its progress. After a failure, the batches published after it are
+    /// settled too (rows of the failed rows' keys stay pending) before the loop backs off.
+    async fn settle_oldest(
+        &mut self,
+        flight: &mut Flight<R::Position>,
+        cancel: &CancellationToken,
+    ) -> Result<(), StepError> {
+        let Some(batch) = flight.sent.front_mut() else {
+            return Ok(());
+        };
+        let stall = Some(self.settings.stall_timeout);
+        let (sink, m) = (self.sink.borrow().clone(), self.metrics.clone());
+        let reports = self.holding_lease(&mut batch.reports, stall);
+        let published = match timed(&m, "wait", reports).await {
+            Ok(Ok(published)) => published,
+            Ok(Err(e)) => return Err(self.abandon(flight, &sink, &e.to_string(), cancel).await),
+            Err(why) => return Err(self.abandon(flight, &sink, why, cancel).await),
+        };
+        let Some(Sent {
+            messages,
+            stamps,
+            mut poison,
+            ..
+        }) = flight.sent.pop_front()
+        else {
+            return Ok(());
+        };
+        let Published { outcomes, receipts } = published;
         self.spans.record(&messages, &stamps, &outcomes, &receipts);
-        let mut settlement = settle(&messages, outcomes, block_key);
+        let block_key = self.settings.poison_policy == PoisonPolicy::BlockKey;
+        let mut settlement = settle_after(&messages, outcomes, block_key, &mut flight.blocked);
         poison.extend(poison::rejected(
             &messages,
             std::mem::take(&mut settlement.park),
         ));
         let set_aside = self.set_aside(poison, cancel).await;
-        let waited = timed(m, "mark_wait", self.holding_lease(in_flight.finish(), None)).await;
-        if let Err(why) = waited {
-            tracing::warn!(
-                reason = why,
-                rows = messages.len(),
-                "not recording the batch: another replica publishes it again"
-            );
-            return Err(StepError::Kafka);
+        let delivered = std::mem::take(&mut settlement.delivered);
+        let created = created_at(&messages, delivered.ids());
+        let progress = self.reader.progress(delivered, &set_aside);
+        let fence = Fence {
+            holder: self.lease.holder().into(),
+            epoch: self.lease.epoch(),
+        };
+        flight.marks.push(progress, fence, created);
+        if flight.sent.is_empty() {
+            flight.blocked.clear();
         }
-        let progress = self
-            .reader
-            .progress(std::mem::take(&mut settlement.delivered), &set_aside);
-        self.record_in_background(&messages, progress, cancel, in_flight);
         if settlement.retry.is_empty() {
-            return Ok(read);
+            return Ok(());
         }
-        self.retry_later(&sink, &settlement, cancel).await;
+        self.note_retries(&settlement).await;
+        while !flight.sent.is_empty() {
+            let _ = Box::pin(self.settle_oldest(flight, cancel)).await;
+        }
+        if settlement.fatal || sink.fatal_error().is_some() {
+            self.recreate_sink(&sink, cancel).await;
+        }
         Err(StepError::Kafka)
+    }
+
+    /// Give up on every batch in flight (the lease was lost, or no report came within
+    /// --stall-timeout): nothing is recorded, the rows stay pending for whoever leads next
+    /// (duplicates at most, never a reordering). A fresh producer drops the stuck queue.
+    async fn abandon(
+        &mut self,
+        flight: &mut Flight<R::Position>,
+        sink: &S,
+        why: &str,
+        cancel: &CancellationToken,
+    ) -> StepError {
+        let rows = flight.abandon();
+        tracing::warn!(reason = why, rows, "abandoning the batches in flight");
+        self.recreate_sink(sink, cancel).await;
+        StepError::Kafka
     }
 
     /// Publish while renewing the lease, so a leader waiting on a slow or absent Kafka keeps
@@ -305,68 +406,11 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         }
     }
 
-    /// Record a batch's progress in the background, retrying until it succeeds (giving up
-    /// would publish the rows again); count and time the delivered rows once it is durable.
-    fn record_in_background(
-        &self,
-        messages: &[Message],
-        progress: Progress<R::Position>,
-        cancel: &CancellationToken,
-        in_flight: &mut InFlight,
-    ) {
-        if progress.is_empty() {
-            return;
-        }
-        let delivered: HashSet<i64> = progress.delivered.ids().iter().copied().collect();
-        let created: Vec<_> = messages
-            .iter()
-            .filter(|m| delivered.contains(&m.id))
-            .map(|m| m.created_at)
-            .collect();
-        let (writer, metrics, cancel) = (self.writer(), self.metrics.clone(), cancel.clone());
-        let fence = Fence {
-            holder: self.lease.holder().into(),
-            epoch: self.lease.epoch(),
-        };
-        let ids = progress.mark.clone();
-        let task = tokio::spawn(async move {
-            let timer = metrics
-                .phase_seconds
-                .with_label_values(&["mark"])
-                .start_timer();
-            let recorded = writer
-                .write_retrying("mark", &cancel, |ledger| {
-                    let (progress, fence) = (&progress, &fence);
-                    async move { ledger.record(progress, fence).await }
-                })
-                .await;
-            timer.observe_duration();
-            match recorded {
-                Some(Recorded::Done) => {}
-                Some(Recorded::Fenced) => {
-                    tracing::warn!(epoch = fence.epoch, "progress not recorded: another replica leads now; it publishes these rows again");
-                    return;
-                }
-                None => {
-                    tracing::error!(rows = progress.delivered.len(), "could not record delivered rows before shutdown; they will be published again");
-                    return;
-                }
-            }
-            let now = chrono::Utc::now();
-            for created_at in created {
-                let age = (now - created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
-                metrics.latency.observe(age.max(0.0));
-            }
-            metrics.published.inc_by(progress.delivered.len() as u64);
-        });
-        in_flight.start(ids, task);
-    }
-
-    /// After transient or fatal failures: count and record them, recreate a poisoned producer.
-    /// The rows stay pending; the caller backs off before the next read.
-    async fn retry_later(&mut self, sink: &S, s: &Settlement, cancel: &CancellationToken) {
+    /// After transient or fatal failures: count them and note them on the rows, which stay
+    /// pending; the caller backs off before the next read.
+    async fn note_retries(&mut self, s: &Settlement) {
         // A producer with a fatal error fails its queue with assorted codes: count them fatal.
-        let fatal = s.fatal || sink.fatal_error().is_some();
+        let fatal = s.fatal || self.sink.borrow().fatal_error().is_some();
         let kind = if fatal { "fatal" } else { "transient" };
         self.metrics
             .publish_errors
@@ -376,9 +420,6 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             "delivery failed; rows stay pending and are retried with backoff");
         if let Err(e) = self.ledger.note_retry(&s.retry).await {
             tracing::warn!(error = %e, "could not record the retry on the rows");
-        }
-        if fatal {
-            self.recreate_sink(sink, cancel).await;
         }
     }
 
@@ -414,6 +455,16 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             table: self.settings.table.clone(),
         }
     }
+}
+
+/// The creation times of the `delivered` rows (for the latency metric).
+fn created_at(messages: &[Message], delivered: &[i64]) -> Vec<chrono::DateTime<chrono::Utc>> {
+    let delivered: HashSet<i64> = delivered.iter().copied().collect();
+    messages
+        .iter()
+        .filter(|m| delivered.contains(&m.id))
+        .map(|m| m.created_at)
+        .collect()
 }
 
 /// Await `fut`, recording its duration as a batch phase.

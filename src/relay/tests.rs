@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PoisonPolicy, Relay, Settings};
 use crate::event::{Message, MessageRules, OutboxRow};
-use crate::kafka::{Failure, Published, Receipt, Sink};
+use crate::kafka::{Failure, Published, Receipt, Reports, Sink};
 use crate::lease::Leadership;
 use crate::read::append::{advance, Cursor};
 use crate::read::{BatchLimit, Fence, Ledger, Progress, Reader, Recorded};
@@ -42,6 +42,11 @@ struct World {
     /// Batches served from a read-ahead, and read-aheads dropped.
     ahead_used: usize,
     ahead_dropped: usize,
+    /// How long a batch's delivery reports take.
+    report_delay: Duration,
+    /// Batches handed over whose reports are not in yet, now and at most.
+    unreported: usize,
+    max_unreported: usize,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -69,6 +74,9 @@ fn world(rows: usize, keys: usize) -> Shared {
 
 struct MemReader {
     w: Shared,
+    /// Read pending rows by state, leaving out rows in flight (as claim mode does), instead of
+    /// by cursor with a read-ahead (as append mode does).
+    by_state: bool,
     cursor: i64,
     batch: Vec<(i64, Cursor)>,
     ahead: Option<Vec<OutboxRow>>,
@@ -91,6 +99,10 @@ impl Reader for MemReader {
     type Position = Cursor;
     type Ledger = MemLedger;
 
+    fn reads_past_unsettled(&self) -> bool {
+        self.by_state
+    }
+
     fn ledger(&self) -> MemLedger {
         MemLedger(self.w.clone())
     }
@@ -108,6 +120,9 @@ impl Reader for MemReader {
         limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        if self.by_state {
+            return Ok(self.read(limit, in_flight, 0));
+        }
         let ahead = self.ahead.take();
         let rows = match ahead {
             Some(rows) if self.ahead_valid => {
@@ -129,6 +144,14 @@ impl Reader for MemReader {
     }
 
     fn progress(&mut self, delivered: Delivered, set_aside: &HashSet<i64>) -> Progress<Cursor> {
+        if self.by_state {
+            let mark = delivered.ids().to_vec();
+            return Progress {
+                delivered,
+                mark,
+                position: None,
+            };
+        }
         let progress = advance(&self.batch, delivered, set_aside);
         if let Some((_, id)) = progress.position {
             self.cursor = id;
@@ -166,6 +189,23 @@ impl Ledger for MemLedger {
                 "row {id} recorded without a delivery report"
             );
         }
+        // ...and never ahead of an earlier row of its key.
+        let key = |id: i64| w.rows[id as usize - 1].key.clone();
+        let passed = w.cursor.max(progress.position.map_or(0, |(_, id)| id));
+        for id in &progress.mark {
+            let earlier_unmarked =
+                w.rows[passed.max(0) as usize..*id as usize - 1]
+                    .iter()
+                    .any(|r| {
+                        r.key == key(*id)
+                            && !w.marked.contains(&r.id)
+                            && !progress.mark.contains(&r.id)
+                    });
+            assert!(
+                !earlier_unmarked,
+                "row {id} recorded ahead of an earlier row of its key"
+            );
+        }
         w.marked.extend(&progress.mark);
         if let Some((_, id)) = progress.position {
             w.cursor = w.cursor.max(id);
@@ -189,40 +229,49 @@ impl Ledger for MemLedger {
 struct ScriptedSink(Shared);
 
 impl Sink for ScriptedSink {
-    async fn publish(
+    async fn send(
         &self,
-        messages: &[Message],
+        messages: Arc<[Message]>,
         _cancel: &CancellationToken,
         _flush: Duration,
-    ) -> Published {
+    ) -> Reports {
+        let (w, delay) = (self.0.clone(), self.0.lock().unwrap().report_delay);
         let hang = {
             let mut w = self.0.lock().unwrap();
+            w.unreported += 1;
+            w.max_unreported = w.max_unreported.max(w.unreported);
             w.publish_calls += 1;
             let hang = w.hang > 0;
             w.hang = w.hang.saturating_sub(1);
             hang
         };
-        if hang {
-            std::future::pending::<()>().await;
-        }
-        let mut w = self.0.lock().unwrap();
         let mut published = Published::default();
-        for m in messages {
-            let outcome = if w.fail_once.remove(&m.id) {
-                Err(Failure::Transient("scripted timeout".into()))
-            } else {
-                w.acked.push((m.id, m.key.clone().unwrap_or_default()));
-                Ok(())
-            };
-            published.outcomes.push(outcome);
-            let now = std::time::SystemTime::now();
-            published.receipts.push(Receipt {
-                handed_off: now,
-                reported: now,
-                position: None,
-            });
+        if !hang {
+            let mut w = self.0.lock().unwrap();
+            for m in messages.iter() {
+                let outcome = if w.fail_once.remove(&m.id) {
+                    Err(Failure::Transient("scripted timeout".into()))
+                } else {
+                    w.acked.push((m.id, m.key.clone().unwrap_or_default()));
+                    Ok(())
+                };
+                published.outcomes.push(outcome);
+                let now = std::time::SystemTime::now();
+                published.receipts.push(Receipt {
+                    handed_off: now,
+                    reported: now,
+                    position: None,
+                });
+            }
         }
-        published
+        Box::pin(async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(delay).await;
+            w.lock().unwrap().unreported -= 1;
+            published
+        })
     }
     fn fatal_error(&self) -> Option<String> {
         None
@@ -258,11 +307,22 @@ impl Leadership for ScriptedLease {
 
 /// Run the loop over `w` until `done` holds (or 60 s of virtual time), then stop it.
 async fn run_until(w: &Shared, batch_size: u32, done: impl Fn(&World) -> bool) -> Metrics {
+    run_reading(w, false, batch_size, done).await
+}
+
+/// [`run_until`], reading by state (`by_state`) or by cursor.
+async fn run_reading(
+    w: &Shared,
+    by_state: bool,
+    batch_size: u32,
+    done: impl Fn(&World) -> bool,
+) -> Metrics {
     let metrics = Metrics::new();
     let settings = Settings {
         table: TableName::parse("outbox").unwrap(),
         batch_size,
         batch_bytes: 1 << 20,
+        in_flight_batches: 4,
         poll_interval: Duration::from_millis(50),
         listen: false,
         stall_timeout: Duration::from_secs(30),
@@ -273,6 +333,7 @@ async fn run_until(w: &Shared, batch_size: u32, done: impl Fn(&World) -> bool) -
     };
     let reader = MemReader {
         w: w.clone(),
+        by_state,
         cursor: 0,
         batch: vec![],
         ahead: None,
@@ -415,5 +476,53 @@ async fn a_read_ahead_is_dropped_when_a_row_of_its_batch_must_be_retried() {
             .iter()
             .all(|id| (151..=200).contains(id) && id % 3 == 0),
         "{again:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_is_published_several_batches_at_a_time_within_the_bound() {
+    let w = world(2000, 7);
+    w.lock().unwrap().report_delay = Duration::from_millis(20);
+    run_reading(&w, true, 100, |w| w.marked.len() == w.rows.len()).await;
+    let w = w.lock().unwrap();
+    assert_all_in_key_order(&w);
+    assert_eq!(w.acked.len(), 2000, "no failure, no duplicate");
+    assert_eq!(
+        w.max_unreported, 4,
+        "batches overlap up to --in-flight-batches (4), never more"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_row_holds_back_its_key_in_the_later_batches_in_flight() {
+    let w = world(1000, 7);
+    {
+        let mut w = w.lock().unwrap();
+        w.report_delay = Duration::from_millis(20);
+        w.fail_once.insert(150);
+    }
+    // The ledger asserts that no row is marked ahead of an earlier row of its key.
+    run_reading(&w, true, 100, |w| w.marked.len() == w.rows.len()).await;
+    let w = w.lock().unwrap();
+    assert_all_in_key_order(&w);
+    assert!(
+        w.max_unreported >= 2,
+        "later batches were in flight when 150 failed"
+    );
+    let again: HashSet<i64> = {
+        let mut seen = HashSet::new();
+        w.acked
+            .iter()
+            .filter(|(id, _)| !seen.insert(*id))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    assert!(
+        again.iter().any(|id| *id > 200),
+        "rows of 150's key in later batches were published again after it: {again:?}"
+    );
+    assert!(
+        again.iter().all(|id| id % 7 == 150 % 7),
+        "only 150's key is published again: {again:?}"
     );
 }
