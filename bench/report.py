@@ -213,7 +213,7 @@ def render(meta, res, plots, outdir, mode):
       + (f" on Java 21 ({meta['debezium_java']})" if meta.get("debezium") else ""))
     w("")
     w("## Commands\n")
-    w("```sh\nmake bench        # full: bench/run.sh full (about 45 minutes, printed at its start); writes this file and bench/results/full/*.png\n"
+    w("```sh\nmake bench        # full: bench/run.sh full (about an hour, printed at its start); writes this file and bench/results/full/*.png\n"
       "make bench-smoke  # seconds per arm, tiny loads, no thresholds, no Debezium (CI)\n"
       "# knobs: BENCH_STEP_SECONDS, BENCH_SOAK_SECONDS, BENCH_SOAK_RATE, BENCH_DRAIN_ROWS, BENCH_LADDER=1000,5000,...,\n"
       "#        BENCH_BISECTIONS, BENCH_WORKLOADS=1x200B,..., BENCH_ARMS=relay,db-only,..., BENCH_DEBEZIUM=0, BENCH_KEEP_SERVICES=1\n"
