@@ -7,14 +7,23 @@ PostgreSQL and Kafka instances with scripts/pg.sh and scripts/kafka.sh and sets 
 Arms (each a way of getting outbox rows from PostgreSQL into Kafka, or a ceiling):
   db-only       the load generator alone on the relay's table (insert-only ceiling, app baseline)
   db-only-dbz   the load generator alone on the Debezium-style table (its app baseline)
-  kafka-only    a producer alone, same settings as the relay (producer-only ceiling)
+  kafka-only    examples/kafka_ceiling.rs alone: a Rust librdkafka producer with the relay's own
+                producer properties and headers (Kafka's producer-only ceiling; and its latency floor)
+  kafka-only-bare  the same without the relay's three headers (what they cost the producer)
+  kafka-only-py the same load from Python confluent-kafka (a client-bound figure, for comparison)
+  db-limit-claim / db-limit-delete / db-limit-append   examples/db_limit.rs: PostgreSQL alone
+                serving a read mode's own read and progress write of a backlog, no Kafka (the
+                database's limit for that mode)
   relay         target/release/outbox-relay with its defaults (`migrate`, then `run`)
   naive         bench/naive_relay.py: one row at a time, synchronous send, UPDATE per row
   debezium-defaults / debezium-tuned   Debezium Server, outbox EventRouter, Kafka sink, pgoutput
 
 Cells: `step` (open-loop load at a fixed offered rate; the ladder of steps gives the sustained
 throughput and the latency at 1k and 5k events/s), `drain` (a pre-loaded backlog), `soak`
-(a long fixed-rate run sampling dead tuples and table size). Every cell writes to its own topic
+(a long fixed-rate run sampling dead tuples and table size). A drain's backlog has no planner
+statistics (none left from earlier cells, autovacuum's analyze held off for the cell): what an
+outage leaves behind; `drain-analyzed` is the same drain after `ANALYZE`, side by side. Every
+cell writes to its own topic
 (6 partitions, message.timestamp.type=LogAppendTime) and is checked for loss, duplicates and
 per-key order by the same checker.
 """
@@ -387,7 +396,7 @@ PUBLICATION, SLOT = "bench_dbz_pub", "bench_dbz"
 class Pg:
     def __init__(self):
         self.c = psycopg.connect(url("postgres", "postgres"), autocommit=True)
-        for role in ("bench_app", "bench_relay", "bench_naive", "bench_dbz"):
+        for role in ("bench_app", "bench_relay", "bench_naive", "bench_dbz", "bench_dblimit"):
             self.c.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
                            f"CREATE ROLE {role} LOGIN SUPERUSER REPLICATION PASSWORD 'bench'; END IF; END $$")
         if not self.c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB,)).fetchone():
@@ -478,6 +487,23 @@ class Pg:
                      (table,))
         return dict(zip(("n_tup_ins", "n_live_tup", "n_dead_tup", "total_bytes", "heap_bytes",
                          "autovacuum_count"), r))
+
+    def forget_statistics(self, table):
+        """Leave `table` with no planner statistics, as if nobody had ever analyzed it (TRUNCATE
+        keeps the old ones), and hold autovacuum's analyze off until allow_analyze(): the cell
+        then measures the unanalyzed case from start to end, not wherever autovacuum (naptime
+        1 min, the relay's table analyzed after 2% changed) happens to come by. Vacuum still runs."""
+        self.x(f"ALTER TABLE {table} SET (autovacuum_analyze_threshold = 2000000000)")
+        self.x("DELETE FROM pg_statistic WHERE starelid = %s::regclass", (table,))
+
+    def allow_analyze(self, table):
+        self.x(f"ALTER TABLE {table} RESET (autovacuum_analyze_threshold)")
+
+    def analyze_state(self, table):
+        """ANALYZE runs so far (manual and autovacuum's), and the table's column statistics."""
+        r = self.one("SELECT analyze_count + autoanalyze_count, (SELECT count(*) FROM pg_statistic "
+                     "WHERE starelid = relid) FROM pg_stat_user_tables WHERE relname = %s", (table,))
+        return {"analyzes": int(r[0]), "column_stats": int(r[1])}
 
     def wal_lsn(self):
         return int(self.one("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")[0])
@@ -856,6 +882,62 @@ class Debezium(Arm):
             self.canary(240)
 
 
+class Example(Arm):
+    """A program of examples/, built beside the relay's binary (`cargo build --examples`), run
+    once to its end: kafka_ceiling (Kafka's producer-only ceiling) or db_limit (a read mode's
+    database limit). Its CPU comes from the kernel's accounting at exit (wait4), exactly; its
+    peak RSS from /proc (VmHWM) while it runs (wait4's maxrss counts the forked harness)."""
+
+    def __init__(self, h, name, label, program, role=None):
+        super().__init__(h)
+        self.name, self.label, self.role = name, label, role
+        self.program = os.path.join(os.path.dirname(h.relay_bin), "examples", program)
+        self.logfile = os.path.join(h.logdir, f"{name}.log")
+
+    def run(self, args, timeout, env=None):
+        """Run to the end; returns its JSON line and what the kernel accounted for it (CPU-seconds,
+        peak RSS)."""
+        if not os.path.exists(self.program):
+            raise RuntimeError(f"{self.program} is missing: build it with `cargo build --examples` "
+                               "(bench/run.sh does)")
+        out = os.path.join(self.h.logdir, f"{self.name}.{uuid.uuid4().hex[:6]}.out")
+        with open(out, "w") as stdout:
+            self.spawn([self.program, *args], env=dict(os.environ, **(env or {})), stdout=stdout,
+                       stderr=open(self.logfile, "a"))
+        p = self.process
+
+        def kill():  # (not p.poll(): that would reap the child under wait4)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.start()
+        done, peak = threading.Event(), [0.0]
+
+        def watch_rss():
+            while not done.wait(0.1):
+                peak[0] = max(peak[0], proc_status(p.pid).get("VmHWM", 0.0))
+
+        watcher = threading.Thread(target=watch_rss)
+        watcher.start()
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        finally:
+            watchdog.cancel()
+            done.set()
+            watcher.join()
+        p.returncode = os.waitstatus_to_exitcode(status)
+        LIVE.discard(p)
+        self.process = None
+        lines = open(out).read().splitlines()
+        if p.returncode != 0 or not lines:
+            raise RuntimeError(f"{self.name}: {os.path.basename(self.program)} exited with {p.returncode} "
+                               f"(killed after {timeout:.0f} s?); see {self.logfile}")
+        return json.loads(lines[-1]), {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak[0] or None}
+
+
 # ---------------------------------------------------------------------------------------------
 # The harness
 
@@ -951,7 +1033,7 @@ class Harness:
         if arm.role:
             # The arm's own backends (its sessions and, for Debezium, its walsender).
             groups["pg_arm"] = lambda: [r[0] for r in self.pg_arm_pids(arm.role)]
-        if arm.process is not None or isinstance(arm, (Relay, Naive, Debezium)):
+        if arm.process is not None or isinstance(arm, (Relay, Naive, Debezium, Example)):
             groups["arm"] = lambda: [p] if (p := arm.pid()) else []
         return CpuMeter(groups)
 
@@ -1137,9 +1219,12 @@ class Harness:
              if "missing" in r else "") + f": {'sustained' if r['sustained'] else 'NOT sustained'}")
         return r["sustained"]
 
-    def drain(self, arm, wl, n, cap_seconds=None):
+    def drain(self, arm, wl, n, cap_seconds=None, analyzed=False):
+        """A pre-loaded backlog, then the arm started. By default the backlog has no planner
+        statistics (Harness.backlog): what an outage leaves; `analyzed`: after ANALYZE."""
         table = RELAY_TABLE if arm.layout == "relay" else DBZ_TABLE
-        topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.drain"
+        kind = "drain-analyzed" if analyzed else "drain"
+        topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.{kind}"
         if isinstance(arm, Debezium):
             # A fresh server and slot, positioned before the pre-load: a restart from stored
             # offsets would first re-stream earlier cells' rows, whose topics are deleted.
@@ -1148,26 +1233,28 @@ class Harness:
         arm.stop()
         self.kafka.create_topic(topic)
         self.pg.reset_table(table)
-        log(f"{arm.name} drain: pre-loading {n} rows of {wl.payload} B")
-        t = time.time()
-        self.pg.preload(arm.layout, topic, n, wl.payload)
-        self.pg.x(f"ANALYZE {table}")
-        log(f"  pre-loaded in {time.time() - t:.1f}s; starting {arm.name}")
-        b = self.begin(arm, table)
-        stop, samples = threading.Event(), []
-        t0 = time.time()
-        arm.start(canary=False)
-        reset_peak_rss(arm.pid())
-        th = threading.Thread(target=self.sampler, args=(arm, topic, table, 0.5, stop, samples, t0, b["meter"]))
-        th.start()
-        timeout = cap_seconds or max(600.0, n / 1000.0)
-        hw = self.wait_delivered(topic, n, timeout, stall=90 if isinstance(arm, Debezium) else 30)
-        t_done = time.time()
-        stop.set()
-        th.join()
-        res = {"arm": arm.name, "label": arm.label, "workload": wl.name, "kind": "drain", "rows": n,
-               "capped_s": cap_seconds, "wall_s": t_done - t0, "delivered_at_stop": hw}
-        res.update(self.end(arm, table, b, hw))
+        log(f"{arm.name} {kind}:")
+        try:
+            before = self.backlog(table, topic, n, wl, analyzed)
+            log(f"  starting {arm.name}")
+            b = self.begin(arm, table)
+            stop, samples = threading.Event(), []
+            t0 = time.time()
+            arm.start(canary=False)
+            reset_peak_rss(arm.pid())
+            th = threading.Thread(target=self.sampler, args=(arm, topic, table, 0.5, stop, samples, t0, b["meter"]))
+            th.start()
+            timeout = cap_seconds or max(600.0, n / 1000.0)
+            hw = self.wait_delivered(topic, n, timeout, stall=90 if isinstance(arm, Debezium) else 30)
+            t_done = time.time()
+            stop.set()
+            th.join()
+            res = {"arm": arm.name, "label": arm.label, "workload": wl.name, "kind": kind, "rows": n,
+                   "analyzed": analyzed, "capped_s": cap_seconds, "wall_s": t_done - t0, "delivered_at_stop": hw, **before}
+            res.update(self.end(arm, table, b, hw))
+            res["analyzes_during"] = self.pg.analyze_state(table)["analyzes"] - before["analyzes_before"]
+        finally:
+            self.pg.allow_analyze(table)
         arm.stop()
         chk = check_topic(self.kafka, topic, self.pg.expected(arm.layout, topic))
         res.update({k: v for k, v in chk.items() if not k.startswith("_")})
@@ -1182,23 +1269,55 @@ class Harness:
         res["drain_rate_wall"] = hw / res["wall_s"]
         res["samples"] = samples
         self.kafka.delete_topic(topic)
-        log(f"  -> {arm.name} drained {hw}/{n} in {res['wall_s']:.1f}s: {res.get('drain_rate') or 0:.0f}/s "
+        log(f"  -> {arm.name} {kind}: {hw}/{n} in {res['wall_s']:.1f}s: {res.get('drain_rate') or 0:.0f}/s "
             f"(broker clock), missing {res['missing']}, dup {res['duplicates']}, order {res['order_violations']}")
         self.record(res)
         return res
 
-    def kafka_ceiling(self, wl, n):
-        """Producer-only ceiling: Python confluent-kafka (bundled librdkafka), the relay's settings."""
-        topic = f"bench.{self.run_id}.kafka-only.{wl.name}.drain"
+    def kafka_ceiling(self, wl, n, headers=True):
+        """Kafka's producer-only ceiling: examples/kafka_ceiling.rs, a Rust librdkafka producer
+        built from the relay's own producer properties, messages built as the relay builds them
+        (`headers=False`: without the relay's three headers, arm kafka-only-bare)."""
+        name = "kafka-only" if headers else "kafka-only-bare"
+        topic = f"bench.{self.run_id}.{name}.{wl.name}.drain"
         self.kafka.create_topic(topic)
-        meter = CpuMeter({"kafka": lambda: [kafka_pid()], "arm": lambda: [os.getpid()]})
+        ex = Example(self, name, "producer alone (Rust librdkafka, relay's producer settings)" if headers else
+                     "producer alone (Rust librdkafka, relay's producer settings) without the relay's headers", "kafka_ceiling")
+        meter = CpuMeter({"postgres": lambda: [postmaster_pid()] + children(postmaster_pid()),
+                          "kafka": lambda: [kafka_pid()]})
+        log(f"{name}: producing {n} messages of {wl.payload} B (Rust, relay's producer settings)")
+        t0 = time.time()
+        out, used = ex.run(["--brokers", BROKERS, "--topic", topic, "--messages", str(n), "--payload", str(wl.payload),
+                            "--keys", str(KEYS), *([] if headers else ["--no-headers"])], timeout=300 + n / 1000)
+        cpu = meter.totals()
+        chk = check_topic(self.kafka, topic, {(i % KEYS) << 40 | i: t0 for i in range(1, n + 1)})
+        res = {"arm": ex.name, "label": ex.label, "workload": wl.name, "kind": "drain", "rows": n,
+               "wall_s": out["wall_s"], "drain_rate_wall": out["rate"], **drain_span(chk),
+               "cpu_arm_s": used["cpu_s"], "peak_rss_mib": used["peak_rss_mib"], "cpu_postgres_s": cpu["postgres"],
+               "cpu_kafka_s": cpu["kafka"],
+               "machine_busy_pct": 100 * cpu["machine_busy_frac"], "loadavg_1m": cpu["loadavg_1m_end"],
+               **{k: v for k, v in chk.items() if not k.startswith("_")}}
+        per_1k(res, n)
+        self.kafka.delete_topic(topic)
+        log(f"  -> {name} {wl.name}: {res.get('drain_rate') or 0:.0f}/s (broker clock), {res['drain_rate_wall']:.0f}/s wall, "
+            f"missing {res['missing']}, dup {res['duplicates']}, order {res['order_violations']}")
+        self.record(res)
+        return res
+
+    def kafka_ceiling_py(self, wl, n):
+        """The same load from Python confluent-kafka (bundled librdkafka), the relay's settings:
+        bound by the Python loop, kept beside the Rust figure for comparison."""
+        topic = f"bench.{self.run_id}.kafka-only-py.{wl.name}.drain"
+        self.kafka.create_topic(topic)
+        meter = CpuMeter({"kafka": lambda: [kafka_pid()], "arm": lambda: [os.getpid()],
+                          "postgres": lambda: [postmaster_pid()] + children(postmaster_pid())})
         p = Producer({"bootstrap.servers": BROKERS, "enable.idempotence": True, "acks": "all",
-                      "compression.type": "lz4", "linger.ms": 2, "partitioner": "murmur2_random",
+                      "compression.type": "lz4", "linger.ms": 1, "partitioner": "murmur2_random",
                       "message.timeout.ms": 0, "queue.buffering.max.messages": 1000000})
         warm_up(p)
         keys = [str(k).encode() for k in range(KEYS)]
         pad = b"x" * wl.payload
-        log(f"kafka-only: producing {n} messages of {wl.payload} B")
+        log(f"kafka-only-py: producing {n} messages of {wl.payload} B")
         expected = {}
         t0 = time.time()
         for i in range(1, n + 1):
@@ -1219,50 +1338,114 @@ class Harness:
         wall = time.time() - t0
         cpu = meter.totals()
         chk = check_topic(self.kafka, topic, expected)
-        ap = chk["_append_ms"]
-        span = (ap.max() - ap.min()) / 1000.0 if len(ap) > 1 else 0
-        res = {"arm": "kafka-only", "label": "producer alone (Python confluent-kafka, relay's producer settings)",
+        res = {"arm": "kafka-only-py", "label": "producer alone (Python confluent-kafka, relay's producer settings)",
                "workload": wl.name, "kind": "drain", "rows": n, "wall_s": wall, "drain_rate_wall": n / wall,
-               "drain_rate": (len(ap) - 1) / span if span else None, "drain_span_s": span,
-               "cpu_arm_s": cpu["arm"], "cpu_kafka_s": cpu["kafka"], "arm_cpu_s_per_1k": 1000 * cpu["arm"] / n,
+               **drain_span(chk), "cpu_arm_s": cpu["arm"], "cpu_postgres_s": cpu["postgres"], "cpu_kafka_s": cpu["kafka"],
                "machine_busy_pct": 100 * cpu["machine_busy_frac"], "loadavg_1m": cpu["loadavg_1m_end"],
                **{k: v for k, v in chk.items() if not k.startswith("_")}}
+        per_1k(res, n)
         self.kafka.delete_topic(topic)
-        log(f"  -> kafka-only {wl.name}: {res['drain_rate'] or 0:.0f}/s (broker clock), {res['drain_rate_wall']:.0f}/s wall")
+        log(f"  -> kafka-only-py {wl.name}: {res['drain_rate'] or 0:.0f}/s (broker clock), {res['drain_rate_wall']:.0f}/s wall")
         self.record(res)
         return res
 
     def kafka_latency(self, wl, rate, seconds):
-        """Kafka alone at a fixed rate: produce-call time to LogAppendTime (the floor for any relay)."""
+        """Kafka alone at a fixed rate (examples/kafka_ceiling.rs --rate, paced open-loop): from
+        the moment a message is handed to the producer to its LogAppendTime, the floor under any
+        relay's commit-to-LogAppendTime latency."""
         topic = f"bench.{self.run_id}.kafka-only.{wl.name}.step{rate}"
         self.kafka.create_topic(topic)
-        p = Producer({"bootstrap.servers": BROKERS, "enable.idempotence": True, "acks": "all",
-                      "compression.type": "lz4", "linger.ms": 2, "partitioner": "murmur2_random",
-                      "message.timeout.ms": 0})
-        warm_up(p)
+        ex = Example(self, "kafka-only", "producer alone (Rust librdkafka, relay's producer settings)", "kafka_ceiling")
+        meter = CpuMeter({"postgres": lambda: [postmaster_pid()] + children(postmaster_pid()),
+                          "kafka": lambda: [kafka_pid()]})
         n = int(rate * seconds)
-        pad = b"x" * wl.payload
+        times = os.path.join(self.logdir, f"kafka-only.{rate}.times")
+        log(f"kafka-only {wl.name} step {rate}/s for {seconds:.0f}s (Rust, relay's producer settings)")
+        out, used = ex.run(["--brokers", BROKERS, "--topic", topic, "--messages", str(n), "--payload", str(wl.payload),
+                            "--keys", str(KEYS), "--rate", str(rate), "--send-times", times], timeout=seconds + 300)
+        cpu = meter.totals()
         expected = {}
-        t0 = time.time()
-        for i in range(1, n + 1):
-            due = t0 + i / rate
-            while (d := due - time.time()) > 0:
-                p.poll(min(d, 0.001)) if d > 0.0005 else None
-            k = i % KEYS
-            head = b"k=%d s=%d " % (k, i)
-            expected[k << 40 | i] = time.time()
-            p.produce(topic, value=head + pad[len(head):], key=str(k))
-            p.poll(0)
-        p.flush()
+        with open(times) as f:
+            for line in f:
+                k, s, t = line.split()
+                expected[int(k) << 40 | int(s)] = float(t)
+        os.remove(times)
         chk = check_topic(self.kafka, topic, expected)
-        res = {"arm": "kafka-only", "label": "producer alone (Python confluent-kafka, relay's producer settings)",
-               "workload": wl.name, "kind": "step", "offered": rate, "seconds": seconds,
-               "achieved_insert_rate": n / (time.time() - t0), **lat_stats(chk["_lat"]),
+        achieved = n / out["handed_over_s"]
+        res = {"arm": ex.name, "label": ex.label, "workload": wl.name, "kind": "step", "offered": rate, "seconds": seconds,
+               "inserted": n, "achieved_insert_rate": achieved, **lat_stats(chk["_lat"]),
+               "cpu_arm_s": used["cpu_s"], "peak_rss_mib": used["peak_rss_mib"], "cpu_postgres_s": cpu["postgres"],
+               "cpu_kafka_s": cpu["kafka"],
+               "machine_busy_pct": 100 * cpu["machine_busy_frac"], "loadavg_1m": cpu["loadavg_1m_end"],
                **{k: v for k, v in chk.items() if not k.startswith("_")}}
+        res["sustained"] = achieved >= 0.95 * rate and res["missing"] == 0
+        per_1k(res, n)
         self.kafka.delete_topic(topic)
-        log(f"  -> kafka-only {rate}/s: p50 {res.get('lat_p50_ms', 0):.2f} ms, p99 {res.get('lat_p99_ms', 0):.2f} ms")
+        log(f"  -> kafka-only {rate}/s: p50 {res.get('lat_p50_ms', 0):.2f} ms, p99 {res.get('lat_p99_ms', 0):.2f} ms, "
+            f"missing {res['missing']}, dup {res['duplicates']}, order {res['order_violations']}")
         self.record(res)
         return res
+
+    def db_limit(self, mode, on_publish, wl, n, analyzed=False):
+        """The database's own limit for a read mode, no Kafka: examples/db_limit.rs drains a
+        pre-loaded backlog through the relay's reader and ledger (its SQL, its 1,000-row batches,
+        one progress write in flight beside the next read), every row counted delivered at once."""
+        name = {("claim", "mark"): "db-limit-claim", ("claim", "delete"): "db-limit-delete",
+                ("append", "mark"): "db-limit-append"}[(mode, on_publish)]
+        what = {"db-limit-claim": "read + mark", "db-limit-delete": "read + delete",
+                "db-limit-append": "read + cursor write"}[name]
+        ex = Example(self, name, f"PostgreSQL alone serving the relay's {what} ({mode} mode, 1,000-row batches, no Kafka)",
+                     "db_limit", role="bench_dblimit")
+        kind = "drain-analyzed" if analyzed else "drain"
+        table = RELAY_TABLE
+        self.pg.reset_table(table)
+        before = self.backlog(table, f"bench.{self.run_id}.{name}.{wl.name}.{kind}", n, wl, analyzed)
+        b = self.begin(ex, table)
+        stop, samples = threading.Event(), []
+        th = threading.Thread(target=self.sampler, args=(ex, None, table, 0.25, stop, samples, b["t"], b["meter"]))
+        th.start()
+        log(f"{name} {kind}: {n} rows through the relay's {mode}-mode statements")
+        try:
+            out, used = ex.run(["--table", table, "--mode", mode, "--on-publish", on_publish,
+                                   "--max-seconds", str(max(600.0, n / 1000.0))],
+                                  timeout=max(600.0, n / 1000.0) + 120, env={"OUTBOX_RELAY_DATABASE_URL": url("bench_dblimit")})
+        finally:
+            stop.set()
+            th.join()
+            self.pg.allow_analyze(table)
+        res = {"arm": name, "label": ex.label, "workload": wl.name, "kind": kind, "rows": n, "analyzed": analyzed,
+               "wall_s": out["wall_s"], "drained": out["rows"], "complete": out["complete"], "drain_rate": out["rate"],
+               "drain_rate_wall": out["rate"], "batches": out["batches"], "db_limit": out, **before}
+        res.update(self.end(ex, table, b, out["rows"]))
+        res["cpu_arm_s"], res["peak_rss_mib"] = used["cpu_s"], used["peak_rss_mib"]
+        res["analyzes_during"] = self.pg.analyze_state(table)["analyzes"] - before["analyzes_before"]
+        res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE {UNPUBLISHED}")[0]
+        res["samples"] = samples[:: max(1, len(samples) // 120)]
+        per_1k(res, out["rows"])
+        log(f"  -> {name} {kind}: {out['rows']}/{n} rows in {out['wall_s']:.1f}s: {out['rate']:.0f}/s "
+            f"(read mean {(out.get('read') or {}).get('mean_ms') or 0:.1f} ms, write mean "
+            f"{(out.get('write') or {}).get('mean_ms') or 0:.1f} ms), {res['pending_in_db']} left pending")
+        self.record(res)
+        return res
+
+    def backlog(self, table, topic, n, wl, analyzed):
+        """Pre-load n rows for a drain; `analyzed`: then ANALYZE, else leave the table with no
+        statistics (forget_statistics; the caller calls allow_analyze after the cell). Returns
+        what the planner had at the start, for the result."""
+        layout = "relay" if table == RELAY_TABLE else "dbz"
+        if layout == "relay" and not analyzed:
+            self.pg.forget_statistics(table)
+        a0 = self.pg.analyze_state(table)
+        log(f"  pre-loading {n} rows of {wl.payload} B" + (", then ANALYZE" if analyzed else ", not analyzed"))
+        t = time.time()
+        self.pg.preload(layout, topic, n, wl.payload)
+        if analyzed:
+            self.pg.x(f"ANALYZE {table}")
+        a1 = self.pg.analyze_state(table)
+        log(f"  pre-loaded in {time.time() - t:.1f}s")
+        if layout == "relay" and not analyzed and (a1["analyzes"] > a0["analyzes"] or a1["column_stats"]):
+            raise RuntimeError(f"{table} was analyzed during the pre-load: the unanalyzed cell would not be one")
+        return {"analyzes_before": a1["analyzes"], "column_stats_at_start": a1["column_stats"]}
 
     def record(self, res):
         self.results.append(res)
@@ -1276,6 +1459,23 @@ def insert_ok(r):
     wl = WORKLOADS[r["workload"]]
     achieved = max(r["achieved_insert_rate"], r.get("pgbench_tps", 0) * wl.rows_per_tx)
     return achieved >= 0.95 * r["offered"]
+
+
+def per_1k(res, events):
+    """CPU-seconds per 1,000 events of each metered component (from the cell's cpu_<name>_s)."""
+    if events:
+        for name, key in (("arm", "arm_cpu_s_per_1k"), ("postgres", "pg_cpu_s_per_1k"),
+                          ("pg_arm", "pg_arm_cpu_s_per_1k"), ("kafka", "kafka_cpu_s_per_1k")):
+            if res.get(f"cpu_{name}_s") is not None:
+                res[key] = 1000 * res[f"cpu_{name}_s"] / events
+    return res
+
+
+def drain_span(chk):
+    """A drain's rate on the broker's clock: messages / (last - first LogAppendTime)."""
+    ap = chk["_append_ms"]
+    span = (ap.max() - ap.min()) / 1000.0 if len(ap) > 1 else 0
+    return {"drain_span_s": span, "drain_rate": (len(ap) - 1) / span if span else None}
 
 
 def nice_rate(x):
@@ -1317,15 +1517,19 @@ def estimate(m, arms, dbz):
     drain = 5 + m.drain_rows / 10000  # pre-load, drain, read back
     t = 20
     if want("kafka-only"):
-        t += 2 * (10 + m.drain_rows / 40000) + 2 * step
+        t += 4 * (10 + m.drain_rows / 40000) + 2 * step
+    full = m.name == "full"
+    for name, relay_arm in (("db-limit-claim", "relay"), ("db-limit-delete", "relay-delete"), ("db-limit-append", "relay-append")):
+        if want(name) or want(relay_arm):
+            t += (2 if full or name == "db-limit-claim" else 1) * drain
     if want("db-only"):
         t += len(m.workloads) * (ladder + 1) * quiet_step
     if want("relay"):
-        t += 15 + len(m.workloads) * ladder * step + 2 * drain + m.soak_seconds + 20
+        t += 15 + len(m.workloads) * ladder * step + 3 * drain + m.soak_seconds + 20
     if want("relay-delete"):
-        t += 15 + 2 * ladder * step + drain
+        t += 15 + 2 * ladder * step + (2 if full else 1) * drain
     if want("relay-append"):
-        t += 25 + 2 * ladder * step + drain + m.soak_seconds + 20
+        t += 25 + 2 * ladder * step + (2 if full else 1) * drain + m.soak_seconds + 20
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1394,6 +1598,26 @@ def plan(h, arms_filter):
             guarded("kafka-only ceiling", h.kafka_ceiling, wl, m.drain_rows)
         for rate in (1000, 5000) if m.name == "full" else (200,):
             guarded("kafka-only latency", h.kafka_latency, main, rate, m.step_seconds)
+    if want("kafka-only-bare") or want("kafka-only"):
+        guarded("kafka-only-bare ceiling", h.kafka_ceiling, main, m.drain_rows, headers=False)
+    if want("kafka-only-py") or want("kafka-only"):
+        guarded("kafka-only-py ceiling", h.kafka_ceiling_py, main, m.drain_rows)
+    # The database's limit of each read mode (no Kafka), for the relay arm of that mode: from a
+    # backlog nobody analyzed (the drains' case), and after ANALYZE (in smoke, claim mode only).
+    for name, relay_arm, mode, on_publish in (("db-limit-claim", "relay", "claim", "mark"),
+                                              ("db-limit-delete", "relay-delete", "claim", "delete"),
+                                              ("db-limit-append", "relay-append", "append", "mark")):
+        if not (want(name) or want(relay_arm)):
+            continue
+        if mode != "claim":
+            h.read_mode(mode)
+        try:
+            for analyzed in (False, True) if m.name == "full" or name == "db-limit-claim" else (False,):
+                guarded(f"{name} {'drain-analyzed' if analyzed else 'drain'}", h.db_limit, mode, on_publish, main,
+                        m.drain_rows, analyzed)
+        finally:
+            if mode != "claim":
+                h.read_mode("claim")
     if want("db-only"):
         # The application without the relay: the relay's table without the NOTIFY trigger that
         # `migrate` installs (the trigger is part of enabling the relay, so the relay arm pays it).
@@ -1411,6 +1635,7 @@ def plan(h, arms_filter):
             guarded("relay ladder", h.ladder, relay, main, cap=ceilings.get(main.name))
             for wl in (main, big):
                 guarded(f"relay drain {wl.name}", h.drain, relay, wl, m.drain_rows)
+            guarded(f"relay drain-analyzed {main.name}", h.drain, relay, main, m.drain_rows, analyzed=True)
             for wl in wls:
                 if wl.name != main.name:
                     guarded(f"relay ladder {wl.name}", h.ladder, relay, wl, cap=ceilings.get(wl.name))
@@ -1424,6 +1649,8 @@ def plan(h, arms_filter):
             for wl in side:
                 guarded(f"relay-delete ladder {wl.name}", h.ladder, rd, wl, cap=ceilings.get(wl.name))
             guarded("relay-delete drain", h.drain, rd, main, m.drain_rows)
+            if m.name == "full":
+                guarded("relay-delete drain-analyzed", h.drain, rd, main, m.drain_rows, analyzed=True)
         finally:
             rd.stop()
     if want("relay-append"):
@@ -1434,6 +1661,8 @@ def plan(h, arms_filter):
             for wl in side:
                 guarded(f"relay-append ladder {wl.name}", h.ladder, ra, wl, cap=ceilings.get(wl.name))
             guarded("relay-append drain", h.drain, ra, main, m.drain_rows)
+            if m.name == "full":
+                guarded("relay-append drain-analyzed", h.drain, ra, main, m.drain_rows, analyzed=True)
             guarded("relay-append soak", h.step, ra, soak_wl, m.soak_rate, m.soak_seconds, "soak")
         finally:
             ra.stop()

@@ -12,10 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
-ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "relay", "relay-delete", "relay-append", "relay-nonotify", "naive",
+ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
+             "db-limit-append", "relay", "relay-delete", "relay-append", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
 COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-append": "tab:green", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
-          "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple"}
+          "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple", "kafka-only-py": "tab:purple", "kafka-only-bare": "tab:purple",
+          "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-append": "darkgreen"}
+# Each relay arm's two limits: the database's for its read mode (examples/db_limit.rs) and Kafka's
+# producer-only ceiling (examples/kafka_ceiling.rs, arm kafka-only).
+DB_LIMIT = {"relay": "db-limit-claim", "relay-delete": "db-limit-delete", "relay-append": "db-limit-append"}
 
 
 def fmt(v, d=0, unit=""):
@@ -73,11 +78,29 @@ def at_rate(res, arm, wl, rate):
     return None
 
 
-def drain(res, arm, wl):
+def drain(res, arm, wl, kind="drain"):
     for r in res:
-        if r.get("kind") == "drain" and r["arm"] == arm and r["workload"] == wl:
+        if r.get("kind") == kind and r["arm"] == arm and r["workload"] == wl:
             return r
     return None
+
+
+def rate_of(r):
+    return r.get("drain_rate") if r else None
+
+
+def limit(res, ra, wl, kind):
+    """The lower of a relay arm's two limits for a 200 B workload: (events/s, which), or (None, why).
+    `kind`: the database limit measured the same way (drain: no statistics; drain-analyzed)."""
+    db = rate_of(drain(res, DB_LIMIT.get(ra), "1x200B", kind))
+    kafka = rate_of(drain(res, "kafka-only", "1x200B"))
+    if not (db and kafka):
+        return None, "not measured in this run"
+    return (db, f"{DB_LIMIT[ra]}, {kind}") if db <= kafka else (kafka, "kafka-only")
+
+
+def pct(a, b):
+    return f"{fmt(100 * a / b, 0)}%" if a and b else "-"
 
 
 def make_plots(outdir, res):
@@ -102,11 +125,14 @@ def make_plots(outdir, res):
     # Drain over time.
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in res:
-        if r.get("kind") == "drain" and r.get("samples"):
+        if r.get("kind") in ("drain", "drain-analyzed") and r.get("samples"):
             s = [x for x in r["samples"] if x.get("delivered") is not None]
+            if not s:
+                continue
             ax.plot([x["t"] for x in s], [x["delivered"] for x in s], color=COLORS.get(r["arm"]),
-                    linestyle="-" if "200B" in r["workload"] else "--", label=f"{r['arm']} {r['workload']}")
-    ax.set_xlabel("seconds since the arm started (backlog pre-loaded)")
+                    linestyle=":" if r["kind"] == "drain-analyzed" else "-" if "200B" in r["workload"] else "--",
+                    label=f"{r['arm']} {r['workload']}" + (" (analyzed)" if r["kind"] == "drain-analyzed" else ""))
+    ax.set_xlabel("seconds since the arm started (backlog pre-loaded; dotted: after ANALYZE)")
     ax.set_ylabel("messages in Kafka")
     ax.set_title("Backlog drain")
     ax.grid(True, alpha=0.3)
@@ -187,7 +213,7 @@ def render(meta, res, plots, outdir, mode):
       + (f" on Java 21 ({meta['debezium_java']})" if meta.get("debezium") else ""))
     w("")
     w("## Commands\n")
-    w("```sh\nmake bench        # full: bench/run.sh full (about 45 minutes, printed at its start); writes this file and bench/results/full/*.png\n"
+    w("```sh\nmake bench        # full: bench/run.sh full (about an hour, printed at its start); writes this file and bench/results/full/*.png\n"
       "make bench-smoke  # seconds per arm, tiny loads, no thresholds, no Debezium (CI)\n"
       "# knobs: BENCH_STEP_SECONDS, BENCH_SOAK_SECONDS, BENCH_SOAK_RATE, BENCH_DRAIN_ROWS, BENCH_LADDER=1000,5000,...,\n"
       "#        BENCH_BISECTIONS, BENCH_WORKLOADS=1x200B,..., BENCH_ARMS=relay,db-only,..., BENCH_DEBEZIUM=0, BENCH_KEEP_SERVICES=1\n"
@@ -213,12 +239,23 @@ def render(meta, res, plots, outdir, mode):
     w("- **Latency**: from the row's true commit time (`pg_xact_commit_timestamp`; for the relay's table the harness adds a "
       "column `bench_xid xid8 DEFAULT pg_current_xact_id()` because the relay's UPDATE replaces `xmin`; the db-only baseline "
       "pays the same column) to the broker's LogAppendTime (millisecond resolution), for every event of the step at 1,000 "
-      "and 5,000 events/s. For `kafka-only`, from the produce() call.")
+      "and 5,000 events/s. For `kafka-only`, from the moment the message is handed to the producer (paced open-loop).")
     w("- **Drain**: N rows pre-loaded in 1,000-row transactions with the arm stopped, then the arm is started; rate = "
-      "messages / (last - first LogAppendTime). Debezium's slot is created before the pre-load (snapshot.mode=no_data), "
-      "so it streams the backlog from WAL.")
+      "messages / (last - first LogAppendTime). The backlog has **no planner statistics**, as after an outage: the "
+      "harness deletes the table's old ones (TRUNCATE keeps them) and holds autovacuum's analyze off for the cell "
+      "(`autovacuum_analyze_threshold`; vacuum still runs), and checks nothing analyzed the table before the start "
+      "(`column_stats_at_start`, `analyzes_during` in results.json). `drain-analyzed`: the same drain after `ANALYZE`, "
+      "side by side. Debezium's slot is created before the pre-load (snapshot.mode=no_data), so it streams the backlog "
+      "from WAL.")
+    w("- **Limits** (the relay's two ceilings): Kafka's producer-only ceiling is `examples/kafka_ceiling.rs`, a Rust "
+      "librdkafka producer built from the relay's own producer properties (`kafka::client_config`: idempotence, acks=all, "
+      "lz4, linger.ms, murmur2_random) with messages built as the relay builds them (`event::to_message`: the same "
+      "headers), no batch barrier. A read mode's database limit is `examples/db_limit.rs`: the relay's reader and ledger "
+      "(`ClaimReader`/`AppendReader`, `Ledger::record`) draining the same kind of pre-loaded backlog in 1,000-row "
+      "batches with one progress write in flight beside the next read, as the relay loop does, with every row counted "
+      "delivered at once (no Kafka). A relay is at its physical limit when it reaches the lower of the two.")
     w("- **Per event**: CPU-seconds of the arm's process (and of all PostgreSQL processes, and of the broker) from /proc over "
-      "the cell including catch-up; peak RSS = VmHWM, reset at the start of the cell (clear_refs); statements = "
+      "the cell including catch-up (the examples': the kernel's accounting at exit); peak RSS = VmHWM, reset at the start of the cell (clear_refs); statements = "
       "pg_stat_statements calls by the arm's role (the walsender's replication protocol is not counted); WAL = "
       "pg_current_wal_lsn() difference, and above the app-only baseline = minus the db-only arm's WAL per event at the "
       "same workload and rate (same table layout).")
@@ -230,6 +267,39 @@ def render(meta, res, plots, outdir, mode):
     main, side = "1x200B", "10x200B"
     kd = drain(res, "kafka-only", main)
     dbz_arms = [a for a in ("debezium-defaults", "debezium-tuned") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
+    # ---- limits
+    lim = [r for r in res if r["arm"] in ("kafka-only", "kafka-only-bare", "kafka-only-py") + tuple(DB_LIMIT.values())
+           and r.get("kind") in ("drain", "drain-analyzed")]
+    if lim:
+        w("## Limits: Kafka's producer-only ceiling and each read mode's database limit\n")
+        w("| limit | workload | statistics | events | events/s | arm CPU-s/1k | PG CPU-s/1k | Kafka CPU-s/1k | "
+          "read mean / p99 ms | write mean / p99 ms | complete |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(lim, key=lambda r: (arm_key(r), r["workload"], r["kind"])):
+            d = r.get("db_limit") or {}
+            rd, wr = d.get("read") or {}, d.get("write") or {}
+            stats = "-" if not r["arm"].startswith("db-limit") else ("analyzed" if r["kind"] == "drain-analyzed" else "none")
+            w(f"| {r['arm']} | {r['workload']} | {stats} | {fmt(r.get('drained', r.get('delivered_unique')))} | "
+              f"{fmt(r.get('drain_rate'))} | {fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('pg_cpu_s_per_1k'), 3)} | "
+              f"{fmt(r.get('kafka_cpu_s_per_1k'), 3)} | "
+              + (f"{fmt(rd.get('mean_ms'), 1)} / {fmt(rd.get('p99_ms'), 1)} | {fmt(wr.get('mean_ms'), 1)} / {fmt(wr.get('p99_ms'), 1)} | "
+                 f"{'yes' if r.get('complete') else 'no (time cap)'} |" if d else "- | - | - |"))
+        w("\nKafka's events/s are on the broker's clock (first to last LogAppendTime); a database limit's are rows read and "
+          "recorded per second of its run. `kafka-only` sends the relay's messages, headers included: the ceiling a relay is "
+          "held to. `kafka-only-bare` is the same producer without the relay's three headers (librdkafka allocates each "
+          "header: their cost). `kafka-only-py` is the same load from Python confluent-kafka. Neither is used as a limit.\n")
+        rows = []
+        for ra in DB_LIMIT:
+            if any(r["arm"] == ra for r in res):
+                for kind in ("drain", "drain-analyzed"):
+                    lo, which = limit(res, ra, "1x200B", kind)
+                    db = rate_of(drain(res, DB_LIMIT[ra], "1x200B", kind))
+                    if db:
+                        rows.append(f"| {ra} | {'none' if kind == 'drain' else 'analyzed'} | {fmt(db)} | "
+                                    f"{fmt(rate_of(drain(res, 'kafka-only', '1x200B')))} | {fmt(lo)} ({which}) |")
+        if rows:
+            w("| relay arm | table statistics | its database limit | Kafka's ceiling | the lower |\n|---|---|---|---|---|")
+            w("\n".join(rows) + "\n")
+
     w("## Targets\n")
     w("| target | measured | verdict |\n|---|---|---|")
     relay_arms = [a for a in ("relay", "relay-delete", "relay-append") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
@@ -284,6 +354,36 @@ def render(meta, res, plots, outdir, mode):
     w("\nA step the load generator could not offer (the database's insert ceiling) is not a relay result: "
       "see the throughput table for which limit each ladder hit.\n")
 
+    # ---- relay against its limits
+    rows = []
+    for ra in DB_LIMIT:
+        if not any(r["arm"] == ra and r.get("kind") != "error" for r in res):
+            continue
+        for kind in ("drain", "drain-analyzed"):
+            rd = drain(res, ra, "1x200B", kind)
+            if rd:
+                lo, which = limit(res, ra, "1x200B", kind)
+                rows.append(f"| {ra} | {kind} 1x200B ({'no statistics' if kind == 'drain' else 'analyzed'}) | "
+                            f"{fmt(rate_of(rd))} | {fmt(lo)} ({which}) | {pct(rate_of(rd), lo)} |")
+        for wl in ("1x200B", "10x200B"):
+            rs = sustained(res, ra, wl)
+            if rs is None and not steps(res, ra, wl):
+                continue
+            lo, which = limit(res, ra, wl, "drain-analyzed")
+            if lo is None:
+                lo, which = limit(res, ra, wl, "drain")
+            ins = sustained(res, "db-only", wl)
+            rows.append(f"| {ra} | sustained live {wl} | {fmt(rs)} | {fmt(lo)} ({which}) | {pct(rs, lo)}"
+                        + (f"; insert-only ceiling {fmt(ins)}: {pct(rs, ins)}" if ins else "") + " |")
+    if rows:
+        w("## The relay against its limits\n")
+        w("Each relay result as a share of the lower of its two limits (the database's for its read mode, measured the "
+          "same way: no statistics or analyzed; Kafka's producer-only ceiling). A live ladder is compared with the "
+          "analyzed database limit (autovacuum analyzes a live table) and with the insert-only ceiling, which bounds "
+          "any live rate.\n")
+        w("| relay arm | cell | events/s | the lower limit (which) | share |\n|---|---|---|---|---|")
+        w("\n".join(rows) + "\n")
+
     # ---- throughput per workload
     w("## Sustained throughput (events/s) per workload\n")
     wls = sorted({r["workload"] for r in res if r.get("kind") == "sustained"}, key=lambda x: ["1x200B", "10x200B", "1x1KB", "10x1KB"].index(x) if x in ["1x200B", "10x200B", "1x1KB", "10x1KB"] else 9)
@@ -325,13 +425,31 @@ def render(meta, res, plots, outdir, mode):
 
     # ---- drain
     w("## Backlog drain\n")
-    w("| arm | workload | rows | drained | rate (broker clock) events/s | rate incl. start (wall) | first message after s | arm CPU-s/1k | peak RSS MiB | missing | dup | order |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted([r for r in res if r.get("kind") == "drain"], key=lambda r: (r["workload"], arm_key(r))):
-        w(f"| {r['arm']} | {r['workload']} | {fmt(r.get('rows'))} | {fmt(r.get('delivered_unique'))}"
+    pairs = [(r, drain(res, r["arm"], r["workload"], "drain-analyzed")) for r in res
+             if r.get("kind") == "drain" and drain(res, r["arm"], r["workload"], "drain-analyzed")]
+    if pairs:
+        w("The same backlog with no planner statistics (what an outage leaves) and after `ANALYZE`, side by side "
+          "(events/s, broker clock; database limits: rows/s):\n")
+        w("| arm | workload | rows | no statistics | analyzed | no statistics / analyzed |\n|---|---|---|---|---|---|")
+        for u, a in sorted(pairs, key=lambda p: (p[0]["workload"], arm_key(p[0]))):
+            w(f"| {u['arm']} | {u['workload']} | {fmt(u.get('rows'))} | {fmt(rate_of(u))} | {fmt(rate_of(a))} | "
+              f"{pct(rate_of(u), rate_of(a))} |")
+        w("")
+    w("| arm | workload | statistics | rows | drained | rate (broker clock) events/s | rate incl. start (wall) | first message after s | "
+      "arm CPU-s/1k | PG CPU-s/1k | arm's PG CPU-s/1k | Kafka CPU-s/1k | peak RSS MiB | missing | dup | order |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted([r for r in res if r.get("kind") in ("drain", "drain-analyzed")
+                     and not r["arm"].startswith(("db-limit", "kafka-only"))],
+                    key=lambda r: (r["workload"], arm_key(r), r["kind"])):
+        stats = "analyzed" if r["kind"] == "drain-analyzed" else ("none" if r.get("analyzed") is False else "-")
+        w(f"| {r['arm']} | {r['workload']} | {stats} | {fmt(r.get('rows'))} | {fmt(r.get('delivered_unique'))}"
           + (f" (stopped after {fmt(r['capped_s'])} s)" if r.get("capped_s") else "") +
           f" | {fmt(r.get('drain_rate'))} | {fmt(r.get('drain_rate_wall'))} | {fmt(r.get('first_message_after_s'), 1)} | "
-          f"{fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | {fmt(r.get('missing'))} | "
+          f"{fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('pg_cpu_s_per_1k'), 3)} | {fmt(r.get('pg_arm_cpu_s_per_1k'), 3)} | "
+          f"{fmt(r.get('kafka_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | {fmt(r.get('missing'))} | "
           f"{fmt(r.get('duplicates'))} | {fmt(r.get('order_violations'))} |")
+    w("\nCPU per 1k events: the arm's process, all PostgreSQL processes, the arm's own backends, the broker. "
+      "The limits' (database and Kafka alone) are in the limits table above.")
     w("\n`missing` in a capped (naive) drain counts rows still pending when it was stopped, not loss.\n")
     w(f"![drain over time]({plots['drain']})\n")
 
@@ -345,7 +463,7 @@ def render(meta, res, plots, outdir, mode):
                     "after the start snapshot) are not in it, so it approximates the database CPU spent serving the arm.") + "\n")
     w("| arm | workload | offered/s | arm CPU-s/1k ev | PG CPU-s/1k ev | arm's PG CPU-s/1k ev | Kafka CPU-s/1k ev | peak RSS MiB | arm stmts/event | "
       "WAL B/event | WAL above app-only B/event | machine busy % | load 1m |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted([r for r in res if r.get("kind") == "step" and r.get("offered") in (1000, 5000) and r["arm"] != "kafka-only"],
+    for r in sorted([r for r in res if r.get("kind") == "step" and r.get("offered") in (1000, 5000) and r["arm"] != "kafka-only-py"],
                     key=lambda r: (r["workload"] != main, r["workload"], r["offered"], arm_key(r))):
         base_arm = "db-only-dbz" if r["arm"].startswith("debezium") else "db-only"
         base = at_rate(res, base_arm, r["workload"], r["offered"])

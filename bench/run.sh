@@ -68,9 +68,11 @@ venv
 command -v cargo >/dev/null || { [ -d "$HOME/.cargo/bin" ] && export PATH=$HOME/.cargo/bin:$PATH; }
 # Smoke checks the harness, not speed: the debug build CI already has is enough.
 # BENCH_PROFILE=debug|release overrides (e.g. a quick full-mode check of one arm without a release build).
+# The examples beside it are the Kafka ceiling (examples/kafka_ceiling.rs) and the database
+# limits (examples/db_limit.rs) the relay is measured against.
 case "${BENCH_PROFILE:-$([ "$MODE" = full ] && echo release || echo debug)}" in
-  release) cargo build --release --locked; RELAY_BIN=target/release/outbox-relay ;;
-  debug) cargo build --locked; RELAY_BIN=target/debug/outbox-relay ;;
+  release) cargo build --release --locked --bins --examples; RELAY_BIN=target/release/outbox-relay ;;
+  debug) cargo build --locked --bins --examples; RELAY_BIN=target/debug/outbox-relay ;;
   *) die "BENCH_PROFILE must be debug or release, not '$BENCH_PROFILE'" ;;
 esac
 DBZ_ARGS=()
