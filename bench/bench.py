@@ -725,7 +725,7 @@ class Relay(Arm):
         end = self.scrape()
         d = {k: end[k] - start.get(k, 0.0) for k in end}
         prof = {}
-        for phase in ("fetch", "publish", "mark", "mark_wait"):
+        for phase in ("fetch", "send", "publish", "wait", "mark"):
             cnt = d.get(f'outbox_relay_batch_phase_seconds_count{{phase="{phase}"}}', 0)
             tot = d.get(f'outbox_relay_batch_phase_seconds_sum{{phase="{phase}"}}', 0)
             buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)

@@ -38,8 +38,12 @@ use harness::{
 /// `--batch-size` of the fault scenarios: the unit of the duplicate bound.
 const BATCH: usize = 200;
 const BATCH_ARG: &str = "200";
-/// Duplicates one fault may cost: the batch whose mark is being written and the batch in flight.
-const DUP_WINDOW: usize = 2 * BATCH;
+/// `--in-flight-batches` of the fault scenarios (the default).
+const IN_FLIGHT: usize = 4;
+const IN_FLIGHT_ARG: &str = "4";
+/// Duplicates one fault may cost: every row in flight, published or being recorded, which
+/// `--in-flight-batches` bounds to that many batches' worth of rows.
+const DUP_WINDOW: usize = IN_FLIGHT * BATCH;
 /// Generous waits: a 2-core machine running Kafka, PostgreSQL, three relays and the writers.
 const READY: Duration = Duration::from_secs(60);
 const PROGRESS: Duration = Duration::from_secs(90);
@@ -82,7 +86,14 @@ async fn finish(db: FaultDb, topics: &[String]) {
 
 /// `n` replicas with the fault suite's batch size (plus `extra` flags), all ready.
 async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet {
-    let mut args = vec!["--batch-size", BATCH_ARG, "--shutdown-timeout", "20s"];
+    let mut args = vec![
+        "--batch-size",
+        BATCH_ARG,
+        "--in-flight-batches",
+        IN_FLIGHT_ARG,
+        "--shutdown-timeout",
+        "20s",
+    ];
     args.extend_from_slice(extra);
     let mut fleet = Fleet::new(ctx, db, &args);
     for _ in 0..n {

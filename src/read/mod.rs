@@ -55,16 +55,16 @@ pub(crate) async fn read_in_index_order(
     read: sqlx::query::QueryAs<'_, sqlx::Postgres, OutboxRow, sqlx::postgres::PgArguments>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::raw_sql(
-        "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-         SET LOCAL enable_sort = off; SET LOCAL plan_cache_mode = force_custom_plan",
-    )
-    .execute(&mut *tx)
-    .await?;
+    sqlx::raw_sql(IN_INDEX_ORDER).execute(&mut *tx).await?;
     let rows = read.fetch_all(&mut *tx).await?;
     tx.commit().await?;
     Ok(rows)
 }
+
+/// The batch read's planner settings (see [`read_in_index_order`]).
+pub(crate) const IN_INDEX_ORDER: &str = "SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
+     SET LOCAL plan_cache_mode = force_custom_plan";
 
 /// A row's size as the bound counts it.
 pub(crate) const ROW_BYTES: &str = "octet_length(o.topic) + coalesce(octet_length(o.key), 0) \

@@ -1,0 +1,84 @@
+//! The batch read stays one index scan in id order whatever the planner statistics say (real
+//! PostgreSQL): a backlog bulk-loaded by one statement and never analyzed (as an outage leaves
+//! it), and the same table full of dead tuples after most of it was marked. Without the read's
+//! planner settings the same statement is a bitmap scan of the whole backlog plus a sort,
+//! which the test also shows, so it can tell the difference.
+
+mod common;
+
+use common::TestDb;
+use outbox_relay::read::{BatchLimit, ClaimReader};
+use outbox_relay::store::{OnPublish, OutboxStore};
+use outbox_relay::table::{ReadMode, TableName};
+
+const LIMIT: BatchLimit = BatchLimit {
+    rows: 1000,
+    bytes: 16 << 20,
+};
+
+async fn exec(db: &TestDb, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+fn assert_index_scan(plan: &str, when: &str) {
+    assert!(
+        plan.contains("Index Scan using outbox_pending_idx"),
+        "{when}: the read must scan the pending index in id order:\n{plan}"
+    );
+    for bad in ["Bitmap", "Sort", "Seq Scan"] {
+        assert!(
+            !plan.contains(bad),
+            "{when}: {bad} in the read's plan:\n{plan}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_is_an_index_scan_on_a_backlog_nobody_analyzed() {
+    let db = TestDb::new().await;
+    // Keep autovacuum from analyzing the table behind the test's back.
+    exec(&db, "ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
+    exec(
+        &db,
+        "INSERT INTO outbox (topic, key, payload) SELECT 't', (g % 100)::text, \
+         convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, 200000) g",
+    )
+    .await;
+    let analyzed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_statistic WHERE starelid = 'outbox'::regclass")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(analyzed, 0, "the backlog has no statistics");
+
+    let table = TableName::parse("outbox").unwrap();
+    let store = OutboxStore::new(db.pool.clone(), table, OnPublish::Mark, ReadMode::Claim);
+    let reader = ClaimReader::new(store, false);
+    assert_index_scan(&reader.read_plan(LIMIT).await.unwrap(), "unanalyzed");
+
+    // The same statement as the planner picks it on its own: the case the settings prevent.
+    let unguided: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT * FROM outbox WHERE published_at IS NULL AND failed_at IS NULL \
+         ORDER BY id LIMIT 1000",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let unguided = unguided.join("\n");
+    assert!(
+        unguided.contains("Bitmap") || unguided.contains("Sort"),
+        "without the settings the planner chooses a scan of the whole backlog plus a sort \
+         (if this changes, the settings may no longer be needed):\n{unguided}"
+    );
+
+    // Most of the backlog marked: the index still holds its dead entries until vacuum.
+    exec(
+        &db,
+        "UPDATE outbox SET published_at = now() WHERE id <= 150000",
+    )
+    .await;
+    assert_index_scan(&reader.read_plan(LIMIT).await.unwrap(), "dead tuples");
+}
