@@ -42,7 +42,7 @@ clean-local:
 	rm -rf .local
 
 # Benchmarks (bench/): own PostgreSQL + Kafka instances on other ports. `bench` runs everything
-# (about 45 minutes, Debezium included; printed at its start) and writes BENCHMARKS.md;
+# (about 80 minutes, Debezium included; printed at its start) and writes BENCHMARKS.md;
 # `bench-smoke` runs each arm for seconds (CI).
 .PHONY: bench bench-smoke
 bench:
