@@ -389,6 +389,16 @@ fn assert_all_in_key_order(w: &World) {
     }
 }
 
+/// Rows acknowledged more than once.
+fn acked_again(w: &World) -> HashSet<i64> {
+    let mut seen = HashSet::new();
+    w.acked
+        .iter()
+        .filter(|(id, _)| !seen.insert(*id))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 fn recorded_all(w: &World) -> bool {
     w.cursor == w.rows.len() as i64
 }
@@ -463,14 +473,7 @@ async fn a_read_ahead_is_dropped_when_a_row_of_its_batch_must_be_retried() {
     );
     // Rows 151..=200 of other keys were acknowledged and marked; rows of 150's key after it
     // were held back and published again after it: duplicates, never a reordering.
-    let again: Vec<i64> = {
-        let mut seen = HashSet::new();
-        w.acked
-            .iter()
-            .filter(|(id, _)| !seen.insert(*id))
-            .map(|(id, _)| *id)
-            .collect()
-    };
+    let again = acked_again(&w);
     assert!(
         again
             .iter()
@@ -509,14 +512,7 @@ async fn a_failed_row_holds_back_its_key_in_the_later_batches_in_flight() {
         w.max_unreported >= 2,
         "later batches were in flight when 150 failed"
     );
-    let again: HashSet<i64> = {
-        let mut seen = HashSet::new();
-        w.acked
-            .iter()
-            .filter(|(id, _)| !seen.insert(*id))
-            .map(|(id, _)| *id)
-            .collect()
-    };
+    let again = acked_again(&w);
     assert!(
         again.iter().any(|id| *id > 200),
         "rows of 150's key in later batches were published again after it: {again:?}"
