@@ -217,11 +217,14 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             self.settle_oldest(flight, cancel).await?;
         }
         let read_past = self.reader.reads_past_unsettled();
-        let room = flight.room(
-            self.settings.batch_limit(),
-            self.settings.in_flight_batches,
-            read_past,
-        );
+        let (limit, batches) = (self.settings.batch_limit(), self.settings.in_flight_batches);
+        if flight.sent.is_empty() && flight.room(limit, batches, read_past).is_none() {
+            // Only progress writes fill the bound (a slow database): wait for them, not as
+            // an empty read (which would turn the pace idle).
+            let finished = self.holding_lease(flight.marks.finish(), None).await;
+            finished.map_err(|_| StepError::Kafka)?;
+        }
+        let room = flight.room(limit, batches, read_past);
         let (read, full) = match room {
             Some(limit) => {
                 let read = self.read_and_send(limit, flight, cancel).await?;
