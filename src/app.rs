@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{Publisher, Sink};
 use crate::lease::{Leadership, Lease};
-use crate::read::{append, AppendReader, ClaimReader, Reader};
+use crate::read::log::{self, LogSource};
+use crate::read::{append, AppendReader, ClaimReader, LogReader, Reader};
 use crate::relay::{PoisonPolicy, Relay};
 use crate::settings::RelayConfig;
 use crate::store::{self, errors, OutboxStore};
@@ -53,8 +54,17 @@ pub async fn run(
         config.read_mode,
     );
     warn_without_read_index(&store).await;
+    if config.read_mode == ReadMode::Log {
+        if let Err(why) = log::preflight(&pool, &table, &config.log).await {
+            tasks.cancel();
+            let _ = server.await;
+            return Err(std::io::Error::other(why));
+        }
+    }
     let wake = Arc::new(Notify::new());
-    let listener = config.relay.listen.then(|| {
+    // In log mode the stream wakes the loop: no LISTEN.
+    let listen = config.relay.listen && config.read_mode != ReadMode::Log;
+    let listener = listen.then(|| {
         tokio::spawn(store::listen(
             pool.clone(),
             table.channel(),
@@ -102,7 +112,14 @@ pub async fn run(
         spans::Tracer::new(config.otlp.clone(), table.to_string(), metrics.clone());
     let exporter = exporter.map(tokio::spawn);
     let lease = lease.with_heartbeat(heartbeat);
-    let parts = (publisher_tx, lease, metrics, health.clone(), wake, spans);
+    let parts = (
+        publisher_tx,
+        lease,
+        metrics,
+        health.clone(),
+        wake.clone(),
+        spans,
+    );
     // The one place a read mode is chosen: each reader holds its own state.
     match config.read_mode {
         ReadMode::Claim => {
@@ -116,6 +133,11 @@ pub async fn run(
             .await
         }
         ReadMode::Append => run_loop(config.relay, AppendReader::new(store), parts, cancel).await,
+        ReadMode::Log => {
+            let source = LogSource::new(&config.db, &config.log);
+            let reader = LogReader::new(store, source, wake);
+            run_loop(config.relay, reader, parts, cancel).await
+        }
     }
 
     tasks.cancel();

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use outbox_relay::adopt;
 use outbox_relay::event::{check_topic, MessageRules, TopicAllowList};
 use outbox_relay::kafka::config::{Compression, KafkaConfig};
+use outbox_relay::read::log::LogNames;
 use outbox_relay::relay::PoisonPolicy;
 use outbox_relay::secret::Secret;
 use outbox_relay::settings::{DatabaseConfig, RelayConfig};
@@ -292,11 +293,14 @@ pub struct RunArgs {
     /// --retention) or delete it at once (the fastest, lightest mode).
     #[arg(long, env = "OUTBOX_RELAY_ON_PUBLISH", value_enum, default_value_t = OnPublish::Mark, help_heading = "Relay")]
     pub on_publish: OnPublish,
-    /// How rows are found and settled: by state with a per-row mark (claim), or by a cursor on
-    /// the writing transaction's xid with no per-row write (append; run `migrate --read-mode
-    /// append` first).
+    /// How events are found and settled: by state with a per-row mark (claim); by a cursor on
+    /// the writing transaction's xid with no per-row write (append); or from the WAL through a
+    /// replication slot, in commit order, with no per-row write (log). Run `migrate --read-mode
+    /// <mode>` first.
     #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim, help_heading = "Relay")]
     pub read_mode: ReadMode,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// How often the built-in cleanup runs.
     #[arg(long, env = "OUTBOX_RELAY_CLEANUP_INTERVAL", default_value = "1m", value_parser = duration_within("1s", "1d"), help_heading = "Relay")]
     pub cleanup_interval: Duration,
@@ -388,6 +392,26 @@ fn parse_service_name(s: &str) -> Result<String, String> {
     }
 }
 
+/// Log mode's replication slot and publication.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// The logical replication slot --read-mode log consumes (a-z, 0-9, _). Default:
+    /// outbox_relay_<schema>_<table>.
+    #[arg(long, env = "OUTBOX_RELAY_SLOT", help_heading = "Log mode")]
+    pub slot: Option<String>,
+    /// The publication of the outbox table's inserts that the slot reads (a-z, 0-9, _).
+    /// Default: the same name as the slot's default.
+    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", help_heading = "Log mode")]
+    pub publication: Option<String>,
+}
+
+impl LogArgs {
+    pub fn resolve(&self, table: &TableName) -> Result<LogNames, ConfigError> {
+        LogNames::new(table, self.slot.as_deref(), self.publication.as_deref())
+            .map_err(ConfigError::Invalid)
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
     #[command(flatten)]
@@ -397,10 +421,13 @@ pub struct MigrateArgs {
     /// Install the statement-level NOTIFY trigger (false drops it: poll-only, no commit-time lock).
     #[arg(long, env = "OUTBOX_RELAY_NOTIFY_TRIGGER", default_value_t = true, action = clap::ArgAction::Set)]
     pub notify_trigger: bool,
-    /// The index the relay's read mode needs: claim (pending rows by id) or append (rows by
-    /// writing transaction xid). The other mode's index is dropped.
+    /// What the relay's read mode needs: claim (an index of pending rows by id), append (rows
+    /// by writing transaction xid) or log (a publication, the emit function and a replication
+    /// slot; no read index). The other modes' indexes are dropped.
     #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim)]
     pub read_mode: ReadMode,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Print the SQL for --table instead of applying it (to feed your own migration tool).
     #[arg(long)]
     pub print_sql: bool,
@@ -633,7 +660,30 @@ impl DatabaseArgs {
             (None, Some(path)) => Some(read_secret_file("--database-password-file", path)?),
             (None, None) => None,
         };
-        if let Some(p) = password {
+        // A replication connection (log mode) is not made by sqlx: keep what it needs.
+        let parsed = url::Url::parse(url.expose()).ok();
+        let query = |name: &str| {
+            parsed.as_ref().and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.into_owned())
+            })
+        };
+        let ssl_root_cert = query("sslrootcert")
+            .or_else(|| std::env::var("PGSSLROOTCERT").ok())
+            .map(PathBuf::from);
+        let password = password
+            .or_else(|| {
+                let p = parsed.as_ref()?.password()?;
+                // Percent-decoding (a literal '+' in userinfo is a '+', not a space).
+                let p = p.replace('+', "%2B");
+                let p = url::form_urlencoded::parse(format!("p={p}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())?;
+                Some(Secret::new(p))
+            })
+            .or_else(|| std::env::var("PGPASSWORD").ok().map(Secret::new));
+        if let Some(p) = &password {
             connect = connect.password(p.expose());
         }
         connect = connect.application_name("outbox-relay");
@@ -645,6 +695,8 @@ impl DatabaseArgs {
         );
         Ok(DatabaseConfig {
             connect,
+            password,
+            ssl_root_cert,
             table: self.table.clone(),
             display,
         })
@@ -744,6 +796,22 @@ impl RunArgs {
     }
 
     fn read_mode(&self) -> Result<ReadMode, ConfigError> {
+        if self.read_mode == ReadMode::Log {
+            if self.on_publish == OnPublish::Delete {
+                return Err(ConfigError::Invalid(
+                    "--on-publish delete needs --read-mode claim: log mode writes no row per event \
+                     (the slot's position moves instead) and the built-in cleanup deletes rows after --retention"
+                        .into(),
+                ));
+            }
+            if self.poison_policy == PoisonPolicy::BlockKey {
+                return Err(ConfigError::Invalid(
+                    "--poison-policy block-key needs --read-mode claim: log mode reads a stream that cannot \
+                     hold one key back; use park or dead-letter"
+                        .into(),
+                ));
+            }
+        }
         if self.read_mode == ReadMode::Append {
             if self.on_publish == OnPublish::Delete {
                 return Err(ConfigError::Invalid(
@@ -787,6 +855,7 @@ impl RunArgs {
             },
             db,
             read_mode: self.read_mode()?,
+            log: self.log.resolve(&self.db.table)?,
             on_publish: self.on_publish,
             retention: self.retention,
             cleanup_interval: self.cleanup_interval,

@@ -229,9 +229,19 @@ fn check_row(
     }
 }
 
+/// The stable event id of a row: its id; for an event emitted into the WAL (log mode, no row;
+/// a negative id), its LSN as `lsn-<hex>/<hex>`.
+pub fn event_id(id: i64) -> String {
+    if id >= 0 {
+        return id.to_string();
+    }
+    let lsn = id.unsigned_abs();
+    format!("lsn-{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
 fn standard_headers(id: i64, created_at: DateTime<Utc>, source: &str) -> [(String, String); 3] {
     [
-        (HEADER_EVENT_ID.into(), id.to_string()),
+        (HEADER_EVENT_ID.into(), event_id(id)),
         (
             HEADER_CREATED_AT.into(),
             created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
@@ -291,7 +301,7 @@ fn add_cloudevents(
         .map_or_else(|| topic.to_string(), |(_, v)| v.clone());
     let mut add = vec![
         ("ce_specversion", "1.0".to_string()),
-        ("ce_id", id.to_string()),
+        ("ce_id", event_id(id)),
         ("ce_source", format!("/outbox/{source}")),
         ("ce_type", ce_type),
         (

@@ -19,6 +19,7 @@ use outbox_relay::settings::DatabaseConfig;
 use outbox_relay::shutdown;
 use outbox_relay::store;
 use outbox_relay::store::errors::{self, Deadlines, Phase};
+use outbox_relay::table::ReadMode;
 use outbox_relay::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
@@ -320,16 +321,30 @@ fn with_connection<T, E: From<sqlx::Error>>(
 }
 
 fn migrate(args: MigrateArgs) -> ExitCode {
+    let log = match args.log.resolve(&args.db.table) {
+        Ok(names) => names,
+        Err(e) => return usage_error(e),
+    };
+    // Log mode never wants the NOTIFY trigger: the stream wakes the relay.
+    let notify = args.notify_trigger && args.read_mode != ReadMode::Log;
+    let mode = args.read_mode;
     if args.print_sql {
-        print!("{}", args.db.table.ddl(args.notify_trigger, args.read_mode));
+        print!("{}", args.db.table.ddl(notify, mode));
+        if mode == ReadMode::Log {
+            print!("{}", args.db.table.log_ddl(&log.publication));
+            println!(
+                "\n-- After the above commits (a slot must not start before its publication exists):\n\
+                 SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
+                log.slot
+            );
+        }
         return ExitCode::SUCCESS;
     }
-    let (notify, mode) = (args.notify_trigger, args.read_mode);
     with_connection(
         "migrate",
         &args.db,
         &args.timeouts,
-        async |conn, db| store::migrate(conn, &db.table, notify, mode).await,
+        async |conn, db| store::migrate(conn, &db.table, notify, mode, &log).await,
         |result, db| match result {
             Ok(()) => {
                 println!(

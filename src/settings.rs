@@ -14,6 +14,9 @@ use crate::table::{ReadMode, TableName};
 #[derive(Clone)]
 pub struct DatabaseConfig {
     pub connect: sqlx::postgres::PgConnectOptions,
+    /// What a replication connection (log mode) needs that `connect` does not expose.
+    pub password: Option<crate::secret::Secret>,
+    pub ssl_root_cert: Option<std::path::PathBuf>,
     pub table: TableName,
     /// Host, port and database, for logs (never the password).
     pub display: String,
@@ -36,6 +39,8 @@ pub struct RelayConfig {
     /// The loop's own settings.
     pub relay: crate::relay::Settings,
     pub read_mode: ReadMode,
+    /// Log mode's slot and publication.
+    pub log: crate::read::log::LogNames,
     pub on_publish: OnPublish,
     /// Published rows older than this are deleted by the built-in cleanup (zero: never).
     pub retention: Duration,

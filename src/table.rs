@@ -17,16 +17,22 @@ pub enum ReadMode {
     /// mode. Per-key order is transaction-xid order; a long write transaction anywhere in the
     /// cluster holds publishing back until it ends. Needs `migrate --read-mode append`.
     Append,
+    /// Read the table's inserts (and events emitted with the table's emit function) from a
+    /// logical replication slot, in commit order: per-key order is commit order for every
+    /// transaction shape; no write per event, no polling. Needs `wal_level = logical`, a role
+    /// with REPLICATION, and `migrate --read-mode log` (publication and slot).
+    Log,
 }
 
 impl ReadMode {
-    pub const ALL: [ReadMode; 2] = [ReadMode::Claim, ReadMode::Append];
+    pub const ALL: [ReadMode; 3] = [ReadMode::Claim, ReadMode::Append, ReadMode::Log];
 
     /// The flag value: `claim` or `append`.
     pub fn as_str(self) -> &'static str {
         match self {
             ReadMode::Claim => "claim",
             ReadMode::Append => "append",
+            ReadMode::Log => "log",
         }
     }
 }
@@ -133,16 +139,61 @@ impl TableName {
         h as i64
     }
 
-    /// The index `mode` reads through, schema-qualified and quoted (for `to_regclass`).
+    /// The index `mode` reads through, schema-qualified and quoted (for `to_regclass`). Log
+    /// mode reads the WAL, not the table: its "index" is the primary key (rows by id, for
+    /// `failed` and cleanup).
     pub fn read_index(&self, mode: ReadMode) -> String {
         let suffix = match mode {
             ReadMode::Claim => "pending_idx",
             ReadMode::Append => "xid_idx",
+            ReadMode::Log => "pkey",
         };
         format!(
             "{}.{}",
             quote_ident(&self.schema),
             quote_ident(&format!("{}_{suffix}", self.table))
+        )
+    }
+
+    /// The quoted name of the function that emits an event into the WAL (log mode).
+    pub fn emit_function(&self) -> String {
+        self.derived("emit")
+    }
+
+    /// The prefix of this table's emitted messages.
+    pub fn message_prefix(&self) -> String {
+        format!("{}{self}", crate::read::log::MESSAGE_PREFIX)
+    }
+
+    /// Log mode's objects besides the table: the publication of the table's inserts and the
+    /// emit function. Idempotent. (The slot is created by `migrate` after this commits: a slot
+    /// must not start before its publication exists.)
+    pub fn log_ddl(&self, publication: &str) -> String {
+        let t = self.quoted();
+        let emit = self.emit_function();
+        let prefix = quote_literal(&self.message_prefix());
+        let pubname = quote_literal(publication);
+        let pub_ident = quote_ident(publication);
+        format!(
+            r#"-- --read-mode log: the relay reads this table's inserts from the WAL through this publication.
+DO $do$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {pubname}) THEN
+        CREATE PUBLICATION {pub_ident} FOR TABLE {t} WITH (publish = 'insert');
+    END IF;
+END $do$;
+
+-- An event with no row (log mode only): written into the WAL inside the calling transaction and
+-- published at its commit, in commit order with the table's rows. Returns the event's LSN, which
+-- is its event id (header outbox-event-id: lsn-<hex>/<hex>). Nothing to vacuum or clean up.
+--   SELECT {emit}('orders', 'order-42', convert_to('{{"total": 10}}', 'UTF8'), '{{"type": "created"}}');
+CREATE OR REPLACE FUNCTION {emit}(topic text, key text, payload bytea, headers jsonb DEFAULT NULL)
+RETURNS pg_lsn LANGUAGE sql VOLATILE AS $fn$
+    SELECT pg_logical_emit_message(true, {prefix},
+        convert_to(jsonb_build_object('v', 1, 'topic', topic, 'key', key, 'headers', headers,
+                                      'null_payload', payload IS NULL)::text, 'UTF8')
+        || '\x00'::bytea || coalesce(payload, '\x'::bytea))
+$fn$;
+"#
         )
     }
 
@@ -293,6 +344,15 @@ $$;
                      WHEN (NEW.xid IS DISTINCT FROM OLD.xid\n          \
                      OR (OLD.failed_at IS NOT NULL AND NEW.failed_at IS NULL AND NEW.published_at IS NULL))\n    \
                      EXECUTE FUNCTION {xid_fn}();\n",
+                    schema = quote_ident(&self.schema),
+                ),
+                ReadMode::Log => format!(
+                    "-- The relay (--read-mode log) reads inserts from the WAL: no read index (rows are never marked,\n\
+                     -- so a pending-rows index would hold every row).\n\
+                     DROP INDEX IF EXISTS {schema}.{pending_idx};\n\
+                     DROP INDEX IF EXISTS {schema}.{xid_idx};\n\
+                     DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
+                     DROP TRIGGER IF EXISTS {xid_update} ON {t};\n",
                     schema = quote_ident(&self.schema),
                 ),
             },

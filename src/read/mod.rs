@@ -10,9 +10,13 @@
 //! - [`claim`]: pending rows by state; progress marks each delivered row.
 //! - [`append`]: a cursor on (writing transaction's xid8, id) below the horizon; progress
 //!   moves the cursor past the settled prefix of the batch.
+//! - [`log`]: a logical replication slot, in commit order; progress moves the slot's
+//!   confirmed position past wholly settled transactions.
 
 pub mod append;
 pub mod claim;
+pub mod log;
+mod pgoutput;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -23,6 +27,7 @@ use crate::settle::Delivered;
 
 pub use append::AppendReader;
 pub use claim::ClaimReader;
+pub use log::LogReader;
 
 /// How much one batch may hold: rows, and bytes of keys, payloads and headers as stored (a
 /// row larger than `bytes` comes alone). Memory stays bounded at any backlog.
@@ -150,6 +155,12 @@ pub trait Reader: Send {
         delivered: Delivered,
         set_aside: &HashSet<i64>,
     ) -> Progress<Self::Position>;
+
+    /// The loop has stopped and every progress write is done: release what the reader holds
+    /// (log mode reports its confirmed position and closes its stream).
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The durable writes of the loop's outcomes. Each write is retried by the caller until it

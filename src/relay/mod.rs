@@ -171,6 +171,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             let _ = self.settle_oldest(&mut flight, &cancel).await;
         }
         flight.marks.finish().await;
+        self.reader.close().await;
         self.lease.release().await;
         self.metrics.leader.set(0);
         tracing::info!("relay loop stopped");

@@ -13,6 +13,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::read::log::LogNames;
 use crate::table::{ReadMode, TableName};
 
 /// What the relay does with a row once Kafka has acknowledged it.
@@ -38,12 +39,28 @@ pub fn pool(connect: &PgConnectOptions, max_connections: u32) -> PgPool {
 /// Apply the table's DDL in one transaction under an advisory lock, so several replicas
 /// can run `migrate` at once. A short lock timeout keeps a busy table's writers from
 /// queueing behind the migration.
+/// In log mode, also the publication and the emit function, then (after that commits) the
+/// replication slot, unless they exist.
 pub async fn migrate(
     conn: &mut PgConnection,
     table: &TableName,
     notify_trigger: bool,
     mode: ReadMode,
+    log: &LogNames,
 ) -> Result<(), sqlx::Error> {
+    if mode == ReadMode::Log {
+        let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+            .fetch_one(&mut *conn)
+            .await?;
+        if level != "logical" {
+            return Err(sqlx::Error::Configuration(
+                format!("--read-mode log needs wal_level = logical, the server has {level}: set it \
+                         (ALTER SYSTEM SET wal_level = logical; or the managed service's logical replication \
+                         parameter) and restart PostgreSQL")
+                .into(),
+            ));
+        }
+    }
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL lock_timeout = '10s'")
         .execute(&mut *tx)
@@ -58,8 +75,25 @@ pub async fn migrate(
     sqlx::raw_sql(AssertSqlSafe(table.ddl(notify_trigger, mode)))
         .execute(&mut *tx)
         .await?;
-    tx.commit().await
+    if mode == ReadMode::Log {
+        sqlx::raw_sql(AssertSqlSafe(table.log_ddl(&log.publication)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    if mode == ReadMode::Log {
+        // Waits for the transactions running now to end (the slot's consistent start).
+        sqlx::query(CREATE_SLOT)
+            .bind(&log.slot)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
+
+/// Create log mode's slot unless it exists ($1: its name).
+pub const CREATE_SLOT: &str = "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
+     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)";
 
 /// Backlog figures for metrics and readiness.
 #[derive(Debug, Clone, Copy, Default)]
@@ -82,6 +116,7 @@ pub struct OutboxStore {
     dead_lettered_sql: Arc<str>,
     backlog_sql: Arc<str>,
     cleanup_sql: Arc<str>,
+    cleanup_log_sql: Arc<str>,
 }
 
 /// Rows pending by state (neither published nor parked).
@@ -140,6 +175,10 @@ impl OutboxStore {
             )
             .into(),
             backlog_sql: match mode {
+                // The backlog is in the WAL (see the slot's retained WAL), not the table.
+                ReadMode::Log => format!(
+                    "SELECT 0::int8, NULL::float8, (SELECT count(*) FROM {t} WHERE {PARKED})"
+                ),
                 ReadMode::Claim => format!(
                     "SELECT (SELECT count(*) FROM {t} WHERE {PENDING}), \
                      (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} WHERE {PENDING} ORDER BY id LIMIT 1), \
@@ -156,6 +195,11 @@ impl OutboxStore {
             cleanup_sql: format!(
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE published_at < now() - make_interval(secs => $1) AND failed_at IS NULL \
                  ORDER BY published_at LIMIT $2)"
+            )
+            .into(),
+            cleanup_log_sql: format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE created_at < now() - make_interval(secs => $1) \
+                 AND failed_at IS NULL LIMIT $2)"
             )
             .into(),
             pool,
@@ -251,6 +295,8 @@ impl OutboxStore {
         let statements = match self.mode {
             ReadMode::Claim => vec![&self.cleanup_sql],
             ReadMode::Append => vec![&self.cleanup_sql, &self.cleanup_passed_sql],
+            // The stream does not need the rows: they go after --retention (parked ones stay).
+            ReadMode::Log => vec![&self.cleanup_log_sql],
         };
         for sql in statements {
             loop {

@@ -1,0 +1,907 @@
+//! `--read-mode log`: the outbox from the write-ahead log. The relay consumes a logical
+//! replication slot (pgoutput, on a publication of the outbox table's inserts) and publishes
+//! each transaction's events in commit order, statement order within a transaction: per-key
+//! order is commit order for every transaction shape. Events come as table inserts or as
+//! transactional messages written by the table's emit function (`pg_logical_emit_message`),
+//! which leave no row behind.
+//!
+//! Nothing is written per event. Progress is the slot's confirmed position, which moves only
+//! past transactions whose every event has its own delivery report (or was set aside): the
+//! reader counts each transaction's unsettled events; the ledger raises the confirmed LSN the
+//! stream task reports to the server. While nothing is in flight, a keepalive's WAL end is
+//! confirmed too, so an idle outbox in a busy database pins no WAL.
+//!
+//! An event that has to be read again (a transient failure, an abandoned batch, a new lease
+//! epoch) restarts the stream from the confirmed position: the server sends every transaction
+//! after it again (duplicates within the in-flight window, never a gap or a reordering).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
+};
+use serde::Deserialize;
+use sqlx::AssertSqlSafe;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::pgoutput::{pg_time, Relations};
+use super::{BatchLimit, Fence, Ledger, Progress, Reader, Recorded};
+use crate::event::OutboxRow;
+use crate::secret::Secret;
+use crate::settle::Delivered;
+use crate::store::OutboxStore;
+use crate::table::TableName;
+
+/// What an emitted event's message prefix starts with; the table name follows (`schema.table`).
+pub const MESSAGE_PREFIX: &str = "outbox-relay:";
+/// Events buffered between the stream task and the reader (the crate buffers as many again;
+/// past that the server is held back by TCP).
+const BUFFERED: usize = 4096;
+
+/// Where the replication connection goes: the database URL's parts, the slot, the publication.
+#[derive(Clone)]
+pub struct LogSource {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    /// libpq's sslmode (disable, prefer, require, verify-ca, verify-full).
+    pub ssl_mode: String,
+    pub ssl_root_cert: Option<PathBuf>,
+    pub slot: String,
+    pub publication: String,
+}
+
+impl std::fmt::Debug for LogSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LogSource({}@{}:{}/{} slot {} publication {})",
+            self.user, self.host, self.port, self.database, self.slot, self.publication
+        )
+    }
+}
+
+/// The replication slot and publication of log mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogNames {
+    pub slot: String,
+    pub publication: String,
+}
+
+impl LogNames {
+    /// Checked names; either defaults to [`default_name`].
+    pub fn new(
+        table: &TableName,
+        slot: Option<&str>,
+        publication: Option<&str>,
+    ) -> Result<LogNames, String> {
+        let slot = slot.map_or_else(|| default_name(table), str::to_string);
+        let publication = publication.map_or_else(|| default_name(table), str::to_string);
+        check_name("--slot", &slot)?;
+        check_name("--publication", &publication)?;
+        Ok(LogNames { slot, publication })
+    }
+}
+
+/// Slot and publication names go into replication commands unquoted: lower-case letters,
+/// digits and `_`, at most 63 bytes.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} must be 1-63 characters of a-z, 0-9 and _"
+        ))
+    }
+}
+
+/// The default slot and publication name for a table: `outbox_relay_<schema>_<table>`,
+/// lower-cased, other characters as `_`, cut to 63 bytes.
+pub fn default_name(table: &TableName) -> String {
+    let raw = format!("outbox_relay_{}_{}", table.schema(), table.table());
+    raw.chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .take(63)
+        .collect()
+}
+
+impl LogSource {
+    /// The replication connection of `db`, to `names`.
+    pub fn new(db: &crate::settings::DatabaseConfig, names: &LogNames) -> LogSource {
+        use sqlx::postgres::PgSslMode;
+        let c = &db.connect;
+        LogSource {
+            host: c.get_host().to_string(),
+            port: c.get_port(),
+            user: c.get_username().to_string(),
+            password: db.password.clone(),
+            database: c.get_database().unwrap_or(c.get_username()).to_string(),
+            ssl_mode: match c.get_ssl_mode() {
+                PgSslMode::Disable => "disable",
+                PgSslMode::Allow | PgSslMode::Prefer => "prefer",
+                PgSslMode::Require => "require",
+                PgSslMode::VerifyCa => "verify-ca",
+                PgSslMode::VerifyFull => "verify-full",
+            }
+            .to_string(),
+            ssl_root_cert: db.ssl_root_cert.clone(),
+            slot: names.slot.clone(),
+            publication: names.publication.clone(),
+        }
+    }
+
+    fn config(&self, start: u64) -> ReplicationConfig {
+        let tls = match self.ssl_mode.as_str() {
+            "disable" => TlsConfig::disabled(),
+            "require" => TlsConfig::require(),
+            "verify-ca" => TlsConfig::verify_ca(self.ssl_root_cert.clone()),
+            "verify-full" => TlsConfig::verify_full(self.ssl_root_cert.clone()),
+            _ => TlsConfig {
+                mode: SslMode::Prefer,
+                ..TlsConfig::default()
+            },
+        };
+        let password = self.password.as_ref().map(|p| p.expose()).unwrap_or("");
+        ReplicationConfig::new(
+            self.host.clone(),
+            self.user.clone(),
+            password,
+            self.database.clone(),
+            self.slot.clone(),
+            self.publication.clone(),
+        )
+        .with_port(self.port)
+        .with_tls(tls)
+        .with_start_lsn(Lsn(start))
+        .with_binary(true)
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_buffer_size(BUFFERED)
+        .with_max_message_size(256 << 20)
+        .with_application_name("outbox-relay-log")
+    }
+}
+
+/// What the stream task hands the reader, in stream order.
+#[derive(Debug)]
+enum Item {
+    Begin,
+    Row(OutboxRow),
+    Commit {
+        end: u64,
+    },
+    /// The server's WAL end: everything committed before it was sent.
+    KeepAlive {
+        wal_end: u64,
+    },
+    /// The stream ended; it must be started again.
+    Failed(String),
+}
+
+/// A transaction read from the stream and not yet past the confirmed position.
+#[derive(Debug)]
+struct Txn {
+    /// Its commit's end (unknown until the commit arrives).
+    end: Option<u64>,
+    /// Events handed out and not yet delivered or set aside, plus events not yet handed out.
+    unsettled: usize,
+}
+
+struct Stream {
+    items: mpsc::Receiver<Item>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct LogReader {
+    store: OutboxStore,
+    source: LogSource,
+    prefix: String,
+    wake: Arc<Notify>,
+    confirmed: Arc<AtomicU64>,
+    stream: Option<Stream>,
+    /// Transactions read and not yet confirmed, oldest first; `first_seq` is the front's number.
+    txns: VecDeque<Txn>,
+    first_seq: u64,
+    /// The batches handed out and not yet settled: each row's id and transaction number.
+    handed: VecDeque<Vec<(i64, u64)>>,
+    /// An item taken from the stream that did not fit the last batch.
+    held: Option<Item>,
+    /// Read again from the confirmed position before the next batch.
+    restart: bool,
+    /// Emitted events in flight (they have no row): what parking one needs.
+    emitted: Emitted,
+}
+
+type Emitted = Arc<Mutex<HashMap<i64, OutboxRow>>>;
+
+impl LogReader {
+    pub fn new(store: OutboxStore, source: LogSource, wake: Arc<Notify>) -> LogReader {
+        let prefix = format!("{MESSAGE_PREFIX}{}", store.table());
+        LogReader {
+            store,
+            source,
+            prefix,
+            wake,
+            confirmed: Arc::new(AtomicU64::new(0)),
+            stream: None,
+            txns: VecDeque::new(),
+            first_seq: 0,
+            handed: VecDeque::new(),
+            held: None,
+            restart: false,
+            emitted: Arc::default(),
+        }
+    }
+
+    /// Stop the stream (reporting the confirmed position first) and forget what was read.
+    async fn stop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            stream.stop.cancel();
+            drop(stream.items);
+            let _ = stream.task.await;
+        }
+        self.txns.clear();
+        self.handed.clear();
+        self.held = None;
+        self.restart = false;
+        self.emitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    async fn start(&mut self) -> Result<(), sqlx::Error> {
+        let start = self.confirmed.load(Ordering::Acquire);
+        let client = match self.connect(start).await {
+            Err(e) if sqlstate(&e) == Some("55006") => {
+                // The slot is held by another session: a previous leader's stream (a deposed
+                // or paused replica). The lease is ours, so end that stream: this is the fence.
+                let ended: Vec<i32> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(active_pid)::int FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
+                )
+                .bind(&self.source.slot)
+                .fetch_all(self.store.pool())
+                .await?;
+                tracing::warn!(slot = %self.source.slot, sessions = ended.len(),
+                    "the replication slot was in use by another session; ended it (this replica holds the lease)");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.connect(start).await
+            }
+            other => other,
+        }
+        .map_err(|e| stream_error(&self.source, &e))?;
+        let (tx, items) = mpsc::channel(BUFFERED);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(pump(
+            client,
+            tx,
+            self.wake.clone(),
+            self.confirmed.clone(),
+            self.prefix.clone(),
+            self.store.table().clone(),
+            stop.clone(),
+        ));
+        self.stream = Some(Stream { items, stop, task });
+        tracing::info!(slot = %self.source.slot, from = %Lsn(start), "reading the outbox from the replication slot");
+        Ok(())
+    }
+
+    async fn connect(&self, start: u64) -> Result<ReplicationClient, PgWireError> {
+        let mut client = ReplicationClient::connect(self.source.config(start)).await?;
+        client.wait_started().await?;
+        Ok(client)
+    }
+
+    /// Pop the transactions at the front whose events are all settled; the last one's commit
+    /// end is the new position.
+    fn advance(&mut self) -> Option<u64> {
+        let mut position = None;
+        while let Some(Txn {
+            end: Some(end),
+            unsettled: 0,
+        }) = self.txns.front()
+        {
+            position = Some(*end);
+            self.txns.pop_front();
+            self.first_seq += 1;
+        }
+        position
+    }
+
+    fn confirm(&self, lsn: u64) {
+        self.confirmed.fetch_max(lsn, Ordering::AcqRel);
+    }
+
+    /// Whether every event read so far is settled (nothing handed out, nothing open).
+    fn settled(&self) -> bool {
+        self.txns.is_empty() && self.handed.is_empty()
+    }
+
+    /// Apply one stream item. Returns a row to hand out.
+    fn apply(&mut self, item: Item) -> Result<Option<OutboxRow>, sqlx::Error> {
+        match item {
+            Item::Begin => self.txns.push_back(Txn {
+                end: None,
+                unsettled: 0,
+            }),
+            Item::Row(row) => {
+                let txn = self
+                    .txns
+                    .back_mut()
+                    .filter(|t| t.end.is_none())
+                    .ok_or_else(|| protocol("an event outside a transaction"))?;
+                txn.unsettled += 1;
+                return Ok(Some(row));
+            }
+            Item::Commit { end } => {
+                let txn = self
+                    .txns
+                    .back_mut()
+                    .filter(|t| t.end.is_none())
+                    .ok_or_else(|| protocol("a commit outside a transaction"))?;
+                txn.end = Some(end);
+                if let Some(position) = self.advance() {
+                    self.confirm(position);
+                }
+            }
+            Item::KeepAlive { wal_end } => {
+                if self.settled() {
+                    self.confirm(wal_end);
+                }
+            }
+            Item::Failed(why) => {
+                self.restart = true;
+                return Err(sqlx::Error::Protocol(why));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn protocol(what: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("replication stream: {what}"))
+}
+
+impl Reader for LogReader {
+    type Position = u64;
+    type Ledger = LogLedger;
+
+    fn ledger(&self) -> LogLedger {
+        LogLedger {
+            store: self.store.clone(),
+            confirmed: self.confirmed.clone(),
+            emitted: self.emitted.clone(),
+        }
+    }
+
+    /// A new leader reads from the slot's confirmed position (the previous leader's stream,
+    /// if still open, is ended when the slot is taken).
+    async fn on_new_epoch(&mut self) -> Result<(), sqlx::Error> {
+        self.stop().await;
+        self.confirmed.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// The stream is read past events in flight; their transactions are counted.
+    fn reads_past_unsettled(&self) -> bool {
+        true
+    }
+
+    async fn next_batch(
+        &mut self,
+        limit: BatchLimit,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        // Nothing in flight but batches handed out without progress: they were abandoned.
+        let abandoned = in_flight.is_empty() && !self.handed.is_empty();
+        if self.restart || abandoned {
+            self.stop().await;
+        }
+        if self.stream.is_none() {
+            self.start().await?;
+        }
+        let (mut rows, mut bytes, mut handed) = (Vec::new(), 0u64, Vec::new());
+        while rows.len() < limit.rows as usize {
+            let item = match self.held.take() {
+                Some(item) => item,
+                None => match self.stream.as_mut().map(|s| s.items.try_recv()) {
+                    Some(Ok(item)) => item,
+                    Some(Err(mpsc::error::TryRecvError::Empty)) | None => break,
+                    Some(Err(mpsc::error::TryRecvError::Disconnected)) => {
+                        Item::Failed("the replication stream ended".into())
+                    }
+                },
+            };
+            if let Item::Row(row) = &item {
+                let size = row_bytes(row);
+                if !rows.is_empty() && bytes + size > limit.bytes {
+                    self.held = Some(item);
+                    break;
+                }
+                bytes += size;
+            }
+            match self.apply(item) {
+                Ok(Some(row)) => {
+                    let seq = self.first_seq + self.txns.len() as u64 - 1;
+                    if row.id < 0 {
+                        let mut emitted = self.emitted.lock().unwrap_or_else(|e| e.into_inner());
+                        emitted.insert(row.id, row.clone());
+                    }
+                    handed.push((row.id, seq));
+                    rows.push(row);
+                }
+                Ok(None) => {}
+                // Hand out what was read; the stream starts again before the next batch.
+                Err(e) if !rows.is_empty() => {
+                    tracing::warn!(error = %e, "replication stream ended; reading again from the confirmed position");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !handed.is_empty() {
+            self.handed.push_back(handed);
+        }
+        Ok(rows)
+    }
+
+    /// Settle the oldest batch's events in their transactions; the position moves past the
+    /// transactions now wholly settled. An event neither delivered nor set aside is read again:
+    /// from the confirmed position, after the batches in flight.
+    fn progress(&mut self, delivered: Delivered, set_aside: &HashSet<i64>) -> Progress<u64> {
+        let done: HashSet<i64> = delivered.ids().iter().copied().collect();
+        if let Some(batch) = self.handed.pop_front() {
+            let mut emitted = self.emitted.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, seq) in batch {
+                if done.contains(&id) || set_aside.contains(&id) {
+                    if let Some(txn) = seq
+                        .checked_sub(self.first_seq)
+                        .and_then(|i| self.txns.get_mut(i as usize))
+                    {
+                        txn.unsettled = txn.unsettled.saturating_sub(1);
+                    }
+                    if !set_aside.contains(&id) {
+                        emitted.remove(&id);
+                    }
+                } else {
+                    self.restart = true;
+                }
+            }
+        }
+        Progress {
+            delivered,
+            mark: Vec::new(),
+            position: self.advance(),
+        }
+    }
+
+    /// Report the confirmed position to the server before the stream closes: a graceful stop
+    /// sends nothing again.
+    async fn close(&mut self) {
+        self.stop().await;
+    }
+}
+
+/// Size of a row as the batch bound counts it (as [`super::ROW_BYTES`] does in SQL).
+fn row_bytes(row: &OutboxRow) -> u64 {
+    (row.topic.len()
+        + row.key.as_ref().map_or(0, String::len)
+        + row.payload.as_ref().map_or(0, Vec::len)
+        + row.headers.as_ref().map_or(0, String::len)) as u64
+}
+
+/// Log mode's ledger: the confirmed position (reported by the stream task), and the failed
+/// rows' state in the table (an emitted event that fails is written to the table as a
+/// parked row, so `failed` lists it like any other).
+#[derive(Clone)]
+pub struct LogLedger {
+    store: OutboxStore,
+    confirmed: Arc<AtomicU64>,
+    emitted: Emitted,
+}
+
+impl LogLedger {
+    /// Emitted events among `rows` are inserted as rows with `state` set; the rest are
+    /// returned (they are rows of the table).
+    async fn insert_emitted(
+        &self,
+        rows: &[(i64, String)],
+        state: &str,
+    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        let (emitted, table_rows): (Vec<_>, Vec<_>) =
+            rows.iter().cloned().partition(|(id, _)| *id < 0);
+        for (id, error) in emitted {
+            let row = self
+                .emitted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let Some(row) = row else { continue };
+            let t = self.store.table().quoted();
+            let sql = format!(
+                "INSERT INTO {t} (topic, key, payload, headers, created_at, attempts, last_error, {state}) \
+                 VALUES ($1, $2, $3, $4::jsonb, $5, 1, $6, now())"
+            );
+            let headers = row
+                .headers
+                .filter(|h| serde_json::from_str::<serde_json::Value>(h).is_ok());
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&row.topic)
+                .bind(&row.key)
+                .bind(&row.payload)
+                .bind(headers)
+                .bind(row.created_at)
+                .bind(format!(
+                    "{error} (emitted event {})",
+                    crate::event::event_id(id)
+                ))
+                .execute(self.store.pool())
+                .await?;
+        }
+        Ok(table_rows)
+    }
+}
+
+impl Ledger for LogLedger {
+    type Position = u64;
+
+    async fn record(
+        &self,
+        progress: &Progress<u64>,
+        _fence: &Fence,
+    ) -> Result<Recorded, sqlx::Error> {
+        if let Some(lsn) = progress.position {
+            self.confirmed.fetch_max(lsn, Ordering::AcqRel);
+        }
+        Ok(Recorded::Done)
+    }
+
+    async fn park(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        let table_rows = self.insert_emitted(rows, "failed_at").await?;
+        self.store.park(&table_rows).await
+    }
+
+    async fn dead_lettered(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        let table_rows = self.insert_emitted(rows, "published_at").await?;
+        self.store.mark_dead_lettered(&table_rows).await
+    }
+
+    async fn note_retry(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+        let table_rows: Vec<_> = rows.iter().filter(|(id, _)| *id > 0).cloned().collect();
+        self.store.note_retry(&table_rows).await
+    }
+}
+
+/// The stream task: decode what the server sends into items for the reader (waiting when the
+/// reader is behind, which holds the server back), report the confirmed position, and on
+/// stop report it once more before closing.
+async fn pump(
+    mut client: ReplicationClient,
+    items: mpsc::Sender<Item>,
+    wake: Arc<Notify>,
+    confirmed: Arc<AtomicU64>,
+    prefix: String,
+    table: TableName,
+    stop: CancellationToken,
+) {
+    let mut relations = Relations::default();
+    let mut commit_time = 0i64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {
+                report(&client, &confirmed);
+                continue;
+            }
+            event = client.recv() => event,
+        };
+        report(&client, &confirmed);
+        let item = match event {
+            Ok(Some(event)) => {
+                match decode(event, &mut relations, &mut commit_time, &prefix, &table) {
+                    Ok(Some(item)) => item,
+                    Ok(None) => continue,
+                    Err(why) => Item::Failed(why),
+                }
+            }
+            Ok(None) => Item::Failed("the server ended the replication stream".into()),
+            Err(e) => Item::Failed(format!("replication stream: {e}")),
+        };
+        let failed = matches!(item, Item::Failed(_));
+        // Room for it (the reader is behind: the server waits), still reporting progress.
+        let permit = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break None,
+                _ = tick.tick() => report(&client, &confirmed),
+                permit = items.reserve() => break permit.ok(),
+            }
+        };
+        let Some(permit) = permit else { break };
+        permit.send(item);
+        wake.notify_one();
+        if failed {
+            return;
+        }
+    }
+    // Report the last confirmed position and wait (briefly) until it is sent.
+    let last = confirmed.load(Ordering::Acquire);
+    report(&client, &confirmed);
+    let metrics = client.metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while last > 0 && metrics.last_applied_lsn().0 < last && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), client.shutdown()).await;
+}
+
+fn report(client: &ReplicationClient, confirmed: &AtomicU64) {
+    let lsn = confirmed.load(Ordering::Acquire);
+    if lsn > 0 {
+        client.update_applied_lsn(Lsn(lsn));
+    }
+}
+
+/// The metadata part of an emitted event (see the table's emit function): JSON, then a zero
+/// byte, then the payload's bytes as they are.
+#[derive(Deserialize)]
+struct EmittedMeta {
+    topic: Option<String>,
+    key: Option<String>,
+    headers: Option<serde_json::Value>,
+    #[serde(default)]
+    null_payload: bool,
+}
+
+fn decode(
+    event: ReplicationEvent,
+    relations: &mut Relations,
+    commit_time: &mut i64,
+    prefix: &str,
+    table: &TableName,
+) -> Result<Option<Item>, String> {
+    Ok(match event {
+        ReplicationEvent::Begin {
+            commit_time_micros, ..
+        } => {
+            *commit_time = commit_time_micros;
+            Some(Item::Begin)
+        }
+        ReplicationEvent::Commit { end_lsn, .. } => Some(Item::Commit { end: end_lsn.0 }),
+        ReplicationEvent::KeepAlive { wal_end, .. } => Some(Item::KeepAlive { wal_end: wal_end.0 }),
+        ReplicationEvent::XLogData { data, .. } => match data.first() {
+            Some(b'R') => {
+                relations.relation(&data).map_err(|e| e.to_string())?;
+                None
+            }
+            Some(b'I') => {
+                let (relation, tuple) = relations.insert(&data).map_err(|e| e.to_string())?;
+                if relation.schema != table.schema() || relation.table != table.table() {
+                    tracing::warn!(schema = %relation.schema, table = %relation.table,
+                        "the publication covers another table; its rows are not events (publish only the outbox table)");
+                    return Ok(None);
+                }
+                let row = tuple
+                    .outbox_row()
+                    .map_err(|why| format!("an outbox row without a usable id: {why}"))?;
+                Some(Item::Row(row))
+            }
+            // Updates, deletes, truncates, types, origins: not events.
+            _ => None,
+        },
+        ReplicationEvent::Message {
+            transactional,
+            lsn,
+            prefix: p,
+            content,
+        } => {
+            if p != prefix {
+                return Ok(None);
+            }
+            if !transactional {
+                tracing::error!(lsn = %lsn, "an event was emitted outside a transaction (transactional = false): it cannot be ordered or confirmed and is not published; emit with the table's emit function");
+                return Ok(None);
+            }
+            Some(Item::Row(emitted_row(
+                lsn.0,
+                &content,
+                pg_time(*commit_time),
+            )))
+        }
+        ReplicationEvent::StoppedAt { .. } => Some(Item::Failed("the stream stopped".into())),
+    })
+}
+
+/// An emitted event as a row: its id is minus its LSN (the event id header says `lsn-…`).
+fn emitted_row(lsn: u64, content: &[u8], created_at: chrono::DateTime<chrono::Utc>) -> OutboxRow {
+    let id = -(lsn.min(i64::MAX as u64) as i64);
+    let mut row = OutboxRow {
+        id,
+        topic: String::new(),
+        key: None,
+        payload: None,
+        headers: None,
+        created_at,
+        xid: None,
+        unreadable: None,
+    };
+    let Some(split) = content.iter().position(|&b| b == 0) else {
+        row.unreadable = Some(
+            "the emitted event is not the emit function's format (no zero byte after the JSON)"
+                .into(),
+        );
+        return row;
+    };
+    match serde_json::from_slice::<EmittedMeta>(&content[..split]) {
+        Ok(meta) => {
+            row.topic = meta.topic.unwrap_or_default();
+            row.key = meta.key;
+            row.headers = meta.headers.filter(|h| !h.is_null()).map(|h| h.to_string());
+            row.payload = (!meta.null_payload).then(|| content[split + 1..].to_vec());
+            if row.topic.is_empty() {
+                row.unreadable = Some("the emitted event has no topic".into());
+            }
+        }
+        Err(e) => {
+            row.unreadable = Some(format!(
+                "the emitted event's metadata is not the emit function's JSON: {e}"
+            ))
+        }
+    }
+    row
+}
+
+/// What log mode needs of the server, checked before the relay starts: `Err` names what is
+/// missing and the fix. A database that cannot be asked is not a finding (the relay waits for
+/// it like in every mode).
+pub async fn preflight(
+    pool: &sqlx::PgPool,
+    table: &TableName,
+    names: &LogNames,
+) -> Result<(), String> {
+    /// wal_level, REPLICATION, the slot's plugin, wal_status and database, the publication
+    /// and whether it covers the table.
+    type Found = (
+        String,
+        bool,
+        Option<String>,
+        Option<String>,
+        Option<bool>,
+        bool,
+        bool,
+    );
+    let checked: Result<Found, _> = sqlx::query_as(
+        "SELECT current_setting('wal_level'),                 (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)                   OR pg_has_role(current_user, 'rds_replication', 'member') IS TRUE                   AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication'),                 (SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1),                 (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),                 (SELECT database = current_database() FROM pg_replication_slots WHERE slot_name = $1),                 EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $2),                 EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $2 AND schemaname = $3 AND tablename = $4)",
+    )
+    .bind(&names.slot)
+    .bind(&names.publication)
+    .bind(table.schema())
+    .bind(table.table())
+    .fetch_one(pool)
+    .await;
+    let (level, replication, plugin, wal_status, same_db, publication, covers) = match checked {
+        Ok(row) => row,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the server's log mode settings now; the relay retries");
+            return Ok(());
+        }
+    };
+    let migrate = "run `outbox-relay migrate --read-mode log` (or apply `migrate --read-mode log --print-sql`)";
+    let slot = &names.slot;
+    let name = &names.publication;
+    if level != "logical" {
+        return Err(format!("--read-mode log needs wal_level = logical, the server has {level}: set it (ALTER SYSTEM SET wal_level = logical, or the managed service's logical replication parameter) and restart PostgreSQL"));
+    }
+    if !replication {
+        return Err("--read-mode log needs a role with the REPLICATION attribute: ALTER ROLE <role> REPLICATION (on managed services, grant the provider's replication role)".into());
+    }
+    if !publication {
+        return Err(format!(
+            "the publication {name:?} does not exist: {migrate}"
+        ));
+    }
+    if !covers {
+        return Err(format!("the publication {name:?} does not include {table}: ALTER PUBLICATION {name} ADD TABLE {}", table.quoted()));
+    }
+    match (plugin.as_deref(), wal_status.as_deref(), same_db) {
+        (None, ..) => Err(format!("the replication slot {slot:?} does not exist: {migrate}")),
+        (Some(p), ..) if p != "pgoutput" => Err(format!("the replication slot {slot:?} uses the plugin {p:?}, log mode needs pgoutput: drop it or pick another --slot, then {migrate}")),
+        (_, _, Some(false)) => Err(format!("the replication slot {slot:?} belongs to another database: pick another --slot, then {migrate}")),
+        (_, Some("lost"), _) => Err(format!("the replication slot {slot:?} is lost (its WAL was removed past max_slot_wal_keep_size): follow the README runbook \"A lost slot\"")),
+        _ => Ok(()),
+    }
+}
+
+/// The SQLSTATE of a server error (the crate puts it at the end of the text).
+fn sqlstate(e: &PgWireError) -> Option<&str> {
+    match e {
+        PgWireError::Server(s) => s.rsplit_once("(SQLSTATE ")?.1.strip_suffix(')'),
+        _ => None,
+    }
+}
+
+/// A replication error as a database error, naming the fix where there is one.
+fn stream_error(source: &LogSource, e: &PgWireError) -> sqlx::Error {
+    let hint = match sqlstate(e) {
+        Some("42704") => format!(
+            "the replication slot {:?} does not exist: run `outbox-relay migrate --read-mode log`",
+            source.slot
+        ),
+        Some("55000") => format!(
+            "the replication slot {:?} cannot be used (invalidated: its WAL was removed, see the README runbook \"A lost slot\")",
+            source.slot
+        ),
+        Some("42501") | Some("28000") => "the role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION), or the managed service's replication role".into(),
+        Some("55006") => format!("the replication slot {:?} is in use by another session", source.slot),
+        _ => String::new(),
+    };
+    let message = if hint.is_empty() {
+        format!("replication connection failed: {e}")
+    } else {
+        format!("replication connection failed: {e}: {hint}")
+    };
+    sqlx::Error::Protocol(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_derived() {
+        assert!(check_name("slot", "outbox_relay_public_outbox").is_ok());
+        assert!(check_name("slot", "Bad").is_err());
+        assert!(check_name("slot", "a b").is_err());
+        assert!(check_name("slot", "").is_err());
+        assert!(check_name("slot", &"a".repeat(64)).is_err());
+        let t = TableName::parse("Events.My\"Box").unwrap();
+        assert_eq!(default_name(&t), "outbox_relay_events_my_box");
+        assert!(check_name(
+            "slot",
+            &default_name(&TableName::parse(&"x".repeat(48)).unwrap())
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn emitted_events_decode_or_name_the_problem() {
+        let t = chrono::DateTime::UNIX_EPOCH;
+        let mut content =
+            br#"{"v":1,"topic":"orders","key":"k1","headers":{"a":"b"},"null_payload":false}"#
+                .to_vec();
+        content.push(0);
+        content.extend([0, 1, 255]);
+        let row = emitted_row(0x16B3748, &content, t);
+        assert_eq!(row.id, -0x16B3748);
+        assert_eq!(
+            (row.topic.as_str(), row.key.as_deref()),
+            ("orders", Some("k1"))
+        );
+        assert_eq!(row.payload.as_deref(), Some(&[0u8, 1, 255][..]));
+        assert_eq!(row.headers.as_deref(), Some(r#"{"a":"b"}"#));
+        assert!(row.unreadable.is_none());
+        let null = emitted_row(1, b"{\"topic\":\"t\",\"null_payload\":true}\0", t);
+        assert_eq!((null.payload, null.unreadable), (None, None));
+        assert!(emitted_row(1, b"not json\0", t).unreadable.is_some());
+        assert!(emitted_row(1, b"{\"topic\":\"t\"}", t).unreadable.is_some());
+        assert!(emitted_row(1, b"{\"key\":\"k\"}\0", t).unreadable.is_some());
+    }
+}
