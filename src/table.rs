@@ -265,6 +265,11 @@ ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAUL
 -- cursor_xid, cursor_id: the last row --read-mode append has published (NULL in claim mode).
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS cursor_xid xid8;
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS cursor_id bigint;
+-- read_mode: the mode the last leader published in (a switch is handed over, see ARCHITECTURE.md).
+-- log_check_until: after a switch to log mode, stream rows committed before this position may
+-- already be published (and marked) by the mode before: they are checked and skipped.
+ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS read_mode text;
+ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS log_check_until pg_lsn;
 
 -- Every running replica heartbeats here on the lease cadence, so `outbox-relay status` can
 -- list them and what each owns. Informational only: publishing never reads it. Rows of

@@ -45,6 +45,13 @@ pub struct Metrics {
     pub spans_exported: IntCounter,
     /// Which spans were lost, and why? (reason = queue_full | export_failed); delivery is unaffected
     pub spans_dropped: IntCounterVec,
+    /// Log mode: how much WAL does the slot keep on the server? (registered by
+    /// [`Metrics::register_slot_metrics`], in log mode only)
+    pub slot_retained_wal: prometheus::Gauge,
+    /// Log mode: how far behind the server's WAL is the slot's confirmed position?
+    pub slot_confirmed_lag: prometheus::Gauge,
+    /// Log mode: how much more WAL before the slot is lost (max_slot_wal_keep_size)?
+    pub slot_safe_wal: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -144,6 +151,27 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
+            slot_retained_wal: prometheus::Gauge::new(
+                "outbox_relay_slot_retained_wal_bytes",
+                "Log mode: WAL the server keeps for the replication slot (current WAL position - restart_lsn; \
+                 NaN while the slot does not exist). Alert when it nears the WAL disk's free space or \
+                 max_slot_wal_keep_size",
+            )
+            .unwrap(),
+            slot_confirmed_lag: prometheus::Gauge::new(
+                "outbox_relay_slot_confirmed_lag_bytes",
+                "Log mode: WAL written since the slot's confirmed position (current WAL position - \
+                 confirmed_flush_lsn; NaN while the slot does not exist): how far behind the relay is. \
+                 Alert when it keeps growing for minutes",
+            )
+            .unwrap(),
+            slot_safe_wal: prometheus::Gauge::new(
+                "outbox_relay_slot_safe_wal_bytes",
+                "Log mode: WAL that can still be written before the slot is lost (safe_wal_size; +Inf \
+                 when max_slot_wal_keep_size = -1, 0 once lost, NaN while the slot does not exist). \
+                 Alert when it drops below an hour of WAL",
+            )
+            .unwrap(),
             registry,
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
@@ -167,6 +195,20 @@ impl Metrics {
         }
         m
     }
+
+    /// Register the slot gauges (log mode only: in the other modes there is no slot, and a
+    /// 0 would read as "about to be lost"). Call once.
+    pub fn register_slot_metrics(&self) {
+        for gauge in [
+            &self.slot_retained_wal,
+            &self.slot_confirmed_lag,
+            &self.slot_safe_wal,
+        ] {
+            self.registry
+                .register(Box::new(gauge.clone()))
+                .expect("metric names are unique");
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -180,6 +222,8 @@ pub struct Health {
     pub database_ok: AtomicBool,
     /// What readiness says while `database_ok` is false (which kind of error, and the fix).
     database_error: std::sync::Mutex<Option<String>>,
+    /// Log mode: why the replication slot cannot be read (missing or lost), if it cannot.
+    slot_error: std::sync::Mutex<Option<String>>,
     pub kafka_ok: AtomicBool,
     pub has_pending: AtomicBool,
     /// Set once shutdown starts: readiness turns off so traffic and scrapes move on.
@@ -201,6 +245,7 @@ impl Health {
         Health {
             database_ok: AtomicBool::new(false),
             database_error: std::sync::Mutex::new(None),
+            slot_error: std::sync::Mutex::new(None),
             kafka_ok: AtomicBool::new(false),
             has_pending: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -227,6 +272,13 @@ impl Health {
         }
     }
 
+    /// Log mode: the replication slot cannot be read (`Some`: why, and the fix), or can again.
+    pub fn slot_unusable(&self, why: Option<String>) {
+        if let Ok(mut e) = self.slot_error.lock() {
+            *e = why;
+        }
+    }
+
     pub fn readiness(&self) -> Result<(), String> {
         let mut problems = Vec::new();
         if self.stopping.load(Ordering::Relaxed) {
@@ -239,6 +291,9 @@ impl Health {
                 .map(|e| e.clone())
                 .unwrap_or(None);
             problems.push(error.unwrap_or_else(|| "postgres unreachable".to_string()));
+        }
+        if let Some(why) = self.slot_error.lock().ok().and_then(|e| e.clone()) {
+            problems.push(why);
         }
         if !self.kafka_ok.load(Ordering::Relaxed) {
             problems.push("kafka unreachable".to_string());
@@ -309,9 +364,55 @@ mod tests {
     }
 
     #[test]
+    fn readiness_fails_while_the_slot_is_unusable() {
+        let h = Health::new(Duration::from_secs(60));
+        h.database_ok.store(true, Ordering::Relaxed);
+        h.kafka_ok.store(true, Ordering::Relaxed);
+        h.slot_unusable(Some("the replication slot \"s\" is lost: follow the runbook".into()));
+        assert_eq!(
+            h.readiness().unwrap_err(),
+            "the replication slot \"s\" is lost: follow the runbook"
+        );
+        h.slot_unusable(None);
+        assert!(h.readiness().is_ok());
+    }
+
+    #[test]
+    fn slot_gauges_are_exported_in_log_mode_only() {
+        let names = |m: &Metrics| -> Vec<String> {
+            m.registry
+                .gather()
+                .iter()
+                .map(|f| f.name().to_string())
+                .collect()
+        };
+        let m = Metrics::new();
+        assert!(!names(&m).iter().any(|n| n.contains("slot")));
+        m.register_slot_metrics();
+        m.slot_safe_wal.set(f64::INFINITY);
+        let exported = names(&m);
+        for name in [
+            "outbox_relay_slot_retained_wal_bytes",
+            "outbox_relay_slot_confirmed_lag_bytes",
+            "outbox_relay_slot_safe_wal_bytes",
+        ] {
+            assert!(exported.iter().any(|n| n == name), "{name}: {exported:?}");
+        }
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&m.registry.gather())
+            .unwrap();
+        assert!(
+            text.contains("outbox_relay_slot_safe_wal_bytes +Inf"),
+            "{text}"
+        );
+        assert!(text.contains("Alert when"), "{text}");
+    }
+
+    #[test]
     fn the_grafana_dashboard_uses_only_real_metrics() {
         let dashboard = include_str!("../helm/outbox-relay/dashboards/outbox-relay.json");
         let m = Metrics::new();
+        m.register_slot_metrics();
         m.publish_errors.with_label_values(&["x"]);
         m.parked.with_label_values(&["x"]);
         m.dead_lettered.with_label_values(&["x"]);

@@ -131,6 +131,7 @@ impl Reader for AppendReader {
 
     /// Resume from the durable cursor (another leader may have moved it).
     async fn on_new_epoch(&mut self) -> Result<(), sqlx::Error> {
+        super::take_over_from_table_mode(&self.store, crate::table::ReadMode::Append).await?;
         self.drop_read_ahead();
         self.cursor = sqlx::query_as(AssertSqlSafe(self.load_cursor_sql.clone()))
             .fetch_optional(self.store.pool())

@@ -14,6 +14,7 @@ use super::{
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
 use crate::store::{errors, OutboxStore, PENDING};
+use crate::table::ReadMode;
 
 pub struct ClaimReader {
     store: OutboxStore,
@@ -100,10 +101,10 @@ impl Reader for ClaimReader {
                 .fetch_one(self.store.pool())
                 .await;
         match closed {
-            Ok(0) => Ok(()),
+            Ok(0) => super::take_over_from_table_mode(&self.store, ReadMode::Claim).await,
             Ok(rows) => {
                 tracing::info!(rows, "claim mode after append mode: marked the rows behind the append cursor published");
-                Ok(())
+                super::take_over_from_table_mode(&self.store, ReadMode::Claim).await
             }
             // An older schema has no cursor columns (and so no append mode ever ran).
             Err(e) if errors::is_undefined_column(&e) => {

@@ -30,12 +30,13 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::pgoutput::{pg_time, Relations};
-use super::{BatchLimit, Fence, Ledger, Progress, Reader, Recorded};
+use super::{BatchLimit, ClaimReader, Fence, Ledger, Progress, Reader, Recorded};
 use crate::event::OutboxRow;
 use crate::secret::Secret;
 use crate::settle::Delivered;
+use crate::store::slot::LogServer;
 use crate::store::OutboxStore;
-use crate::table::TableName;
+use crate::table::{ReadMode, TableName};
 
 /// What an emitted event's message prefix starts with; the table name follows (`schema.table`).
 pub const MESSAGE_PREFIX: &str = "outbox-relay:";
@@ -218,8 +219,15 @@ pub struct LogReader {
     /// Transactions read and not yet confirmed, oldest first; `first_seq` is the front's number.
     txns: VecDeque<Txn>,
     first_seq: u64,
-    /// The batches handed out and not yet settled: each row's id and transaction number.
-    handed: VecDeque<Vec<(i64, u64)>>,
+    /// The batches handed out and not yet settled.
+    handed: VecDeque<Handed>,
+    /// Taking over from another read mode: its pending rows are published (and marked) first.
+    catch_up: Option<ClaimReader>,
+    /// Stream rows of transactions committed before this position may have been published by
+    /// the mode before (and marked): they are checked and skipped.
+    check_until: u64,
+    /// The end of the last commit read from the stream.
+    last_end: u64,
     /// An item taken from the stream that did not fit the last batch.
     held: Option<Item>,
     /// Read again from the confirmed position before the next batch.
@@ -229,6 +237,12 @@ pub struct LogReader {
 }
 
 type Emitted = Arc<Mutex<HashMap<i64, OutboxRow>>>;
+
+/// A batch handed out: by the catch-up, or from the stream (each row's id and transaction).
+enum Handed {
+    CatchUp,
+    Stream(Vec<(i64, u64)>),
+}
 
 impl LogReader {
     pub fn new(store: OutboxStore, source: LogSource, wake: Arc<Notify>) -> LogReader {
@@ -243,6 +257,9 @@ impl LogReader {
             txns: VecDeque::new(),
             first_seq: 0,
             handed: VecDeque::new(),
+            catch_up: None,
+            check_until: 0,
+            last_end: 0,
             held: None,
             restart: false,
             emitted: Arc::default(),
@@ -258,6 +275,7 @@ impl LogReader {
         }
         self.txns.clear();
         self.handed.clear();
+        self.last_end = 0;
         self.held = None;
         self.restart = false;
         self.emitted
@@ -325,6 +343,78 @@ impl LogReader {
         position
     }
 
+    /// Taking over from another read mode: publish the rows it left pending, claim-style (read
+    /// by state, marked once delivered), until none is left and nothing is in flight. Then
+    /// record log mode with the current WAL position: stream rows committed before it may be
+    /// among those marked, and are skipped ([`LogReader::skip_published`]). Rows committed
+    /// before the slot was created are not in the stream: the catch-up is what publishes them.
+    async fn catch_up(
+        &mut self,
+        limit: BatchLimit,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let Some(claim) = self.catch_up.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let rows = claim.next_batch(limit, in_flight).await?;
+        if !rows.is_empty() {
+            self.handed.push_back(Handed::CatchUp);
+            return Ok(rows);
+        }
+        if !in_flight.is_empty() {
+            return Ok(rows);
+        }
+        let end: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+            .fetch_one(self.store.pool())
+            .await?;
+        super::set_mode(&self.store, ReadMode::Log, Some(end as u64)).await?;
+        self.check_until = end as u64;
+        self.catch_up = None;
+        tracing::info!(check_until = %Lsn(end as u64), "caught up: streaming from the slot");
+        Ok(rows)
+    }
+
+    /// Leave out the table rows of `rows` that are already marked published or parked (by the
+    /// read mode before log mode); they count as settled.
+    async fn skip_published(
+        &mut self,
+        rows: &mut Vec<OutboxRow>,
+        handed: &mut Vec<(i64, u64)>,
+    ) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).filter(|id| *id > 0).collect();
+        let t = self.store.table().quoted();
+        let marked: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT id FROM {t} WHERE id = ANY($1) AND (published_at IS NOT NULL OR failed_at IS NOT NULL)"
+        )))
+        .bind(&ids)
+        .fetch_all(self.store.pool())
+        .await?;
+        if marked.is_empty() {
+            return Ok(());
+        }
+        let marked: HashSet<i64> = marked.into_iter().collect();
+        for (id, seq) in handed.iter() {
+            if marked.contains(id) {
+                if let Some(txn) = seq
+                    .checked_sub(self.first_seq)
+                    .and_then(|i| self.txns.get_mut(i as usize))
+                {
+                    txn.unsettled = txn.unsettled.saturating_sub(1);
+                }
+            }
+        }
+        handed.retain(|(id, _)| !marked.contains(id));
+        rows.retain(|r| !marked.contains(&r.id));
+        tracing::info!(
+            rows = marked.len(),
+            "skipped stream rows the previous read mode had published"
+        );
+        if let Some(position) = self.advance() {
+            self.confirm(position);
+        }
+        Ok(())
+    }
+
     fn confirm(&self, lsn: u64) {
         self.confirmed.fetch_max(lsn, Ordering::AcqRel);
     }
@@ -351,6 +441,7 @@ impl LogReader {
                 return Ok(Some(row));
             }
             Item::Commit { end } => {
+                self.last_end = end;
                 let txn = self
                     .txns
                     .back_mut()
@@ -393,9 +484,21 @@ impl Reader for LogReader {
 
     /// A new leader reads from the slot's confirmed position (the previous leader's stream,
     /// if still open, is ended when the slot is taken).
+    /// After another read mode (or none), its pending rows are published first (see
+    /// [`LogReader::catch_up`]).
     async fn on_new_epoch(&mut self) -> Result<(), sqlx::Error> {
         self.stop().await;
         self.confirmed.store(0, Ordering::Release);
+        let (last, check_until) = super::last_mode(&self.store).await?;
+        self.check_until = check_until.unwrap_or(0);
+        self.catch_up = None;
+        if last.as_deref() != Some("log") {
+            let mut claim = ClaimReader::new(self.store.clone(), false);
+            claim.on_new_epoch().await?;
+            tracing::info!(previous = last.as_deref().unwrap_or("claim"),
+                "log mode takes over: publishing the rows the previous read mode left pending, then streaming");
+            self.catch_up = Some(claim);
+        }
         Ok(())
     }
 
@@ -409,10 +512,18 @@ impl Reader for LogReader {
         limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        if !in_flight.is_empty() && self.restart {
+            // Read again once the batches in flight are settled (their transactions' counts
+            // are still needed).
+            return Ok(Vec::new());
+        }
         // Nothing in flight but batches handed out without progress: they were abandoned.
         let abandoned = in_flight.is_empty() && !self.handed.is_empty();
         if self.restart || abandoned {
             self.stop().await;
+        }
+        if self.catch_up.is_some() {
+            return self.catch_up(limit, in_flight).await;
         }
         if self.stream.is_none() {
             self.start().await?;
@@ -456,8 +567,11 @@ impl Reader for LogReader {
                 Err(e) => return Err(e),
             }
         }
+        if self.last_end < self.check_until && rows.iter().any(|r| r.id > 0) {
+            self.skip_published(&mut rows, &mut handed).await?;
+        }
         if !handed.is_empty() {
-            self.handed.push_back(handed);
+            self.handed.push_back(Handed::Stream(handed));
         }
         Ok(rows)
     }
@@ -466,8 +580,27 @@ impl Reader for LogReader {
     /// transactions now wholly settled. An event neither delivered nor set aside is read again:
     /// from the confirmed position, after the batches in flight.
     fn progress(&mut self, delivered: Delivered, set_aside: &HashSet<i64>) -> Progress<u64> {
+        let batch = match self.handed.pop_front() {
+            Some(Handed::CatchUp) => {
+                let Some(claim) = self.catch_up.as_mut() else {
+                    return Progress {
+                        delivered,
+                        mark: Vec::new(),
+                        position: None,
+                    };
+                };
+                let p = claim.progress(delivered, set_aside);
+                return Progress {
+                    delivered: p.delivered,
+                    mark: p.mark,
+                    position: None,
+                };
+            }
+            Some(Handed::Stream(batch)) => Some(batch),
+            None => None,
+        };
         let done: HashSet<i64> = delivered.ids().iter().copied().collect();
-        if let Some(batch) = self.handed.pop_front() {
+        if let Some(batch) = batch {
             let mut emitted = self.emitted.lock().unwrap_or_else(|e| e.into_inner());
             for (id, seq) in batch {
                 if done.contains(&id) || set_aside.contains(&id) {
@@ -567,6 +700,8 @@ impl Ledger for LogLedger {
         progress: &Progress<u64>,
         _fence: &Fence,
     ) -> Result<Recorded, sqlx::Error> {
+        // Marks come only from the catch-up after another read mode.
+        self.store.mark_published(&progress.mark).await?;
         if let Some(lsn) = progress.position {
             self.confirmed.fetch_max(lsn, Ordering::AcqRel);
         }
@@ -770,63 +905,26 @@ fn emitted_row(lsn: u64, content: &[u8], created_at: chrono::DateTime<chrono::Ut
 }
 
 /// What log mode needs of the server, checked before the relay starts: `Err` names what is
-/// missing and the fix. A database that cannot be asked is not a finding (the relay waits for
-/// it like in every mode).
+/// missing and the fix (the first of [`LogServer::refusals`]; `doctor` reports them all). A
+/// database that cannot be asked is not a finding (the relay waits for it like in every mode).
 pub async fn preflight(
     pool: &sqlx::PgPool,
     table: &TableName,
     names: &LogNames,
 ) -> Result<(), String> {
-    /// wal_level, REPLICATION, the slot's plugin, wal_status and database, the publication
-    /// and whether it covers the table.
-    type Found = (
-        String,
-        bool,
-        Option<String>,
-        Option<String>,
-        Option<bool>,
-        bool,
-        bool,
-    );
-    let checked: Result<Found, _> = sqlx::query_as(
-        "SELECT current_setting('wal_level'),                 (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)                   OR pg_has_role(current_user, 'rds_replication', 'member') IS TRUE                   AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication'),                 (SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1),                 (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),                 (SELECT database = current_database() FROM pg_replication_slots WHERE slot_name = $1),                 EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $2),                 EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $2 AND schemaname = $3 AND tablename = $4)",
-    )
-    .bind(&names.slot)
-    .bind(&names.publication)
-    .bind(table.schema())
-    .bind(table.table())
-    .fetch_one(pool)
-    .await;
-    let (level, replication, plugin, wal_status, same_db, publication, covers) = match checked {
-        Ok(row) => row,
+    let checked = match pool.acquire().await {
+        Ok(mut conn) => LogServer::read(&mut conn, table, names).await,
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(server) => match server.refusals(table, names).into_iter().next() {
+            Some(refusal) => Err(refusal.to_string()),
+            None => Ok(()),
+        },
         Err(e) => {
             tracing::warn!(error = %e, "could not check the server's log mode settings now; the relay retries");
-            return Ok(());
+            Ok(())
         }
-    };
-    let migrate = "run `outbox-relay migrate --read-mode log` (or apply `migrate --read-mode log --print-sql`)";
-    let slot = &names.slot;
-    let name = &names.publication;
-    if level != "logical" {
-        return Err(format!("--read-mode log needs wal_level = logical, the server has {level}: set it (ALTER SYSTEM SET wal_level = logical, or the managed service's logical replication parameter) and restart PostgreSQL"));
-    }
-    if !replication {
-        return Err("--read-mode log needs a role with the REPLICATION attribute: ALTER ROLE <role> REPLICATION (on managed services, grant the provider's replication role)".into());
-    }
-    if !publication {
-        return Err(format!(
-            "the publication {name:?} does not exist: {migrate}"
-        ));
-    }
-    if !covers {
-        return Err(format!("the publication {name:?} does not include {table}: ALTER PUBLICATION {name} ADD TABLE {}", table.quoted()));
-    }
-    match (plugin.as_deref(), wal_status.as_deref(), same_db) {
-        (None, ..) => Err(format!("the replication slot {slot:?} does not exist: {migrate}")),
-        (Some(p), ..) if p != "pgoutput" => Err(format!("the replication slot {slot:?} uses the plugin {p:?}, log mode needs pgoutput: drop it or pick another --slot, then {migrate}")),
-        (_, _, Some(false)) => Err(format!("the replication slot {slot:?} belongs to another database: pick another --slot, then {migrate}")),
-        (_, Some("lost"), _) => Err(format!("the replication slot {slot:?} is lost (its WAL was removed past max_slot_wal_keep_size): follow the README runbook \"A lost slot\"")),
-        _ => Ok(()),
     }
 }
 

@@ -22,6 +22,8 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
+use sqlx::AssertSqlSafe;
+
 use crate::event::{OutboxRow, ROW_COLUMNS};
 use crate::settle::Delivered;
 
@@ -74,6 +76,62 @@ pub(crate) const IN_INDEX_ORDER: &str = "SET LOCAL enable_seqscan = off; \
 /// A row's size as the bound counts it.
 pub(crate) const ROW_BYTES: &str = "octet_length(o.topic) + coalesce(octet_length(o.key), 0) \
      + coalesce(octet_length(o.payload), 0) + coalesce(pg_column_size(o.headers), 0)";
+
+/// The read mode the last leader published in (`None`: none recorded, a table that only
+/// older releases led) and, after a switch to log mode, the position up to which the stream is
+/// checked against rows already marked.
+pub(crate) async fn last_mode(
+    store: &crate::store::OutboxStore,
+) -> Result<(Option<String>, Option<u64>), sqlx::Error> {
+    let lease = store.table().lease_table();
+    let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT read_mode, (log_check_until - '0/0'::pg_lsn)::int8 FROM {lease} WHERE id = 1"
+    )))
+    .fetch_optional(store.pool())
+    .await?;
+    let (mode, check) = row.unwrap_or_default();
+    Ok((mode, check.map(|c| c as u64)))
+}
+
+/// A leader in `mode` (claim or append) takes over: refused while the table was last published
+/// in log mode (the stream's tail would be lost or published twice; see the README's "Switching
+/// read modes"); otherwise recorded. A table whose lease has no such column yet (an older
+/// schema) has only ever run claim or append mode.
+pub(crate) async fn take_over_from_table_mode(
+    store: &crate::store::OutboxStore,
+    mode: crate::table::ReadMode,
+) -> Result<(), sqlx::Error> {
+    match last_mode(store).await {
+        Ok((Some(last), _)) if last == "log" => Err(sqlx::Error::Configuration(
+            format!(
+                "{} was last published in --read-mode log; switching back to --read-mode {} is not                  supported yet: keep log mode, or follow the README (\"Switching read modes\")",
+                store.table(),
+                mode.as_str()
+            )
+            .into(),
+        )),
+        Ok(_) => set_mode(store, mode, None).await,
+        Err(e) if crate::store::errors::is_undefined_column(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Record the mode this leader publishes in (and log mode's check position).
+pub(crate) async fn set_mode(
+    store: &crate::store::OutboxStore,
+    mode: crate::table::ReadMode,
+    log_check_until: Option<u64>,
+) -> Result<(), sqlx::Error> {
+    let lease = store.table().lease_table();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {lease} SET read_mode = $1, log_check_until = ('0/0'::pg_lsn + $2::numeric) WHERE id = 1"
+    )))
+    .bind(mode.as_str())
+    .bind(log_check_until.map(|c| c as i64))
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
 
 /// Who may record progress: the lease holder in its epoch (a deposed leader's late write
 /// changes nothing where the mode can check it).

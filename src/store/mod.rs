@@ -4,6 +4,7 @@
 //! lock while Kafka is awaited: each is a single autocommit statement.
 
 pub mod errors;
+pub mod slot;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,513 @@
+//! `--read-mode log` end to end: the real relay binary reading a logical replication slot of
+//! the real PostgreSQL (wal_level = logical, scripts/pg.sh), publishing to the real Kafka.
+//!
+//! Slots are cluster-wide and pin WAL until dropped, and a database with a slot cannot be
+//! dropped: every test uses its own slot name and drops the slot when it passes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::load::{self, Ledger, LoadSpec, Reading, Report, Shape};
+use common::{create_topics, read_back, strs, unique, Relay, TestDb};
+
+const PARTITIONS: i32 = 3;
+
+/// A test database migrated for log mode, with its own slot and publication.
+struct LogDb {
+    db: TestDb,
+    slot: String,
+}
+
+impl LogDb {
+    async fn new() -> LogDb {
+        let slot = unique("slot");
+        let db = TestDb::migrated(&[
+            "--read-mode",
+            "log",
+            "--slot",
+            &slot,
+            "--publication",
+            &slot,
+        ])
+        .await;
+        LogDb { db, slot }
+    }
+
+    /// `run` flags for this database's slot, then `extra`.
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "--read-mode",
+            "log",
+            "--slot",
+            &self.slot,
+            "--publication",
+            &self.slot,
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    fn relay(&self, extra: &[&str]) -> Relay {
+        Relay::start(&self.db, &self.args(extra))
+    }
+
+    async fn slot_lsn(&self, column: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT ({column} - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1"
+        )))
+        .bind(&self.slot)
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The slot's confirmed position, as bytes of WAL.
+    async fn confirmed(&self) -> i64 {
+        self.slot_lsn("confirmed_flush_lsn").await
+    }
+
+    /// A passing test leaves no slot behind (a failing one keeps it, with its database).
+    async fn finish(self) {
+        let start = Instant::now();
+        loop {
+            let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(&self.slot)
+                .execute(&self.db.pool)
+                .await;
+            match dropped {
+                Ok(_) => return,
+                // Still active for a moment after the relay exited.
+                Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot drop slot {}: {e}", self.slot),
+            }
+        }
+    }
+}
+
+async fn topics(n: usize) -> Vec<String> {
+    let t: Vec<String> = (0..n).map(|i| unique(&format!("log{i}"))).collect();
+    create_topics(&strs(&t), PARTITIONS).await;
+    t
+}
+
+async fn write_events(
+    db: &TestDb,
+    topics: &[String],
+    keys: usize,
+    transactions: usize,
+    writers: usize,
+) -> Ledger {
+    let spec = LoadSpec {
+        shape: Shape::LateLocks,
+        ..LoadSpec::counted(topics, writers, keys, transactions)
+    };
+    load::write(db.pool.clone(), spec).await
+}
+
+async fn check_delivery(topics: &[String], ledger: &Ledger, max_duplicates: usize) -> Report {
+    let read = Reading {
+        brokers: common::kafka_brokers(),
+        topics: topics.to_vec(),
+        partitions: PARTITIONS,
+        settle: Duration::from_secs(2),
+        timeout: Duration::from_secs(90),
+    };
+    let (report, violations) = load::check(read, ledger).await;
+    load::assert_checked(&report, &violations, max_duplicates, "[log mode]");
+    report
+}
+
+/// Wait until the relay has published `n` events (its counter moves once the confirmed
+/// position is recorded).
+fn wait_published(relay: &Relay, n: usize, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        if relay
+            .metric("outbox_relay_published_total")
+            .is_some_and(|v| v >= n as f64)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "published fewer than {n} within {timeout:?}; log: {}",
+            relay.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ordinary application transactions (an audit event, then 1-5 aggregates each locked right
+/// before its event, in random order; some roll back, some commit late) from 16 writers while
+/// the relay streams: every committed event once, per-key order = commit order, and not one
+/// row written by the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_lock_transactions_arrive_exactly_once_in_commit_order_with_no_row_written() {
+    let log = LogDb::new().await;
+    let topics = topics(3).await;
+    let relay = log.relay(&["--batch-size", "500"]);
+    let written = write_events(&log.db, &topics, 100, 4_000, 16).await;
+    let report = check_delivery(&topics, &written, 0).await;
+    assert_eq!(report.records, written.committed.len());
+    assert_eq!(
+        log.db
+            .count("published_at IS NOT NULL OR attempts > 0")
+            .await,
+        0,
+        "log mode wrote to a row"
+    );
+    wait_published(&relay, written.committed.len(), Duration::from_secs(10));
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// Events emitted with the table's emit function (no row) and rows, mixed in the same
+/// transactions, under a per-key lock: all arrive once, per-key in commit order, with the
+/// emitted event's LSN as its event id; a rolled-back emit never arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn emitted_events_and_rows_mix_in_commit_order() {
+    let log = LogDb::new().await;
+    let topics = topics(1).await;
+    let topic = topics[0].clone();
+    let relay = log.relay(&[]);
+    sqlx::query("CREATE TABLE agg (key text PRIMARY KEY, seq int NOT NULL)")
+        .execute(&log.db.pool)
+        .await
+        .unwrap();
+    let keys = 8;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (pool, topic) = (log.db.pool.clone(), topic.clone());
+        writers.push(tokio::spawn(async move {
+            let mut emitted = 0;
+            for i in 0..150 {
+                let key = format!("k{}", (i * 7 + w) % keys);
+                let mut tx = pool.begin().await.unwrap();
+                // An audit row first, then the aggregate's lock, then its two events.
+                sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, 'audit', 'audit')")
+                    .bind(&topic)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let seq: i32 = sqlx::query_scalar(
+                    "INSERT INTO agg VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET seq = agg.seq + 2 RETURNING seq",
+                )
+                .bind(&key)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                let first = if seq == 1 { 1 } else { seq - 1 };
+                sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)")
+                    .bind(&topic)
+                    .bind(&key)
+                    .bind(format!("{key}:{first}").into_bytes())
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                sqlx::query("SELECT outbox_emit($1, $2, $3, '{\"kind\": \"emitted\"}')")
+                    .bind(&topic)
+                    .bind(&key)
+                    .bind(format!("{key}:{}", first + 1).into_bytes())
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                if i % 10 == 9 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                    emitted += 1;
+                }
+            }
+            emitted
+        }));
+    }
+    let mut committed = 0;
+    for w in writers {
+        committed += w.await.unwrap();
+    }
+    // Each committed transaction: an audit row, a row and an emitted event.
+    let records = read_back(
+        &topics,
+        PARTITIONS,
+        committed * 3,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(records.len(), committed * 3, "every committed event once");
+    let mut last: std::collections::HashMap<String, i32> = Default::default();
+    let mut emitted_ids = std::collections::HashSet::new();
+    for r in &records {
+        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+        if key == "audit" {
+            continue;
+        }
+        let payload = String::from_utf8(r.payload.clone().unwrap()).unwrap();
+        let seq: i32 = payload.rsplit_once(':').unwrap().1.parse().unwrap();
+        // Per key, sequence numbers rise (a rolled-back transaction leaves a gap of 2).
+        let prev = last.insert(key.clone(), seq).unwrap_or(0);
+        assert!(seq > prev, "key {key}: {seq} after {prev}");
+        if r.header("kind").as_deref() == Some("emitted") {
+            let id = r.header("outbox-event-id").unwrap();
+            assert!(id.starts_with("lsn-"), "emitted event id {id}");
+            assert!(emitted_ids.insert(id), "an emitted event id repeats");
+            assert_eq!(seq % 2, 0, "emitted events carry the even numbers");
+        }
+    }
+    assert_eq!(emitted_ids.len(), committed);
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// kill -9 mid-stream, then start again: nothing lost, nothing reordered; what was published
+/// after the last confirmed position comes again (bounded by the in-flight window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let log = LogDb::new().await;
+    let topics = topics(2).await;
+    let written = write_events(&log.db, &topics, 50, 8_000, 8).await;
+    let args = ["--batch-size", "500"];
+    let relay = log.relay(&args);
+    wait_published(&relay, 2_000, Duration::from_secs(60));
+    relay.kill9();
+    let relay = log.relay(&args);
+    wait_published(&relay, 1, Duration::from_secs(60));
+    // The in-flight window (4 batches of 500) plus what was confirmed but not yet reported to
+    // the server (the status interval, 1 s).
+    let report = check_delivery(&topics, &written, written.committed.len()).await;
+    assert!(
+        report.duplicates <= 2_000 + 6_000,
+        "{} duplicates",
+        report.duplicates
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// SIGTERM mid-stream: the relay settles what is in flight and reports the confirmed position
+/// before it exits, so the next one publishes nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_stream_then_restart_duplicates_nothing() {
+    let log = LogDb::new().await;
+    let topics = topics(2).await;
+    let written = write_events(&log.db, &topics, 50, 8_000, 8).await;
+    let args = ["--batch-size", "500", "--shutdown-timeout", "10s"];
+    let relay = log.relay(&args);
+    wait_published(&relay, 2_000, Duration::from_secs(60));
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    let relay = log.relay(&args);
+    let report = check_delivery(&topics, &written, 0).await;
+    assert_eq!(report.records, written.committed.len());
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// Two replicas: one streams; when it is killed the standby takes the slot over within the
+/// lease and goes on from the confirmed position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_takes_over_the_slot_when_the_leader_dies() {
+    let log = LogDb::new().await;
+    let topics = topics(2).await;
+    let args = ["--batch-size", "200", "--lease-duration", "3s"];
+    let a = log.relay(&args);
+    a.wait_http("/readyz", 200, Duration::from_secs(30));
+    let b = log.relay(&args);
+    let first = write_events(&log.db, &topics, 40, 1_000, 8).await;
+    wait_published(&a, first.committed.len(), Duration::from_secs(60));
+    assert_eq!(b.metric("outbox_relay_leader"), Some(0.0));
+    a.kill9();
+    let second = write_events(&log.db, &topics, 40, 1_000, 8).await;
+    wait_published(&b, second.committed.len(), Duration::from_secs(60));
+    let mut all = first;
+    all.committed.extend(second.committed);
+    check_delivery(&topics, &all, 2_000).await;
+    assert_eq!(b.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// The server ends the relay's replication session (pg_terminate_backend of the walsender):
+/// the relay reconnects from the confirmed position and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminated_walsender_is_reconnected() {
+    let log = LogDb::new().await;
+    let topics = topics(1).await;
+    let relay = log.relay(&["--batch-size", "200"]);
+    let writing = {
+        let (pool, topics) = (log.db.pool.clone(), topics.clone());
+        tokio::spawn(async move {
+            let spec = LoadSpec {
+                shape: Shape::LateLocks,
+                ..LoadSpec::counted(&topics, 4, 20, 3_000)
+            };
+            load::write(pool, spec).await
+        })
+    };
+    for _ in 0..3 {
+        wait_published(&relay, 200, Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+        )
+        .bind(&log.slot)
+        .fetch_all(&log.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(ended, vec![true], "the relay's walsender was running");
+    }
+    let written = writing.await.unwrap();
+    check_delivery(&topics, &written, written.committed.len()).await;
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// An idle outbox in a busy database: the relay confirms the server's keepalive positions, so
+/// the slot retains (almost) no WAL while another table takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_outbox_pins_no_wal_while_other_tables_are_written() {
+    let log = LogDb::new().await;
+    let relay = log.relay(&[]);
+    relay.wait_http("/readyz", 200, Duration::from_secs(30));
+    sqlx::query("CREATE TABLE busy (id bigserial PRIMARY KEY, filler text)")
+        .execute(&log.db.pool)
+        .await
+        .unwrap();
+    let before = log.confirmed().await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        sqlx::query(
+            "INSERT INTO busy (filler) SELECT repeat('x', 500) FROM generate_series(1, 2000)",
+        )
+        .execute(&log.db.pool)
+        .await
+        .unwrap();
+    }
+    let written: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+        .fetch_one(&log.db.pool)
+        .await
+        .unwrap();
+    // Keepalives come every wal_sender_timeout / 2 at the latest, or when the server is asked.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let confirmed = log.confirmed().await;
+        if confirmed > before && written - confirmed < 16 << 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot still pins {} bytes of WAL",
+            written - confirmed
+        );
+        // Nudge: the server sends a keepalive when WAL is flushed with nothing to decode.
+        sqlx::query("INSERT INTO busy (filler) VALUES ('nudge')")
+            .execute(&log.db.pool)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// From claim mode to log mode while writers go on: rows claim mode published before and after
+/// the slot was created, rows left pending when it stopped, and rows written after log mode
+/// started all arrive exactly once, in per-key order. Back to claim mode is refused, naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switching_from_claim_to_log_publishes_each_row_once() {
+    let db = TestDb::new().await;
+    let slot = unique("slot");
+    let topics = topics(2).await;
+    let claim = Relay::start(&db, &["--batch-size", "200"]);
+    let mut all = write_events(&db, &topics, 30, 600, 4).await;
+    db.wait_count(
+        "published_at IS NOT NULL",
+        all.committed.len() as i64,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The slot starts while claim mode still publishes.
+    let (code, _, err) = db.run(&[
+        "migrate",
+        "--read-mode",
+        "log",
+        "--slot",
+        &slot,
+        "--publication",
+        &slot,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let during = write_events(&db, &topics, 30, 600, 4).await;
+    let n = (all.committed.len() + during.committed.len()) as i64;
+    db.wait_count("published_at IS NOT NULL", n, Duration::from_secs(60))
+        .await;
+    assert_eq!(claim.terminate(Duration::from_secs(15)), Some(0));
+    // Left pending by claim mode, and in the stream too.
+    let pending = write_events(&db, &topics, 30, 600, 4).await;
+    let log = LogDb { db, slot };
+    let relay = log.relay(&["--batch-size", "200"]);
+    let after = write_events(&log.db, &topics, 30, 600, 4).await;
+    for ledger in [during, pending, after] {
+        all.committed.extend(ledger.committed);
+    }
+    let report = check_delivery(&topics, &all, 0).await;
+    assert_eq!(report.records, all.committed.len());
+    assert!(
+        relay.logs().contains("skipped stream rows"),
+        "{}",
+        relay.logs()
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    // Claim mode now would publish what log mode did again (or lose the stream's tail).
+    let back = Relay::start(&log.db, &[]);
+    back.wait_log("last published in --read-mode log", Duration::from_secs(30));
+    drop(back);
+    log.finish().await;
+}
+
+/// Without the slot (or publication) the relay refuses to start, naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_slot_or_publication_is_refused_with_the_fix() {
+    let log = LogDb::new().await;
+    let (code, _, err) = log.db.run(&[
+        "run",
+        "--read-mode",
+        "log",
+        "--slot",
+        "no_such_slot",
+        "--publication",
+        &log.slot,
+        "--kafka-brokers",
+        &common::kafka_brokers(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("\"no_such_slot\" does not exist") && err.contains("migrate --read-mode log"),
+        "{err}"
+    );
+    let (code, _, err) = log.db.run(&[
+        "run",
+        "--read-mode",
+        "log",
+        "--slot",
+        &log.slot,
+        "--publication",
+        "no_such_pub",
+        "--kafka-brokers",
+        &common::kafka_brokers(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"no_such_pub\" does not exist"), "{err}");
+    let (code, _, err) = log
+        .db
+        .run(&["run", "--read-mode", "log", "--slot", "Bad-Name"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--slot"), "{err}");
+    log.finish().await;
+}
