@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::{Publisher, Sink};
 use crate::lease::{Leadership, Lease};
 use crate::read::log::{self, LogSource};
-use crate::read::{append, AppendReader, ClaimReader, LogReader, Reader};
+use crate::read::{append, AppendReader, ClaimReader, LogReader, Reader, ToClaim};
 use crate::relay::{PoisonPolicy, Relay};
 use crate::settings::RelayConfig;
+use crate::store::slot::{self, Condition, Slot};
 use crate::store::{self, errors, OutboxStore};
 use crate::table::ReadMode;
 use crate::telemetry::{Health, Metrics};
@@ -73,8 +74,14 @@ pub async fn run(
         ))
     });
     let (publisher_tx, publisher_rx) = watch::channel(publisher);
+    // Log mode: the monitor watches the slot (the WAL it holds, whether it is lost).
+    let slot = (config.read_mode == ReadMode::Log).then(|| {
+        metrics.register_slot_metrics();
+        config.log.slot.clone()
+    });
     let monitor = tokio::spawn(monitor(
         store.clone(),
+        slot,
         publisher_rx,
         metrics.clone(),
         health.clone(),
@@ -124,13 +131,11 @@ pub async fn run(
     match config.read_mode {
         ReadMode::Claim => {
             let block_keys = config.relay.poison_policy == PoisonPolicy::BlockKey;
-            run_loop(
-                config.relay,
-                ClaimReader::new(store, block_keys),
-                parts,
-                cancel,
-            )
-            .await
+            // If log mode led last, its tail is read from its slot first.
+            let log = (LogSource::new(&config.db, &config.log), wake);
+            let claim = ClaimReader::new(store.clone(), block_keys);
+            let reader = ToClaim::new(claim, store, Some(log));
+            run_loop(config.relay, reader, parts, cancel).await
         }
         ReadMode::Append => run_loop(config.relay, AppendReader::new(store), parts, cancel).await,
         ReadMode::Log => {
@@ -190,16 +195,22 @@ async fn warn_without_read_index(store: &OutboxStore) {
     }
 }
 
-/// Every few seconds: backlog gauges, database and Kafka reachability (for /readyz).
+/// Every few seconds: backlog gauges, database and Kafka reachability (for /readyz); in log
+/// mode (`slot`: its name) the slot's gauges and whether it can be read.
 async fn monitor<S: Sink>(
     store: OutboxStore,
+    slot: Option<String>,
     sink: watch::Receiver<S>,
     metrics: Metrics,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) {
     let mut warned_at: Option<std::time::Instant> = None;
+    let mut slot_condition = Condition::Usable;
     while !cancel.is_cancelled() {
+        if let Some(name) = &slot {
+            watch_slot(&store, name, &metrics, &health, &mut slot_condition).await;
+        }
         match store.backlog().await {
             Ok(b) => {
                 if store.mode() == ReadMode::Append
@@ -233,6 +244,43 @@ async fn monitor<S: Sink>(
         health.kafka_ok.store(kafka.is_ok(), Ordering::Relaxed);
         tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(5)) => {} }
     }
+}
+
+/// Log mode: the slot's gauges, and readiness fails while the slot is missing or lost. Each
+/// change of its condition is logged once (an error when it cannot be read, a warning when it
+/// is about to be lost).
+async fn watch_slot(
+    store: &OutboxStore,
+    name: &str,
+    metrics: &Metrics,
+    health: &Health,
+    last: &mut Condition,
+) {
+    let found = match Slot::read(store.pool(), name).await {
+        Ok(found) => found,
+        // The backlog query reports the database's trouble (and readiness says it).
+        Err(e) => return tracing::debug!(error = %e, "replication slot query failed"),
+    };
+    let [retained, lag, safe] = slot::gauges(found.as_ref());
+    metrics.slot_retained_wal.set(retained);
+    metrics.slot_confirmed_lag.set(lag);
+    metrics.slot_safe_wal.set(safe);
+    let now = slot::condition(name, found.as_ref());
+    if now == *last {
+        return;
+    }
+    match &now {
+        Condition::Usable => tracing::info!(slot = %name, "the replication slot can be read again"),
+        Condition::AtRisk(why) => tracing::warn!(slot = %name, "{why}"),
+        Condition::Unusable(why) => {
+            tracing::error!(slot = %name, "{why}; readiness fails until it is fixed")
+        }
+    }
+    health.slot_unusable(match &now {
+        Condition::Unusable(why) => Some(why.clone()),
+        _ => None,
+    });
+    *last = now;
 }
 
 /// Delete old published rows on a schedule (only while this replica leads).

@@ -414,9 +414,9 @@ async fn an_idle_outbox_pins_no_wal_while_other_tables_are_written() {
 
 /// From claim mode to log mode while writers go on: rows claim mode published before and after
 /// the slot was created, rows left pending when it stopped, and rows written after log mode
-/// started all arrive exactly once, in per-key order. Back to claim mode is refused, naming why.
+/// started all arrive exactly once, in per-key order; and back to claim mode the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn switching_from_claim_to_log_publishes_each_row_once() {
+async fn switching_claim_to_log_and_back_publishes_each_row_once() {
     let db = TestDb::new().await;
     let slot = unique("slot");
     let topics = topics(2).await;
@@ -459,12 +459,32 @@ async fn switching_from_claim_to_log_publishes_each_row_once() {
         "{}",
         relay.logs()
     );
+    // Back to claim mode, with rows written while log mode runs, after it stopped (its tail)
+    // and after claim mode started.
+    let more = write_events(&log.db, &topics, 30, 600, 4).await;
+    wait_published(&relay, more.committed.len(), Duration::from_secs(60));
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
-    // Claim mode now would publish what log mode did again (or lose the stream's tail).
-    let back = Relay::start(&log.db, &[]);
-    back.wait_log("last published in --read-mode log", Duration::from_secs(30));
-    drop(back);
-    log.finish().await;
+    let tail = write_events(&log.db, &topics, 30, 600, 4).await;
+    let back = Relay::start(&log.db, &["--slot", &log.slot, "--batch-size", "200"]);
+    let last = write_events(&log.db, &topics, 30, 600, 4).await;
+    for ledger in [more, tail, last] {
+        all.committed.extend(ledger.committed);
+    }
+    let report = check_delivery(&topics, &all, 0).await;
+    assert_eq!(report.records, all.committed.len());
+    back.wait_log("slot dropped", Duration::from_secs(10));
+    let marked = all.committed.len() as i64;
+    log.db
+        .wait_count("published_at IS NOT NULL", marked, Duration::from_secs(30))
+        .await;
+    let slots: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&log.slot)
+            .fetch_one(&log.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(slots, 0, "claim mode dropped log mode's slot");
+    assert_eq!(back.terminate(Duration::from_secs(15)), Some(0));
 }
 
 /// Without the slot (or publication) the relay refuses to start, naming the fix.

@@ -228,6 +228,10 @@ pub struct LogReader {
     check_until: u64,
     /// The end of the last commit read from the stream.
     last_end: u64,
+    /// Read only up to this position (the tail of log mode, when another mode takes over).
+    stop_at: Option<u64>,
+    /// The stream has passed `stop_at`.
+    reached: bool,
     /// An item taken from the stream that did not fit the last batch.
     held: Option<Item>,
     /// Read again from the confirmed position before the next batch.
@@ -260,10 +264,24 @@ impl LogReader {
             catch_up: None,
             check_until: 0,
             last_end: 0,
+            stop_at: None,
+            reached: false,
             held: None,
             restart: false,
             emitted: Arc::default(),
         }
+    }
+
+    /// Read only what was committed before `end` (and skip rows already marked published up
+    /// to there): log mode's tail, published by the read mode that takes over.
+    pub fn until(mut self, end: u64) -> LogReader {
+        self.stop_at = Some(end);
+        self
+    }
+
+    /// With [`LogReader::until`]: everything committed before the end is read and settled.
+    pub fn drained(&self) -> bool {
+        self.reached && self.settled() && self.held.is_none()
     }
 
     /// Stop the stream (reporting the confirmed position first) and forget what was read.
@@ -276,6 +294,7 @@ impl LogReader {
         self.txns.clear();
         self.handed.clear();
         self.last_end = 0;
+        self.reached = false;
         self.held = None;
         self.restart = false;
         self.emitted
@@ -442,6 +461,7 @@ impl LogReader {
             }
             Item::Commit { end } => {
                 self.last_end = end;
+                self.reached |= self.stop_at.is_some_and(|at| end >= at);
                 let txn = self
                     .txns
                     .back_mut()
@@ -453,6 +473,7 @@ impl LogReader {
                 }
             }
             Item::KeepAlive { wal_end } => {
+                self.reached |= self.stop_at.is_some_and(|at| wal_end >= at);
                 if self.settled() {
                     self.confirm(wal_end);
                 }
@@ -490,7 +511,7 @@ impl Reader for LogReader {
         self.stop().await;
         self.confirmed.store(0, Ordering::Release);
         let (last, check_until) = super::last_mode(&self.store).await?;
-        self.check_until = check_until.unwrap_or(0);
+        self.check_until = check_until.unwrap_or(0).max(self.stop_at.unwrap_or(0));
         self.catch_up = None;
         if last.as_deref() != Some("log") {
             let mut claim = ClaimReader::new(self.store.clone(), false);
@@ -529,7 +550,7 @@ impl Reader for LogReader {
             self.start().await?;
         }
         let (mut rows, mut bytes, mut handed) = (Vec::new(), 0u64, Vec::new());
-        while rows.len() < limit.rows as usize {
+        while rows.len() < limit.rows as usize && !self.reached {
             let item = match self.held.take() {
                 Some(item) => item,
                 None => match self.stream.as_mut().map(|s| s.items.try_recv()) {

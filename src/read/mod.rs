@@ -12,11 +12,13 @@
 //!   moves the cursor past the settled prefix of the batch.
 //! - [`log`]: a logical replication slot, in commit order; progress moves the slot's
 //!   confirmed position past wholly settled transactions.
+//! - [`switch`]: claim mode after log mode (the stream's tail first).
 
 pub mod append;
 pub mod claim;
 pub mod log;
 mod pgoutput;
+pub mod switch;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -30,6 +32,7 @@ use crate::settle::Delivered;
 pub use append::AppendReader;
 pub use claim::ClaimReader;
 pub use log::LogReader;
+pub use switch::ToClaim;
 
 /// How much one batch may hold: rows, and bytes of keys, payloads and headers as stored (a
 /// row larger than `bytes` comes alone). Memory stays bounded at any backlog.
