@@ -487,6 +487,66 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
     assert_eq!(back.terminate(Duration::from_secs(15)), Some(0));
 }
 
+/// One transaction of 1,000,000 rows: the relay publishes it while it streams in (bounded
+/// buffers, no transaction held whole), with bounded memory, and confirms it once all is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_million_row_transaction_streams_in_bounded_memory() {
+    const ROWS: usize = 1_000_000;
+    let log = LogDb::new().await;
+    let topics = topics(1).await;
+    let relay = log.relay(&[]);
+    relay.wait_http("/readyz", 200, Duration::from_secs(30));
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, payload)          SELECT $1, 'k' || (g % 1000), convert_to(rpad(g::text, 200, 'x'), 'UTF8') FROM generate_series(1, $2) g",
+    )
+    .bind(&topics[0])
+    .bind(ROWS as i64)
+    .execute(&log.db.pool)
+    .await
+    .unwrap();
+    let end: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+        .fetch_one(&log.db.pool)
+        .await
+        .unwrap();
+    wait_published(&relay, ROWS, Duration::from_secs(600));
+    let hwm_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", relay.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!(
+        "peak RSS while streaming a {ROWS}-row transaction: {} MiB",
+        hwm_kb / 1024
+    );
+    assert!(hwm_kb < 96 * 1024, "peak RSS {hwm_kb} kB");
+    // Every row once: the topic holds exactly that many records.
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_brokers())
+        .create()
+        .unwrap();
+    let records: i64 = (0..PARTITIONS)
+        .map(|p| {
+            use rdkafka::consumer::Consumer;
+            let (low, high) = consumer
+                .fetch_watermarks(&topics[0], p, Duration::from_secs(30))
+                .unwrap();
+            high - low
+        })
+        .sum();
+    assert_eq!(records, ROWS as i64);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.confirmed().await < end {
+        assert!(
+            Instant::now() < deadline,
+            "the slot was not confirmed past the transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
 /// Without the slot (or publication) the relay refuses to start, naming the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_slot_or_publication_is_refused_with_the_fix() {

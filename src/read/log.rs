@@ -820,6 +820,8 @@ fn report(client: &ReplicationClient, confirmed: &AtomicU64) {
 /// byte, then the payload's bytes as they are.
 #[derive(Deserialize)]
 struct EmittedMeta {
+    /// A parked row sent again by `failed retry` keeps its row id (its event id).
+    id: Option<i64>,
     topic: Option<String>,
     key: Option<String>,
     headers: Option<serde_json::Value>,
@@ -908,6 +910,9 @@ fn emitted_row(lsn: u64, content: &[u8], created_at: chrono::DateTime<chrono::Ut
     };
     match serde_json::from_slice::<EmittedMeta>(&content[..split]) {
         Ok(meta) => {
+            if let Some(id) = meta.id.filter(|id| *id > 0) {
+                row.id = id;
+            }
             row.topic = meta.topic.unwrap_or_default();
             row.key = meta.key;
             row.headers = meta.headers.filter(|h| !h.is_null()).map(|h| h.to_string());
@@ -1017,6 +1022,8 @@ mod tests {
         assert_eq!(row.payload.as_deref(), Some(&[0u8, 1, 255][..]));
         assert_eq!(row.headers.as_deref(), Some(r#"{"a":"b"}"#));
         assert!(row.unreadable.is_none());
+        let again = emitted_row(9, b"{\"id\":42,\"topic\":\"t\"}\0x", t);
+        assert_eq!((again.id, again.payload.as_deref()), (42, Some(&b"x"[..])));
         let null = emitted_row(1, b"{\"topic\":\"t\",\"null_payload\":true}\0", t);
         assert_eq!((null.payload, null.unreadable), (None, None));
         assert!(emitted_row(1, b"not json\0", t).unreadable.is_some());
