@@ -113,6 +113,23 @@ impl Reader for ToClaim {
         else {
             return self.claim.on_new_epoch().await;
         };
+        let found: Option<Option<String>> =
+            sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&source.slot)
+                .fetch_optional(self.store.pool())
+                .await?;
+        if found.is_none() || found == Some(Some("lost".into())) {
+            return Err(sqlx::Error::Configuration(
+                format!(
+                    "{} was last published in --read-mode log, and its replication slot {:?} is {}: \
+                     pass the --slot log mode used, or follow the README runbook \"a lost slot\"",
+                    self.store.table(),
+                    source.slot,
+                    if found.is_none() { "missing" } else { "lost" }
+                )
+                .into(),
+            ));
+        }
         // The snapshot is the statement's, taken before the position is read.
         let (snapshot, end): (String, i64) = sqlx::query_as(
             "SELECT pg_current_snapshot()::text, (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
