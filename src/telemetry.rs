@@ -167,9 +167,9 @@ impl Metrics {
             .unwrap(),
             slot_safe_wal: prometheus::Gauge::new(
                 "outbox_relay_slot_safe_wal_bytes",
-                "Log mode: WAL that can still be written before the slot is lost (safe_wal_size; +Inf \
-                 when max_slot_wal_keep_size = -1, 0 once lost, NaN while the slot does not exist). \
-                 Alert when it drops below an hour of WAL",
+                "Log mode: WAL that can still be written before the slot is lost (safe_wal_size; -1 \
+                 when max_slot_wal_keep_size = -1, i.e. no limit; 0 once lost; NaN while the slot does \
+                 not exist). Alert when it is at or above 0 and below an hour of WAL (>= 0 < bytes)",
             )
             .unwrap(),
             registry,
@@ -368,7 +368,9 @@ mod tests {
         let h = Health::new(Duration::from_secs(60));
         h.database_ok.store(true, Ordering::Relaxed);
         h.kafka_ok.store(true, Ordering::Relaxed);
-        h.slot_unusable(Some("the replication slot \"s\" is lost: follow the runbook".into()));
+        h.slot_unusable(Some(
+            "the replication slot \"s\" is lost: follow the runbook".into(),
+        ));
         assert_eq!(
             h.readiness().unwrap_err(),
             "the replication slot \"s\" is lost: follow the runbook"
@@ -389,7 +391,8 @@ mod tests {
         let m = Metrics::new();
         assert!(!names(&m).iter().any(|n| n.contains("slot")));
         m.register_slot_metrics();
-        m.slot_safe_wal.set(f64::INFINITY);
+        m.slot_safe_wal.set(-1.0);
+        m.slot_retained_wal.set(f64::NAN);
         let exported = names(&m);
         for name in [
             "outbox_relay_slot_retained_wal_bytes",
@@ -402,7 +405,12 @@ mod tests {
             .encode_to_string(&m.registry.gather())
             .unwrap();
         assert!(
-            text.contains("outbox_relay_slot_safe_wal_bytes +Inf"),
+            text.contains("outbox_relay_slot_safe_wal_bytes -1\n"),
+            "{text}"
+        );
+        // NaN as the exposition format spells it.
+        assert!(
+            text.contains("outbox_relay_slot_retained_wal_bytes NaN\n"),
             "{text}"
         );
         assert!(text.contains("Alert when"), "{text}");

@@ -109,7 +109,8 @@ pub fn condition(name: &str, slot: Option<&Slot>) -> Condition {
 
 /// The slot gauges' values: retained WAL bytes, confirmed lag bytes, safe WAL bytes. A
 /// missing slot gives NaN for all three; a slot that retains no WAL (lost) 0 retained bytes;
-/// `safe_wal_size` NULL is +Inf with no limit (max_slot_wal_keep_size = -1) and 0 once lost.
+/// `safe_wal_size` NULL is -1 with no limit (max_slot_wal_keep_size = -1, as PostgreSQL
+/// writes it) and 0 once lost.
 pub fn gauges(slot: Option<&Slot>) -> [f64; 3] {
     let Some(slot) = slot else {
         return [f64::NAN; 3];
@@ -121,7 +122,7 @@ pub fn gauges(slot: Option<&Slot>) -> [f64; 3] {
         match slot.safe_wal_size {
             Some(b) => b as f64,
             None if slot.is_lost() => 0.0,
-            None => f64::INFINITY,
+            None => -1.0,
         },
     ]
 }
@@ -432,7 +433,7 @@ mod tests {
     fn gauges_document_missing_unlimited_and_lost() {
         assert!(gauges(None).iter().all(|g| g.is_nan()));
         let mut s = slot("reserved");
-        assert_eq!(gauges(Some(&s)), [4096.0, 56.0, f64::INFINITY]);
+        assert_eq!(gauges(Some(&s)), [4096.0, 56.0, -1.0]);
         s.safe_wal_size = Some(1 << 30);
         assert_eq!(gauges(Some(&s))[2], (1u64 << 30) as f64);
         let mut lost = slot("lost");
