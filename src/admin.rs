@@ -11,8 +11,10 @@ use sqlx::postgres::PgPool;
 use sqlx::AssertSqlSafe;
 
 use crate::lease::LeaseState;
+use crate::read::log::LogNames;
 use crate::replica::{self, Replica};
-use crate::table::TableName;
+use crate::store::slot::{self, bytes_text, Condition, Slot};
+use crate::table::{ReadMode, TableName};
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct TopicBacklog {
@@ -43,6 +45,56 @@ pub struct Status {
     /// Every replica that heartbeats on this table (leader first), or null if the replicas
     /// table does not exist yet (run `migrate`).
     pub replicas: Option<Vec<Replica>>,
+    /// The read mode the counts follow: `--read-mode`, else the one the table is migrated for
+    /// (null: none). In log mode the backlog is in the WAL, not the table: `pending` is 0.
+    pub read_mode: Option<&'static str>,
+    /// Log mode only: the replication slot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<SlotStatus>,
+}
+
+/// Log mode's replication slot as `status` shows it.
+#[derive(Debug, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub exists: bool,
+    /// Whether a relay streams from it now (and its server process).
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    /// reserved | extended | unreserved | lost
+    pub wal_status: Option<String>,
+    /// What the relay has confirmed: everything before it is published or set aside.
+    pub confirmed_flush_lsn: Option<String>,
+    /// WAL the server keeps for the slot, and WAL written since its confirmed position.
+    pub retained_wal_bytes: Option<i64>,
+    pub confirmed_lag_bytes: Option<i64>,
+    /// WAL that can still be written before the slot is lost; null: no limit
+    /// (max_slot_wal_keep_size = -1), or lost.
+    pub safe_wal_size: Option<i64>,
+    /// Why the relay cannot read it (missing, lost) or soon may not (unreserved), with the fix.
+    pub problem: Option<String>,
+}
+
+impl SlotStatus {
+    fn new(name: &str, found: Option<Slot>) -> SlotStatus {
+        let problem = match slot::condition(name, found.as_ref()) {
+            Condition::Usable => None,
+            Condition::AtRisk(why) | Condition::Unusable(why) => Some(why),
+        };
+        let s = found.as_ref();
+        SlotStatus {
+            name: name.to_string(),
+            exists: s.is_some(),
+            active: s.is_some_and(|s| s.active),
+            active_pid: s.and_then(|s| s.active_pid),
+            wal_status: s.and_then(|s| s.wal_status.clone()),
+            confirmed_flush_lsn: s.and_then(|s| s.confirmed_flush_lsn.clone()),
+            retained_wal_bytes: s.and_then(|s| s.retained_wal_bytes),
+            confirmed_lag_bytes: s.and_then(|s| s.confirmed_lag_bytes),
+            safe_wal_size: s.and_then(|s| s.safe_wal_size),
+            problem,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -72,8 +124,23 @@ impl Admin {
         Admin { pool, table }
     }
 
-    pub async fn status(&self) -> Result<Status, sqlx::Error> {
+    /// The backlog, the lease and the replicas; in log mode the slot. `mode`: `--read-mode`,
+    /// or `None` for the mode the table is migrated for.
+    pub async fn status(
+        &self,
+        mode: Option<ReadMode>,
+        log: &LogNames,
+    ) -> Result<Status, sqlx::Error> {
+        let mode = match mode {
+            Some(mode) => Some(mode),
+            None => crate::store::migrated_mode(&self.pool, &self.table, &log.publication).await?,
+        };
         let t = self.table.quoted();
+        // Log mode's backlog is in the WAL: rows are never marked, only parked ones count.
+        let unpublished = match mode {
+            Some(ReadMode::Log) => "false".to_string(),
+            _ => crate::store::unpublished(&self.table),
+        };
         let topics: Vec<TopicBacklog> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT topic, sum(pending)::int8 AS pending, max(age) AS oldest_pending_age_seconds, sum(parked)::int8 AS parked FROM (
                SELECT topic, count(*) AS pending, extract(epoch FROM now() - min(created_at))::float8 AS age, 0 AS parked
@@ -81,7 +148,6 @@ impl Admin {
                UNION ALL
                SELECT topic, 0, NULL, count(*) FROM {t} WHERE {parked} GROUP BY topic
              ) s GROUP BY topic ORDER BY topic",
-            unpublished = crate::store::unpublished(&self.table),
             parked = crate::store::PARKED,
         )))
         .fetch_all(&self.pool)
@@ -93,6 +159,13 @@ impl Admin {
         let replicas = replica::rows(&self.pool, &self.table)
             .await?
             .map(|rows| replica::view(rows, leader.as_ref(), now, &self.table));
+        let slot = match mode {
+            Some(ReadMode::Log) => Some(SlotStatus::new(
+                &log.slot,
+                Slot::read(&self.pool, &log.slot).await?,
+            )),
+            _ => None,
+        };
         Ok(Status {
             table: self.table.to_string(),
             pending: topics.iter().map(|t| t.pending).sum(),
@@ -104,6 +177,8 @@ impl Admin {
             topics,
             leader,
             replicas,
+            read_mode: mode.map(ReadMode::as_str),
+            slot,
         })
     }
 
@@ -219,14 +294,24 @@ pub fn printable(s: &str) -> Cow<'_, str> {
 
 /// `status` as text for a terminal (every name from the database through [`printable`]).
 pub fn status_text(s: &Status) -> String {
-    let mut out = format!(
-        "table {}: {} pending, {} parked, oldest pending {}\n",
-        printable(&s.table),
-        s.pending,
-        s.parked,
-        s.oldest_pending_age_seconds
-            .map_or("-".to_string(), |a| format!("{a:.1}s ago"))
-    );
+    let mut out = match &s.slot {
+        Some(_) => format!(
+            "table {} (read mode log): {} parked; the backlog is in the WAL, behind the slot\n",
+            printable(&s.table),
+            s.parked,
+        ),
+        None => format!(
+            "table {}: {} pending, {} parked, oldest pending {}\n",
+            printable(&s.table),
+            s.pending,
+            s.parked,
+            s.oldest_pending_age_seconds
+                .map_or("-".to_string(), |a| format!("{a:.1}s ago"))
+        ),
+    };
+    if let Some(slot) = &s.slot {
+        out.push_str(&slot_text(slot));
+    }
     match &s.leader {
         Some(l) if l.valid => out.push_str(&format!(
             "leader: {} (epoch {}, lease until {})\n",
@@ -258,6 +343,38 @@ pub fn status_text(s: &Status) -> String {
                     .map_or("-".into(), |a| format!("{a:.1}"))
             ));
         }
+    }
+    out
+}
+
+/// The slot line of `status` in log mode, and its problem if it has one.
+fn slot_text(s: &SlotStatus) -> String {
+    let mut out = format!("slot {}: ", printable(&s.name));
+    if s.exists {
+        let or_dash = |v: &Option<String>| v.as_deref().map_or("-".into(), printable).into_owned();
+        let bytes = |b: Option<i64>| b.map_or("-".into(), bytes_text);
+        out.push_str(&format!(
+            "{}, wal_status {}, confirmed_flush_lsn {}, retains {} of WAL ({} behind the server), safe_wal_size {}\n",
+            match s.active_pid {
+                Some(pid) if s.active => format!("active (pid {pid})"),
+                _ if s.active => "active".into(),
+                _ => "inactive".into(),
+            },
+            or_dash(&s.wal_status),
+            or_dash(&s.confirmed_flush_lsn),
+            bytes(s.retained_wal_bytes),
+            bytes(s.confirmed_lag_bytes),
+            match s.safe_wal_size {
+                Some(b) => bytes_text(b),
+                None if s.wal_status.as_deref() == Some("lost") => "0 B".into(),
+                None => "unlimited (max_slot_wal_keep_size = -1)".into(),
+            },
+        ));
+    } else {
+        out.push_str("does not exist\n");
+    }
+    if let Some(problem) = &s.problem {
+        out.push_str(&format!("slot problem: {}\n", printable(problem)));
     }
     out
 }
@@ -336,6 +453,8 @@ mod tests {
             oldest_pending_age_seconds: None,
             leader: None,
             replicas,
+            read_mode: Some("claim"),
+            slot: None,
         }
     }
 
@@ -412,5 +531,66 @@ mod tests {
             "replicas: unknown (public.outbox_replicas is missing: run `outbox-relay migrate`)"
         ));
         assert!(status_text(&status(Some(vec![]))).contains("replicas: none registered"));
+    }
+
+    #[test]
+    fn log_mode_status_shows_the_slot_and_its_problem() {
+        let found = Slot {
+            name: "outbox_relay_public_outbox".into(),
+            plugin: Some("pgoutput".into()),
+            database: Some("app".into()),
+            same_database: true,
+            active: true,
+            active_pid: Some(4242),
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            restart_lsn: Some("0/16B3748".into()),
+            confirmed_flush_lsn: Some("0/16B3780".into()),
+            retained_wal_bytes: Some(3 << 20),
+            confirmed_lag_bytes: Some(56),
+        };
+        let mut s = status(Some(vec![]));
+        s.parked = 2;
+        s.read_mode = Some("log");
+        s.slot = Some(SlotStatus::new("outbox_relay_public_outbox", Some(found)));
+        let text = status_text(&s);
+        assert!(
+            text.starts_with(
+                "table public.outbox (read mode log): 2 parked; the backlog is in the WAL"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "slot outbox_relay_public_outbox: active (pid 4242), wal_status reserved, \
+                 confirmed_flush_lsn 0/16B3780, retains 3.0 MiB of WAL (56 B behind the server), \
+                 safe_wal_size unlimited (max_slot_wal_keep_size = -1)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("slot problem"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["slot"]["retained_wal_bytes"], 3 << 20);
+        assert_eq!(json["slot"]["wal_status"], "reserved");
+        assert_eq!(json["read_mode"], "log");
+
+        s.slot = Some(SlotStatus::new("gone", None));
+        let text = status_text(&s);
+        assert!(
+            text.contains("slot gone: does not exist\nslot problem: the replication slot \"gone\" does not exist"),
+            "{text}"
+        );
+        assert!(text.contains("A lost slot"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["slot"]["exists"], false);
+        assert!(json["slot"]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("runbook"));
+        // The other modes have no slot key at all.
+        assert!(serde_json::to_value(status(None))
+            .unwrap()
+            .get("slot")
+            .is_none());
     }
 }

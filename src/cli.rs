@@ -73,6 +73,12 @@ pub struct StatusArgs {
     pub db: DatabaseArgs,
     #[command(flatten)]
     pub timeouts: TimeoutArgs,
+    /// The relay's read mode (log: the backlog is in the WAL; the slot is shown). Default: the
+    /// mode the table is migrated for.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum)]
+    pub read_mode: Option<ReadMode>,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

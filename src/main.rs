@@ -443,9 +443,9 @@ fn cleanup(args: CleanupArgs) -> ExitCode {
 }
 
 fn status(args: StatusArgs) -> ExitCode {
-    let db = match args.db.resolve() {
-        Ok(d) => d,
-        Err(e) => return usage_error(e),
+    let (db, log) = match (args.db.resolve(), args.log.resolve(&args.db.table)) {
+        (Ok(db), Ok(log)) => (db, log),
+        (Err(e), _) | (_, Err(e)) => return usage_error(e),
     };
     let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
     runtime().block_on(async {
@@ -454,7 +454,7 @@ fn status(args: StatusArgs) -> ExitCode {
             Err(e) => return connect_error("status", &e, &db),
         };
         let admin = outbox_relay::admin::Admin::new(pool, db.table.clone());
-        match watched(&in_flight, deadlines, admin.status()).await {
+        match watched(&in_flight, deadlines, admin.status(args.read_mode, &log)).await {
             Ok(s) if args.json => {
                 println!(
                     "{}",

@@ -92,6 +92,33 @@ pub async fn migrate(
     Ok(())
 }
 
+/// The read mode `table` is migrated for: its read index says claim or append; neither, with
+/// a publication named `publication` that includes it, says log (`migrate --read-mode log`
+/// drops both indexes). `None`: none of these.
+pub async fn migrated_mode<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    table: &TableName,
+    publication: &str,
+) -> Result<Option<ReadMode>, sqlx::Error> {
+    let (claim, append, log): (bool, bool, bool) = sqlx::query_as(
+        "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
+         EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $3 AND schemaname = $4 AND tablename = $5)",
+    )
+    .bind(table.read_index(ReadMode::Claim))
+    .bind(table.read_index(ReadMode::Append))
+    .bind(publication)
+    .bind(table.schema())
+    .bind(table.table())
+    .fetch_one(executor)
+    .await?;
+    Ok(match (claim, append, log) {
+        (true, ..) => Some(ReadMode::Claim),
+        (_, true, _) => Some(ReadMode::Append),
+        (.., true) => Some(ReadMode::Log),
+        _ => None,
+    })
+}
+
 /// Create log mode's slot unless it exists ($1: its name).
 pub const CREATE_SLOT: &str = "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
      WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)";
