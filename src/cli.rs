@@ -62,6 +62,13 @@ pub struct DoctorArgs {
     pub timeouts: TimeoutArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// The relay's read mode, whose needs are checked (log: wal_level, REPLICATION, the
+    /// publication, the slot and the WAL it may retain). Default: the mode the table is
+    /// migrated for.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum)]
+    pub read_mode: Option<ReadMode>,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -9,8 +9,10 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::kafka::{client_config, KafkaConfig};
+use crate::read::log::LogNames;
 use crate::settings::{transport_findings, DatabaseConfig};
 use crate::store::errors::{self, Deadlines, Phase};
+use crate::store::slot::{bytes_text, LogServer, Slot, RUNBOOK};
 use crate::table::ReadMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -66,13 +68,30 @@ impl Report {
 /// What the database side learned that the Kafka side needs.
 #[derive(Default)]
 struct Pending {
+    /// Which rows the topics and payload come from: `pending`, or in log mode `recent` (its
+    /// backlog is in the WAL; the table's latest rows stand for the topics in use).
+    rows: &'static str,
     topics: Vec<String>,
     largest_payload: Option<i64>,
 }
 
+/// Which read mode to check: `--read-mode` if given (else the one the table is migrated for),
+/// and log mode's slot and publication.
+struct Mode<'a> {
+    wanted: Option<ReadMode>,
+    log: &'a LogNames,
+}
+
 /// Every check, each database wait bounded by `deadlines` (a server that never answers is a
-/// finding, not a hang); Kafka requests time out after 10s each.
-pub async fn run(db: &DatabaseConfig, kafka: &KafkaConfig, deadlines: Deadlines) -> Vec<Finding> {
+/// finding, not a hang); Kafka requests time out after 10s each. `mode`: `--read-mode`, or
+/// `None` for the mode the table is migrated for; `log`: log mode's slot and publication.
+pub async fn run(
+    db: &DatabaseConfig,
+    kafka: &KafkaConfig,
+    mode: Option<ReadMode>,
+    log: &LogNames,
+    deadlines: Deadlines,
+) -> Vec<Finding> {
     let mut r = Report::default();
     for finding in transport_findings(db, kafka) {
         r.warn(
@@ -81,12 +100,18 @@ pub async fn run(db: &DatabaseConfig, kafka: &KafkaConfig, deadlines: Deadlines)
             "see README \"Security\"; --require-secure-transport enforces it",
         );
     }
-    let pending = database(db, deadlines, &mut r).await;
+    let mode = Mode { wanted: mode, log };
+    let pending = database(db, &mode, deadlines, &mut r).await;
     self::kafka(kafka, &pending, &mut r).await;
     r.0
 }
 
-async fn database(db: &DatabaseConfig, deadlines: Deadlines, r: &mut Report) -> Pending {
+async fn database(
+    db: &DatabaseConfig,
+    mode: &Mode<'_>,
+    deadlines: Deadlines,
+    r: &mut Report,
+) -> Pending {
     let options = deadlines.apply(&db.connect);
     let connect = PgConnection::connect_with(&options);
     let mut conn = match errors::within(Phase::Connect, deadlines.connect, connect).await {
@@ -102,7 +127,7 @@ async fn database(db: &DatabaseConfig, deadlines: Deadlines, r: &mut Report) -> 
     };
     // PostgreSQL bounds each query (statement_timeout); the client bounds them together, a
     // little later, against a server that stops answering.
-    let checks = database_checks(&mut conn, db, r);
+    let checks = database_checks(&mut conn, db, mode, r);
     let checked = match tokio::time::timeout(deadlines.statement + CLIENT_GRACE, checks).await {
         Ok(checked) => checked,
         Err(_) => Err(errors::TimedOut {
@@ -135,6 +160,7 @@ const CLIENT_GRACE: Duration = Duration::from_secs(5);
 async fn database_checks(
     conn: &mut PgConnection,
     db: &DatabaseConfig,
+    mode: &Mode<'_>,
     r: &mut Report,
 ) -> Result<Pending, sqlx::Error> {
     let (version, user, tls): (String, String, Option<bool>) = sqlx::query_as(
@@ -224,37 +250,53 @@ async fn database_checks(
             "run `outbox-relay migrate`",
         );
     }
-    // The table is migrated for one read mode: its read index tells which.
-    let mut migrated_for = None;
-    for mode in ReadMode::ALL {
-        let present: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(db.table.read_index(mode))
-            .fetch_one(&mut *conn)
-            .await?;
-        if present {
-            migrated_for = Some(mode);
-            break;
-        }
-    }
-    match migrated_for {
-        Some(mode) => r.ok(
+    // The table is migrated for one read mode: its read index tells which (neither, with log
+    // mode's publication: log).
+    let migrated_for =
+        crate::store::migrated_mode(&mut *conn, &db.table, &mode.log.publication).await?;
+    let read_mode = mode.wanted.or(migrated_for);
+    match (read_mode, migrated_for) {
+        (Some(ReadMode::Log), None | Some(ReadMode::Log)) => r.ok(
+            "indexes",
+            "no read index, as --read-mode log wants: it reads the WAL, and rows are never marked \
+             (a pending-rows index would hold every row)",
+        ),
+        (Some(want), Some(have)) if want == have => r.ok(
             "indexes",
             format!(
                 "read index {} present: the table is migrated for --read-mode {}",
-                db.table.read_index(mode),
-                mode.as_str()
+                db.table.read_index(have),
+                have.as_str()
             ),
         ),
-        None => r.warn(
+        (Some(want), Some(have)) => r.warn(
+            "indexes",
+            format!(
+                "the table is migrated for --read-mode {}, not for --read-mode {}",
+                have.as_str(),
+                want.as_str()
+            ),
+            format!("run `outbox-relay migrate --read-mode {}`", want.as_str()),
+        ),
+        (Some(want), None) => r.warn(
+            "indexes",
+            format!(
+                "no read index for --read-mode {}: every read scans the table",
+                want.as_str()
+            ),
+            format!("run `outbox-relay migrate --read-mode {}`", want.as_str()),
+        ),
+        (None, _) => r.warn(
             "indexes",
             "no read index (claim: <table>_pending_idx, append: <table>_xid_idx): every read scans the table",
             "run `outbox-relay migrate --read-mode <the mode the relay runs with>`",
         ),
     }
+    let log_mode = read_mode == Some(ReadMode::Log);
 
     // The replicas table only feeds `status`: lacking rights there is a warning.
     let replicas = db.table.replicas_table();
-    for (object, privilege, needed) in [
+    let mut privileges = vec![
         (t.clone(), "SELECT", true),
         (t.clone(), "UPDATE", true),
         (t.clone(), "DELETE", true),
@@ -263,7 +305,12 @@ async fn database_checks(
         (replicas.clone(), "INSERT", false),
         (replicas.clone(), "UPDATE", false),
         (replicas.clone(), "DELETE", false),
-    ] {
+    ];
+    if log_mode {
+        // Parking an emitted event (it has no row) inserts it as a parked row.
+        privileges.push((t.clone(), "INSERT", true));
+    }
+    for (object, privilege, needed) in privileges {
         let granted: Option<bool> =
             sqlx::query_scalar("SELECT has_table_privilege(current_user, to_regclass($1), $2)")
                 .bind(&object)
@@ -295,7 +342,20 @@ async fn database_checks(
     .bind(format!("{}_notify", db.table.table()))
     .fetch_one(&mut *conn)
     .await?;
-    if trigger {
+    if log_mode {
+        if trigger {
+            r.info(
+                "wake-up",
+                "a NOTIFY trigger is installed, which log mode does not use (the replication stream \
+                 wakes the relay): `outbox-relay migrate --read-mode log` drops it",
+            );
+        } else {
+            r.ok(
+                "wake-up",
+                "log mode: the replication stream wakes the relay (no NOTIFY trigger needed)",
+            );
+        }
+    } else if trigger {
         r.ok(
             "wake-up",
             "NOTIFY trigger installed: the relay wakes within milliseconds of a commit",
@@ -330,7 +390,13 @@ async fn database_checks(
             .bind(&t)
             .fetch_one(&mut *conn)
             .await?;
-    r.info("wal_level", format!("wal_level={wal_level}"));
+    let slot = if log_mode {
+        log_checks(conn, db, mode.log, &user, r).await?
+    } else {
+        r.info("wal_level", format!("wal_level={wal_level}"));
+        slot_outside_log_mode(conn, db, mode.log, read_mode, r).await?;
+        None
+    };
     if reloptions
         .unwrap_or_default()
         .iter()
@@ -345,6 +411,9 @@ async fn database_checks(
         );
     }
 
+    if log_mode {
+        return log_backlog(conn, db, slot.as_ref(), r).await;
+    }
     let unpublished = crate::store::unpublished(&db.table);
     let (pending, parked, largest): (i64, i64, Option<i64>) =
         sqlx::query_as(AssertSqlSafe(format!(
@@ -368,9 +437,323 @@ async fn database_checks(
     .fetch_all(&mut *conn)
     .await?;
     Ok(Pending {
+        rows: "pending",
         topics,
         largest_payload: largest,
     })
+}
+
+/// Log mode's backlog is in the WAL (the slot's lag); the table's latest rows name the topics
+/// in use.
+async fn log_backlog(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    slot: Option<&Slot>,
+    r: &mut Report,
+) -> Result<Pending, sqlx::Error> {
+    let t = db.table.quoted();
+    match slot.and_then(|s| s.confirmed_lag_bytes) {
+        Some(lag) => r.info(
+            "backlog",
+            format!(
+                "log mode: the backlog is in the WAL, {} after the slot's confirmed position",
+                bytes_text(lag)
+            ),
+        ),
+        None => r.info(
+            "backlog",
+            "log mode: the backlog is in the WAL, behind the slot",
+        ),
+    }
+    let parked: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {t} WHERE {}",
+        crate::store::PARKED
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    if parked > 0 {
+        r.warn(
+            "parked",
+            format!("{parked} parked rows"),
+            "inspect with `outbox-relay failed list`",
+        );
+    }
+    let recent = format!(
+        "SELECT topic, payload FROM {t} WHERE failed_at IS NULL ORDER BY id DESC LIMIT {RECENT_ROWS}"
+    );
+    let (topics, largest): (Vec<String>, Option<i64>) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT coalesce((SELECT array_agg(topic) FROM (SELECT DISTINCT topic FROM ({recent}) r LIMIT 100) d), '{{}}'), \
+         (SELECT max(octet_length(payload))::int8 FROM ({recent}) r)"
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Pending {
+        rows: "recent",
+        topics,
+        largest_payload: largest,
+    })
+}
+
+/// How many of the table's latest rows stand for log mode's topics in use.
+const RECENT_ROWS: i64 = 10_000;
+
+/// Log mode's needs: the refusals the relay would start with (each a failure with its fix),
+/// then the slot's state and the settings that bound the WAL it may hold. Returns the slot.
+async fn log_checks(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    names: &LogNames,
+    user: &str,
+    r: &mut Report,
+) -> Result<Option<Slot>, sqlx::Error> {
+    let server = LogServer::read(conn, &db.table, names).await?;
+    let refusals = server.refusals(&db.table, names);
+    let refused = |check: &str| refusals.iter().any(|f| f.check == check);
+    let (slot_name, publication) = (&names.slot, &names.publication);
+    if !refused("wal_level") {
+        r.ok("wal_level", "wal_level=logical");
+    }
+    if !refused("replication") {
+        r.ok(
+            "replication",
+            format!("{user} may stream from a replication slot (REPLICATION, superuser or rds_replication)"),
+        );
+    }
+    match server.publication {
+        Some(p) if !refused("publication") => {
+            r.ok(
+                "publication",
+                format!("{publication} publishes the inserts of {}", db.table),
+            );
+            if p.tables > 1 {
+                r.warn(
+                    "publication",
+                    format!(
+                        "{publication} also includes {} other tables: the relay decodes their rows and skips them",
+                        p.tables - 1
+                    ),
+                    format!("ALTER PUBLICATION {publication} SET TABLE {}", db.table.quoted()),
+                );
+            }
+        }
+        _ => {}
+    }
+    for refusal in &refusals {
+        r.error(refusal.check, refusal.problem.clone(), refusal.fix.clone());
+    }
+    let slot = server.slot.clone().filter(|_| !refused("slot"));
+    if let Some(s) = &slot {
+        r.ok(
+            "slot",
+            format!(
+                "{slot_name}: pgoutput on this database, {}",
+                match s.active_pid {
+                    Some(pid) if s.active => format!("active (pid {pid}): a relay streams from it"),
+                    _ => "inactive: no relay streams from it now (normal while none leads; it holds WAL meanwhile)".into(),
+                }
+            ),
+        );
+        slot_wal(s, r);
+    }
+    keep_size(conn, &server, slot.as_ref(), r).await;
+    match server.wal_sender_timeout_ms {
+        Some(0) => r.warn(
+            "wal_sender_timeout",
+            "wal_sender_timeout=0: the server never ends a replication connection that went silent, \
+             so a relay cut off without closing it keeps the slot active (the next leader ends that session itself)",
+            "ALTER SYSTEM SET wal_sender_timeout = '60s'; SELECT pg_reload_conf();",
+        ),
+        Some(ms) if ms < 5_000 => r.warn(
+            "wal_sender_timeout",
+            format!("wal_sender_timeout={ms}ms: close to the relay's status interval (1s); a busy relay or network is cut off and reconnects"),
+            "ALTER SYSTEM SET wal_sender_timeout = '60s'; SELECT pg_reload_conf();",
+        ),
+        Some(ms) => r.ok(
+            "wal_sender_timeout",
+            format!(
+                "wal_sender_timeout={}s: the relay reports every second; a relay gone silent is cut off after this long",
+                ms / 1000
+            ),
+        ),
+        None => {}
+    }
+    Ok(server.slot)
+}
+
+/// The slot's WAL: its wal_status, what it retains, how far behind it is, how much more
+/// before it is lost.
+fn slot_wal(s: &Slot, r: &mut Report) {
+    let bytes = |b: Option<i64>| b.map_or("-".into(), bytes_text);
+    let facts = format!(
+        "retains {} of WAL (restart_lsn {}); confirmed_flush_lsn {}, {} behind the server; safe_wal_size {}",
+        bytes(s.retained_wal_bytes),
+        s.restart_lsn.as_deref().unwrap_or("-"),
+        s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+        bytes(s.confirmed_lag_bytes),
+        s.safe_wal_size
+            .map_or("unlimited (max_slot_wal_keep_size = -1)".into(), bytes_text),
+    );
+    match s.wal_status.as_deref() {
+        Some("reserved") => r.ok("slot wal", format!("wal_status=reserved (within max_wal_size): {facts}")),
+        Some("extended") => r.warn(
+            "slot wal",
+            format!("wal_status=extended: the slot holds more WAL than max_wal_size, the relay is behind or was down: {facts}"),
+            "start the relay, or find why it is behind (its log, `outbox-relay status`); the WAL is freed as it confirms",
+        ),
+        Some("unreserved") => r.error(
+            "slot wal",
+            format!("wal_status=unreserved: the slot is past max_slot_wal_keep_size; the next checkpoint removes WAL it needs and it is lost: {facts}"),
+            format!("get the relay streaming now, or raise max_slot_wal_keep_size at once (ALTER SYSTEM SET ...; SELECT pg_reload_conf()); once lost, {RUNBOOK}"),
+        ),
+        other => r.info("slot wal", format!("wal_status={}: {facts}", other.unwrap_or("-"))),
+    }
+}
+
+/// max_slot_wal_keep_size: how much WAL a slot may hold before it is lost. Unlimited is a
+/// warning with a size to set (about 4 hours of this server's WAL when pg_stat_wal knows it).
+async fn keep_size(
+    conn: &mut PgConnection,
+    server: &LogServer,
+    slot: Option<&Slot>,
+    r: &mut Report,
+) {
+    const CHECK: &str = "max_slot_wal_keep_size";
+    let trade_off = "a slot that falls further behind is lost (wal_status lost: the relay refuses to start, \
+         and events written meanwhile are recovered as the README runbook \"A lost slot\" says), where no limit \
+         keeps WAL until the disk fills and the whole database stops; alert on \
+         outbox_relay_slot_retained_wal_bytes either way";
+    match server.max_slot_wal_keep_size_mb {
+        None => {}
+        Some(-1) => {
+            // The server's average WAL rate since its statistics were reset (PostgreSQL 14+).
+            let rate: Option<f64> = sqlx::query_scalar(
+                "SELECT wal_bytes::float8 / greatest(extract(epoch FROM now() - stats_reset)::float8, 1) FROM pg_stat_wal",
+            )
+            .fetch_optional(&mut *conn)
+            .await
+            .ok()
+            .flatten();
+            r.warn(
+                CHECK,
+                "max_slot_wal_keep_size=-1: no limit on the WAL a slot may hold: a relay that is down or \
+                 stuck makes the server keep WAL until its disk fills, and a full WAL disk stops the database",
+                format!(
+                    "ALTER SYSTEM SET max_slot_wal_keep_size = '{}'; SELECT pg_reload_conf(); {}. The trade-off: {trade_off}",
+                    suggested_keep_size(rate),
+                    match rate {
+                        Some(rate) => format!(
+                            "(about 4 hours of WAL at this server's average rate, {}/h; size it to the longest relay outage to survive, within the WAL disk's free space)",
+                            bytes_text((rate * 3600.0) as i64)
+                        ),
+                        None => "(size it to about 4 hours of this server's WAL, the longest relay outage to survive, within the WAL disk's free space)".into(),
+                    }
+                ),
+            );
+        }
+        Some(mb) => {
+            let limit = mb.saturating_mul(1 << 20);
+            match slot.and_then(|s| s.safe_wal_size) {
+                Some(safe) if safe < limit / 4 => r.warn(
+                    CHECK,
+                    format!(
+                        "max_slot_wal_keep_size={mb}MB ({}): the slot may fall only {} further behind before it is lost",
+                        bytes_text(limit),
+                        bytes_text(safe)
+                    ),
+                    format!("get the relay streaming and caught up; raise the limit if the WAL disk has room. {trade_off}"),
+                ),
+                _ => r.ok(
+                    CHECK,
+                    format!(
+                        "max_slot_wal_keep_size={mb}MB ({}): {trade_off}",
+                        bytes_text(limit)
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+/// About 4 hours of WAL at `rate` bytes/s, in whole GB (at least 1); `4GB` unknown.
+fn suggested_keep_size(rate: Option<f64>) -> String {
+    match rate {
+        Some(rate) if rate.is_finite() && rate > 0.0 => {
+            let gb = (rate * 4.0 * 3600.0 / (1u64 << 30) as f64).ceil().max(1.0);
+            format!("{gb:.0}GB")
+        }
+        _ => "4GB".into(),
+    }
+}
+
+/// In claim and append mode, log mode's slot: while log mode published last, a claim-mode
+/// relay first publishes the rest of the slot and then drops it (append mode refuses to take
+/// over); otherwise a slot of this table's log mode holds WAL for nothing.
+async fn slot_outside_log_mode(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    names: &LogNames,
+    read_mode: Option<ReadMode>,
+    r: &mut Report,
+) -> Result<(), sqlx::Error> {
+    // The mode the last leader published in (no such column before log mode: not log).
+    let last: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT read_mode FROM {} WHERE id = 1",
+        db.table.lease_table()
+    )))
+    .fetch_optional(&mut *conn)
+    .await
+    .ok()
+    .flatten()
+    .flatten();
+    let slot = Slot::read(&mut *conn, &names.slot)
+        .await?
+        .filter(|s| s.same_database);
+    let held = |s: &Slot| s.retained_wal_bytes.map_or("-".into(), bytes_text);
+    let name = &names.slot;
+    if last.as_deref() == Some("log") {
+        match (read_mode, &slot) {
+            (Some(ReadMode::Append), _) => r.error(
+                "slot",
+                format!("{} was last published in --read-mode log: --read-mode append refuses to take over", db.table),
+                "keep log mode, or switch to claim mode first (README \"Switching\")",
+            ),
+            (_, Some(s)) if !s.is_lost() => r.info(
+                "slot",
+                format!(
+                    "log mode published last: a --read-mode claim relay first publishes the rest of the \
+                     replication slot {name} (it holds {} of WAL until then), then drops it",
+                    held(s)
+                ),
+            ),
+            (_, found) => r.error(
+                "slot",
+                format!(
+                    "{} was last published in --read-mode log, and its replication slot {name:?} is {}: \
+                     a --read-mode claim relay refuses to start",
+                    db.table,
+                    if found.is_none() { "missing" } else { "lost" }
+                ),
+                format!("pass the --slot log mode used, or {RUNBOOK}"),
+            ),
+        }
+        return Ok(());
+    }
+    if let Some(s) = slot.filter(|s| !s.active) {
+        r.warn(
+            "slot",
+            format!(
+                "the replication slot {name} of --read-mode log exists, but the table is read with --read-mode {}: \
+                 nothing reads the slot, and it holds {} of WAL, more every minute",
+                read_mode.map_or("(unknown)", ReadMode::as_str),
+                held(&s)
+            ),
+            format!(
+                "if log mode is no longer used: SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION IF EXISTS {};",
+                names.publication
+            ),
+        );
+    }
+    Ok(())
 }
 
 async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
@@ -436,7 +819,7 @@ async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
                 r.ok("topics", format!("{topic}: {} partitions", t.partitions().len()));
                 present.push(topic.as_str());
             }
-            None => r.error("topics", format!("pending rows name topic {topic:?}, which does not exist"), format!("create it (e.g. kafka-topics --create --topic {topic}); those rows will be parked otherwise")),
+            None => r.error("topics", format!("{} rows name topic {topic:?}, which does not exist", pending.rows), format!("create it (e.g. kafka-topics --create --topic {topic}); those rows will be parked otherwise")),
         }
     }
     let Some(largest) = pending.largest_payload.filter(|_| !present.is_empty()) else {
@@ -456,9 +839,15 @@ async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
                     .and_then(|v| v.parse::<i64>().ok());
                 if let Some(limit) = limit {
                     if largest > limit {
-                        r.error("limits", format!("{:?}: the largest pending payload is {largest} bytes, above max.message.bytes={limit}", resource.specifier), "raise the topic's max.message.bytes or shrink the payload; such rows are parked");
+                        r.error("limits", format!("{:?}: the largest {} payload is {largest} bytes, above max.message.bytes={limit}", resource.specifier, pending.rows), "raise the topic's max.message.bytes or shrink the payload; such rows are parked");
                     } else {
-                        r.ok("limits", format!("{:?}: max.message.bytes={limit} >= largest pending payload {largest}", resource.specifier));
+                        r.ok(
+                            "limits",
+                            format!(
+                                "{:?}: max.message.bytes={limit} >= largest {} payload {largest}",
+                                resource.specifier, pending.rows
+                            ),
+                        );
                     }
                 }
             }
@@ -494,4 +883,34 @@ pub fn text(findings: &[Finding]) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_suggested_keep_size_is_about_four_hours_of_wal() {
+        // 1 MiB/s: 14,400 MiB in 4 hours, rounded up to 15 GB.
+        assert_eq!(suggested_keep_size(Some(1048576.0)), "15GB");
+        assert_eq!(suggested_keep_size(Some(10.0)), "1GB");
+        assert_eq!(suggested_keep_size(None), "4GB");
+        assert_eq!(suggested_keep_size(Some(f64::NAN)), "4GB");
+    }
+
+    #[test]
+    fn findings_print_with_their_fix() {
+        let mut r = Report::default();
+        r.warn(
+            "max_slot_wal_keep_size",
+            "max_slot_wal_keep_size=-1",
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '4GB'",
+        );
+        r.ok("slot", "s\u{1b}[2J");
+        assert_eq!(
+            text(&r.0),
+            "[WARN] max_slot_wal_keep_size: max_slot_wal_keep_size=-1\n       \
+             fix: ALTER SYSTEM SET max_slot_wal_keep_size = '4GB'\n[ OK ] slot: s\\u{1b}[2J\n"
+        );
+    }
 }

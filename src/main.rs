@@ -523,13 +523,18 @@ fn failed(args: FailedArgs) -> ExitCode {
 }
 
 fn doctor(args: DoctorArgs) -> ExitCode {
-    let (db, kafka) = match (args.db.resolve(), args.kafka.resolve()) {
-        (Ok(db), Ok(kafka)) => (db, kafka),
-        (Err(e), _) | (_, Err(e)) => return usage_error(e),
+    let (db, kafka, log) = match (
+        args.db.resolve(),
+        args.kafka.resolve(),
+        args.log.resolve(&args.db.table),
+    ) {
+        (Ok(db), Ok(kafka), Ok(log)) => (db, kafka, log),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return usage_error(e),
     };
     let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
     runtime().block_on(async {
-        let findings = outbox_relay::doctor::run(&db, &kafka, deadlines).await;
+        let findings =
+            outbox_relay::doctor::run(&db, &kafka, args.read_mode, &log, deadlines).await;
         if args.json {
             println!(
                 "{}",
