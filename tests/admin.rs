@@ -416,3 +416,357 @@ async fn doctor_checks_the_read_index_of_the_migrated_mode() {
         "{out}"
     );
 }
+
+/// Drops a replication slot when the test ends, passed or not: slots are cluster-wide, hold
+/// WAL while they exist, and keep their database from being dropped.
+struct DropSlot(String);
+
+impl Drop for DropSlot {
+    fn drop(&mut self) {
+        let slot = self.0.clone();
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&common::database_url()).await?;
+                for _ in 0..50 {
+                    // A relay's stream holds it active: end that session, then drop it.
+                    let gone: bool = sqlx::query_scalar(
+                        "SELECT NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                    )
+                    .bind(&slot)
+                    .fetch_one(&mut conn)
+                    .await?;
+                    if gone {
+                        return Ok::<_, sqlx::Error>(());
+                    }
+                    let _ = sqlx::query(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    )
+                    .bind(&slot)
+                    .execute(&mut conn)
+                    .await;
+                    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                        .bind(&slot)
+                        .execute(&mut conn)
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(sqlx::Error::Protocol(format!("slot {slot} is still there")))
+            })
+        })
+        .join()
+        .unwrap();
+        if let Err(e) = dropped {
+            eprintln!("could not drop replication slot {}: {e}", self.0);
+        }
+    }
+}
+
+fn findings(out: &str, err: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out} {err}"))
+}
+
+fn finding<'a>(
+    findings: &'a [serde_json::Value],
+    check: &str,
+    needle: &str,
+) -> &'a serde_json::Value {
+    findings
+        .iter()
+        .find(|f| f["check"] == check && f["message"].as_str().unwrap().contains(needle))
+        .unwrap_or_else(|| panic!("no {check} finding with {needle:?}: {findings:#?}"))
+}
+
+/// Log mode: `doctor` reports wal_level, REPLICATION, the publication, the slot (state and the
+/// WAL it holds) and the settings bounding that WAL, recommending max_slot_wal_keep_size when it
+/// is unlimited; `status` shows the slot. Both find the mode from the publication when
+/// --read-mode is not given; a slot left behind after switching to claim mode is a warning, a
+/// missing one a failure naming the fix and the runbook. Needs no Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_mode_doctor_and_status_report_the_slot() {
+    let (slot, publication) = (unique("slot"), unique("pub"));
+    let names = [
+        "--slot",
+        slot.as_str(),
+        "--publication",
+        publication.as_str(),
+    ];
+    let mut migrate = vec!["--read-mode", "log"];
+    migrate.extend_from_slice(&names);
+    let db = TestDb::migrated(&migrate).await;
+    let drop_slot = DropSlot(slot.clone());
+    sqlx::query("INSERT INTO outbox (topic, key, payload) SELECT 'log.t', 'k' || i, 'p' FROM generate_series(1, 100) i")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let unlimited: bool =
+        sqlx::query_scalar("SELECT current_setting('max_slot_wal_keep_size') = '-1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // Kafka's findings are not looked at: a closed port fails them at once.
+    let doctor = |extra: &[&str]| {
+        let mut args = vec!["doctor", "--kafka-brokers", "127.0.0.1:1"];
+        args.extend_from_slice(&names);
+        args.extend_from_slice(extra);
+        db.run(&args)
+    };
+
+    let (_, out, err) = doctor(&["--read-mode", "log", "--json"]);
+    let f = findings(&out, &err);
+    for (check, needle) in [
+        ("wal_level", "wal_level=logical"),
+        ("replication", "may stream from a replication slot"),
+        (
+            "publication",
+            &format!("{publication} publishes the inserts of public.outbox"),
+        ),
+        (
+            "slot",
+            &format!("{slot}: pgoutput on this database, inactive"),
+        ),
+        ("slot wal", "wal_status=reserved"),
+        ("indexes", "--read-mode log"),
+        ("wake-up", "log mode"),
+        ("wal_sender_timeout", "wal_sender_timeout="),
+    ] {
+        assert_eq!(
+            finding(&f, check, needle)["severity"],
+            "ok",
+            "{check}: {out}"
+        );
+    }
+    let wal = finding(&f, "slot wal", "retains")["message"]
+        .as_str()
+        .unwrap();
+    assert!(
+        !wal.contains("retains 0 B") && wal.contains("confirmed_flush_lsn"),
+        "{wal}"
+    );
+    assert_eq!(finding(&f, "backlog", "in the WAL")["severity"], "info");
+    let keep = finding(&f, "max_slot_wal_keep_size", "max_slot_wal_keep_size=");
+    if unlimited {
+        assert_eq!(keep["severity"], "warn", "{keep}");
+        let fix = keep["fix"].as_str().unwrap();
+        assert!(
+            fix.contains("ALTER SYSTEM SET max_slot_wal_keep_size = '")
+                && fix.contains("is lost")
+                && fix.contains("disk fills")
+                && fix.contains("\"A lost slot\""),
+            "{fix}"
+        );
+    }
+    assert!(
+        !f.iter()
+            .any(|f| f["severity"] == "error" && f["check"] != "kafka"),
+        "only Kafka fails: {out}"
+    );
+    let (_, text, _) = doctor(&["--read-mode", "log"]);
+    assert!(
+        text.contains(&format!("[ OK ] slot: {slot}: pgoutput")),
+        "{text}"
+    );
+    if unlimited {
+        assert!(
+            text.contains("[WARN] max_slot_wal_keep_size: max_slot_wal_keep_size=-1")
+                && text.contains("fix: ALTER SYSTEM SET max_slot_wal_keep_size"),
+            "{text}"
+        );
+    }
+    // Without --read-mode: the publication says log.
+    let (_, out, err) = doctor(&["--json"]);
+    let f = findings(&out, &err);
+    assert_eq!(finding(&f, "slot", &slot)["severity"], "ok", "{out}");
+
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(&names);
+    let (code, out, err) = db.run(&args);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["read_mode"], "log", "{out}");
+    assert_eq!(
+        status["pending"], 0,
+        "rows are never marked in log mode: {out}"
+    );
+    let s = &status["slot"];
+    assert_eq!(
+        (&s["name"], &s["exists"], &s["active"], &s["wal_status"]),
+        (
+            &serde_json::json!(slot),
+            &serde_json::json!(true),
+            &serde_json::json!(false),
+            &serde_json::json!("reserved")
+        ),
+        "{out}"
+    );
+    assert!(s["retained_wal_bytes"].as_i64().unwrap() > 0, "{out}");
+    assert!(
+        s["confirmed_flush_lsn"].as_str().unwrap().contains('/'),
+        "{out}"
+    );
+    assert!(s["problem"].is_null(), "{out}");
+    let mut args = vec!["status", "--read-mode", "log"];
+    args.extend_from_slice(&names);
+    let (code, text, _) = db.run(&args);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("(read mode log): 0 parked; the backlog is in the WAL")
+            && text.contains(&format!(
+                "slot {slot}: inactive, wal_status reserved, confirmed_flush_lsn "
+            )),
+        "{text}"
+    );
+
+    // Back to claim mode, while log mode published last: the rest of the slot is for the
+    // claim relay (which drops it); append mode would refuse to take over.
+    let (code, _, err) = db.run(&["migrate", "--read-mode", "claim"]);
+    assert_eq!(code, 0, "{err}");
+    sqlx::query(
+        "INSERT INTO outbox_lease (id, holder, epoch, expires_at, read_mode) \
+         VALUES (1, 'log-relay', 1, now(), 'log') ON CONFLICT (id) DO UPDATE SET read_mode = 'log'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (_, out, err) = doctor(&["--json"]);
+    let f = findings(&out, &err);
+    let tail = finding(
+        &f,
+        "slot",
+        "a --read-mode claim relay first publishes the rest",
+    );
+    assert_eq!(tail["severity"], "info", "{out}");
+    let (_, out, err) = doctor(&["--read-mode", "append", "--json"]);
+    let f = findings(&out, &err);
+    let append = finding(&f, "slot", "--read-mode append refuses to take over");
+    assert_eq!(append["severity"], "error", "{out}");
+    // Once claim mode has published, a slot left behind is a warning naming the drop.
+    sqlx::query("UPDATE outbox_lease SET read_mode = 'claim'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (_, out, err) = doctor(&["--json"]);
+    let f = findings(&out, &err);
+    let left = finding(
+        &f,
+        "slot",
+        "exists, but the table is read with --read-mode claim",
+    );
+    assert_eq!(left["severity"], "warn");
+    assert!(
+        left["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pg_drop_replication_slot('{slot}')")),
+        "{left}"
+    );
+
+    // The slot gone: doctor fails with the fix, status names the runbook.
+    drop(drop_slot);
+    let (code, out, err) = doctor(&["--read-mode", "log", "--json"]);
+    assert_eq!(code, 1);
+    let f = findings(&out, &err);
+    let missing = finding(&f, "slot", "does not exist");
+    assert_eq!(missing["severity"], "error", "{out}");
+    assert!(
+        missing["fix"]
+            .as_str()
+            .unwrap()
+            .contains("migrate --read-mode log"),
+        "{missing}"
+    );
+    assert_eq!(
+        finding(
+            &f,
+            "indexes",
+            "migrated for --read-mode claim, not for --read-mode log"
+        )["severity"],
+        "warn"
+    );
+    let mut args = vec!["status", "--read-mode", "log"];
+    args.extend_from_slice(&names);
+    let (code, text, _) = db.run(&args);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains(&format!("slot {slot}: does not exist\nslot problem: "))
+            && text.contains("\"A lost slot\""),
+        "{text}"
+    );
+}
+
+/// Log mode's monitor: the slot gauges while the slot exists; when it is dropped under the
+/// running relay, NaN gauges and /readyz failing with the runbook, logged once. Works with
+/// Kafka down (readiness then names both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_slot_fails_readiness_with_the_runbook() {
+    let (slot, publication) = (unique("slot"), unique("pub"));
+    let log = [
+        "--read-mode",
+        "log",
+        "--slot",
+        slot.as_str(),
+        "--publication",
+        publication.as_str(),
+    ];
+    let db = TestDb::migrated(&log).await;
+    let drop_slot = DropSlot(slot.clone());
+    let relay = Relay::spawn(&db.name, &db.url, &common::kafka_brokers(), &log, &[]);
+    relay.wait_http("/healthz", 200, Duration::from_secs(10));
+    // The first monitor tick sets the gauges.
+    let start = std::time::Instant::now();
+    let retained = loop {
+        if let Some(v) = relay.metric("outbox_relay_slot_retained_wal_bytes") {
+            if v.is_finite() {
+                break v;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no slot gauge: {}",
+            relay.http_get("/metrics").1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(retained >= 0.0, "{retained}");
+    assert!(relay
+        .metric("outbox_relay_slot_confirmed_lag_bytes")
+        .is_some_and(|v| v >= 0.0));
+    let safe = relay.metric("outbox_relay_slot_safe_wal_bytes").unwrap();
+    assert!(safe == -1.0 || safe > 0.0, "{safe}");
+    let (_, ready) = relay.http_get("/readyz");
+    assert!(!ready.contains("replication slot"), "{ready}");
+
+    // Dropped under the relay (its stream ended first): readiness names the runbook.
+    drop(drop_slot);
+    let start = std::time::Instant::now();
+    let ready = loop {
+        let (code, body) = relay.http_get("/readyz");
+        if body.contains("replication slot") {
+            assert_eq!(code, 503);
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "readiness never named the slot: {body}; log: {}",
+            relay.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        ready.contains(&format!("the replication slot \"{slot}\" does not exist"))
+            && ready.contains("\"A lost slot\""),
+        "{ready}"
+    );
+    assert!(relay
+        .metric("outbox_relay_slot_retained_wal_bytes")
+        .unwrap()
+        .is_nan());
+    std::thread::sleep(Duration::from_secs(6)); // another monitor tick
+    let logs = relay.logs();
+    assert_eq!(
+        logs.matches("readiness fails until it is fixed").count(),
+        1,
+        "logged once per change: {logs}"
+    );
+}
