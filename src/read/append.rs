@@ -108,6 +108,18 @@ impl AppendReader {
         }
     }
 
+    /// The batch read's plan as the relay runs it (`EXPLAIN`, same planner settings, from the
+    /// start, nothing in flight).
+    pub async fn read_plan(&self, limit: BatchLimit) -> Result<String, sqlx::Error> {
+        let explain = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", self.fetch_sql)))
+            .bind(i64::from(limit.rows))
+            .bind(Vec::<i64>::new())
+            .bind(0i64)
+            .bind(0i64)
+            .bind(limit.bytes as i64);
+        super::explain_in_index_order(self.store.pool(), explain).await
+    }
+
     fn drop_read_ahead(&mut self) {
         if let Some(ahead) = self.read_ahead.take() {
             ahead.abort();

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use sqlx::AssertSqlSafe;
 
 use super::{
-    bytes_bounded, read_in_index_order, BatchLimit, Fence, Ledger, Progress, Reader, Recorded,
-    IN_INDEX_ORDER, ROW_BYTES,
+    bytes_bounded, explain_in_index_order, read_in_index_order, BatchLimit, Fence, Ledger,
+    Progress, Reader, Recorded, ROW_BYTES,
 };
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
@@ -66,17 +66,11 @@ impl ClaimReader {
     /// The batch read's plan as the relay runs it (`EXPLAIN`, same planner settings, no rows
     /// in flight): one index scan of the read index in id order, whatever the statistics.
     pub async fn read_plan(&self, limit: BatchLimit) -> Result<String, sqlx::Error> {
-        let mut tx = self.store.pool().begin().await?;
-        sqlx::raw_sql(IN_INDEX_ORDER).execute(&mut *tx).await?;
-        let explain = format!("EXPLAIN {}", self.fetch_sql);
-        let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain))
+        let explain = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", self.fetch_sql)))
             .bind(i64::from(limit.rows))
             .bind(Vec::<i64>::new())
-            .bind(limit.bytes as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(lines.join("\n"))
+            .bind(limit.bytes as i64);
+        explain_in_index_order(self.store.pool(), explain).await
     }
 }
 
