@@ -91,6 +91,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = match args.mode {
         ReadMode::Claim => drain(ClaimReader::new(store, false), &mut lease, &args).await,
         ReadMode::Append => drain(AppendReader::new(store), &mut lease, &args).await,
+        // Log mode reads the WAL through a replication slot, not the table: no statements to
+        // replay alone (bench/bench.py measures relay-log against Kafka's ceiling only).
+        ReadMode::Log => Err(
+            "--mode log: log mode has no database-limit example (its reads are the \
+             walsender's decoding of a replication slot, not statements)"
+                .into(),
+        ),
     };
     lease.release().await;
     println!("{}", out?);
