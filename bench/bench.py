@@ -15,6 +15,8 @@ Arms (each a way of getting outbox rows from PostgreSQL into Kafka, or a ceiling
                 serving a read mode's own read and progress write of a backlog, no Kafka (the
                 database's limit for that mode)
   relay         target/release/outbox-relay with its defaults (`migrate`, then `run`)
+  relay-delete / relay-append / relay-log   the same with --on-publish delete, --read-mode append,
+                --read-mode log (a logical replication slot, LOG_SLOT, through pgoutput)
   naive         bench/naive_relay.py: one row at a time, synchronous send, UPDATE per row
   debezium-defaults / debezium-tuned   Debezium Server, outbox EventRouter, Kafka sink, pgoutput
 
@@ -391,6 +393,9 @@ AUDIT_TABLE = "bench_published"
 RELAY_ROWS = (f"(SELECT topic, key, payload, bench_xid FROM {RELAY_TABLE} "
               f"UNION ALL SELECT topic, key, payload, bench_xid FROM {AUDIT_TABLE})")
 PUBLICATION, SLOT = "bench_dbz_pub", "bench_dbz"
+# The relay-log arm's slot and publication on the relay's table (explicit names, given to both
+# `migrate --read-mode log` and `run --read-mode log`).
+LOG_SLOT = LOG_PUBLICATION = "bench_relay_log"
 
 
 class Pg:
@@ -447,16 +452,23 @@ class Pg:
             # Inserts only: TRUNCATE between cells is not streamed.
             self.x(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE {DBZ_TABLE} WITH (publish = 'insert')")
 
-    def drop_slot(self):
+    def drop_slot(self, name=SLOT):
         for _ in range(30):
-            r = self.one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (SLOT,))
+            r = self.one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,))
             if r is None:
                 return
             if r[0] is None:
-                self.x("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+                self.x("SELECT pg_drop_replication_slot(%s)", (name,))
                 return
             time.sleep(1)
-        raise RuntimeError("replication slot still active")
+        raise RuntimeError(f"replication slot {name} still active")
+
+    def slot_state(self, name):
+        """A slot's state: whether a session streams it, the WAL it has not confirmed (bytes from
+        its confirmed position to the server's), wal_status; None when there is no such slot."""
+        r = self.one("SELECT active, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, wal_status "
+                     "FROM pg_replication_slots WHERE slot_name = %s", (name,))
+        return dict(zip(("active", "unconfirmed_wal_bytes", "wal_status"), r)) if r else None
 
     def reset_table(self, table):
         self.x(f"TRUNCATE {table}")
@@ -509,11 +521,11 @@ class Pg:
         return int(self.one("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")[0])
 
     def statements(self):
-        rows = self.x("""SELECT r.rolname, sum(s.calls)::bigint, sum(s.total_exec_time)::float8
+        rows = self.x("""SELECT r.rolname, sum(s.calls)::bigint, sum(s.total_exec_time)::float8, sum(s.wal_bytes)::int8
                          FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
                          WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
                          GROUP BY 1""")
-        return {r[0]: {"calls": int(r[1]), "exec_ms": r[2]} for r in rows}
+        return {r[0]: {"calls": int(r[1]), "exec_ms": r[2], "wal_bytes": int(r[3] or 0)} for r in rows}
 
     def top_statements(self, role, n=6):
         rows = self.x("""SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 110), calls, mean_exec_time, rows
@@ -769,6 +781,31 @@ class RelayAppend(Relay):
         self.label = f"outbox-relay ({h.relay_profile} build), --read-mode append"
 
 
+class RelayLog(Relay):
+    """outbox-relay with `--read-mode log` (a logical replication slot through pgoutput: commit
+    order, no per-row write). The table is migrated to log mode before (Harness.log_mode: the
+    publication, publish = 'insert', and the slot LOG_SLOT) and back after (leave_log_mode)."""
+    name = "relay-log"
+    walsender = True  # its replication connection is a walsender backend, metered on its own
+    extra_args = ["--read-mode", "log", "--slot", LOG_SLOT, "--publication", LOG_PUBLICATION]
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build), --read-mode log"
+
+    def fresh(self):
+        """A fresh slot: unlike a truncated table, the slot still holds the events a cell left
+        undelivered (their topics deleted), and the next cell would stream them first. The
+        lease forgets log mode, so the next start records it again from an empty table (its
+        hand-over publishes every row it finds unmarked, and log mode marks none)."""
+        self.stop()
+        self.h.pg.drop_slot(LOG_SLOT)
+        self.h.pg.x(f"UPDATE {RELAY_TABLE}_lease SET read_mode = NULL, log_check_until = NULL WHERE id = 1")
+        self.h.pg.reset_table(RELAY_TABLE)
+        self.h.log_mode()
+        self.dirty = False
+
+
 class RelayNoNotify(Relay):
     """Supplementary (only with BENCH_ARMS=...,relay-nonotify): the relay polling every 250 ms,
     with the NOTIFY trigger dropped (`migrate --notify-trigger false`, `run --listen false`)."""
@@ -810,6 +847,7 @@ class Naive(Arm):
 class Debezium(Arm):
     layout = "dbz"
     role = "bench_dbz"
+    walsender = True
 
     def __init__(self, h, tuned):
         super().__init__(h)
@@ -965,6 +1003,7 @@ class Harness:
         self.pg.setup_relay_table(self.relay_bin)
         self.pg.setup_dbz_table()
         self.pg.drop_slot()
+        self.leave_log_mode(migrate=False)  # what an interrupted relay-log arm left (setup migrated to claim)
         self.kafka.create_topic("bench.warmup") if "bench.warmup" not in self.kafka.admin.list_topics(timeout=10).topics else None
         self.meta = self.machine()
 
@@ -991,20 +1030,48 @@ class Harness:
         subprocess.run([self.relay_bin, "migrate", "--notify-trigger", "true" if on else "false"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
 
-    def read_mode(self, mode):
+    def read_mode(self, mode, *extra):
         """Migrate the relay's table to a read mode's index (append: by writing xid; claim: pending by id)."""
         env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"))
-        subprocess.run([self.relay_bin, "migrate", "--read-mode", mode], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([self.relay_bin, "migrate", "--read-mode", mode, *extra], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def log_mode(self):
+        """Migrate the relay's table to log mode: the publication of its inserts (publish =
+        'insert': the TRUNCATE between cells is not streamed), the emit function, the slot
+        LOG_SLOT (which then holds the WAL of every insert until the relay confirms it); the
+        claim and append indexes and the NOTIFY trigger are dropped."""
+        self.read_mode("log", "--slot", LOG_SLOT, "--publication", LOG_PUBLICATION)
+        return True
+
+    def leave_log_mode(self, migrate=True):
+        """Undo log_mode() once the relay-log arm is stopped, so the arms after it run as before:
+        drop the slot (it would keep WAL for good) and the publication, let the lease forget log
+        mode (a claim-mode relay takes over a table last published in log mode through its slot),
+        and migrate back to claim mode's index and NOTIFY trigger."""
+        self.pg.drop_slot(LOG_SLOT)
+        self.pg.x(f"DROP PUBLICATION IF EXISTS {LOG_PUBLICATION}")
+        if self.pg.one(f"SELECT to_regclass('{RELAY_TABLE}_lease')")[0]:
+            self.pg.x(f"UPDATE {RELAY_TABLE}_lease SET read_mode = NULL, log_check_until = NULL WHERE id = 1")
+        if migrate:
+            self.read_mode("claim")
 
     def diagnose(self, arm):
         """Why an arm may not deliver: what waits in its table, and the last error in its log."""
         out = []
         try:
-            if arm.layout == "relay":
+            if isinstance(arm, RelayLog):
+                # Log mode marks no row: what waits is in the slot, not in the table's state.
+                rows, parked = self.pg.one(f"SELECT count(*), count(*) FILTER (WHERE failed_at IS NOT NULL) "
+                                           f"FROM {RELAY_TABLE}")
+                out.append(f"slot {LOG_SLOT}: {self.pg.slot_state(LOG_SLOT) or 'missing'}")
+                out.append(f"table: {rows} rows (log mode marks none), {parked} parked")
+            elif arm.layout == "relay":
                 rows = self.pg.x(f"SELECT topic, count(*) FILTER (WHERE {UNPUBLISHED}), "
                                  f"count(*) FILTER (WHERE failed_at IS NOT NULL) FROM {RELAY_TABLE} GROUP BY 1 "
                                  f"ORDER BY 2 DESC LIMIT 3")
                 out.append("table: " + (", ".join(f"{t}: {p} pending, {f} parked" for t, p, f in rows) or "empty"))
+            if arm.layout == "relay":
                 lease = self.pg.x(f"SELECT * FROM {RELAY_TABLE}_lease") if self.pg.one(
                     f"SELECT to_regclass('{RELAY_TABLE}_lease')")[0] else None
                 if lease:
@@ -1033,13 +1100,17 @@ class Harness:
         if arm.role:
             # The arm's own backends (its sessions and, for Debezium, its walsender).
             groups["pg_arm"] = lambda: [r[0] for r in self.pg_arm_pids(arm.role)]
+        if getattr(arm, "walsender", False):
+            # Of those, the walsender alone (decoding the WAL for the arm's slot).
+            groups["pg_walsender"] = lambda: [r[0] for r in self.pg_arm_pids(arm.role, walsender=True)]
         if arm.process is not None or isinstance(arm, (Relay, Naive, Debezium, Example)):
             groups["arm"] = lambda: [p] if (p := arm.pid()) else []
         return CpuMeter(groups)
 
-    def pg_arm_pids(self, role):
+    def pg_arm_pids(self, role, walsender=False):
         with psycopg.connect(url(), autocommit=True) as c:
-            return c.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s", (role,)).fetchall()
+            return c.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s"
+                             + (" AND backend_type = 'walsender'" if walsender else ""), (role,)).fetchall()
 
     def sampler(self, arm, topic, table, every, stop, samples, t0, meter=None):
         pg = psycopg.connect(url(), autocommit=True)
@@ -1074,7 +1145,7 @@ class Harness:
     def end(self, arm, table, b, events):
         out = {"wal_bytes": self.pg.wal_lsn() - b["wal"], "events": events}
         cpu = b["meter"].totals()
-        out.update({f"cpu_{k}_s": v for k, v in cpu.items() if k in ("arm", "postgres", "kafka", "pg_arm")})
+        out.update({f"cpu_{k}_s": v for k, v in cpu.items() if k in ("arm", "postgres", "kafka", "pg_arm", "pg_walsender")})
         out["pg_cpu_sampled"] = True
         out["machine_busy_pct"] = 100 * cpu["machine_busy_frac"]
         out["loadavg_1m"] = max(b["loadavg"][0], cpu["loadavg_1m_end"])
@@ -1088,6 +1159,9 @@ class Harness:
         if arm.role:
             out["arm_statements"] = stm.get(arm.role, {}).get("calls", 0)
             out["arm_statement_ms"] = stm.get(arm.role, {}).get("exec_ms", 0.0)
+            # The WAL the arm's own statements wrote (pg_stat_statements wal_bytes): the relay's
+            # writes alone, without the rest of the server's WAL (checkpoints' full-page images).
+            out["arm_wal_bytes"] = stm.get(arm.role, {}).get("wal_bytes", 0)
             out["top_statements"] = self.pg.top_statements(arm.role)
         out["app_statements"] = stm.get("bench_app", {}).get("calls", 0)
         out["table"] = self.pg.table_stats(table)
@@ -1099,9 +1173,12 @@ class Harness:
             out["pg_cpu_s_per_1k"] = 1000 * out["cpu_postgres_s"] / events
             if "cpu_pg_arm_s" in out:
                 out["pg_arm_cpu_s_per_1k"] = 1000 * out["cpu_pg_arm_s"] / events
+            if "cpu_pg_walsender_s" in out:
+                out["pg_walsender_cpu_s_per_1k"] = 1000 * out["cpu_pg_walsender_s"] / events
             out["kafka_cpu_s_per_1k"] = 1000 * out["cpu_kafka_s"] / events
             if arm.role:
                 out["arm_statements_per_event"] = out["arm_statements"] / events
+                out["arm_wal_bytes_per_event"] = out["arm_wal_bytes"] / events
         return out
 
     def wait_delivered(self, topic, n, timeout, stall=20):
@@ -1129,6 +1206,8 @@ class Harness:
         self.pg.reset_table(table)
         if publishes:
             self.pg.stray_sessions(arm)
+            if isinstance(arm, RelayLog) and arm.dirty:
+                arm.fresh()
             arm.start()
         topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.{kind}{rate}"
         self.kafka.create_topic(topic)
@@ -1230,12 +1309,22 @@ class Harness:
             # offsets would first re-stream earlier cells' rows, whose topics are deleted.
             arm.fresh()
             arm.start()
+        elif isinstance(arm, RelayLog) and arm.dirty:
+            # The slot would stream an earlier cell's leftovers before the backlog: a fresh one,
+            # recorded in the lease by a start (RelayLog.fresh).
+            arm.fresh()
+            arm.start()
+        # Log mode: the relay stops and the slot stays, so the pre-load's WAL waits in the slot
+        # (the TRUNCATE below is not streamed: the publication is publish = 'insert').
         arm.stop()
         self.kafka.create_topic(topic)
         self.pg.reset_table(table)
         log(f"{arm.name} {kind}:")
         try:
             before = self.backlog(table, topic, n, wl, analyzed)
+            if isinstance(arm, RelayLog):
+                # The WAL the walsender decodes to stream the backlog (from the slot's confirmed position).
+                before["slot_wal_at_start"] = (self.pg.slot_state(LOG_SLOT) or {}).get("unconfirmed_wal_bytes")
             log(f"  starting {arm.name}")
             b = self.begin(arm, table)
             stop, samples = threading.Event(), []
@@ -1256,9 +1345,14 @@ class Harness:
         finally:
             self.pg.allow_analyze(table)
         arm.stop()
+        arm.dirty = arm.dirty or hw < n
         chk = check_topic(self.kafka, topic, self.pg.expected(arm.layout, topic))
         res.update({k: v for k, v in chk.items() if not k.startswith("_")})
-        if arm.layout == "relay":
+        if isinstance(arm, RelayLog):
+            # Log mode marks no row (every row would count as pending): what it has not
+            # published is the checker's `missing`, and the WAL its slot has not confirmed.
+            res["slot_unconfirmed_wal_bytes"] = (self.pg.slot_state(LOG_SLOT) or {}).get("unconfirmed_wal_bytes")
+        elif arm.layout == "relay":
             res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE {UNPUBLISHED}")[0]
         ap = chk["_append_ms"]
         if len(ap) > 1:
@@ -1465,7 +1559,8 @@ def per_1k(res, events):
     """CPU-seconds per 1,000 events of each metered component (from the cell's cpu_<name>_s)."""
     if events:
         for name, key in (("arm", "arm_cpu_s_per_1k"), ("postgres", "pg_cpu_s_per_1k"),
-                          ("pg_arm", "pg_arm_cpu_s_per_1k"), ("kafka", "kafka_cpu_s_per_1k")):
+                          ("pg_arm", "pg_arm_cpu_s_per_1k"), ("pg_walsender", "pg_walsender_cpu_s_per_1k"),
+                          ("kafka", "kafka_cpu_s_per_1k")):
             if res.get(f"cpu_{name}_s") is not None:
                 res[key] = 1000 * res[f"cpu_{name}_s"] / events
     return res
@@ -1530,6 +1625,8 @@ def estimate(m, arms, dbz):
         t += 15 + 2 * ladder * step + (2 if full else 1) * drain
     if want("relay-append"):
         t += 25 + 2 * ladder * step + (2 if full else 1) * drain + m.soak_seconds + 20
+    if want("relay-log"):
+        t += 30 + 2 * ladder * step + drain + 20
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1667,6 +1764,24 @@ def plan(h, arms_filter):
         finally:
             ra.stop()
             h.read_mode("claim")
+    if want("relay-log"):
+        # No drain-analyzed cell (the stream reads the WAL, never the table: planner statistics
+        # play no part) and no soak (it watches the dead tuples of per-row writes; log mode
+        # writes nothing per row).
+        rl = RelayLog(h)
+        try:
+            # An empty table first: the first start in log mode publishes every row it finds
+            # unmarked (the hand-over from the mode before), and rows left by earlier arms name
+            # deleted topics.
+            h.pg.reset_table(RELAY_TABLE)
+            if guarded("relay-log migrate", h.log_mode):
+                guarded("relay-log warm-up", h.warm, rl)
+                for wl in side:
+                    guarded(f"relay-log ladder {wl.name}", h.ladder, rl, wl, cap=ceilings.get(wl.name))
+                guarded("relay-log drain", h.drain, rl, main, m.drain_rows)
+        finally:
+            rl.stop()
+            guarded("relay-log leave log mode", h.leave_log_mode)
     if want("naive"):
         naive = Naive(h)
         try:
