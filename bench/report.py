@@ -13,14 +13,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
-             "db-limit-append", "relay", "relay-delete", "relay-append", "relay-nonotify", "naive",
+             "db-limit-append", "relay", "relay-delete", "relay-append", "relay-log", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
-COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-append": "tab:green", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-append": "tab:green", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple", "kafka-only-py": "tab:purple", "kafka-only-bare": "tab:purple",
           "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-append": "darkgreen"}
 # Each relay arm's two limits: the database's for its read mode (examples/db_limit.rs) and Kafka's
 # producer-only ceiling (examples/kafka_ceiling.rs, arm kafka-only).
 DB_LIMIT = {"relay": "db-limit-claim", "relay-delete": "db-limit-delete", "relay-append": "db-limit-append"}
+# Every relay arm, in report order. relay-log has no database-limit example (examples/db_limit.rs
+# runs the claim and append readers only): Kafka's ceiling is the only limit it is measured against.
+RELAY_ARMS = ["relay", "relay-delete", "relay-append", "relay-log"]
+NO_DB_LIMIT = "no database limit is measured for log mode"
 
 
 def fmt(v, d=0, unit=""):
@@ -94,9 +98,101 @@ def limit(res, ra, wl, kind):
     `kind`: the database limit measured the same way (drain: no statistics; drain-analyzed)."""
     db = rate_of(drain(res, DB_LIMIT.get(ra), "1x200B", kind))
     kafka = rate_of(drain(res, "kafka-only", "1x200B"))
+    if ra not in DB_LIMIT:
+        return (kafka, f"kafka-only; {NO_DB_LIMIT}") if kafka else (None, "not measured in this run")
     if not (db and kafka):
         return None, "not measured in this run"
     return (db, f"{DB_LIMIT[ra]}, {kind}") if db <= kafka else (kafka, "kafka-only")
+
+
+def wal_above(res, r):
+    """WAL per event above the app-only baseline: minus the db-only arm's (db-only-dbz for
+    Debezium) at the same workload and rate; None without a baseline."""
+    base = at_rate(res, "db-only-dbz" if r["arm"].startswith("debezium") else "db-only", r["workload"], r["offered"])
+    if base and base.get("wal_bytes_per_event") and r.get("wal_bytes_per_event") and not r["arm"].startswith("db-only"):
+        return r["wal_bytes_per_event"] - base["wal_bytes_per_event"]
+    return None
+
+
+def log_targets(res, w, rd, main):
+    """relay-log's own targets (issue #15): p99 within 5 ms of the producer alone at the same rate,
+    drain >= 2x Debezium-tuned's, WAL above the app's own < 5 B/event, its PostgreSQL CPU reported."""
+    ra = "relay-log"
+    for rate in sorted({r["offered"] for r in steps(res, ra, main)} & {r["offered"] for r in steps(res, "kafka-only", main)}):
+        rr, kr = at_rate(res, ra, main, rate), at_rate(res, "kafka-only", main, rate)
+        if rr.get("lat_p99_ms") is not None and kr.get("lat_p99_ms") is not None:
+            d = rr["lat_p99_ms"] - kr["lat_p99_ms"]
+            w(f"| [{ra}] p99 at {rate:,}/s ({main}) within 5 ms of the producer-only arm's p99 | relay {fmt(rr['lat_p99_ms'], 1)} ms "
+              f"vs kafka-only {fmt(kr['lat_p99_ms'], 1)} ms ({'+' if d >= 0 else '-'}{fmt(abs(d), 1)} ms) | {verdict(d <= 5)} |")
+    dt = drain(res, "debezium-tuned", main)
+    if rd and rate_of(dt):
+        w(f"| [{ra}] drain >= 2x debezium-tuned's drain (200 B) | relay {fmt(rate_of(rd))} vs {fmt(rate_of(dt))} events/s "
+          f"({fmt((rate_of(rd) or 0) / rate_of(dt), 1)}x) | {verdict((rate_of(rd) or 0) >= 2 * rate_of(dt))} |")
+    elif rd:
+        w(f"| [{ra}] drain >= 2x debezium-tuned's drain (200 B) | debezium-tuned's drain is not in this run | n/a |")
+    if rd:
+        w(f"| [{ra}] drain: where the time goes (walsender, relay, broker) | walsender {fmt(rd.get('pg_walsender_cpu_s_per_1k'), 3)}, "
+          f"relay {fmt(rd.get('arm_cpu_s_per_1k'), 3)}, broker {fmt(rd.get('kafka_cpu_s_per_1k'), 3)} CPU-s/1k events "
+          "(table under the backlog drain) | reported |")
+    # WAL: the relay's own statements' (pg_stat_statements wal_bytes, exact), and all the server's
+    # WAL minus the app-only baseline's (the report's usual figure, which also carries each cell's
+    # checkpoint full-page images). The verdict is on the first when the run has it.
+    cells = [r for r in steps(res, ra) if wal_above(res, r) is not None or r.get("arm_wal_bytes_per_event") is not None]
+    if any(r["offered"] in (1000, 5000) for r in cells):
+        cells = [r for r in cells if r["offered"] in (1000, 5000)]
+    if cells:
+        cells.sort(key=lambda r: (r["workload"] != main, r["workload"], r["offered"]))
+        own = [r.get("arm_wal_bytes_per_event") for r in cells]
+        above = [wal_above(res, r) for r in cells]
+        judged = own if None not in own else above if None not in above else None
+        at = lambda r: f"{r['workload']} at {fmt(r['offered'])}/s"  # noqa: E731
+        w(f"| [{ra}] WAL written by the relay per event (above the application's own) < 5 B | "
+          + (("its statements (pg_stat_statements): " + ", ".join(f"{at(r)} {fmt(v, 1)} B" for r, v in zip(cells, own))
+              + "; ") if None not in own else "")
+          + "all WAL minus the app-only baseline: " + ", ".join(f"{at(r)} {fmt(v, 1)} B" for r, v in zip(cells, above))
+          + f" | {verdict(None if judged is None else max(judged) < 5)} |")
+    pg = [r for r in steps(res, ra, main) if r["offered"] in (1000, 5000) and r.get("pg_arm_cpu_s_per_1k") is not None]
+    if pg or (rd and rd.get("pg_arm_cpu_s_per_1k") is not None):
+        w(f"| [{ra}] PostgreSQL CPU per event for the relay's own work (its sessions and walsender) | "
+          + "; ".join([f"{main} at {fmt(r['offered'])}/s: {fmt(r['pg_arm_cpu_s_per_1k'], 3)} (walsender "
+                       f"{fmt(r.get('pg_walsender_cpu_s_per_1k'), 3)})" for r in sorted(pg, key=lambda r: r["offered"])]
+                      + ([f"drain: {fmt(rd['pg_arm_cpu_s_per_1k'], 3)} (walsender {fmt(rd.get('pg_walsender_cpu_s_per_1k'), 3)})"]
+                         if rd and rd.get("pg_arm_cpu_s_per_1k") is not None else []))
+          + " CPU-s/1k events | reported |")
+
+
+def log_drain_profile(res, w):
+    """Where relay-log's drain time goes: each component's CPU over the cell (start to last
+    message) against the wall time, beside the Debezium drains of the same backlog (both stream
+    it from a slot through pgoutput)."""
+    rows = [r for r in res if r.get("kind") == "drain" and r["arm"] in ("relay-log", "debezium-defaults", "debezium-tuned")
+            and r.get("wall_s")]
+    if not any(r["arm"] == "relay-log" for r in rows):
+        return
+    w("Where the time of a drain from a slot goes: CPU-seconds of each component over the cell (from the start to the "
+      "last message), per 1,000 events and as a share of the cell's wall time (100% = one core busy throughout; the "
+      "walsender is one process, so near 100% it is the bottleneck). The walsender decodes the slot's WAL into "
+      "pgoutput messages; the arm's other PostgreSQL sessions are its connections besides the walsender (the relay's: "
+      "lease, heartbeat, checks). The drain's rate is in the table above, the relay's own phases in the profile below.\n")
+    w("| arm | workload | events | wall s | slot WAL at start MiB | walsender CPU-s/1k (% of wall) | arm process (% of wall) | "
+      "arm's other PG sessions (% of wall) | broker (% of wall) | all PostgreSQL (% of wall) | machine busy % |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def part(r, secs):
+        n, wall = r.get("events") or r.get("delivered_unique"), r["wall_s"]
+        if secs is None or not n:
+            return "-"
+        return f"{fmt(1000 * secs / n, 3)} ({fmt(100 * secs / wall, 0)}%)"
+
+    for r in sorted(rows, key=lambda r: (r["workload"], arm_key(r))):
+        ws, pa = r.get("cpu_pg_walsender_s"), r.get("cpu_pg_arm_s")
+        other = pa - ws if pa is not None and ws is not None else None
+        slot = r.get("slot_wal_at_start")
+        w(f"| {r['arm']} | {r['workload']} | {fmt(r.get('events'))} | {fmt(r['wall_s'], 1)} | "
+          f"{fmt(slot / 2**20 if slot is not None else None, 1)} | {part(r, ws)} | {part(r, r.get('cpu_arm_s'))} | "
+          f"{part(r, other)} | {part(r, r.get('cpu_kafka_s'))} | {part(r, r.get('cpu_postgres_s'))} | "
+          f"{fmt(r.get('machine_busy_pct'), 0)} |")
+    w("")
 
 
 def pct(a, b):
@@ -189,6 +285,7 @@ def render(meta, res, plots, outdir, mode):
     L = []
     w = L.append
     arms_present = sorted({r["arm"] for r in res if r.get("kind") != "error"}, key=lambda a: ARM_ORDER.index(a) if a in ARM_ORDER else 99)
+    has_log = "relay-log" in arms_present
     labels = {}
     for r in res:
         if r.get("label"):
@@ -235,7 +332,9 @@ def render(meta, res, plots, outdir, mode):
       "is not offered more than the insert-only ceiling of the same workload: that ceiling is its last coarse step.")
     w("- **Insert-only ceiling** (`db-only`): the load generator alone on the relay's table *without* the NOTIFY "
       "trigger that `outbox-relay migrate` installs (the app before the relay is enabled); the relay arm runs with the "
-      "trigger, so its cost is the relay's.")
+      "trigger, so its cost is the relay's."
+      + (" `relay-log` runs without it, as log mode does (`migrate --read-mode log` drops it: the stream wakes the "
+         "relay)." if has_log else ""))
     w("- **Latency**: from the row's true commit time (`pg_xact_commit_timestamp`; for the relay's table the harness adds a "
       "column `bench_xid xid8 DEFAULT pg_current_xact_id()` because the relay's UPDATE replaces `xmin`; the db-only baseline "
       "pays the same column) to the broker's LogAppendTime (millisecond resolution), for every event of the step at 1,000 "
@@ -246,19 +345,27 @@ def render(meta, res, plots, outdir, mode):
       "(`autovacuum_analyze_threshold`; vacuum still runs), and checks nothing analyzed the table before the start "
       "(`column_stats_at_start`, `analyzes_during` in results.json). `drain-analyzed`: the same drain after `ANALYZE`, "
       "side by side. Debezium's slot is created before the pre-load (snapshot.mode=no_data), so it streams the backlog "
-      "from WAL.")
+      "from WAL."
+      + (" So does `relay-log`: its slot (`migrate --read-mode log`) stays while the relay is stopped, so the "
+         "pre-load waits in the slot's WAL (the publication is `publish = 'insert'`: the TRUNCATE before it is not "
+         "streamed); it has no `drain-analyzed` cell, as the stream never reads the table." if has_log else ""))
     w("- **Limits** (the relay's two ceilings): Kafka's producer-only ceiling is `examples/kafka_ceiling.rs`, a Rust "
       "librdkafka producer built from the relay's own producer properties (`kafka::client_config`: idempotence, acks=all, "
       "lz4, linger.ms, murmur2_random) with messages built as the relay builds them (`event::to_message`: the same "
       "headers), no batch barrier. A read mode's database limit is `examples/db_limit.rs`: the relay's reader and ledger "
       "(`ClaimReader`/`AppendReader`, `Ledger::record`) draining the same kind of pre-loaded backlog in 1,000-row "
       "batches with one progress write in flight beside the next read, as the relay loop does, with every row counted "
-      "delivered at once (no Kafka). A relay is at its physical limit when it reaches the lower of the two.")
+      "delivered at once (no Kafka). A relay is at its physical limit when it reaches the lower of the two."
+      + (" There is no database-limit example for log mode (`db_limit` runs the claim and append readers): "
+         "`relay-log` is measured against Kafka's ceiling only, and its drain's profile (walsender, relay, broker) "
+         "is under the backlog drain." if has_log else ""))
     w("- **Per event**: CPU-seconds of the arm's process (and of all PostgreSQL processes, and of the broker) from /proc over "
       "the cell including catch-up (the examples': the kernel's accounting at exit); peak RSS = VmHWM, reset at the start of the cell (clear_refs); statements = "
       "pg_stat_statements calls by the arm's role (the walsender's replication protocol is not counted); WAL = "
       "pg_current_wal_lsn() difference, and above the app-only baseline = minus the db-only arm's WAL per event at the "
-      "same workload and rate (same table layout).")
+      "same workload and rate (same table layout)."
+      + (" The arm's PostgreSQL CPU includes its walsender (`relay-log`, Debezium: decoding the WAL for its slot), "
+         "also reported on its own." if has_log else ""))
     w("- **Checker** (every cell, every arm): the topic is read back in full; the payload's (key, seq) identifies an event; "
       "reported: missing (committed but not in Kafka), duplicates, per-key order violations of first occurrences, keys seen "
       "on two partitions.\n")
@@ -296,13 +403,17 @@ def render(meta, res, plots, outdir, mode):
                     if db:
                         rows.append(f"| {ra} | {'none' if kind == 'drain' else 'analyzed'} | {fmt(db)} | "
                                     f"{fmt(rate_of(drain(res, 'kafka-only', '1x200B')))} | {fmt(lo)} ({which}) |")
+        kafka = rate_of(drain(res, "kafka-only", "1x200B"))
+        if has_log and kafka:
+            rows.append(f"| relay-log | - (the stream never reads the table) | none: {NO_DB_LIMIT} | {fmt(kafka)} | "
+                        f"{fmt(kafka)} (kafka-only) |")
         if rows:
             w("| relay arm | table statistics | its database limit | Kafka's ceiling | the lower |\n|---|---|---|---|---|")
             w("\n".join(rows) + "\n")
 
     w("## Targets\n")
     w("| target | measured | verdict |\n|---|---|---|")
-    relay_arms = [a for a in ("relay", "relay-delete", "relay-append") if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
+    relay_arms = [a for a in RELAY_ARMS if any(r["arm"] == a and r.get("kind") != "error" for r in res)]
     for ra in relay_arms:
         rd = drain(res, ra, main)
         r1k = at_rate(res, ra, main, 1000)
@@ -334,6 +445,8 @@ def render(meta, res, plots, outdir, mode):
             w(f"| [{ra}] latency at 1k/s ({main}): p99 < 25 ms | {fmt(r1k.get('lat_p99_ms'), 1)} ms | {verdict((r1k.get('lat_p99_ms') or 1e9) < 25)} |")
         if peak_rss:
             w(f"| [{ra}] peak RSS < 64 MB (max over its cells) | {fmt(peak_rss, 1)} MiB | {verdict(peak_rss * 1.048576 < 64)} |")
+        if ra == "relay-log":
+            log_targets(res, w, rd, main)
         for a in dbz_arms:
             dc, rc, where = cpu1k(a)
             w(f"| [{ra}] CPU per event >= 10x lower than {a} | relay {fmt(rc, 3)} vs {fmt(dc, 3)} CPU-s/1k events ({where or 'no common sustained step'}: "
@@ -356,14 +469,15 @@ def render(meta, res, plots, outdir, mode):
 
     # ---- relay against its limits
     rows = []
-    for ra in DB_LIMIT:
+    for ra in RELAY_ARMS:
         if not any(r["arm"] == ra and r.get("kind") != "error" for r in res):
             continue
         for kind in ("drain", "drain-analyzed"):
             rd = drain(res, ra, "1x200B", kind)
             if rd:
                 lo, which = limit(res, ra, "1x200B", kind)
-                rows.append(f"| {ra} | {kind} 1x200B ({'no statistics' if kind == 'drain' else 'analyzed'}) | "
+                how = "from the slot's WAL" if ra not in DB_LIMIT else "no statistics" if kind == "drain" else "analyzed"
+                rows.append(f"| {ra} | {kind} 1x200B ({how}) | "
                             f"{fmt(rate_of(rd))} | {fmt(lo)} ({which}) | {pct(rate_of(rd), lo)} |")
         for wl in ("1x200B", "10x200B"):
             rs = sustained(res, ra, wl)
@@ -380,7 +494,10 @@ def render(meta, res, plots, outdir, mode):
         w("Each relay result as a share of the lower of its two limits (the database's for its read mode, measured the "
           "same way: no statistics or analyzed; Kafka's producer-only ceiling). A live ladder is compared with the "
           "analyzed database limit (autovacuum analyzes a live table) and with the insert-only ceiling, which bounds "
-          "any live rate.\n")
+          "any live rate."
+          + (f" `relay-log`'s lower limit is Kafka's ceiling: {NO_DB_LIMIT} (examples/db_limit.rs has no log mode); "
+             "where its drain's time goes is under the backlog drain." if has_log else "")
+          + "\n")
         w("| relay arm | cell | events/s | the lower limit (which) | share |\n|---|---|---|---|---|")
         w("\n".join(rows) + "\n")
 
@@ -405,7 +522,7 @@ def render(meta, res, plots, outdir, mode):
                 note = " (top of the ladder)"
             cells.append(fmt(s) + note if steps(res, a, wl) else "-")
         w(f"| {a} | " + " | ".join(cells) + " |")
-    for ra in ("relay", "relay-delete", "relay-append"):
+    for ra in RELAY_ARMS:
         if ra in arms and "db-only" in arms:
             w(f"| {ra} / db-only | " + " | ".join(
                 (fmt(100 * (sustained(res, ra, wl) or 0) / sustained(res, "db-only", wl), 0) + "%")
@@ -451,13 +568,15 @@ def render(meta, res, plots, outdir, mode):
     w("\nCPU per 1k events: the arm's process, all PostgreSQL processes, the arm's own backends, the broker. "
       "The limits' (database and Kafka alone) are in the limits table above.")
     w("\n`missing` in a capped (naive) drain counts rows still pending when it was stopped, not loss.\n")
+    log_drain_profile(res, w)
     w(f"![drain over time]({plots['drain']})\n")
 
     # ---- resources
     w("## Cost per event (steps at 1,000 and 5,000 events/s)\n")
     sampled = any(r.get("pg_cpu_sampled") for r in res)
     w("PG CPU: " + ("all PostgreSQL processes (sampled every second, so the load generator's backends count); "
-                    "'arm's PG' = the arm's own backends (its sessions, Debezium's walsender)." if sampled else
+                    "'arm's PG' = the arm's own backends (its sessions, " + ("the walsender of Debezium and of relay-log)."
+                                                                            if has_log else "Debezium's walsender).") if sampled else
                     "in this run the PostgreSQL processes alive at both ends of the cell: the arm's own connections "
                     "(and Debezium's walsender) plus background workers; the load generator's backends (connected "
                     "after the start snapshot) are not in it, so it approximates the database CPU spent serving the arm.") + "\n")
@@ -471,6 +590,12 @@ def render(meta, res, plots, outdir, mode):
         w(f"| {r['arm']} | {r['workload']} | {fmt(r['offered'])} | {fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('pg_cpu_s_per_1k'), 3)} | "
           f"{fmt(r.get('pg_arm_cpu_s_per_1k'), 3)} | {fmt(r.get('kafka_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | {fmt(r.get('arm_statements_per_event'), 3)} | "
           f"{fmt(r.get('wal_bytes_per_event'), 0)} | {fmt(above, 0)} | {fmt(r.get('machine_busy_pct'), 0)} | {fmt(r.get('loadavg_1m'), 2)} |")
+    ws = [r for r in res if r.get("kind") == "step" and r["arm"] == "relay-log" and r.get("offered") in (1000, 5000)
+          and r.get("pg_walsender_cpu_s_per_1k") is not None]
+    if ws:
+        w("\nOf relay-log's PG CPU, its walsender alone (decoding the WAL for its slot): " + ", ".join(
+            f"{r['workload']} at {fmt(r['offered'])}/s {fmt(r['pg_walsender_cpu_s_per_1k'], 3)}"
+            for r in sorted(ws, key=lambda r: (r["workload"] != main, r["workload"], r["offered"]))) + " CPU-s/1k events.")
     w(f"\n![RSS]({plots['rss']})\n")
 
     # ---- soak
@@ -493,7 +618,7 @@ def render(meta, res, plots, outdir, mode):
             w(f"![soak]({plots['soak']})\n")
 
     # ---- profile
-    prof = [r for r in res if r.get("relay_profile") and r["arm"] in ("relay", "relay-append")]
+    prof = [r for r in res if r.get("relay_profile") and r["arm"] in ("relay", "relay-append", "relay-log")]
     if prof:
         w("## Where the relay's time goes (outbox_relay_batch_phase_seconds, per cell)\n")
         w("| cell | batches | mean rows/batch | fetch mean ms (p99 <=) | publish mean ms (p99 <=) | mark mean ms (p99 <=) | "
@@ -507,6 +632,9 @@ def render(meta, res, plots, outdir, mode):
               + " | ".join(f"{fmt(p[ph]['mean_ms'], 2)} ({fmt(p[ph]['p99_le_ms'], 1)})" for ph in ("fetch", "publish", "mark"))
               + f" | {share} |")
         w("")
+        if any(r["arm"] == "relay-log" for r in prof):
+            w("In log mode, fetch takes the events the stream task has decoded from the walsender (without waiting for "
+              "more), publish is Kafka, and mark settles the slot's confirmed position in memory (no statement).\n")
         tops = [r for r in res if r["arm"] == "relay" and r.get("kind") == "drain" and r.get("top_statements")]
         if tops:
             w(f"Relay statements during the {tops[0]['workload']} drain (pg_stat_statements, by total time):\n")
