@@ -58,6 +58,9 @@ ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS cursor_id bigint;
 -- already be published (and marked) by the mode before: they are checked and skipped.
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS read_mode text;
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS log_check_until pg_lsn;
+-- log_snapshot: taken when `migrate --read-mode log` created the slot: the rows visible in it
+-- are the ones log mode publishes from the table when it takes over (the stream has the rest).
+ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS log_snapshot text;
 
 -- Every running replica heartbeats here on the lease cadence, so `outbox-relay status` can
 -- list them and what each owns. Informational only: publishing never reads it. Rows of

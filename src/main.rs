@@ -334,8 +334,9 @@ fn migrate(args: MigrateArgs) -> ExitCode {
             print!("{}", args.db.table.log_ddl(&log.publication));
             println!(
                 "\n-- After the above commits (a slot must not start before its publication exists):\n\
-                 SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
-                log.slot
+                 SELECT pg_create_logical_replication_slot('{}', 'pgoutput');\n{};",
+                log.slot,
+                store::record_slot_snapshot(&args.db.table)
             );
         }
         return ExitCode::SUCCESS;

@@ -88,6 +88,46 @@ impl LogDb {
     }
 }
 
+/// A slot left behind (a failed test) would pin WAL and use up `max_replication_slots` for the
+/// tests after it: drop it however the test ends (best effort; the relay, declared after the
+/// database, is already killed).
+impl Drop for LogDb {
+    fn drop(&mut self) {
+        let (url, slot) = (self.db.url.clone(), self.slot.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                let Ok(mut conn) = sqlx::PgConnection::connect(&url).await else {
+                    return;
+                };
+                for _ in 0..50 {
+                    let dropped = sqlx::query(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    )
+                    .bind(&slot)
+                    .execute(&mut conn)
+                    .await
+                    .and(
+                        sqlx::query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1")
+                            .bind(&slot)
+                            .execute(&mut conn)
+                            .await,
+                    );
+                    if dropped.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
 async fn topics(n: usize) -> Vec<String> {
     let t: Vec<String> = (0..n).map(|i| unique(&format!("log{i}"))).collect();
     create_topics(&strs(&t), PARTITIONS).await;
@@ -126,10 +166,11 @@ async fn check_delivery(topics: &[String], ledger: &Ledger, max_duplicates: usiz
 fn wait_published(relay: &Relay, n: usize, timeout: Duration) {
     let start = Instant::now();
     loop {
-        if relay
-            .metric("outbox_relay_published_total")
-            .is_some_and(|v| v >= n as f64)
-        {
+        // Not yet listening right after a start: try again.
+        let published = common::http_get(&relay.metrics_addr, "/metrics", None)
+            .ok()
+            .and_then(|(_, body)| common::metric(&body, "outbox_relay_published_total"));
+        if published.is_some_and(|v| v >= n as f64) {
             return;
         }
         assert!(
@@ -194,13 +235,14 @@ async fn emitted_events_and_rows_mix_in_commit_order() {
                     .await
                     .unwrap();
                 let seq: i32 = sqlx::query_scalar(
-                    "INSERT INTO agg VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET seq = agg.seq + 2 RETURNING seq",
+                    "INSERT INTO agg VALUES ($1, 2) ON CONFLICT (key) DO UPDATE SET seq = agg.seq + 2 RETURNING seq",
                 )
                 .bind(&key)
                 .fetch_one(&mut *tx)
                 .await
                 .unwrap();
-                let first = if seq == 1 { 1 } else { seq - 1 };
+                // The row takes the odd number, the emitted event the even one after it.
+                let first = seq - 1;
                 sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)")
                     .bind(&topic)
                     .bind(&key)
@@ -465,7 +507,17 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
     wait_published(&relay, more.committed.len(), Duration::from_secs(60));
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     let tail = write_events(&log.db, &topics, 30, 600, 4).await;
-    let back = Relay::start(&log.db, &["--slot", &log.slot, "--batch-size", "200"]);
+    let back = Relay::start(
+        &log.db,
+        &[
+            "--slot",
+            &log.slot,
+            "--publication",
+            &log.slot,
+            "--batch-size",
+            "200",
+        ],
+    );
     let last = write_events(&log.db, &topics, 30, 600, 4).await;
     for ledger in [more, tail, last] {
         all.committed.extend(ledger.committed);

@@ -63,6 +63,25 @@ impl ClaimReader {
 }
 
 impl ClaimReader {
+    /// Only the pending rows whose writing transaction is visible in `snapshot` (text form of a
+    /// `pg_snapshot`), or that have no xid (written before the column existed): log mode's
+    /// catch-up of what the stream does not hold.
+    pub fn visible_in(store: OutboxStore, snapshot: &str) -> Result<ClaimReader, String> {
+        if snapshot.is_empty()
+            || !snapshot
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b':' || b == b',')
+        {
+            return Err(format!("{snapshot:?} is not a pg_snapshot"));
+        }
+        let mut reader = ClaimReader::new(store, false);
+        let filter = format!(
+            "{PENDING} AND (o.xid IS NULL OR pg_visible_in_snapshot(o.xid, '{snapshot}'::pg_snapshot))"
+        );
+        reader.fetch_sql = reader.fetch_sql.replacen(PENDING, &filter, 1).into();
+        Ok(reader)
+    }
+
     /// The batch read's plan as the relay runs it (`EXPLAIN`, same planner settings, no rows
     /// in flight): one index scan of the read index in id order, whatever the statistics.
     pub async fn read_plan(&self, limit: BatchLimit) -> Result<String, sqlx::Error> {

@@ -383,13 +383,9 @@ impl LogReader {
         if !in_flight.is_empty() {
             return Ok(rows);
         }
-        let end: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
-            .fetch_one(self.store.pool())
-            .await?;
-        super::set_mode(&self.store, ReadMode::Log, Some(end as u64)).await?;
-        self.check_until = end as u64;
+        super::set_mode(&self.store, ReadMode::Log, Some(self.check_until)).await?;
         self.catch_up = None;
-        tracing::info!(check_until = %Lsn(end as u64), "caught up: streaming from the slot");
+        tracing::info!(check_until = %Lsn(self.check_until), "caught up: streaming from the slot");
         Ok(rows)
     }
 
@@ -513,13 +509,29 @@ impl Reader for LogReader {
         let (last, check_until) = super::last_mode(&self.store).await?;
         self.check_until = check_until.unwrap_or(0).max(self.stop_at.unwrap_or(0));
         self.catch_up = None;
-        if last.as_deref() != Some("log") {
-            let mut claim = ClaimReader::new(self.store.clone(), false);
-            claim.on_new_epoch().await?;
-            tracing::info!(previous = last.as_deref().unwrap_or("claim"),
-                "log mode takes over: publishing the rows the previous read mode left pending, then streaming");
-            self.catch_up = Some(claim);
+        if last.as_deref() == Some("log") {
+            return Ok(());
         }
+        // Taking over: the previous mode may have published stream rows committed up to now
+        // (its relay has stopped: the lease is ours).
+        let now: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+            .fetch_one(self.store.pool())
+            .await?;
+        self.check_until = now as u64;
+        let mut claim = match super::slot_snapshot(&self.store).await? {
+            Some(snapshot) => ClaimReader::visible_in(self.store.clone(), &snapshot)
+                .map_err(|e| sqlx::Error::Configuration(e.into()))?,
+            None => {
+                tracing::warn!("no snapshot of the slot's start was recorded (the slot was not made by \
+                    `migrate --read-mode log`): every pending row is published from the table first, \
+                    which can put a row ahead of an emitted event of its key committed before it");
+                ClaimReader::new(self.store.clone(), false)
+            }
+        };
+        claim.on_new_epoch().await?;
+        tracing::info!(previous = last.as_deref().unwrap_or("none"),
+            "log mode takes over: publishing the rows committed before the slot's start and left pending, then streaming");
+        self.catch_up = Some(claim);
         Ok(())
     }
 
@@ -550,11 +562,29 @@ impl Reader for LogReader {
             self.start().await?;
         }
         let (mut rows, mut bytes, mut handed) = (Vec::new(), 0u64, Vec::new());
-        while rows.len() < limit.rows as usize && !self.reached {
+        // A batch ends at a commit where it can: past the bound only to finish the transaction
+        // in hand (up to twice the bound), so a graceful stop leaves no transaction half
+        // published (its published part would come again after a restart).
+        let (max_rows, max_bytes) = (limit.rows as usize, limit.bytes);
+        while !self.reached {
+            let open = self.txns.back().is_some_and(|t| t.end.is_none());
+            let full = rows.len() >= max_rows || bytes >= max_bytes;
+            if rows.len() >= 2 * max_rows || bytes >= 2 * max_bytes || (full && !open) {
+                break;
+            }
             let item = match self.held.take() {
                 Some(item) => item,
                 None => match self.stream.as_mut().map(|s| s.items.try_recv()) {
                     Some(Ok(item)) => item,
+                    // The rest of a transaction is on its way (the server sends it whole).
+                    Some(Err(mpsc::error::TryRecvError::Empty)) if open && !rows.is_empty() => {
+                        let next = self.stream.as_mut().map(|s| s.items.recv());
+                        match tokio::time::timeout(Duration::from_millis(20), next.unwrap()).await {
+                            Ok(Some(item)) => item,
+                            Ok(None) => Item::Failed("the replication stream ended".into()),
+                            Err(_) => break,
+                        }
+                    }
                     Some(Err(mpsc::error::TryRecvError::Empty)) | None => break,
                     Some(Err(mpsc::error::TryRecvError::Disconnected)) => {
                         Item::Failed("the replication stream ended".into())
@@ -563,7 +593,7 @@ impl Reader for LogReader {
             };
             if let Item::Row(row) = &item {
                 let size = row_bytes(row);
-                if !rows.is_empty() && bytes + size > limit.bytes {
+                if !rows.is_empty() && bytes + size > 2 * max_bytes {
                     self.held = Some(item);
                     break;
                 }

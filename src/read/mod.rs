@@ -111,6 +111,20 @@ pub(crate) async fn last_mode(
     Ok((mode, check.map(|c| c as u64)))
 }
 
+/// The snapshot `migrate --read-mode log` took when it created the slot (`None`: the slot was
+/// made another way).
+pub(crate) async fn slot_snapshot(
+    store: &crate::store::OutboxStore,
+) -> Result<Option<String>, sqlx::Error> {
+    let lease = store.table().lease_table();
+    let snapshot: Option<Option<String>> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT log_snapshot FROM {lease} WHERE id = 1"
+    )))
+    .fetch_optional(store.pool())
+    .await?;
+    Ok(snapshot.flatten())
+}
+
 /// A leader in `mode` (claim or append) takes over: refused while the table was last published
 /// in log mode (the stream's tail would be lost or published twice; see the README's "Switching
 /// read modes"); otherwise recorded. A table whose lease has no such column yet (an older

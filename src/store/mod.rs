@@ -84,12 +84,29 @@ pub async fn migrate(
     tx.commit().await?;
     if mode == ReadMode::Log {
         // Waits for the transactions running now to end (the slot's consistent start).
-        sqlx::query(CREATE_SLOT)
+        let created = sqlx::query(CREATE_SLOT)
             .bind(&log.slot)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
+        if created.is_some() {
+            sqlx::query(AssertSqlSafe(record_slot_snapshot(table)))
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     Ok(())
+}
+
+/// Record, right after the slot is created, a snapshot in which every transaction committed
+/// before the slot's start is visible (see `read::log`: what log mode publishes from the table
+/// when it takes over).
+pub fn record_slot_snapshot(table: &TableName) -> String {
+    format!(
+        "INSERT INTO {} AS l (id, holder, epoch, expires_at, log_snapshot) \
+         VALUES (1, '', 0, '-infinity', pg_current_snapshot()::text) \
+         ON CONFLICT (id) DO UPDATE SET log_snapshot = EXCLUDED.log_snapshot",
+        table.lease_table()
+    )
 }
 
 /// The read mode `table` is migrated for: its read index says claim or append; neither, with
