@@ -130,6 +130,22 @@ impl Reader for ToClaim {
                 .into(),
             ));
         }
+        let publication: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+                .bind(&source.publication)
+                .fetch_one(self.store.pool())
+                .await?;
+        if !publication {
+            return Err(sqlx::Error::Configuration(
+                format!(
+                    "{} was last published in --read-mode log, and its publication {:?} does not exist: \
+                     pass the --publication log mode used",
+                    self.store.table(),
+                    source.publication
+                )
+                .into(),
+            ));
+        }
         // The snapshot is the statement's, taken before the position is read.
         let (snapshot, end): (String, i64) = sqlx::query_as(
             "SELECT pg_current_snapshot()::text, (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
