@@ -1,17 +1,23 @@
 //! The one writer and the one checker, for every suite that checks delivery (tests/relay.rs
 //! and the fault harness, tests/faults/harness.rs).
 //!
-//! - **Writers** ([`Load`]): concurrent connections committing events, each transaction
-//!   bumping its key's sequence number in `key_seq` first (under the key's advisory lock, taken
-//!   before the transaction's first write, so a key's commit order is its sequence order); as
-//!   the [`LoadSpec`] says, some roll back, some stay open a while (so they commit out of id
-//!   order), some have no key or no payload. Connection errors are retried, and a COMMIT whose
-//!   outcome is unknown is resolved by looking the row up. Every event carries a token (header
-//!   [`TOKEN_HEADER`], and the payload's `tok:<token>|` prefix) naming it in the [`Ledger`].
+//! - **Writers** ([`Load`]): concurrent connections committing transactions, each event of a
+//!   key taking the key's next sequence number in `key_seq` under the key's lock, so a key's
+//!   commit order is its sequence order. Two [`Shape`]s: [`Shape::EarlyLock`], one event a
+//!   transaction whose key's advisory lock is taken before the transaction's first write (what
+//!   append mode needs); [`Shape::LateLocks`], ordinary application transactions (an audit event
+//!   first, then 1-5 aggregates in random order, each locked right before its event; deadlocks
+//!   abort some). As the [`LoadSpec`] says, some roll back, some stay open a while (so they
+//!   commit out of id order), some events have no key or no payload. Connection errors are
+//!   retried, and a COMMIT whose outcome is unknown is resolved by looking a row up. Every
+//!   event carries a token (header [`TOKEN_HEADER`], and the payload's `tok:<token>|` prefix)
+//!   naming it in the [`Ledger`].
 //! - **The checker** ([`consume_and_check`]): reads the topics back from the beginning and
 //!   checks every committed event arrived byte for byte (topic, key, payload, headers, the
-//!   relay's `outbox-*` headers), no rolled-back or unknown event did, per-key first
-//!   occurrences are in sequence order on one partition; it counts duplicates.
+//!   relay's `outbox-*` headers), no rolled-back or unknown event did, a key stays on one
+//!   partition, and per key the first occurrences of the events with a sequence number are in
+//!   sequence order (audit and unkeyed events have none: no order is defined for them); it
+//!   counts duplicates.
 //!
 //! (bench/bench.py has a checker of its own: Python, reading the benchmark's pgbench rows.)
 
@@ -87,6 +93,23 @@ pub fn fnv(s: &str) -> u64 {
     })
 }
 
+/// What one writer transaction does, and where it takes its locks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// One event a transaction. Its key's advisory lock (and sequence bump) is the
+    /// transaction's first write ([`BUMP_SQL`]): the README's ordering contract for append mode,
+    /// which orders by the xid the first write takes.
+    EarlyLock,
+    /// An ordinary application transaction: an audit event first (keys `audit-0` ..
+    /// `audit-3`, or none; not order-checked: see [`Expected::seq`]), then 1 aggregate (80%) or
+    /// 2-5 (20%) in random order, not sorted, each locked right before its event is inserted
+    /// (a row lock by the `key_seq` upsert, or `pg_advisory_xact_lock` then the upsert) and its
+    /// sequence number taken under that lock, so a key's commit order is its sequence order.
+    /// Locks are taken after earlier writes, so concurrent transactions may deadlock: PostgreSQL
+    /// aborts one, recorded as rolled back ([`Ledger::deadlocks`]), and its writer goes on.
+    LateLocks,
+}
+
 /// The shape of the load.
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
@@ -101,15 +124,22 @@ pub struct LoadSpec {
     pub gap_ms: (u64, u64),
     /// Share of transactions that roll back.
     pub rollback: f64,
-    /// Share of transactions held open 100-500 ms before committing (they commit out of id order).
+    /// Share of transactions held open 100-500 ms (they commit out of id order): before COMMIT
+    /// ([`Shape::EarlyLock`]), or at a random point after the audit event ([`Shape::LateLocks`]:
+    /// before an aggregate's lock, or before COMMIT with the locks held).
     pub hold: f64,
-    /// Share of events without a key (not ordered), and of tombstones (NULL payload).
+    /// Share of events without a key (not ordered; for [`Shape::LateLocks`], of audit events),
+    /// and of tombstones (NULL payload).
     pub null_key: f64,
     pub tombstone: f64,
+    pub shape: Shape,
+    /// [`Shape::LateLocks`]: share of transactions writing 2-5 aggregates (the others write 1).
+    pub multi: f64,
 }
 
 impl LoadSpec {
-    /// The mixed load the fault scenarios run under.
+    /// The mixed load the fault scenarios run under ([`Shape::EarlyLock`]; see
+    /// [`LoadSpec::late_locks`]).
     pub fn new(topics: &[String]) -> LoadSpec {
         LoadSpec {
             writers: 6,
@@ -122,21 +152,29 @@ impl LoadSpec {
             hold: 0.05,
             null_key: 0.03,
             tombstone: 0.02,
+            shape: Shape::EarlyLock,
+            multi: 0.2,
         }
     }
 
-    /// `events` events from `writers` writers (an equal share each, as fast as they go) on
-    /// `keys` keys: every transaction commits, every event has a key and a payload.
-    pub fn counted(topics: &[String], writers: usize, keys: usize, events: usize) -> LoadSpec {
+    /// `transactions` transactions from `writers` writers (an equal share each, as fast as
+    /// they go) on `keys` keys: none rolls back (but a [`Shape::LateLocks`] one may deadlock),
+    /// every event has a key and a payload. [`Shape::EarlyLock`]: one event a transaction.
+    pub fn counted(
+        topics: &[String],
+        writers: usize,
+        keys: usize,
+        transactions: usize,
+    ) -> LoadSpec {
         assert_eq!(
-            events % writers,
+            transactions % writers,
             0,
-            "{events} events in equal shares of {writers}"
+            "{transactions} transactions in equal shares of {writers}"
         );
         LoadSpec {
             writers,
             keys,
-            max_per_writer: events / writers,
+            max_per_writer: transactions / writers,
             gap_ms: (0, 0),
             rollback: 0.0,
             hold: 0.0,
@@ -146,9 +184,17 @@ impl LoadSpec {
         }
     }
 
+    /// The same load in [`Shape::LateLocks`]: ordinary application transactions.
+    pub fn late_locks(self) -> LoadSpec {
+        LoadSpec {
+            shape: Shape::LateLocks,
+            ..self
+        }
+    }
+
     /// The key of index `k`: some ASCII, some not (keys are compared byte for byte).
     pub fn key(k: usize) -> String {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             format!("key-{k}")
         } else {
             format!("ключ-{k}")
@@ -161,6 +207,10 @@ impl LoadSpec {
     }
 }
 
+/// Keys of the audit events of [`Shape::LateLocks`] (`audit-0` ..): shared by every writer,
+/// written before any lock, so their order between transactions is not defined.
+pub const AUDIT_KEYS: usize = 4;
+
 /// A committed event as its writer knows it: what Kafka must carry, byte for byte.
 #[derive(Debug, Clone)]
 pub struct Expected {
@@ -168,7 +218,10 @@ pub struct Expected {
     pub token: String,
     pub topic: String,
     pub key: Option<String>,
-    /// The key's sequence number (bumped in the same transaction); None for unkeyed events.
+    /// The key's sequence number, taken under the key's lock in the same transaction: the
+    /// checker checks per-key order (first occurrences in sequence order) exactly for the
+    /// events that have one. None for unkeyed events and for audit events (written before any
+    /// lock, so nothing orders them): those are checked for everything but order.
     pub seq: Option<i64>,
     pub payload: Option<Vec<u8>>,
     /// The row's own headers, sorted by name (the relay adds its `outbox-*` ones).
@@ -212,10 +265,15 @@ pub struct Ledger {
     pub committed: HashMap<String, Expected>,
     /// Rolled back, failed before COMMIT, or COMMIT failed and the row is not there.
     pub not_committed: HashSet<String>,
-    /// Unknown COMMIT outcomes not resolved yet (the database was down): the fault suite's
-    /// `verify` resolves them.
-    pub unresolved: Vec<Expected>,
+    /// Unknown COMMIT outcomes not resolved yet (the database was down), one transaction's
+    /// events each: the fault suite's `verify` resolves them.
+    pub unresolved: Vec<Vec<Expected>>,
+    /// Transactions committed (a [`Shape::LateLocks`] one commits several events).
+    pub transactions: usize,
+    /// Transactions rolled back: by plan, or aborted by a deadlock.
     pub rolled_back: usize,
+    /// Of `rolled_back`: aborted by PostgreSQL's deadlock detector ([`Shape::LateLocks`]).
+    pub deadlocks: usize,
     pub failed: usize,
     pub ambiguous_committed: usize,
     pub ambiguous_aborted: usize,
@@ -228,7 +286,9 @@ impl Ledger {
         self.committed.extend(other.committed);
         self.not_committed.extend(other.not_committed);
         self.unresolved.extend(other.unresolved);
+        self.transactions += other.transactions;
         self.rolled_back += other.rolled_back;
+        self.deadlocks += other.deadlocks;
         self.failed += other.failed;
         self.ambiguous_committed += other.ambiguous_committed;
         self.ambiguous_aborted += other.ambiguous_aborted;
@@ -238,14 +298,23 @@ impl Ledger {
         self.committed.insert(e.token.clone(), e);
     }
 
-    /// An unknown COMMIT outcome, found out (see [`resolve`]).
-    pub fn resolved(&mut self, e: Expected, committed: bool) {
+    /// A committed transaction's events.
+    pub fn add_transaction(&mut self, events: Vec<Expected>) {
+        self.transactions += 1;
+        for e in events {
+            self.add(e);
+        }
+    }
+
+    /// An unknown COMMIT outcome of a transaction, found out (see [`resolve`]).
+    pub fn resolved(&mut self, events: Vec<Expected>, committed: bool) {
         if committed {
             self.ambiguous_committed += 1;
-            self.add(e);
+            self.add_transaction(events);
         } else {
             self.ambiguous_aborted += 1;
-            self.not_committed.insert(e.token);
+            self.not_committed
+                .extend(events.into_iter().map(|e| e.token));
         }
     }
 }
@@ -264,27 +333,33 @@ pub struct Load {
 pub const KEY_SEQ_SQL: &str =
     "CREATE TABLE IF NOT EXISTS key_seq (key text PRIMARY KEY, seq bigint NOT NULL)";
 
-/// The key's lock is taken before the transaction's first write (the README's ordering contract
-/// for append mode: two upserts creating a new key take their xids before either holds the row).
+/// [`Shape::EarlyLock`]: the key's lock is taken before the transaction's first write (the
+/// README's ordering contract for append mode: two upserts creating a new key take their xids
+/// before either holds the row).
 const BUMP_SQL: &str = "WITH l AS (SELECT pg_advisory_xact_lock(hashtext($1))) \
      INSERT INTO key_seq SELECT $1, 1 FROM l ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq";
+/// [`Shape::LateLocks`]: the aggregate's row lock (`UPDATE ... RETURNING seq` once the row
+/// exists; a second creator of a new key waits for the first one's transaction) and its next
+/// sequence number, after the transaction's earlier writes.
+const UPSERT_SQL: &str = "INSERT INTO key_seq VALUES ($1, 1) \
+     ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq";
+/// [`Shape::LateLocks`]: an advisory lock taken right before the aggregate's update.
+const ADVISORY_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
 const INSERT_SQL: &str =
     "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id";
 const EXISTS_SQL: &str = "SELECT EXISTS (SELECT 1 FROM outbox WHERE id = $1 AND headers->>$3 = $2)";
 
-/// One transaction's plan.
-pub struct Attempt {
+/// One event's plan.
+pub struct Planned {
     pub token: String,
     pub topic: String,
     pub key: Option<String>,
     pub tombstone: bool,
     pub noise: Vec<u8>,
-    pub hold: Option<Duration>,
-    pub rollback: bool,
 }
 
-impl Attempt {
-    /// The event this transaction commits, its key's sequence number being `seq`.
+impl Planned {
+    /// The event as committed, its key's sequence number being `seq`.
     pub fn expected(&self, seq: Option<i64>) -> Expected {
         let payload = (!self.tombstone).then(|| {
             let mut p = format!(
@@ -319,6 +394,33 @@ impl Attempt {
     }
 }
 
+/// How a step of a transaction takes its key's sequence number before inserting its event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lock {
+    /// No sequence number: an unkeyed or audit event.
+    None,
+    /// [`BUMP_SQL`]: advisory lock and bump in one statement (the transaction's first write).
+    Early,
+    /// [`UPSERT_SQL`] alone: the aggregate's row lock.
+    Row,
+    /// [`ADVISORY_SQL`], then [`UPSERT_SQL`].
+    Advisory,
+}
+
+/// One transaction's plan: its events in insert order, each with how it is sequenced.
+struct Transaction {
+    steps: Vec<(Planned, Lock)>,
+    /// Stay open this long before step `.1` (`steps.len()`: before COMMIT).
+    hold: Option<(Duration, usize)>,
+    rollback: bool,
+}
+
+impl Transaction {
+    fn tokens(&self) -> impl Iterator<Item = String> + '_ {
+        self.steps.iter().map(|(p, _)| p.token.clone())
+    }
+}
+
 fn headers_json(e: &Expected) -> serde_json::Value {
     serde_json::Value::Object(
         e.headers
@@ -347,40 +449,63 @@ pub async fn insert_event<'c>(
         .await
 }
 
-/// Run one transaction. `commit_sent` holds the event once COMMIT was sent: if an error
+/// Run one transaction. `commit_sent` holds its events once COMMIT was sent: if an error
 /// follows, the outcome is unknown.
-async fn run_attempt(
+async fn run_transaction(
     pool: &PgPool,
-    a: &Attempt,
-    commit_sent: &mut Option<Expected>,
-) -> Result<Option<Expected>, sqlx::Error> {
+    t: &Transaction,
+    commit_sent: &mut Vec<Expected>,
+) -> Result<Option<Vec<Expected>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let seq = match &a.key {
-        Some(key) => Some(
-            sqlx::query_scalar::<_, i64>(BUMP_SQL)
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?,
-        ),
-        None => None,
-    };
-    let mut e = a.expected(seq);
-    e.id = insert_event(&mut *tx, &e).await?;
-    if let Some(hold) = a.hold {
-        tokio::time::sleep(hold).await;
+    let mut events = Vec::with_capacity(t.steps.len());
+    for (i, (planned, lock)) in t.steps.iter().enumerate() {
+        if let Some((hold, at)) = t.hold {
+            if at == i {
+                tokio::time::sleep(hold).await;
+            }
+        }
+        let key = || planned.key.as_deref().expect("a sequenced event has a key");
+        let bump = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).bind(key());
+        let seq = match lock {
+            Lock::None => None,
+            Lock::Early => Some(bump(BUMP_SQL).fetch_one(&mut *tx).await?),
+            Lock::Row => Some(bump(UPSERT_SQL).fetch_one(&mut *tx).await?),
+            Lock::Advisory => {
+                sqlx::query(ADVISORY_SQL)
+                    .bind(key())
+                    .execute(&mut *tx)
+                    .await?;
+                Some(bump(UPSERT_SQL).fetch_one(&mut *tx).await?)
+            }
+        };
+        let mut e = planned.expected(seq);
+        e.id = insert_event(&mut *tx, &e).await?;
+        events.push(e);
     }
-    if a.rollback {
+    if let Some((hold, at)) = t.hold {
+        if at >= t.steps.len() {
+            tokio::time::sleep(hold).await;
+        }
+    }
+    if t.rollback {
         tx.rollback().await?;
         return Ok(None);
     }
-    *commit_sent = Some(e.clone());
+    *commit_sent = events.clone();
     tx.commit().await?;
-    Ok(Some(e))
+    Ok(Some(events))
 }
 
-/// Did this event's transaction commit? (The id alone is not proof: after a crash PostgreSQL
-/// may hand out a sequence value again, so the row must also carry the event's token.)
-async fn committed(pool: &PgPool, e: &Expected) -> Result<bool, sqlx::Error> {
+/// Did PostgreSQL abort the transaction to break a deadlock?
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("40P01"))
+}
+
+/// Did this transaction commit? Asked of its first event. (The id alone is not proof: after
+/// a crash PostgreSQL may hand out a sequence value again, so the row must also carry the
+/// event's token.)
+async fn committed(pool: &PgPool, events: &[Expected]) -> Result<bool, sqlx::Error> {
+    let e = events.first().expect("a transaction writes an event");
     sqlx::query_scalar(EXISTS_SQL)
         .bind(e.id)
         .bind(&e.token)
@@ -391,16 +516,111 @@ async fn committed(pool: &PgPool, e: &Expected) -> Result<bool, sqlx::Error> {
 
 /// [`committed`], asked again through errors (the database may be restarting) until `within`
 /// passed: then the last error.
-pub async fn resolve(pool: &PgPool, e: &Expected, within: Duration) -> Result<bool, sqlx::Error> {
+pub async fn resolve(
+    pool: &PgPool,
+    events: &[Expected],
+    within: Duration,
+) -> Result<bool, sqlx::Error> {
     let deadline = Instant::now() + within;
     loop {
-        match committed(pool, e).await {
+        match committed(pool, events).await {
             Ok(committed) => return Ok(committed),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await
             }
             Err(err) => return Err(err),
         }
+    }
+}
+
+fn noise(rng: &mut StdRng) -> Vec<u8> {
+    let mut v = vec![0u8; rng.random_range(0..48)];
+    rng.fill(&mut v[..]);
+    v
+}
+
+/// [`Shape::EarlyLock`]: one event; its key (if any) locked and bumped first.
+fn plan_early_lock(spec: &LoadSpec, rng: &mut StdRng, token: String) -> Transaction {
+    let keyed = !rng.random_bool(spec.null_key);
+    let k = rng.random_range(0..spec.keys);
+    let planned = Planned {
+        token,
+        topic: if keyed {
+            spec.topic_of(k).to_string()
+        } else {
+            spec.topics[rng.random_range(0..spec.topics.len())].clone()
+        },
+        key: keyed.then(|| LoadSpec::key(k)),
+        tombstone: rng.random_bool(spec.tombstone),
+        noise: noise(rng),
+    };
+    let hold = rng
+        .random_bool(spec.hold)
+        .then(|| (Duration::from_millis(rng.random_range(100..500)), 1));
+    let lock = if keyed { Lock::Early } else { Lock::None };
+    Transaction {
+        steps: vec![(planned, lock)],
+        hold,
+        rollback: rng.random_bool(spec.rollback),
+    }
+}
+
+/// [`Shape::LateLocks`]: an audit event, then 1-5 distinct aggregates in random order, each
+/// locked right before its event.
+fn plan_late_locks(spec: &LoadSpec, rng: &mut StdRng, token: String) -> Transaction {
+    let audit_key = (!rng.random_bool(spec.null_key)).then(|| rng.random_range(0..AUDIT_KEYS));
+    // One topic per audit key (a key lives on one topic), any topic without a key.
+    let topic = match audit_key {
+        Some(a) => a % spec.topics.len(),
+        None => rng.random_range(0..spec.topics.len()),
+    };
+    let audit = Planned {
+        token: format!("{token}-audit"),
+        topic: spec.topics[topic].clone(),
+        key: audit_key.map(|a| format!("audit-{a}")),
+        tombstone: rng.random_bool(spec.tombstone),
+        noise: noise(rng),
+    };
+    let n = if rng.random_bool(spec.multi) {
+        rng.random_range(2..=5)
+    } else {
+        1
+    };
+    assert!(spec.keys >= 5, "LateLocks needs at least 5 keys");
+    let mut keys: Vec<usize> = Vec::with_capacity(n);
+    while keys.len() < n {
+        let k = rng.random_range(0..spec.keys);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut steps = vec![(audit, Lock::None)];
+    for (j, k) in keys.into_iter().enumerate() {
+        let lock = if rng.random_bool(0.5) {
+            Lock::Row
+        } else {
+            Lock::Advisory
+        };
+        let planned = Planned {
+            token: format!("{token}-a{j}"),
+            topic: spec.topic_of(k).to_string(),
+            key: Some(LoadSpec::key(k)),
+            tombstone: rng.random_bool(spec.tombstone),
+            noise: noise(rng),
+        };
+        steps.push((planned, lock));
+    }
+    // After the audit event: before one of the aggregates' locks, or before COMMIT.
+    let hold = rng.random_bool(spec.hold).then(|| {
+        (
+            Duration::from_millis(rng.random_range(100..500)),
+            rng.random_range(1..=steps.len()),
+        )
+    });
+    Transaction {
+        steps,
+        hold,
+        rollback: rng.random_bool(spec.rollback),
     }
 }
 
@@ -427,60 +647,50 @@ async fn writer(
                 _ = tokio::time::sleep(Duration::from_millis(gap)) => {}
             }
         }
-        let keyed = !rng.random_bool(spec.null_key);
-        let k = rng.random_range(0..spec.keys);
-        let a = Attempt {
-            token: format!("{}-w{w}-n{n}", ctx.label()),
-            topic: if keyed {
-                spec.topic_of(k).to_string()
-            } else {
-                spec.topics[rng.random_range(0..spec.topics.len())].clone()
-            },
-            key: keyed.then(|| LoadSpec::key(k)),
-            tombstone: rng.random_bool(spec.tombstone),
-            noise: {
-                let mut v = vec![0u8; rng.random_range(0..48)];
-                rng.fill(&mut v[..]);
-                v
-            },
-            hold: rng
-                .random_bool(spec.hold)
-                .then(|| Duration::from_millis(rng.random_range(100..500))),
-            rollback: rng.random_bool(spec.rollback),
+        let token = format!("{}-w{w}-n{n}", ctx.label());
+        let t = match spec.shape {
+            Shape::EarlyLock => plan_early_lock(&spec, &mut rng, token),
+            Shape::LateLocks => plan_late_locks(&spec, &mut rng, token),
         };
-        let mut commit_sent = None;
+        let mut commit_sent = Vec::new();
         let outcome = tokio::time::timeout(
             Duration::from_secs(30),
-            run_attempt(&pool, &a, &mut commit_sent),
+            run_transaction(&pool, &t, &mut commit_sent),
         )
         .await
         .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
         match outcome {
-            Ok(Some(e)) => {
-                committed_count.fetch_add(1, Ordering::Relaxed);
-                ledger.add(e);
+            Ok(Some(events)) => {
+                committed_count.fetch_add(events.len() as u64, Ordering::Relaxed);
+                ledger.add_transaction(events);
             }
             Ok(None) => {
                 ledger.rolled_back += 1;
-                ledger.not_committed.insert(a.token);
+                ledger.not_committed.extend(t.tokens());
+            }
+            // PostgreSQL aborted it to break a deadlock (locks taken late): rolled back.
+            Err(e) if commit_sent.is_empty() && is_deadlock(&e) => {
+                ledger.rolled_back += 1;
+                ledger.deadlocks += 1;
+                ledger.not_committed.extend(t.tokens());
             }
             Err(_) => {
                 errors.fetch_add(1, Ordering::Relaxed);
-                match commit_sent {
-                    None => {
-                        ledger.failed += 1;
-                        ledger.not_committed.insert(a.token);
-                    }
-                    // COMMIT was sent and no answer came back: look the row up.
-                    Some(e) => match resolve(&pool, &e, Duration::from_secs(60)).await {
+                if commit_sent.is_empty() {
+                    ledger.failed += 1;
+                    ledger.not_committed.extend(t.tokens());
+                } else {
+                    // COMMIT was sent and no answer came back: look the rows up.
+                    let events = commit_sent;
+                    match resolve(&pool, &events, Duration::from_secs(60)).await {
                         Ok(committed) => {
                             if committed {
-                                committed_count.fetch_add(1, Ordering::Relaxed);
+                                committed_count.fetch_add(events.len() as u64, Ordering::Relaxed);
                             }
-                            ledger.resolved(e, committed);
+                            ledger.resolved(events, committed);
                         }
-                        Err(_) => ledger.unresolved.push(e),
-                    },
+                        Err(_) => ledger.unresolved.push(events),
+                    }
                 }
                 // Back off a little on errors (the database may be restarting).
                 tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
@@ -512,10 +722,11 @@ impl Load {
             })
             .collect();
         ctx.say(&format!(
-            "load: {} writers, {} keys on {} topics",
+            "load: {} writers, {} keys on {} topics, {:?}",
             spec.writers,
             spec.keys,
-            spec.topics.len()
+            spec.topics.len(),
+            spec.shape
         ));
         Load {
             stop,
@@ -526,6 +737,7 @@ impl Load {
         }
     }
 
+    /// Events committed so far.
     pub fn committed(&self) -> u64 {
         self.committed.load(Ordering::Relaxed)
     }
@@ -562,10 +774,12 @@ impl Load {
             ledger.merge(t.await.expect("writer task panicked"));
         }
         self.ctx.say(&format!(
-            "load ended: {} committed ({} after an unknown COMMIT outcome), {} rolled back, {} failed, {} unknown outcomes not committed, {} unresolved, {} errors",
+            "load ended: {} events in {} transactions committed ({} after an unknown COMMIT outcome), {} rolled back ({} by a deadlock), {} failed, {} unknown outcomes not committed, {} unresolved, {} errors",
             ledger.committed.len(),
+            ledger.transactions,
             ledger.ambiguous_committed,
             ledger.rolled_back,
+            ledger.deadlocks,
             ledger.failed,
             ledger.ambiguous_aborted,
             ledger.unresolved.len(),
@@ -576,23 +790,23 @@ impl Load {
 }
 
 /// Run a counted load ([`LoadSpec::counted`]) to its end on `pool`: every transaction must
-/// commit at the first try.
+/// commit at the first try, but for those a deadlock aborted ([`Shape::LateLocks`]).
 pub async fn write(pool: PgPool, spec: LoadSpec) -> Ledger {
     sqlx::query(KEY_SEQ_SQL).execute(&pool).await.unwrap();
-    let events = spec.writers * spec.max_per_writer;
+    let transactions = spec.writers * spec.max_per_writer;
     let ctx = Plain::new();
     let tag = ctx.tag();
     let ledger = Load::start(ctx, pool, spec).finish().await;
     let unknown = ledger.ambiguous_committed + ledger.ambiguous_aborted + ledger.unresolved.len();
     assert_eq!(
         (
-            ledger.committed.len(),
-            ledger.rolled_back,
+            ledger.transactions + ledger.deadlocks,
+            ledger.rolled_back - ledger.deadlocks,
             ledger.failed,
             unknown
         ),
-        (events, 0, 0, 0),
-        "(committed, rolled back, failed, unknown outcomes) {tag}"
+        (transactions, 0, 0, 0),
+        "(committed + deadlocked transactions, rolled back otherwise, failed, unknown outcomes) {tag}"
     );
     ledger
 }
@@ -605,6 +819,9 @@ pub async fn write(pool: PgPool, spec: LoadSpec) -> Ledger {
 pub struct Report {
     pub records: usize,
     pub distinct: usize,
+    /// Of `distinct`: events with no sequence number (audit and unkeyed events), checked for
+    /// everything but order.
+    pub unordered: usize,
     pub duplicates: usize,
     pub max_copies: usize,
     /// Ids of events read more than once (at most 20, lowest first).
@@ -721,6 +938,7 @@ pub fn consume_and_check(
     let mut key_home: HashMap<&str, (String, i32)> = HashMap::new();
     let mut position: HashMap<(String, i32), i64> = HashMap::new();
     let mut records = 0usize;
+    let mut unordered = 0usize;
     let start = Instant::now();
     let mut rechecked = false;
     loop {
@@ -849,12 +1067,18 @@ pub fn consume_and_check(
         if created.is_none() {
             fail("outbox-created-at missing or not RFC 3339".into());
         }
-        if let (Some(key), Some(seq)) = (e.key.as_deref(), e.seq) {
+        if let Some(key) = e.key.as_deref() {
             let home = key_home.entry(key).or_insert_with(|| tp.clone());
             if *home != tp {
                 fail(format!("key {key} on {tp:?} and on {home:?}"));
             }
-            if first {
+        }
+        // Per-key order is checked for the events whose sequence number was taken under their
+        // key's lock, and only for them: an audit event (written before any lock) or an unkeyed
+        // event has no defined order among concurrent transactions. Each is still checked
+        // above (bytes, partition) and below (exactly once, never if not committed).
+        match (e.key.as_deref(), e.seq) {
+            (Some(key), Some(seq)) if first => {
                 let last = last_seq.entry(key).or_insert(0);
                 if seq <= *last {
                     fail(format!(
@@ -863,6 +1087,8 @@ pub fn consume_and_check(
                 }
                 *last = (*last).max(seq);
             }
+            (_, None) if first => unordered += 1,
+            _ => {}
         }
     }
     let distinct = copies.len();
@@ -888,6 +1114,7 @@ pub fn consume_and_check(
     let report = Report {
         records,
         distinct,
+        unordered,
         duplicates: copies.values().map(|n| n - 1).sum(),
         max_copies: copies.values().copied().max().unwrap_or(0),
         duplicated,

@@ -14,8 +14,8 @@
 //!   (`OUTBOX_FAULT_SEED`, else random) printed at the start and in every assertion message.
 //! - **Replicas** of the relay binary ([`Fleet`]), found as leader through `/metrics`.
 //! - **Writers**: the shared ones (`tests/common/load.rs`, as tests/relay.rs uses them) commit
-//!   events under load while faults happen (`LoadSpec::new`), plus [`Bursts`] of events and a
-//!   [`LongTx`] held open.
+//!   events under load while faults happen (`LoadSpec::new`; in claim mode `late_locks()`,
+//!   ordinary application transactions), plus [`Bursts`] of events and a [`LongTx`] held open.
 //! - **One checker** ([`verify`]) every scenario ends with: the table, then Kafka through the
 //!   shared checker ([`consume_and_check`](crate::common::load::consume_and_check)).
 
@@ -33,7 +33,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool};
 
 use crate::common::load::{
-    assert_checked, check, check_key_seq, fnv, insert_event, resolve, Attempt, Expected, Ledger,
+    assert_checked, check, check_key_seq, fnv, insert_event, resolve, Expected, Ledger, Planned,
     Reading, Report, Scenario, KEY_SEQ_SQL, TOKEN_HEADER,
 };
 use crate::common::{
@@ -929,16 +929,14 @@ impl LongTx {
             .fetch_one(&mut *tx)
             .await
             .unwrap();
-        let attempt = Attempt {
+        let planned = Planned {
             token: format!("{}-{}-long-tx", ctx.name, ctx.seed),
             topic: topic.to_string(),
             key: Some("long-tx".into()),
             tombstone: false,
             noise: Vec::new(),
-            hold: None,
-            rollback: false,
         };
-        let mut event = attempt.expected(Some(1));
+        let mut event = planned.expected(Some(1));
         event.id = insert_event(&mut *tx, &event).await.unwrap();
         ctx.say(&format!(
             "long transaction open: xid {xid}, its own event id {}",
@@ -992,11 +990,11 @@ pub struct Expect<'a> {
 pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect<'_>) -> Report {
     let tag = ctx.tag();
     // Unknown COMMIT outcomes the writers could not resolve while the database was down.
-    for e in std::mem::take(&mut ledger.unresolved) {
-        let committed = resolve(&db.pool, &e, Duration::from_secs(120))
+    for events in std::mem::take(&mut ledger.unresolved) {
+        let committed = resolve(&db.pool, &events, Duration::from_secs(120))
             .await
             .unwrap_or_else(|err| panic!("cannot resolve a COMMIT outcome: {err} {tag}"));
-        ledger.resolved(e, committed);
+        ledger.resolved(events, committed);
     }
 
     let drain = db.wait_drained(ctx, expect.drain_timeout).await;
