@@ -5,9 +5,12 @@
 //! The scenarios that matter most for append mode's cursor (`--read-mode append`) also run in
 //! that mode, as `append_<scenario>` (`cargo test --test faults append_` runs them all).
 //!
-//! Every scenario runs writers concurrently with its faults, then ends with the same checker
-//! (`verify`): every committed event in Kafka byte for byte, no rolled-back event, per-key
-//! first occurrences in sequence order, duplicates within the scenario's bound (zero for
+//! Every scenario runs writers concurrently with its faults (in claim mode ordinary application
+//! transactions: an audit event, then 1-5 aggregates each locked right before its event; in
+//! append mode one event a transaction, locked before its first write: issue #15), then ends
+//! with the same checker (`verify`): every committed event in Kafka byte for byte, no
+//! rolled-back event, per-key first occurrences of the aggregates' events in sequence order
+//! (audit events have no defined order), duplicates within the scenario's bound (zero for
 //! graceful scenarios, batch size x faults for crashes), nothing left pending, parked rows only
 //! where expected. Scenarios run one at a time (a process-wide lock).
 //!
@@ -103,6 +106,18 @@ async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet 
     fleet
 }
 
+/// The load of a scenario. Claim mode: ordinary application transactions (an audit event
+/// first, then 1-5 aggregates, each locked right before its event: `Shape::LateLocks`), whose
+/// per-key commit order it must keep. Append mode: one event a transaction, its key locked
+/// before the first write, since append mode orders by the first write's xid and is being
+/// replaced (issue #15).
+fn spec(ctx: &Ctx, topics: &[String]) -> LoadSpec {
+    match ctx.mode {
+        Mode::Claim => LoadSpec::new(topics).late_locks(),
+        Mode::Append => LoadSpec::new(topics),
+    }
+}
+
 /// Writers started, and publishing seen to work before any fault.
 async fn load(ctx: &Arc<Ctx>, db: &FaultDb, spec: LoadSpec) -> Load {
     let load = Load::start(ctx.clone(), db.writer_pool(spec.writers), spec);
@@ -159,7 +174,7 @@ fn expect(topics: &[String], max_duplicates: usize) -> Expect<'_> {
 async fn replicas_sigkilled(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let kills = if ctx.soak { 40 } else { 6 };
     let mut rng = ctx.rng("kills");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -196,7 +211,7 @@ both_modes!(
 async fn rolling_restart(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let rounds = if ctx.soak { 18 } else { 6 };
     let mut rng = ctx.rng("restarts");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -261,7 +276,7 @@ async fn paused_leader(ctx: Arc<Ctx>) {
             );
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let pauses = if ctx.soak { 8 } else { 2 };
     let mut rng = ctx.rng("pauses");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -316,7 +331,7 @@ both_modes!(
 async fn broker_sigkilled(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let kills = if ctx.soak { 6 } else { 2 };
     let mut rng = ctx.rng("broker-kills");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -347,7 +362,7 @@ both_modes!(
 async fn broker_paused(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let pauses = if ctx.soak { 4 } else { 1 };
     let mut rng = ctx.rng("broker-pauses");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -387,7 +402,7 @@ both_modes!(
 async fn broker_down(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &["--kafka-config", "message.timeout.ms=5000"]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let outages = if ctx.soak { 3 } else { 1 };
     let mut rng = ctx.rng("broker-outages");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -427,7 +442,7 @@ both_modes!(
 async fn postgres_restarted(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let rounds = if ctx.soak { 4 } else { 1 };
     let mut rng = ctx.rng("postgres-faults");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -475,7 +490,7 @@ both_modes!(
 async fn connections_terminated(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let rounds = if ctx.soak { 25 } else { 4 };
     let mut rng = ctx.rng("terminations");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -556,7 +571,7 @@ fn poison_rows_parked_while_others_flow() {
             let mut fleet = fleet(&ctx, &db, 1, &[]).await;
             let spec = LoadSpec {
                 writers: 4,
-                ..LoadSpec::new(&topics)
+                ..spec(&ctx, &topics)
             };
             let load = load(&ctx, &db, spec.clone()).await;
             let mut rng = ctx.rng("poison");
@@ -920,7 +935,7 @@ async fn long_transaction(ctx: Arc<Ctx>) {
     const HELD: Duration = Duration::from_secs(15);
     let (db, topics) = setup(&ctx, 2).await;
     let fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, LoadSpec::new(&topics)).await;
+    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
     let mut bursts = Bursts::new(&ctx, &topics);
     let held = LongTx::begin(&ctx, &db, &topics[0]).await;
     let opened = Instant::now();
