@@ -5,29 +5,41 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::load::{self, Ledger, LoadSpec, Reading, Report};
+use common::load::{self, Ledger, LoadSpec, Reading, Report, Shape};
 use common::{create_topics, duplicates, metric, strs, unique, Consumed, Relay, TestDb};
 use serde_json::json;
 
 const PARTITIONS: i32 = 3;
 
-/// `total` events over `keys` keys spread on `topics`, from `writers` concurrent connections,
-/// every one committed: the shared writers (tests/common/load.rs), whose transactions lock
-/// their key and bump its sequence first (serializing writers of one key before their first
-/// write, as the README's ordering contract asks: a bare upsert that creates a new key lets two
-/// writers take xids in either order), so per-key commit order is sequence order.
+/// `transactions` transactions over `keys` keys spread on `topics`, from `writers` concurrent
+/// connections, every one committed (but those a deadlock aborted): the shared writers
+/// (tests/common/load.rs), each event of a key taking the key's next sequence number under the
+/// key's lock, so per-key commit order is sequence order. `shape`:
+/// - [`Shape::LateLocks`]: ordinary application transactions, about 2.5 events each: an audit
+///   event, then 1-5 aggregates in random order, each locked right before its event (what
+///   claim mode must keep in commit order);
+/// - [`Shape::EarlyLock`]: one event a transaction, its key locked and bumped first
+///   (serializing writers of one key before their first write, as the README's ordering
+///   contract asks of append mode: a bare upsert that creates a new key lets two writers take
+///   xids in either order).
 async fn write_events(
     db: &TestDb,
     topics: &[String],
     keys: usize,
-    total: usize,
+    transactions: usize,
     writers: usize,
+    shape: Shape,
 ) -> Ledger {
-    load::write(
-        db.pool.clone(),
-        LoadSpec::counted(topics, writers, keys, total),
-    )
-    .await
+    let spec = LoadSpec {
+        shape,
+        ..LoadSpec::counted(topics, writers, keys, transactions)
+    };
+    load::write(db.pool.clone(), spec).await
+}
+
+/// Rows committed by the writers (all of them published, eventually).
+fn rows(ledger: &Ledger) -> i64 {
+    ledger.committed.len() as i64
 }
 
 /// Read `topics` back and check every committed event of `ledger` with the shared checker:
@@ -75,14 +87,20 @@ async fn read_back(
     .await
 }
 
+/// About 10,000 rows: 4,000 ordinary application transactions (an audit event, then 1-5
+/// aggregates each locked right before its event) from 16 writers, published while they run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_rows_from_sixteen_writers_arrive_exactly_once_in_key_order() {
     let db = TestDb::new().await;
     let topics = topics(3).await;
     let relay = Relay::start(&db, &["--batch-size", "500"]);
-    let written = write_events(&db, &topics, 100, 10_000, 16).await;
-    db.wait_count("published_at IS NOT NULL", 10_000, Duration::from_secs(60))
-        .await;
+    let written = write_events(&db, &topics, 100, 4_000, 16, Shape::LateLocks).await;
+    db.wait_count(
+        "published_at IS NOT NULL",
+        rows(&written),
+        Duration::from_secs(60),
+    )
+    .await;
     assert_exactly_once_in_key_order(&topics, &written, &relay).await;
     assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
 }
@@ -92,7 +110,7 @@ async fn on_publish_delete_deletes_each_row_after_its_delivery() {
     let db = TestDb::new().await;
     let topics = topics(2).await;
     let relay = Relay::start(&db, &["--batch-size", "300", "--on-publish", "delete"]);
-    let written = write_events(&db, &topics, 50, 5_000, 8).await;
+    let written = write_events(&db, &topics, 50, 2_000, 8, Shape::LateLocks).await;
     assert_exactly_once_in_key_order(&topics, &written, &relay).await;
     let start = std::time::Instant::now();
     while db.count("true").await > 0 {
@@ -211,26 +229,32 @@ async fn rolled_back_rows_never_appear() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
-    kill_9_mid_stream_then_restart(TestDb::new().await, &["--batch-size", "500"]).await;
+    let args = ["--batch-size", "500"];
+    kill_9_mid_stream_then_restart(TestDb::new().await, &args, Shape::LateLocks).await;
 }
 
 /// Kill -9 the relay mid-stream and start it again: nothing is lost, and at most the batch
 /// whose mark (or cursor write) was being written and the batch in flight are published twice.
-async fn kill_9_mid_stream_then_restart(db: TestDb, args: &[&str]) {
+/// About 20,000 rows, written in `shape`.
+async fn kill_9_mid_stream_then_restart(db: TestDb, args: &[&str], shape: Shape) {
     let published = format!("published_at IS NOT NULL OR {PASSED}");
     let topics = topics(2).await;
-    let written = write_events(&db, &topics, 50, 20_000, 8).await;
+    let transactions = match shape {
+        Shape::EarlyLock => 20_000,
+        Shape::LateLocks => 8_000,
+    };
+    let written = write_events(&db, &topics, 50, transactions, 8, shape).await;
     let relay = Relay::start(&db, args);
     db.wait_count(&published, 2_000, Duration::from_secs(60))
         .await;
     relay.kill9();
     let published_at_kill = db.count(&published).await;
     assert!(
-        published_at_kill < 20_000,
+        published_at_kill < rows(&written),
         "the kill should land mid-stream"
     );
     let relay = Relay::start(&db, args);
-    db.wait_count(&published, 20_000, Duration::from_secs(60))
+    db.wait_count(&published, rows(&written), Duration::from_secs(60))
         .await;
     // At most two batches of 500 duplicated.
     check_delivery(&topics, &written, 1000, 60).await;
@@ -241,7 +265,7 @@ async fn kill_9_mid_stream_then_restart(db: TestDb, args: &[&str]) {
 async fn sigterm_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
     let db = TestDb::new().await;
     let topics = topics(2).await;
-    let written = write_events(&db, &topics, 50, 20_000, 8).await;
+    let written = write_events(&db, &topics, 50, 8_000, 8, Shape::LateLocks).await;
     let relay = Relay::start(&db, &["--batch-size", "500", "--shutdown-timeout", "10s"]);
     db.wait_count("published_at IS NOT NULL", 2_000, Duration::from_secs(60))
         .await;
@@ -254,15 +278,19 @@ async fn sigterm_mid_batch_then_restart_loses_nothing_and_duplicates_nothing() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(
-        db.count("published_at IS NOT NULL").await < 20_000,
+        db.count("published_at IS NOT NULL").await < rows(&written),
         "SIGTERM should land mid-stream"
     );
     let relay = Relay::start(&db, &["--batch-size", "500"]);
-    db.wait_count("published_at IS NOT NULL", 20_000, Duration::from_secs(60))
-        .await;
+    db.wait_count(
+        "published_at IS NOT NULL",
+        rows(&written),
+        Duration::from_secs(60),
+    )
+    .await;
     // A graceful stop must not duplicate.
     let report = check_delivery(&topics, &written, 0, 60).await;
-    assert_eq!(report.records, 20_000);
+    assert_eq!(report.records, written.committed.len());
     drop(relay);
 }
 
@@ -394,9 +422,13 @@ async fn two_replicas_publish_each_row_once_in_order() {
     let topics = topics(2).await;
     let a = Relay::start(&db, &["--batch-size", "200"]);
     let b = Relay::start(&db, &["--batch-size", "200"]);
-    let written = write_events(&db, &topics, 40, 4_000, 8).await;
-    db.wait_count("published_at IS NOT NULL", 4_000, Duration::from_secs(60))
-        .await;
+    let written = write_events(&db, &topics, 40, 1_600, 8, Shape::LateLocks).await;
+    db.wait_count(
+        "published_at IS NOT NULL",
+        rows(&written),
+        Duration::from_secs(60),
+    )
+    .await;
     check_delivery(&topics, &written, 0, 60).await;
     let leaders = [&a, &b]
         .iter()
@@ -744,7 +776,8 @@ async fn append_mode_delivers_exactly_once_in_key_order_without_writing_rows() {
     let db = append_db().await;
     let topics = topics(3).await;
     let relay = Relay::start(&db, &["--read-mode", "append", "--batch-size", "500"]);
-    let written = write_events(&db, &topics, 100, 10_000, 16).await;
+    // Early locks: append mode orders by the first write's xid and is being replaced (issue #15).
+    let written = write_events(&db, &topics, 100, 10_000, 16, Shape::EarlyLock).await;
     assert_exactly_once_in_key_order(&topics, &written, &relay).await;
     db.wait_count(PASSED, 10_000, Duration::from_secs(10)).await;
     // No per-row write: every row version is still the one its writer inserted.
@@ -809,7 +842,8 @@ async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_mode_kill_9_then_restart_resumes_from_the_cursor() {
     let args = ["--read-mode", "append", "--batch-size", "500"];
-    kill_9_mid_stream_then_restart(append_db().await, &args).await;
+    // Early locks: append mode orders by the first write's xid and is being replaced (issue #15).
+    kill_9_mid_stream_then_restart(append_db().await, &args, Shape::EarlyLock).await;
 }
 
 /// claim -> append -> claim on one table: each switch (migrate, then run in the new mode)
@@ -823,7 +857,8 @@ async fn switching_read_modes_publishes_each_row_once() {
         let (code, _, err) = db.run(&["migrate", "--read-mode", mode]);
         assert_eq!(code, 0, "{err}");
         let relay = Relay::start(&db, &["--read-mode", mode]);
-        written.merge(write_events(&db, &topics, 20, 1_000, 4).await);
+        // Early locks: append mode orders by the first write's xid and is being replaced (issue #15).
+        written.merge(write_events(&db, &topics, 20, 1_000, 4, Shape::EarlyLock).await);
         let published = format!("published_at IS NOT NULL OR {PASSED}");
         db.wait_count(
             &published,
@@ -897,7 +932,7 @@ async fn claim_mode_publishes_on_a_table_migrated_by_an_older_release() {
     }
     let topics = topics(1).await;
     let relay = Relay::start(&db, &[]);
-    let written = write_events(&db, &topics, 10, 500, 4).await;
+    let written = write_events(&db, &topics, 10, 500, 4, Shape::EarlyLock).await;
     db.wait_count("published_at IS NOT NULL", 500, Duration::from_secs(30))
         .await;
     check_delivery(&topics, &written, 0, 30).await;
