@@ -846,6 +846,56 @@ async fn append_mode_kill_9_then_restart_resumes_from_the_cursor() {
     kill_9_mid_stream_then_restart(append_db().await, &args, Shape::EarlyLock).await;
 }
 
+/// The known defect of append mode (issue #15): it orders by the xid each transaction's first
+/// write took, so ordinary application transactions (an audit row first, each aggregate locked
+/// later, right before its event) publish a key's events against commit order whenever a
+/// transaction that began earlier locks the key after one that began later. Claim mode keeps
+/// that order (the tests above run this load). This test documents the defect: it fails once
+/// #15 fixes it, and should then assert exactly once in key order like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_mode_reorders_transactions_that_lock_late_issue_15() {
+    let db = append_db().await;
+    let topics = topics(2).await;
+    let relay = Relay::start(&db, &["--read-mode", "append"]);
+    let written = write_events(&db, &topics, KEYS_15, 400, 8, Shape::LateLocks).await;
+    db.wait_count(PASSED, rows(&written), Duration::from_secs(60))
+        .await;
+    let read = Reading {
+        brokers: common::kafka_brokers(),
+        topics: topics.clone(),
+        partitions: PARTITIONS,
+        settle: Duration::from_secs(2),
+        timeout: Duration::from_secs(60),
+    };
+    let (report, violations) = load::check(read, &written).await;
+    let (reordered, other): (Vec<&String>, Vec<&String>) = violations
+        .iter()
+        .partition(|v| v.contains("(per-key order broken)"));
+    assert!(
+        other.is_empty(),
+        "append mode lost, altered or invented events: {other:#?}"
+    );
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    eprintln!(
+        "append mode, {} events of {} transactions ({} deadlocked): {} first occurrences against commit order, e.g. {:?}",
+        written.committed.len(),
+        written.transactions,
+        written.deadlocks,
+        reordered.len(),
+        reordered.first()
+    );
+    assert!(
+        !reordered.is_empty(),
+        "append mode published every key's events of late-locking transactions in commit order: \
+         if issue #15 is fixed, make this test check exactly once in key order"
+    );
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
+}
+
+/// Keys of [`append_mode_reorders_transactions_that_lock_late_issue_15`]: few, so transactions
+/// often meet on a key.
+const KEYS_15: usize = 20;
+
 /// claim -> append -> claim on one table: each switch (migrate, then run in the new mode)
 /// publishes every row once, none again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
