@@ -204,12 +204,51 @@ impl Admin {
 
     /// Make the selected parked rows pending again. Returns how many. Each gets this
     /// transaction's xid, so append mode (whose cursor has passed it) reads it again, at the tail.
+    /// In log mode (the lease says log mode published last), the stream carries inserts only:
+    /// each row is also emitted into the WAL again, with its id (so its event id), in id order,
+    /// and the relay publishes it at this statement's commit.
     pub async fn retry(&self, rows: &Rows, topic: Option<&str>) -> Result<u64, sqlx::Error> {
+        let t = self.table.quoted();
+        let update =
+            format!("UPDATE {t} SET failed_at = NULL, xid = pg_current_xact_id() WHERE {SELECTED}");
+        if !self.log_mode().await? {
+            return self.act(update, rows, topic, None).await;
+        }
+        let prefix = crate::table::quote_literal(&self.table.message_prefix());
         let sql = format!(
-            "UPDATE {} SET failed_at = NULL, xid = pg_current_xact_id() WHERE {SELECTED}",
-            self.table.quoted()
+            "WITH r AS ({update} RETURNING id, topic, key, payload, headers), \
+             e AS (SELECT pg_logical_emit_message(true, {prefix}, \
+                     convert_to(jsonb_build_object('v', 1, 'id', id, 'topic', topic, 'key', key, \
+                       'headers', headers, 'null_payload', payload IS NULL)::text, 'UTF8') \
+                     || '\\x00'::bytea || coalesce(payload, '\\x'::bytea)) AS lsn FROM r ORDER BY id) \
+             SELECT count(*) FROM e"
         );
-        self.act(sql, rows, topic, None).await
+        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+            .bind(match rows {
+                Rows::Id(id) => Some(*id),
+                _ => None,
+            })
+            .bind(match rows {
+                Rows::Key(key) => Some(key.as_str()),
+                _ => None,
+            });
+        q = q.bind(topic);
+        Ok(q.fetch_one(&self.pool).await? as u64)
+    }
+
+    /// Whether log mode published last (an older schema has no such column: it did not).
+    async fn log_mode(&self) -> Result<bool, sqlx::Error> {
+        let read: Result<Option<Option<String>>, _> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT read_mode FROM {} WHERE id = 1",
+            self.table.lease_table()
+        )))
+        .fetch_optional(&self.pool)
+        .await;
+        match read {
+            Ok(mode) => Ok(mode.flatten().as_deref() == Some("log")),
+            Err(e) if crate::store::errors::is_undefined_column(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Mark the selected parked rows handled without publishing them. Returns how many.

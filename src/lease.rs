@@ -45,7 +45,8 @@ impl LeaseState {
     /// The lease row, if any replica ever led.
     pub async fn read(pool: &PgPool, table: &TableName) -> Result<Option<LeaseState>, sqlx::Error> {
         sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT holder, epoch, expires_at, expires_at > clock_timestamp() AS valid FROM {}",
+            // Epoch 0: the row `migrate --read-mode log` made to hold the slot's snapshot.
+            "SELECT holder, epoch, expires_at, expires_at > clock_timestamp() AS valid FROM {} WHERE epoch > 0",
             table.lease_table()
         )))
         .fetch_optional(pool)

@@ -643,3 +643,41 @@ async fn a_missing_slot_or_publication_is_refused_with_the_fix() {
     assert!(err.contains("--slot"), "{err}");
     log.finish().await;
 }
+
+/// A row parked in log mode (its topic did not exist) is published again by `failed retry`
+/// once the cause is fixed: the stream carries only inserts, so the command emits it into the
+/// WAL again, with its id as its event id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_retry_publishes_a_parked_row_again_with_its_id() {
+    let log = LogDb::new().await;
+    let topic = unique("later");
+    let relay = log.relay(&[]);
+    relay.wait_http("/readyz", 200, Duration::from_secs(30));
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'k', 'again') RETURNING id",
+    )
+    .bind(&topic)
+    .fetch_one(&log.db.pool)
+    .await
+    .unwrap();
+    log.db
+        .wait_count("failed_at IS NOT NULL", 1, Duration::from_secs(60))
+        .await;
+    create_topics(&[&topic], PARTITIONS).await;
+    let (code, out, err) = log.db.run(&["failed", "retry", "--id", &id.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let records = read_back(
+        std::slice::from_ref(&topic),
+        PARTITIONS,
+        1,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(records.len(), 1, "the retried row once");
+    assert_eq!(records[0].event_id(), id);
+    assert_eq!(records[0].payload.as_deref(), Some(&b"again"[..]));
+    assert_eq!(log.db.count("failed_at IS NOT NULL").await, 0);
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}

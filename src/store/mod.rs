@@ -103,7 +103,7 @@ pub async fn migrate(
 pub fn record_slot_snapshot(table: &TableName) -> String {
     format!(
         "INSERT INTO {} AS l (id, holder, epoch, expires_at, log_snapshot) \
-         VALUES (1, '', 0, '-infinity', pg_current_snapshot()::text) \
+         VALUES (1, '', 0, clock_timestamp(), pg_current_snapshot()::text) \
          ON CONFLICT (id) DO UPDATE SET log_snapshot = EXCLUDED.log_snapshot",
         table.lease_table()
     )
