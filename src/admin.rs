@@ -33,6 +33,17 @@ pub enum Rows {
     All,
 }
 
+impl Rows {
+    /// The selector's `$1` (id) and `$2` (key).
+    fn binds(&self) -> (Option<i64>, Option<&str>) {
+        match self {
+            Rows::Id(id) => (Some(*id), None),
+            Rows::Key(key) => (None, Some(key.as_str())),
+            Rows::All => (None, None),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub table: String,
@@ -223,16 +234,11 @@ impl Admin {
                      || '\\x00'::bytea || coalesce(payload, '\\x'::bytea)) AS lsn FROM r ORDER BY id) \
              SELECT count(*) FROM e"
         );
-        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
-            .bind(match rows {
-                Rows::Id(id) => Some(*id),
-                _ => None,
-            })
-            .bind(match rows {
-                Rows::Key(key) => Some(key.as_str()),
-                _ => None,
-            });
-        q = q.bind(topic);
+        let (id, key) = rows.binds();
+        let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(key)
+            .bind(topic);
         Ok(q.fetch_one(&self.pool).await? as u64)
     }
 
@@ -274,15 +280,10 @@ impl Admin {
         topic: Option<&str>,
         reason: Option<&str>,
     ) -> Result<u64, sqlx::Error> {
+        let (id, key) = rows.binds();
         let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(match rows {
-                Rows::Id(id) => Some(*id),
-                _ => None,
-            })
-            .bind(match rows {
-                Rows::Key(key) => Some(key.as_str()),
-                _ => None,
-            })
+            .bind(id)
+            .bind(key)
             .bind(topic);
         if let Some(reason) = reason {
             q = q.bind(reason);
