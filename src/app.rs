@@ -28,6 +28,7 @@ pub async fn run(
     http: std::net::TcpListener,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    crate::install_tls_provider();
     let metrics = Metrics::new();
     let health = Arc::new(Health::new(config.relay.stall_timeout));
     let tasks = CancellationToken::new();

@@ -46,3 +46,12 @@ pub mod table;
 pub mod telemetry;
 
 pub use app::run;
+
+/// Make ring the process-wide TLS provider, once, before any connection. Two providers are
+/// compiled in (the replication crate's manifest enables rustls's aws-lc-rs beside the ring
+/// that sqlx and the OTLP client use), and rustls then refuses to pick one for code that asks
+/// for the default (sqlx's `sslmode=verify-ca` verifier does): it panics instead. Embedding
+/// programs call this too; calling it again changes nothing.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

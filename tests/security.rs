@@ -149,6 +149,8 @@ async fn insert_rows(db: &TestDb, topic: &str, n: usize) -> Vec<i64> {
 }
 
 async fn connect(url: &str, password: &str) -> Result<PgConnection, sqlx::Error> {
+    // As the relay's main does: two TLS providers are compiled in (see install_tls_provider).
+    outbox_relay::install_tls_provider();
     let opts: PgConnectOptions = url.parse()?;
     PgConnection::connect_with(&opts.password(password)).await
 }
