@@ -14,8 +14,12 @@
 //!   (`OUTBOX_FAULT_SEED`, else random) printed at the start and in every assertion message.
 //! - **Replicas** of the relay binary ([`Fleet`]), found as leader through `/metrics`.
 //! - **Writers**: the shared ones (`tests/common/load.rs`, as tests/relay.rs uses them) commit
-//!   events under load while faults happen (`LoadSpec::new`; in claim mode `late_locks()`,
-//!   ordinary application transactions), plus [`Bursts`] of events and a [`LongTx`] held open.
+//!   events under load while faults happen (`LoadSpec::new`; in claim and log mode
+//!   `late_locks()`, ordinary application transactions), plus [`Bursts`] of events and a
+//!   [`LongTx`] held open.
+//! - **Log mode** ([`Mode::Log`]) marks no row: progress and the drain are the slot's confirmed
+//!   position passing the WAL position of the moment ([`FaultDb::wait_progress`]), and the
+//!   topics' watermarks ([`Watermarks`]) measure what a fault may cost in duplicates.
 //! - **One checker** ([`verify`]) every scenario ends with: the table, then Kafka through the
 //!   shared checker ([`consume_and_check`](crate::common::load::consume_and_check)).
 
@@ -178,21 +182,13 @@ pub fn soak() -> bool {
 }
 
 /// The relay's read mode a scenario runs in: the table is migrated for it and every replica
-/// runs with it (`--read-mode`; claim mode passes no flag, the default).
+/// runs with it (`--read-mode`; claim mode passes no flag, the default). Log mode also names
+/// the scenario's own slot and publication ([`FaultDb::mode_args`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Claim,
     Append,
-}
-
-impl Mode {
-    /// The flags `migrate` and `run` get.
-    pub fn args(self) -> &'static [&'static str] {
-        match self {
-            Mode::Claim => &[],
-            Mode::Append => &["--read-mode", "append"],
-        }
-    }
+    Log,
 }
 
 /// Rows published in either read mode: marked (claim mode, and append mode's rows delivered
@@ -334,16 +330,30 @@ where
 
 /// A fresh database on the suite's PostgreSQL, migrated by the real binary for the scenario's
 /// read mode, with the writers' `key_seq` table.
+///
+/// Log mode: the replication slot and the publication are named after the database. Slots
+/// are cluster-wide, pin WAL until dropped, and a database with a slot cannot be dropped:
+/// [`FaultDb::drop_database`] drops the slot first, and a failed scenario (which keeps its
+/// database to inspect) still drops its slot when the `FaultDb` is dropped (best effort).
 pub struct FaultDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
     pub opts: PgConnectOptions,
+    pub mode: Mode,
+    /// Log mode's slot (and publication), until dropped.
+    pub slot: Option<String>,
 }
 
 impl FaultDb {
     pub async fn create(ctx: &Ctx) -> FaultDb {
         let name = unique(&format!("fault_{}", ctx.name));
+        assert!(
+            name.len() <= 63,
+            "database (and slot) name {name} is longer than 63 bytes {}",
+            ctx.tag()
+        );
+        let slot = (ctx.mode == Mode::Log).then(|| name.clone());
         let mut admin = sqlx::PgConnection::connect(&admin_url())
             .await
             .unwrap_or_else(|e| panic!("fault-suite PostgreSQL unreachable: {e} {}", ctx.tag()));
@@ -354,7 +364,7 @@ impl FaultDb {
         let _ = admin.close().await;
         let url = format!("postgres://postgres@127.0.0.1:{PG_PORT}/{name}");
         let mut migrate = relay_command(&["migrate", "--database-url", &url]);
-        migrate.args(ctx.mode.args());
+        migrate.args(mode_args(ctx.mode, slot.as_deref()));
         let out = tokio::task::spawn_blocking(move || migrate.output())
             .await
             .unwrap()
@@ -377,6 +387,55 @@ impl FaultDb {
             url,
             pool,
             opts,
+            mode: ctx.mode,
+            slot,
+        }
+    }
+
+    /// The flags `migrate` and every replica's `run` get for the scenario's read mode.
+    pub fn mode_args(&self) -> Vec<String> {
+        mode_args(self.mode, self.slot.as_deref())
+    }
+
+    /// Log mode: the slot's confirmed position (bytes of WAL); -1 without the slot.
+    pub async fn confirmed(&self, ctx: &Ctx) -> i64 {
+        let slot = self.slot.as_deref().expect("log mode only");
+        self.scalar(
+            ctx,
+            &format!(
+                "SELECT coalesce((SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 \
+                 FROM pg_replication_slots WHERE slot_name = '{slot}'), -1)"
+            ),
+        )
+        .await
+    }
+
+    /// The server's current WAL position (bytes).
+    pub async fn wal_lsn(&self, ctx: &Ctx) -> i64 {
+        self.scalar(ctx, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+            .await
+    }
+
+    /// Log mode: wait until the slot's confirmed position passes the WAL position of now, i.e.
+    /// every event committed before this call was delivered (the relay confirms only past
+    /// transactions whose every event has a delivery report). Returns the wait.
+    async fn wait_confirmed_past_now(&self, ctx: &Ctx, what: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        let target = self.wal_lsn(ctx).await;
+        let from = self.confirmed(ctx).await;
+        loop {
+            let now = self.confirmed(ctx).await;
+            if now >= target {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{what}: the slot's confirmed position did not pass the WAL position {target} within {timeout:?} \
+                 ({from} -> {now}, {} bytes behind) {}",
+                target - now,
+                ctx.tag()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -419,8 +478,15 @@ impl FaultDb {
         .await
     }
 
-    /// Wait until `by` more rows are published than now: publishing works (again).
+    /// Wait until `by` more rows are published than now: publishing works (again). Log mode
+    /// marks no row: there, until everything committed before the call is confirmed (a
+    /// stronger condition; `by` is not used).
     pub async fn wait_progress(&self, ctx: &Ctx, by: i64, timeout: Duration) -> Duration {
+        if self.mode == Mode::Log {
+            return self
+                .wait_confirmed_past_now(ctx, "publishing made no progress", timeout)
+                .await;
+        }
         let start = Instant::now();
         let from = self.published(ctx).await;
         loop {
@@ -438,8 +504,14 @@ impl FaultDb {
         }
     }
 
-    /// Wait until no committed row is left pending (published or parked).
+    /// Wait until no committed row is left pending (published or parked). Log mode: until
+    /// the slot's confirmed position passes everything committed before the call.
     pub async fn wait_drained(&self, ctx: &Ctx, timeout: Duration) -> Duration {
+        if self.mode == Mode::Log {
+            return self
+                .wait_confirmed_past_now(ctx, "not drained", timeout)
+                .await;
+        }
         let start = Instant::now();
         let mut last_report = Instant::now();
         loop {
@@ -460,9 +532,13 @@ impl FaultDb {
         }
     }
 
-    /// Drop the database (only after a passing scenario: a failed one is kept to inspect).
-    pub async fn drop_database(self) {
+    /// Drop the database (only after a passing scenario: a failed one is kept to inspect),
+    /// log mode's slot first (a database with a slot cannot be dropped).
+    pub async fn drop_database(mut self) {
         self.pool.close().await;
+        if let Some(slot) = self.slot.take() {
+            drop_slot(&slot).await;
+        }
         if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
             let _ = sqlx::query(AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -471,6 +547,63 @@ impl FaultDb {
             .execute(&mut admin)
             .await;
         }
+    }
+}
+
+/// A failed scenario keeps its database, but not its slot: a slot left behind would pin WAL
+/// for good and use up `max_replication_slots` (16) for the scenarios after it. The replicas,
+/// declared after the database in every scenario, are killed by then.
+impl Drop for FaultDb {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(drop_slot(&slot));
+            })
+            .join();
+        }
+    }
+}
+
+fn mode_args(mode: Mode, slot: Option<&str>) -> Vec<String> {
+    match (mode, slot) {
+        (Mode::Claim, _) => vec![],
+        (Mode::Append, _) => vec!["--read-mode".into(), "append".into()],
+        (Mode::Log, Some(slot)) => ["--read-mode", "log", "--slot", slot, "--publication", slot]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        (Mode::Log, None) => panic!("log mode without a slot"),
+    }
+}
+
+/// Drop a replication slot, ending the session that holds it (a relay that just exited may
+/// hold it for a moment); best effort, for up to 10 s.
+async fn drop_slot(slot: &str) {
+    let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await else {
+        return;
+    };
+    for _ in 0..100 {
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+        )
+        .bind(slot)
+        .execute(&mut admin)
+        .await;
+        let dropped = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .execute(&mut admin)
+        .await;
+        if dropped.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -492,6 +625,77 @@ pub async fn create_topics(ctx: &Ctx, n: usize) -> Vec<String> {
     )
     .await;
     names
+}
+
+/// The records in the scenario's topics (their high watermarks, summed), sampled every
+/// 100 ms in a thread of its own: what was published around a fault, for log mode's
+/// duplicate bound ("what was published in the last second before the fault").
+pub struct Watermarks {
+    samples: Arc<Mutex<Vec<(Instant, i64)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watermarks {
+    pub fn start(topics: &[String]) -> Watermarks {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let samples: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+        let (topics, into, stopped) = (topics.to_vec(), samples.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = Instant::now();
+                let mut sum = Some(0);
+                for t in &topics {
+                    for p in 0..PARTITIONS {
+                        sum = match (sum, consumer.fetch_watermarks(t, p, Duration::from_secs(1))) {
+                            (Some(s), Ok((_, high))) => Some(s + high),
+                            _ => None,
+                        };
+                    }
+                }
+                // A sample counts at the time it was asked (the watermarks only grow).
+                if let Some(sum) = sum {
+                    into.lock().unwrap().push((at, sum));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Watermarks { samples, stop }
+    }
+
+    /// At least the records written between `from` and `to`: the first sample at or after `to`
+    /// (waited for, up to 30 s) minus the last one at or before `from` (0 before the first).
+    pub async fn written_between(&self, from: Instant, to: Instant) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let samples = self.samples.lock().unwrap();
+                if let Some(&(_, high)) = samples.iter().find(|(t, _)| *t >= to) {
+                    let low = samples
+                        .iter()
+                        .rev()
+                        .find(|(t, _)| *t <= from)
+                        .map_or(0, |s| s.1);
+                    return (high - low).max(0) as usize;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no watermark sample of the topics for 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Watermarks {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How long a new topic may take to be ready on the suite's Kafka.
@@ -528,7 +732,7 @@ impl Fleet {
         if ctx.lease {
             all.extend(["--lease-duration".into(), "3s".into()]);
         }
-        all.extend(ctx.mode.args().iter().map(|a| a.to_string()));
+        all.extend(db.mode_args());
         all.extend(args.iter().map(|a| a.to_string()));
         Fleet {
             ctx: ctx.clone(),
@@ -1004,9 +1208,12 @@ pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect
     ));
 
     // The table: no row left pending, parked rows exactly the expected ones, every committed
-    // row published, and no row the writers do not know about.
-    let pending = db.pending(ctx).await;
-    assert_eq!(pending, 0, "rows left pending {tag}");
+    // row published, and no row the writers do not know about. (Log mode: nothing is pending
+    // once the slot's confirmed position passed every commit, which the drain waited for.)
+    if db.mode != Mode::Log {
+        let pending = db.pending(ctx).await;
+        assert_eq!(pending, 0, "rows left pending {tag}");
+    }
     let parked: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM outbox WHERE failed_at IS NOT NULL ORDER BY id")
             .fetch_all(&db.pool)
@@ -1024,19 +1231,31 @@ pub async fn verify(ctx: &Ctx, db: &FaultDb, ledger: &mut Ledger, expect: Expect
         ledger.committed.len() + expect.parked.len(),
         "the table holds rows the writers did not commit (or lost some) {tag}"
     );
-    let ids: Vec<i64> = ledger.committed.values().map(|e| e.id).collect();
-    let published: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM outbox WHERE id = ANY($1) AND {PUBLISHED}"
-    )))
-    .bind(&ids)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        published as usize,
-        ledger.committed.len(),
-        "committed rows not marked published {tag}"
-    );
+    if db.mode == Mode::Log {
+        // Log mode writes nothing per event (no row predates the slot here, so no catch-up
+        // marks any); Kafka below is what says everything was published.
+        let marked = db
+            .scalar(
+                ctx,
+                "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+            )
+            .await;
+        assert_eq!(marked, 0, "log mode marked rows published {tag}");
+    } else {
+        let ids: Vec<i64> = ledger.committed.values().map(|e| e.id).collect();
+        let published: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM outbox WHERE id = ANY($1) AND {PUBLISHED}"
+        )))
+        .bind(&ids)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            published as usize,
+            ledger.committed.len(),
+            "committed rows not marked published {tag}"
+        );
+    }
     if ledger.check_key_seq {
         check_key_seq(&db.pool, ledger, &tag).await;
     }
