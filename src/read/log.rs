@@ -201,6 +201,8 @@ struct Txn {
     end: Option<u64>,
     /// Events handed out and not yet delivered or set aside, plus events not yet handed out.
     unsettled: usize,
+    /// Events handed out.
+    handed: usize,
 }
 
 struct Stream {
@@ -232,6 +234,8 @@ pub struct LogReader {
     stop_at: Option<u64>,
     /// The stream has passed `stop_at`.
     reached: bool,
+    /// Stopping: batches end at the next commit.
+    finishing: bool,
     /// An item taken from the stream that did not fit the last batch.
     held: Option<Item>,
     /// Read again from the confirmed position before the next batch.
@@ -266,6 +270,7 @@ impl LogReader {
             last_end: 0,
             stop_at: None,
             reached: false,
+            finishing: false,
             held: None,
             restart: false,
             emitted: Arc::default(),
@@ -353,6 +358,7 @@ impl LogReader {
         while let Some(Txn {
             end: Some(end),
             unsettled: 0,
+            ..
         }) = self.txns.front()
         {
             position = Some(*end);
@@ -445,6 +451,7 @@ impl LogReader {
             Item::Begin => self.txns.push_back(Txn {
                 end: None,
                 unsettled: 0,
+                handed: 0,
             }),
             Item::Row(row) => {
                 let txn = self
@@ -453,6 +460,7 @@ impl LogReader {
                     .filter(|t| t.end.is_none())
                     .ok_or_else(|| protocol("an event outside a transaction"))?;
                 txn.unsettled += 1;
+                txn.handed += 1;
                 return Ok(Some(row));
             }
             Item::Commit { end } => {
@@ -568,7 +576,7 @@ impl Reader for LogReader {
         let (max_rows, max_bytes) = (limit.rows as usize, limit.bytes);
         while !self.reached {
             let open = self.txns.back().is_some_and(|t| t.end.is_none());
-            let full = rows.len() >= max_rows || bytes >= max_bytes;
+            let full = rows.len() >= max_rows || bytes >= max_bytes || self.finishing;
             if rows.len() >= 2 * max_rows || bytes >= 2 * max_bytes || (full && !open) {
                 break;
             }
@@ -674,6 +682,15 @@ impl Reader for LogReader {
             mark: Vec::new(),
             position: self.advance(),
         }
+    }
+
+    /// Inside a transaction some of whose events were handed out: the slot's position cannot
+    /// pass it until it is read and published to its commit.
+    fn finish_unit(&mut self) -> bool {
+        self.finishing = true;
+        self.txns
+            .back()
+            .is_some_and(|t| t.end.is_none() && t.handed > 0)
     }
 
     /// Report the confirmed position to the server before the stream closes: a graceful stop

@@ -246,6 +246,13 @@ pub trait Reader: Send {
         set_aside: &HashSet<i64>,
     ) -> Progress<Self::Position>;
 
+    /// The loop is stopping: whether the last batch ended inside a unit the reader records
+    /// whole (log mode: a transaction), which would be published again after a restart. If
+    /// so, from now on batches end where that unit ends, and the loop reads it to its end.
+    fn finish_unit(&mut self) -> bool {
+        false
+    }
+
     /// The loop has stopped and every progress write is done: release what the reader holds
     /// (log mode reports its confirmed position and closes its stream).
     fn close(&mut self) -> impl Future<Output = ()> + Send {

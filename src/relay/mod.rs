@@ -167,6 +167,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             }
         }
         // Shutdown: the sink flushes what is in flight; settle and record what it delivered.
+        self.finish_unit(&mut flight).await;
         while !flight.sent.is_empty() {
             let _ = self.settle_oldest(&mut flight, &cancel).await;
         }
@@ -175,6 +176,34 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         self.lease.release().await;
         self.metrics.leader.set(0);
         tracing::info!("relay loop stopped");
+    }
+
+    /// Stopping inside a unit the reader records whole (log mode: a transaction, of which some
+    /// events are published): read and publish the rest of it first, within half of
+    /// --shutdown-timeout, so the position can pass it and nothing is published again.
+    async fn finish_unit(&mut self, flight: &mut Flight<R::Position>) {
+        let (limit, batches) = (self.settings.batch_limit(), self.settings.in_flight_batches);
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout / 2;
+        // The stop signal has fired; publishing goes on until the unit ends.
+        let live = CancellationToken::new();
+        while self.reader.finish_unit() && tokio::time::Instant::now() < deadline {
+            let done = match flight.room(limit, batches, true) {
+                Some(room) => match self.read_and_send(room, flight, &live).await {
+                    // The rest has not arrived yet.
+                    Ok(0) if flight.sent.is_empty() => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Ok(())
+                    }
+                    Ok(0) => self.settle_oldest(flight, &live).await,
+                    read => read.map(|_| ()),
+                },
+                None => self.settle_oldest(flight, &live).await,
+            };
+            if done.is_err() {
+                tracing::warn!("could not finish the transaction in hand before stopping: its published events come again after a restart");
+                return;
+            }
+        }
     }
 
     /// Whether this replica leads; on a new lease epoch, the reader starts over from durable
