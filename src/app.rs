@@ -23,7 +23,7 @@ use crate::{replica, spans};
 
 /// Run the relay until `cancel` fires, then drain.
 pub async fn run(
-    config: RelayConfig,
+    mut config: RelayConfig,
     publisher: Publisher,
     http: std::net::TcpListener,
     cancel: CancellationToken,
@@ -64,9 +64,12 @@ pub async fn run(
         }
     }
     let wake = Arc::new(Notify::new());
-    // In log mode the stream wakes the loop: no LISTEN.
-    let listen = config.relay.listen && config.read_mode != ReadMode::Log;
-    let listener = listen.then(|| {
+    // In log mode the stream wakes the loop: no LISTEN, and no asking writers to NOTIFY (the
+    // lease row's wake_wanted is left alone: no write per idle spell).
+    if config.read_mode == ReadMode::Log {
+        config.relay.listen = false;
+    }
+    let listener = config.relay.listen.then(|| {
         tokio::spawn(store::listen(
             pool.clone(),
             table.channel(),
