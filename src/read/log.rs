@@ -416,12 +416,7 @@ impl LogReader {
         let marked: HashSet<i64> = marked.into_iter().collect();
         for (id, seq) in handed.iter() {
             if marked.contains(id) {
-                if let Some(txn) = seq
-                    .checked_sub(self.first_seq)
-                    .and_then(|i| self.txns.get_mut(i as usize))
-                {
-                    txn.unsettled = txn.unsettled.saturating_sub(1);
-                }
+                self.settle_in(*seq);
             }
         }
         handed.retain(|(id, _)| !marked.contains(id));
@@ -434,6 +429,16 @@ impl LogReader {
             self.confirm(position);
         }
         Ok(())
+    }
+
+    /// One event of transaction `seq` is settled.
+    fn settle_in(&mut self, seq: u64) {
+        let txn = seq
+            .checked_sub(self.first_seq)
+            .and_then(|i| self.txns.get_mut(i as usize));
+        if let Some(txn) = txn {
+            txn.unsettled = txn.unsettled.saturating_sub(1);
+        }
     }
 
     fn confirm(&self, lsn: u64) {
@@ -660,15 +665,11 @@ impl Reader for LogReader {
         };
         let done: HashSet<i64> = delivered.ids().iter().copied().collect();
         if let Some(batch) = batch {
-            let mut emitted = self.emitted.lock().unwrap_or_else(|e| e.into_inner());
+            let emitted = self.emitted.clone();
+            let mut emitted = emitted.lock().unwrap_or_else(|e| e.into_inner());
             for (id, seq) in batch {
                 if done.contains(&id) || set_aside.contains(&id) {
-                    if let Some(txn) = seq
-                        .checked_sub(self.first_seq)
-                        .and_then(|i| self.txns.get_mut(i as usize))
-                    {
-                        txn.unsettled = txn.unsettled.saturating_sub(1);
-                    }
+                    self.settle_in(seq);
                     if !set_aside.contains(&id) {
                         emitted.remove(&id);
                     }
