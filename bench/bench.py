@@ -11,12 +11,14 @@ Arms (each a way of getting outbox rows from PostgreSQL into Kafka, or a ceiling
                 producer properties and headers (Kafka's producer-only ceiling; and its latency floor)
   kafka-only-bare  the same without the relay's three headers (what they cost the producer)
   kafka-only-py the same load from Python confluent-kafka (a client-bound figure, for comparison)
-  db-limit-claim / db-limit-delete / db-limit-append   examples/db_limit.rs: PostgreSQL alone
-                serving a read mode's own read and progress write of a backlog, no Kafka (the
-                database's limit for that mode)
+  db-limit-claim / db-limit-delete   examples/db_limit.rs: PostgreSQL alone serving a read
+                mode's own read and progress write of a backlog, no Kafka (the database's limit
+                for that mode)
+  db-limit-log  pg_recvlogical (PostgreSQL's own C client) streaming the relay-log drain's
+                backlog from a copy of its slot to /dev/null: the walsender's limit, no Kafka
   relay         target/release/outbox-relay with its defaults (`migrate`, then `run`)
-  relay-delete / relay-append / relay-log   the same with --on-publish delete, --read-mode append,
-                --read-mode log (a logical replication slot, LOG_SLOT, through pgoutput)
+  relay-delete / relay-log   the same with --on-publish delete, --read-mode log (a logical
+                replication slot, LOG_SLOT, through pgoutput)
   naive         bench/naive_relay.py: one row at a time, synchronous send, UPDATE per row
   debezium-defaults / debezium-tuned   Debezium Server, outbox EventRouter, Kafka sink, pgoutput
 
@@ -385,10 +387,8 @@ def lat_stats(lat_s):
 # PostgreSQL
 
 RELAY_TABLE, DBZ_TABLE = "outbox", "dbz_outbox"
-# Rows the relay has yet to publish, in either read mode (append mode moves a cursor instead of
-# setting published_at).
-UNPUBLISHED = ("published_at IS NULL AND failed_at IS NULL AND NOT coalesce((xid, id) <= "
-               f"(SELECT cursor_xid, cursor_id FROM {RELAY_TABLE}_lease WHERE id = 1), false)")
+# Rows the relay has yet to publish (claim mode; log mode marks none).
+UNPUBLISHED = "published_at IS NULL AND failed_at IS NULL"
 AUDIT_TABLE = "bench_published"
 RELAY_ROWS = (f"(SELECT topic, key, payload, bench_xid FROM {RELAY_TABLE} "
               f"UNION ALL SELECT topic, key, payload, bench_xid FROM {AUDIT_TABLE})")
@@ -770,17 +770,6 @@ class RelayDelete(Relay):
         self.label = f"outbox-relay ({h.relay_profile} build), --on-publish delete"
 
 
-class RelayAppend(Relay):
-    """outbox-relay with `--read-mode append` (a cursor on the writing transaction's xid8, no
-    per-row write); the table is migrated to its index before and back after (plan())."""
-    name = "relay-append"
-    extra_args = ["--read-mode", "append"]
-
-    def __init__(self, h):
-        super().__init__(h)
-        self.label = f"outbox-relay ({h.relay_profile} build), --read-mode append"
-
-
 class RelayLog(Relay):
     """outbox-relay with `--read-mode log` (a logical replication slot through pgoutput: commit
     order, no per-row write). The table is migrated to log mode before (Harness.log_mode: the
@@ -1031,7 +1020,7 @@ class Harness:
                        stdout=subprocess.DEVNULL)
 
     def read_mode(self, mode, *extra):
-        """Migrate the relay's table to a read mode's index (append: by writing xid; claim: pending by id)."""
+        """Migrate the relay's table to a read mode's index (claim: pending by id; log: none)."""
         env = dict(os.environ, OUTBOX_RELAY_DATABASE_URL=url("bench_relay"))
         subprocess.run([self.relay_bin, "migrate", "--read-mode", mode, *extra], env=env, check=True,
                        stdout=subprocess.DEVNULL)
@@ -1040,7 +1029,7 @@ class Harness:
         """Migrate the relay's table to log mode: the publication of its inserts (publish =
         'insert': the TRUNCATE between cells is not streamed), the emit function, the slot
         LOG_SLOT (which then holds the WAL of every insert until the relay confirms it); the
-        claim and append indexes and the NOTIFY trigger are dropped."""
+        claim index and the NOTIFY trigger are dropped."""
         self.read_mode("log", "--slot", LOG_SLOT, "--publication", LOG_PUBLICATION)
         return True
 
@@ -1325,6 +1314,7 @@ class Harness:
             if isinstance(arm, RelayLog):
                 # The WAL the walsender decodes to stream the backlog (from the slot's confirmed position).
                 before["slot_wal_at_start"] = (self.pg.slot_state(LOG_SLOT) or {}).get("unconfirmed_wal_bytes")
+                self.db_limit_log(wl, n)
             log(f"  starting {arm.name}")
             b = self.begin(arm, table)
             stop, samples = threading.Event(), []
@@ -1484,10 +1474,8 @@ class Harness:
         """The database's own limit for a read mode, no Kafka: examples/db_limit.rs drains a
         pre-loaded backlog through the relay's reader and ledger (its SQL, its 1,000-row batches,
         one progress write in flight beside the next read), every row counted delivered at once."""
-        name = {("claim", "mark"): "db-limit-claim", ("claim", "delete"): "db-limit-delete",
-                ("append", "mark"): "db-limit-append"}[(mode, on_publish)]
-        what = {"db-limit-claim": "read + mark", "db-limit-delete": "read + delete",
-                "db-limit-append": "read + cursor write"}[name]
+        name = {("claim", "mark"): "db-limit-claim", ("claim", "delete"): "db-limit-delete"}[(mode, on_publish)]
+        what = {"db-limit-claim": "read + mark", "db-limit-delete": "read + delete"}[name]
         ex = Example(self, name, f"PostgreSQL alone serving the relay's {what} ({mode} mode, 1,000-row batches, no Kafka)",
                      "db_limit", role="bench_dblimit")
         kind = "drain-analyzed" if analyzed else "drain"
@@ -1519,6 +1507,52 @@ class Harness:
         log(f"  -> {name} {kind}: {out['rows']}/{n} rows in {out['wall_s']:.1f}s: {out['rate']:.0f}/s "
             f"(read mean {(out.get('read') or {}).get('mean_ms') or 0:.1f} ms, write mean "
             f"{(out.get('write') or {}).get('mean_ms') or 0:.1f} ms), {res['pending_in_db']} left pending")
+        self.record(res)
+        return res
+
+    def db_limit_log(self, wl, n):
+        """Log mode's database limit, no Kafka: pg_recvlogical (PostgreSQL's own C client) streams
+        the backlog just loaded, from a copy of the relay's slot at the same position and with the
+        relay's options (pgoutput, proto_version 1, binary, messages), to /dev/null, up to the WAL
+        position after the load. What the walsender can decode and send; the relay's drain of the
+        same backlog from the original slot follows."""
+        name, copy = "db-limit-log", "bench_dblimit_log"
+        recv = os.path.join(PGBIN[-1], "pg_recvlogical") if PGBIN else shutil.which("pg_recvlogical")
+        self.pg.drop_slot(copy)
+        self.pg.x(f"SELECT pg_copy_logical_replication_slot('{LOG_SLOT}', '{copy}')")
+        end = self.pg.one("SELECT pg_current_wal_lsn()::text")[0]
+        arm = Arm(self)
+        arm.name, arm.label, arm.role, arm.walsender = name, "pg_recvlogical from a copy of the relay's slot, to /dev/null", "bench_relay", True
+        log(f"{name} drain: {n} rows decoded by the walsender for pg_recvlogical")
+        b = self.begin(arm, RELAY_TABLE)
+        stop, samples = threading.Event(), []
+        th = threading.Thread(target=self.sampler, args=(arm, None, RELAY_TABLE, 0.25, stop, samples, b["t"], b["meter"]))
+        th.start()
+        t0 = time.time()
+        try:
+            p = subprocess.Popen([recv, "-d", url("bench_relay"), "-S", copy, "--start", "-E", end, "--no-loop",
+                                  "-f", "/dev/null", "-o", "proto_version=1", "-o", f"publication_names={LOG_PUBLICATION}",
+                                  "-o", "binary=true", "-o", "messages=true"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                _, err = p.communicate(timeout=max(600.0, n / 1000.0))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+            wall = time.time() - t0
+        finally:
+            stop.set()
+            th.join()
+        complete = p.returncode == 0  # (it exits 0 only once it has received the WAL up to `end`)
+        res = {"arm": name, "label": arm.label, "workload": wl.name, "kind": "drain", "rows": n, "wall_s": wall,
+               "drained": n if complete else None, "complete": complete, "drain_rate": n / wall if complete else None,
+               "drain_rate_wall": n / wall if complete else None, "recvlogical_exit": p.returncode,
+               "recvlogical_stderr": err.decode(errors="replace")[-500:]}
+        res.update(self.end(arm, RELAY_TABLE, b, n))
+        res["samples"] = samples[:: max(1, len(samples) // 120)]
+        self.pg.drop_slot(copy)
+        log(f"  -> {name}: {n} rows in {wall:.1f}s: {n / wall:.0f}/s, exit {p.returncode}"
+            + ("" if complete else f", INCOMPLETE: {res['recvlogical_stderr']}"))
         self.record(res)
         return res
 
@@ -1614,7 +1648,7 @@ def estimate(m, arms, dbz):
     if want("kafka-only"):
         t += 4 * (10 + m.drain_rows / 40000) + 2 * step
     full = m.name == "full"
-    for name, relay_arm in (("db-limit-claim", "relay"), ("db-limit-delete", "relay-delete"), ("db-limit-append", "relay-append")):
+    for name, relay_arm in (("db-limit-claim", "relay"), ("db-limit-delete", "relay-delete")):
         if want(name) or want(relay_arm):
             t += (2 if full or name == "db-limit-claim" else 1) * drain
     if want("db-only"):
@@ -1623,10 +1657,8 @@ def estimate(m, arms, dbz):
         t += 15 + len(m.workloads) * ladder * step + 3 * drain + m.soak_seconds + 20
     if want("relay-delete"):
         t += 15 + 2 * ladder * step + (2 if full else 1) * drain
-    if want("relay-append"):
-        t += 25 + 2 * ladder * step + (2 if full else 1) * drain + m.soak_seconds + 20
     if want("relay-log"):
-        t += 30 + 2 * ladder * step + drain + 20
+        t += 30 + 2 * ladder * step + 1.5 * drain + 20
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1701,20 +1733,14 @@ def plan(h, arms_filter):
         guarded("kafka-only-py ceiling", h.kafka_ceiling_py, main, m.drain_rows)
     # The database's limit of each read mode (no Kafka), for the relay arm of that mode: from a
     # backlog nobody analyzed (the drains' case), and after ANALYZE (in smoke, claim mode only).
+    # (Log mode's, db-limit-log, is measured on the relay-log drain's own backlog: Harness.drain.)
     for name, relay_arm, mode, on_publish in (("db-limit-claim", "relay", "claim", "mark"),
-                                              ("db-limit-delete", "relay-delete", "claim", "delete"),
-                                              ("db-limit-append", "relay-append", "append", "mark")):
+                                              ("db-limit-delete", "relay-delete", "claim", "delete")):
         if not (want(name) or want(relay_arm)):
             continue
-        if mode != "claim":
-            h.read_mode(mode)
-        try:
-            for analyzed in (False, True) if m.name == "full" or name == "db-limit-claim" else (False,):
-                guarded(f"{name} {'drain-analyzed' if analyzed else 'drain'}", h.db_limit, mode, on_publish, main,
-                        m.drain_rows, analyzed)
-        finally:
-            if mode != "claim":
-                h.read_mode("claim")
+        for analyzed in (False, True) if m.name == "full" or name == "db-limit-claim" else (False,):
+            guarded(f"{name} {'drain-analyzed' if analyzed else 'drain'}", h.db_limit, mode, on_publish, main,
+                    m.drain_rows, analyzed)
     if want("db-only"):
         # The application without the relay: the relay's table without the NOTIFY trigger that
         # `migrate` installs (the trigger is part of enabling the relay, so the relay arm pays it).
@@ -1750,20 +1776,6 @@ def plan(h, arms_filter):
                 guarded("relay-delete drain-analyzed", h.drain, rd, main, m.drain_rows, analyzed=True)
         finally:
             rd.stop()
-    if want("relay-append"):
-        ra = RelayAppend(h)
-        h.read_mode("append")
-        try:
-            guarded("relay-append warm-up", h.warm, ra)
-            for wl in side:
-                guarded(f"relay-append ladder {wl.name}", h.ladder, ra, wl, cap=ceilings.get(wl.name))
-            guarded("relay-append drain", h.drain, ra, main, m.drain_rows)
-            if m.name == "full":
-                guarded("relay-append drain-analyzed", h.drain, ra, main, m.drain_rows, analyzed=True)
-            guarded("relay-append soak", h.step, ra, soak_wl, m.soak_rate, m.soak_seconds, "soak")
-        finally:
-            ra.stop()
-            h.read_mode("claim")
     if want("relay-log"):
         # No drain-analyzed cell (the stream reads the WAL, never the table: planner statistics
         # play no part) and no soak (it watches the dead tuples of per-row writes; log mode

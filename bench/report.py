@@ -13,18 +13,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
-             "db-limit-append", "relay", "relay-delete", "relay-append", "relay-log", "relay-nonotify", "naive",
+             "db-limit-log", "relay", "relay-delete", "relay-log", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
-COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-append": "tab:green", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple", "kafka-only-py": "tab:purple", "kafka-only-bare": "tab:purple",
-          "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-append": "darkgreen"}
-# Each relay arm's two limits: the database's for its read mode (examples/db_limit.rs) and Kafka's
-# producer-only ceiling (examples/kafka_ceiling.rs, arm kafka-only).
-DB_LIMIT = {"relay": "db-limit-claim", "relay-delete": "db-limit-delete", "relay-append": "db-limit-append"}
-# Every relay arm, in report order. relay-log has no database-limit example (examples/db_limit.rs
-# runs the claim and append readers only): Kafka's ceiling is the only limit it is measured against.
-RELAY_ARMS = ["relay", "relay-delete", "relay-append", "relay-log"]
-NO_DB_LIMIT = "no database limit is measured for log mode"
+          "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-log": "darkcyan"}
+# Each relay arm's two limits: the database's for its read mode (examples/db_limit.rs; log mode's:
+# pg_recvlogical streaming the same backlog from a copy of the slot) and Kafka's producer-only
+# ceiling (examples/kafka_ceiling.rs, arm kafka-only).
+DB_LIMIT = {"relay": "db-limit-claim", "relay-delete": "db-limit-delete", "relay-log": "db-limit-log"}
+# Every relay arm, in report order.
+RELAY_ARMS = ["relay", "relay-delete", "relay-log"]
 
 
 def fmt(v, d=0, unit=""):
@@ -98,8 +97,6 @@ def limit(res, ra, wl, kind):
     `kind`: the database limit measured the same way (drain: no statistics; drain-analyzed)."""
     db = rate_of(drain(res, DB_LIMIT.get(ra), "1x200B", kind))
     kafka = rate_of(drain(res, "kafka-only", "1x200B"))
-    if ra not in DB_LIMIT:
-        return (kafka, f"kafka-only; {NO_DB_LIMIT}") if kafka else (None, "not measured in this run")
     if not (db and kafka):
         return None, "not measured in this run"
     return (db, f"{DB_LIMIT[ra]}, {kind}") if db <= kafka else (kafka, "kafka-only")
@@ -353,12 +350,13 @@ def render(meta, res, plots, outdir, mode):
       "librdkafka producer built from the relay's own producer properties (`kafka::client_config`: idempotence, acks=all, "
       "lz4, linger.ms, murmur2_random) with messages built as the relay builds them (`event::to_message`: the same "
       "headers), no batch barrier. A read mode's database limit is `examples/db_limit.rs`: the relay's reader and ledger "
-      "(`ClaimReader`/`AppendReader`, `Ledger::record`) draining the same kind of pre-loaded backlog in 1,000-row "
+      "(`ClaimReader`, `Ledger::record`) draining the same kind of pre-loaded backlog in 1,000-row "
       "batches with one progress write in flight beside the next read, as the relay loop does, with every row counted "
       "delivered at once (no Kafka). A relay is at its physical limit when it reaches the lower of the two."
-      + (" There is no database-limit example for log mode (`db_limit` runs the claim and append readers): "
-         "`relay-log` is measured against Kafka's ceiling only, and its drain's profile (walsender, relay, broker) "
-         "is under the backlog drain." if has_log else ""))
+      + (" Log mode's database limit (`db-limit-log`) is PostgreSQL's own C client, `pg_recvlogical`, streaming the "
+         "`relay-log` drain's backlog from a copy of the relay's slot (same position, same pgoutput options: proto_version 1, "
+         "binary, messages) to /dev/null: what the walsender can decode and send, no Kafka. It runs on the same backlog "
+         "just before the relay's drain of it." if has_log else ""))
     w("- **Per event**: CPU-seconds of the arm's process (and of all PostgreSQL processes, and of the broker) from /proc over "
       "the cell including catch-up (the examples': the kernel's accounting at exit); peak RSS = VmHWM, reset at the start of the cell (clear_refs); statements = "
       "pg_stat_statements calls by the arm's role (the walsender's replication protocol is not counted); WAL = "
@@ -401,12 +399,9 @@ def render(meta, res, plots, outdir, mode):
                     lo, which = limit(res, ra, "1x200B", kind)
                     db = rate_of(drain(res, DB_LIMIT[ra], "1x200B", kind))
                     if db:
-                        rows.append(f"| {ra} | {'none' if kind == 'drain' else 'analyzed'} | {fmt(db)} | "
+                        stats = "- (the stream never reads the table)" if ra == "relay-log" else "none" if kind == "drain" else "analyzed"
+                        rows.append(f"| {ra} | {stats} | {fmt(db)} | "
                                     f"{fmt(rate_of(drain(res, 'kafka-only', '1x200B')))} | {fmt(lo)} ({which}) |")
-        kafka = rate_of(drain(res, "kafka-only", "1x200B"))
-        if has_log and kafka:
-            rows.append(f"| relay-log | - (the stream never reads the table) | none: {NO_DB_LIMIT} | {fmt(kafka)} | "
-                        f"{fmt(kafka)} (kafka-only) |")
         if rows:
             w("| relay arm | table statistics | its database limit | Kafka's ceiling | the lower |\n|---|---|---|---|---|")
             w("\n".join(rows) + "\n")
@@ -476,7 +471,7 @@ def render(meta, res, plots, outdir, mode):
             rd = drain(res, ra, "1x200B", kind)
             if rd:
                 lo, which = limit(res, ra, "1x200B", kind)
-                how = "from the slot's WAL" if ra not in DB_LIMIT else "no statistics" if kind == "drain" else "analyzed"
+                how = "from the slot's WAL" if ra == "relay-log" else "no statistics" if kind == "drain" else "analyzed"
                 rows.append(f"| {ra} | {kind} 1x200B ({how}) | "
                             f"{fmt(rate_of(rd))} | {fmt(lo)} ({which}) | {pct(rate_of(rd), lo)} |")
         for wl in ("1x200B", "10x200B"):
@@ -495,8 +490,6 @@ def render(meta, res, plots, outdir, mode):
           "same way: no statistics or analyzed; Kafka's producer-only ceiling). A live ladder is compared with the "
           "analyzed database limit (autovacuum analyzes a live table) and with the insert-only ceiling, which bounds "
           "any live rate."
-          + (f" `relay-log`'s lower limit is Kafka's ceiling: {NO_DB_LIMIT} (examples/db_limit.rs has no log mode); "
-             "where its drain's time goes is under the backlog drain." if has_log else "")
           + "\n")
         w("| relay arm | cell | events/s | the lower limit (which) | share |\n|---|---|---|---|---|")
         w("\n".join(rows) + "\n")
@@ -618,7 +611,7 @@ def render(meta, res, plots, outdir, mode):
             w(f"![soak]({plots['soak']})\n")
 
     # ---- profile
-    prof = [r for r in res if r.get("relay_profile") and r["arm"] in ("relay", "relay-append", "relay-log")]
+    prof = [r for r in res if r.get("relay_profile") and r["arm"] in ("relay", "relay-log")]
     if prof:
         w("## Where the relay's time goes (outbox_relay_batch_phase_seconds, per cell)\n")
         w("| cell | batches | mean rows/batch | fetch mean ms (p99 <=) | publish mean ms (p99 <=) | mark mean ms (p99 <=) | "
