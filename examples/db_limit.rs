@@ -1,9 +1,9 @@
 //! The database's own limit for a relay read mode, with no Kafka, for the benchmark
 //! (bench/bench.py, arms `db-limit-*`): how fast PostgreSQL serves the relay's read and
 //! progress write of a backlog, through the relay's own code. The reader is the relay's
-//! ([`ClaimReader`] or [`AppendReader`], `--batch-size` rows per read), the progress write is
-//! its ledger's [`Ledger::record`] (claim mode: the per-row mark, or the delete with
-//! `--on-publish delete`; append mode: the cursor), fenced by a real lease
+//! ([`ClaimReader`], `--batch-size` rows per read), the progress write is its ledger's
+//! [`Ledger::record`] (the per-row mark, or the delete with `--on-publish delete`), fenced by
+//! a real lease
 //! ([`outbox_relay::lease::Lease`]). Every row counts as delivered the moment it is read:
 //! Kafka takes no time.
 //!
@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use outbox_relay::event::{Message, OutboxRow};
 use outbox_relay::lease::{Leadership, Lease};
-use outbox_relay::read::{AppendReader, BatchLimit, ClaimReader, Fence, Ledger, Reader, Recorded};
+use outbox_relay::read::{BatchLimit, ClaimReader, Fence, Ledger, Reader, Recorded};
 use outbox_relay::settle::settle;
 use outbox_relay::store::{self, OnPublish, OutboxStore};
 use outbox_relay::table::{ReadMode, TableName};
@@ -90,12 +90,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let out = match args.mode {
         ReadMode::Claim => drain(ClaimReader::new(store, false), &mut lease, &args).await,
-        ReadMode::Append => drain(AppendReader::new(store), &mut lease, &args).await,
-        // Log mode reads the WAL through a replication slot, not the table: no statements to
-        // replay alone (bench/bench.py measures relay-log against Kafka's ceiling only).
+        // Log mode reads the WAL through a replication slot, not the table: its limit is the
+        // walsender's, measured with pg_recvlogical (bench/bench.py, db-limit-log).
         ReadMode::Log => Err(
-            "--mode log: log mode has no database-limit example (its reads are the \
-             walsender's decoding of a replication slot, not statements)"
+            "--mode log: log mode's database limit is the walsender's decoding of a replication \
+             slot, not statements (bench/bench.py measures it with pg_recvlogical: db-limit-log)"
                 .into(),
         ),
     };
@@ -161,8 +160,7 @@ async fn drain<R: Reader>(
         let outcomes = messages.iter().map(|_| Ok(())).collect();
         let delivered = settle(&messages, outcomes, false).delivered;
         let progress = reader.progress(delivered, &HashSet::new());
-        // As the relay: reads leave out the rows this write marks (append mode's cursor is
-        // past the rest).
+        // As the relay: reads leave out the rows this write marks.
         let ids = progress.mark.clone();
         let fence = Fence {
             holder: lease.holder().into(),

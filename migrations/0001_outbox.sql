@@ -8,7 +8,7 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
     payload      bytea,
     headers      jsonb,
     created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
-    -- The writing transaction: the order of --read-mode append.
+    -- The writing transaction (claim and log mode's hand-overs use it).
     xid          xid8 DEFAULT pg_current_xact_id(),
     -- Written by the relay only:
     published_at timestamptz,
@@ -17,17 +17,18 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
     failed_at    timestamptz
 );
 
--- Tables created before the xid column: added without a table rewrite; older rows keep NULL
--- (an append-mode leader gives pending ones its own xid once).
+-- Tables created before the xid column: added without a table rewrite; older rows keep NULL.
 ALTER TABLE "public"."outbox" ADD COLUMN IF NOT EXISTS xid xid8;
 ALTER TABLE "public"."outbox" ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
 
 -- The relay (--read-mode claim) reads pending rows in id order through this small partial index.
 CREATE INDEX IF NOT EXISTS "outbox_pending_idx" ON "public"."outbox" (id)
     WHERE published_at IS NULL AND failed_at IS NULL;
+-- What an earlier release's --read-mode append (removed) added.
 DROP INDEX IF EXISTS "public"."outbox_xid_idx";
 DROP TRIGGER IF EXISTS "outbox_own_xid_insert" ON "public"."outbox";
 DROP TRIGGER IF EXISTS "outbox_own_xid_update" ON "public"."outbox";
+DROP FUNCTION IF EXISTS "public"."outbox_own_xid"();
 
 -- Cleanup finds old published rows here; parked rows (and the keys they block) here.
 CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (published_at)
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS "public"."outbox_lease" (
     cursor_id   bigint
 );
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
--- cursor_xid, cursor_id: the last row --read-mode append has published (NULL in claim mode).
+-- cursor_xid, cursor_id: the last row an earlier release's --read-mode append published (set
+-- to NULL when claim or log mode takes over, which marks the rows behind it published).
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS cursor_xid xid8;
 ALTER TABLE "public"."outbox_lease" ADD COLUMN IF NOT EXISTS cursor_id bigint;
 -- read_mode: the mode the last leader published in (a switch is handed over, see ARCHITECTURE.md).

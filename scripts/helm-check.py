@@ -324,8 +324,9 @@ def main():
         (["--set", "relay.metricsAddr=127.0.0.1:9464"], "loopback", "a loopback metrics address"),
         (["--set", "caCertificate.secretName=a", "--set", "caCertificate.configMapName=b"], "not both", "two CA sources"),
         (["--set", "relay.poisonPolicy=dead-letter"], "deadLetterTopic", "poisonPolicy dead-letter without a topic"),
-        (["--set", "relay.readMode=append", "--set", "relay.onPublish=delete"], "readMode claim", "readMode append with onPublish delete"),
-        (["--set", "relay.readMode=append", "--set", "relay.poisonPolicy=block-key"], "readMode claim", "readMode append with block-key"),
+        (["--set", "relay.readMode=append"], "append was removed", "the removed readMode append, naming the upgrade"),
+        (["--set", "relay.readMode=log", "--set", "relay.onPublish=delete"], "readMode claim", "readMode log with onPublish delete"),
+        (["--set", "relay.readMode=log", "--set", "relay.poisonPolicy=block-key"], "readMode claim", "readMode log with block-key"),
     ]
     for args, needle, what in refusals:
         r = helm_template(*args)

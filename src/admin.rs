@@ -214,7 +214,8 @@ impl Admin {
     }
 
     /// Make the selected parked rows pending again. Returns how many. Each gets this
-    /// transaction's xid, so append mode (whose cursor has passed it) reads it again, at the tail.
+    /// transaction's xid: a hand-over between read modes tells by it whether the row was
+    /// committed before its snapshot.
     /// In log mode (the lease says log mode published last), the stream carries inserts only:
     /// each row is also emitted into the WAL again, with its id (so its event id), in id order,
     /// and the relay publishes it at this statement's commit.

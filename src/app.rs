@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::{Publisher, Sink};
 use crate::lease::{Leadership, Lease};
 use crate::read::log::{self, LogSource};
-use crate::read::{append, AppendReader, ClaimReader, LogReader, Reader, ToClaim};
+use crate::read::{ClaimReader, LogReader, Reader, ToClaim};
 use crate::relay::{PoisonPolicy, Relay};
 use crate::settings::RelayConfig;
 use crate::store::slot::{self, Condition, Slot};
@@ -141,7 +141,6 @@ pub async fn run(
             let reader = ToClaim::new(claim, store, Some(log));
             run_loop(config.relay, reader, parts, cancel).await
         }
-        ReadMode::Append => run_loop(config.relay, AppendReader::new(store), parts, cancel).await,
         ReadMode::Log => {
             let source = LogSource::new(&config.db, &config.log);
             let reader = LogReader::new(store, source, wake);
@@ -209,7 +208,6 @@ async fn monitor<S: Sink>(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) {
-    let mut warned_at: Option<std::time::Instant> = None;
     let mut slot_condition = Condition::Usable;
     while !cancel.is_cancelled() {
         if let Some(name) = &slot {
@@ -217,15 +215,6 @@ async fn monitor<S: Sink>(
         }
         match store.backlog().await {
             Ok(b) => {
-                if store.mode() == ReadMode::Append
-                    && metrics.leader.get() == 1
-                    && b.oldest_pending_age.unwrap_or(0.0)
-                        > append::HORIZON_WARN_AFTER.as_secs_f64()
-                    && warned_at.is_none_or(|at| at.elapsed() > Duration::from_secs(30))
-                {
-                    append::warn_about_horizon(&store).await;
-                    warned_at = Some(std::time::Instant::now());
-                }
                 health.database_ok.store(true, Ordering::Relaxed);
                 health.has_pending.store(b.pending > 0, Ordering::Relaxed);
                 metrics.pending_rows.set(b.pending);

@@ -65,7 +65,7 @@ pub struct DoctorArgs {
     /// The relay's read mode, whose needs are checked (log: wal_level, REPLICATION, the
     /// publication, the slot and the WAL it may retain). Default: the mode the table is
     /// migrated for.
-    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum)]
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_parser = ReadMode::parse)]
     pub read_mode: Option<ReadMode>,
     #[command(flatten)]
     pub log: LogArgs,
@@ -82,7 +82,7 @@ pub struct StatusArgs {
     pub timeouts: TimeoutArgs,
     /// The relay's read mode (log: the backlog is in the WAL; the slot is shown). Default: the
     /// mode the table is migrated for.
-    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum)]
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_parser = ReadMode::parse)]
     pub read_mode: Option<ReadMode>,
     #[command(flatten)]
     pub log: LogArgs,
@@ -306,11 +306,10 @@ pub struct RunArgs {
     /// --retention) or delete it at once (the fastest, lightest mode).
     #[arg(long, env = "OUTBOX_RELAY_ON_PUBLISH", value_enum, default_value_t = OnPublish::Mark, help_heading = "Relay")]
     pub on_publish: OnPublish,
-    /// How events are found and settled: by state with a per-row mark (claim); by a cursor on
-    /// the writing transaction's xid with no per-row write (append); or from the WAL through a
-    /// replication slot, in commit order, with no per-row write (log). Run `migrate --read-mode
-    /// <mode>` first.
-    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim, help_heading = "Relay")]
+    /// How events are found and settled: claim (by state, with a per-row mark) or log (from the
+    /// WAL through a replication slot, in commit order, with no per-row write). Run `migrate
+    /// --read-mode <mode>` first.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_parser = ReadMode::parse, default_value = "claim", help_heading = "Relay")]
     pub read_mode: ReadMode,
     #[command(flatten)]
     pub log: LogArgs,
@@ -434,10 +433,10 @@ pub struct MigrateArgs {
     /// Install the statement-level NOTIFY trigger (false drops it: poll-only, no commit-time lock).
     #[arg(long, env = "OUTBOX_RELAY_NOTIFY_TRIGGER", default_value_t = true, action = clap::ArgAction::Set)]
     pub notify_trigger: bool,
-    /// What the relay's read mode needs: claim (an index of pending rows by id), append (rows
-    /// by writing transaction xid) or log (a publication, the emit function and a replication
-    /// slot; no read index). The other modes' indexes are dropped.
-    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim)]
+    /// What the relay's read mode needs: claim (an index of pending rows by id) or log (a
+    /// publication, the emit function and a replication slot; no read index). The other mode's
+    /// index is dropped, and what an earlier release's append mode added.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_parser = ReadMode::parse, default_value = "claim")]
     pub read_mode: ReadMode,
     #[command(flatten)]
     pub log: LogArgs,
@@ -543,9 +542,8 @@ pub struct CleanupArgs {
     /// skipped rows are never deleted here (`failed purge` does that).
     #[arg(long, env = "OUTBOX_RELAY_RETENTION", default_value = "1h", value_parser = duration_within("0s", "3650d"))]
     pub retention: Duration,
-    /// The relay's read mode: append also deletes the rows behind its cursor created before
-    /// the retention.
-    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_enum, default_value_t = ReadMode::Claim)]
+    /// The relay's read mode: claim deletes published rows, log every row but parked ones.
+    #[arg(long, env = "OUTBOX_RELAY_READ_MODE", value_parser = ReadMode::parse, default_value = "claim")]
     pub read_mode: ReadMode,
 }
 
@@ -825,22 +823,6 @@ impl RunArgs {
                 ));
             }
         }
-        if self.read_mode == ReadMode::Append {
-            if self.on_publish == OnPublish::Delete {
-                return Err(ConfigError::Invalid(
-                    "--on-publish delete needs --read-mode claim: append mode writes no row per event \
-                     (the cursor moves instead) and the built-in cleanup deletes rows after --retention"
-                        .into(),
-                ));
-            }
-            if self.poison_policy == PoisonPolicy::BlockKey {
-                return Err(ConfigError::Invalid(
-                    "--poison-policy block-key needs --read-mode claim: append mode's cursor cannot hold \
-                     one key back; use park or dead-letter"
-                        .into(),
-                ));
-            }
-        }
         Ok(self.read_mode)
     }
 
@@ -890,7 +872,7 @@ mod tests {
     }
 
     #[test]
-    fn append_mode_refuses_settings_it_cannot_honour() {
+    fn log_mode_refuses_settings_it_cannot_honour() {
         let resolve = |extra: &[&str]| {
             let mut argv = vec!["--database-url", "postgres://db/a"];
             argv.extend_from_slice(extra);
@@ -899,13 +881,10 @@ mod tests {
             };
             args.resolve().map(|c| c.read_mode)
         };
-        assert_eq!(
-            resolve(&["--read-mode", "append"]).unwrap(),
-            ReadMode::Append
-        );
+        assert_eq!(resolve(&["--read-mode", "log"]).unwrap(), ReadMode::Log);
         assert_eq!(resolve(&[]).unwrap(), ReadMode::Claim);
         for bad in [["--on-publish", "delete"], ["--poison-policy", "block-key"]] {
-            let err = resolve(&["--read-mode", "append", bad[0], bad[1]])
+            let err = resolve(&["--read-mode", "log", bad[0], bad[1]])
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -913,6 +892,27 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_removed_append_mode_is_refused_with_the_way_out() {
+        for argv in [vec!["--read-mode", "append"], vec!["--read-mode", "APPEND"]] {
+            let err = run_args(&argv).unwrap_err().to_string();
+            assert!(
+                err.contains("append mode was removed")
+                    && err.contains("migrate --read-mode log")
+                    && err.contains("nothing is lost"),
+                "{err}"
+            );
+        }
+        for sub in ["migrate", "cleanup", "doctor", "status"] {
+            let err = Cli::try_parse_from(["outbox-relay", sub, "--read-mode", "append"])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("append mode was removed"), "{sub}: {err}");
+        }
+        let err = run_args(&["--read-mode", "poll"]).unwrap_err().to_string();
+        assert!(err.contains("claim or log"), "{err}");
     }
 
     #[test]

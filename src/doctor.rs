@@ -288,7 +288,7 @@ async fn database_checks(
         ),
         (None, _) => r.warn(
             "indexes",
-            "no read index (claim: <table>_pending_idx, append: <table>_xid_idx): every read scans the table",
+            "no read index (claim mode's <table>_pending_idx) and no log mode publication: every read scans the table",
             "run `outbox-relay migrate --read-mode <the mode the relay runs with>`",
         ),
     }
@@ -685,9 +685,9 @@ fn suggested_keep_size(rate: Option<f64>) -> String {
     }
 }
 
-/// In claim and append mode, log mode's slot: while log mode published last, a claim-mode
-/// relay first publishes the rest of the slot and then drops it (append mode refuses to take
-/// over); otherwise a slot of this table's log mode holds WAL for nothing.
+/// In claim mode, log mode's slot: while log mode published last, a claim-mode relay first
+/// publishes the rest of the slot and then drops it; otherwise a slot of this table's log mode
+/// holds WAL for nothing.
 async fn slot_outside_log_mode(
     conn: &mut PgConnection,
     db: &DatabaseConfig,
@@ -712,11 +712,6 @@ async fn slot_outside_log_mode(
     let name = &names.slot;
     if last.as_deref() == Some("log") {
         match (read_mode, &slot) {
-            (Some(ReadMode::Append), _) => r.error(
-                "slot",
-                format!("{} was last published in --read-mode log: --read-mode append refuses to take over", db.table),
-                "keep log mode, or switch to claim mode first (README \"Switching\")",
-            ),
             (_, Some(s)) if !s.is_lost() => r.info(
                 "slot",
                 format!(

@@ -8,7 +8,7 @@
 //!   progress), its pacing and poison policy. Knows no read mode.
 //! - [`settings`]: the validated settings `run` takes (the binary's CLI produces them).
 //! - [`read`]: the read boundary: [`read::Reader`] (where committed rows come from) and
-//!   [`read::Ledger`] (how progress is made durable); `claim` and `append` implement it.
+//!   [`read::Ledger`] (how progress is made durable); `claim` and `log` implement it.
 //! - [`settle`]: each row's fate from its own delivery report; the only maker of
 //!   [`settle::Delivered`].
 //! - [`spans`]: W3C trace context: outbox-wait and publish spans, optional OTLP export.

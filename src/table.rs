@@ -12,11 +12,6 @@ pub enum ReadMode {
     /// Read pending rows by state in id order and mark (or delete) each one once Kafka has
     /// acknowledged it. Per-key order is id order; a late commit with a lower id is still read.
     Claim,
-    /// Read in order of the writing transaction's xid8, only below the database's oldest
-    /// running transaction, with a cursor in the lease row and no per-row write: the lightest
-    /// mode. Per-key order is transaction-xid order; a long write transaction anywhere in the
-    /// cluster holds publishing back until it ends. Needs `migrate --read-mode append`.
-    Append,
     /// Read the table's inserts (and events emitted with the table's emit function) from a
     /// logical replication slot, in commit order: per-key order is commit order for every
     /// transaction shape; no write per event, no polling. Needs `wal_level = logical`, a role
@@ -25,17 +20,32 @@ pub enum ReadMode {
 }
 
 impl ReadMode {
-    pub const ALL: [ReadMode; 3] = [ReadMode::Claim, ReadMode::Append, ReadMode::Log];
-
-    /// The flag value: `claim` or `append`.
+    /// The flag value: `claim` or `log`.
     pub fn as_str(self) -> &'static str {
         match self {
             ReadMode::Claim => "claim",
-            ReadMode::Append => "append",
             ReadMode::Log => "log",
         }
     }
+
+    /// Parse `--read-mode`. `append`, a mode of earlier releases, is refused with the way out.
+    pub fn parse(s: &str) -> Result<ReadMode, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "claim" => Ok(ReadMode::Claim),
+            "log" => Ok(ReadMode::Log),
+            "append" => Err(APPEND_REMOVED.into()),
+            _ => Err("use claim or log".into()),
+        }
+    }
 }
+
+/// Why `--read-mode append` is refused, and what to run instead.
+pub const APPEND_REMOVED: &str = "append mode was removed: it ordered a key's events by the \
+     writing transaction's first write, not its commit, so transactions that lock an aggregate \
+     before inserting its event were published out of per-key commit order. Its write-free \
+     successor is --read-mode log (run `outbox-relay migrate --read-mode log` first); claim mode \
+     needs `outbox-relay migrate`. Either takes over from append mode's cursor: nothing is \
+     published twice, nothing is lost (README: \"Upgrading from append mode\")";
 
 /// A validated, schema-qualified table name. Both parts are quoted wherever SQL is built.
 #[derive(Clone, PartialEq, Eq)]
@@ -145,7 +155,6 @@ impl TableName {
     pub fn read_index(&self, mode: ReadMode) -> String {
         let suffix = match mode {
             ReadMode::Claim => "pending_idx",
-            ReadMode::Append => "xid_idx",
             ReadMode::Log => "pkey",
         };
         format!(
@@ -202,13 +211,21 @@ $fn$;
     pub fn ddl(&self, notify_trigger: bool, mode: ReadMode) -> String {
         let t = self.quoted();
         let pending_idx = quote_ident(&format!("{}_pending_idx", self.table));
-        let xid_idx = quote_ident(&format!("{}_xid_idx", self.table));
         let published_idx = quote_ident(&format!("{}_published_idx", self.table));
         let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
         let parked_idx = quote_ident(&format!("{}_parked_idx", self.table));
-        let xid_fn = self.derived("own_xid");
-        let xid_insert = quote_ident(&format!("{}_own_xid_insert", self.table));
-        let xid_update = quote_ident(&format!("{}_own_xid_update", self.table));
+        let drop_append = format!(
+            "-- What an earlier release's --read-mode append (removed) added.\n\
+             DROP INDEX IF EXISTS {schema}.{xid_idx};\n\
+             DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
+             DROP TRIGGER IF EXISTS {xid_update} ON {t};\n\
+             DROP FUNCTION IF EXISTS {xid_fn}();\n",
+            schema = quote_ident(&self.schema),
+            xid_idx = quote_ident(&format!("{}_xid_idx", self.table)),
+            xid_fn = self.derived("own_xid"),
+            xid_insert = quote_ident(&format!("{}_own_xid_insert", self.table)),
+            xid_update = quote_ident(&format!("{}_own_xid_update", self.table)),
+        );
         let notify_fn = self.derived("notify");
         let lease = self.lease_table();
         let replicas = self.replicas_table();
@@ -226,7 +243,7 @@ CREATE TABLE IF NOT EXISTS {t} (
     payload      bytea,
     headers      jsonb,
     created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
-    -- The writing transaction: the order of --read-mode append.
+    -- The writing transaction (claim and log mode's hand-overs use it).
     xid          xid8 DEFAULT pg_current_xact_id(),
     -- Written by the relay only:
     published_at timestamptz,
@@ -235,8 +252,7 @@ CREATE TABLE IF NOT EXISTS {t} (
     failed_at    timestamptz
 );
 
--- Tables created before the xid column: added without a table rewrite; older rows keep NULL
--- (an append-mode leader gives pending ones its own xid once).
+-- Tables created before the xid column: added without a table rewrite; older rows keep NULL.
 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS xid xid8;
 ALTER TABLE {t} ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
 
@@ -262,7 +278,8 @@ CREATE TABLE IF NOT EXISTS {lease} (
     cursor_id   bigint
 );
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS wake_wanted boolean NOT NULL DEFAULT true;
--- cursor_xid, cursor_id: the last row --read-mode append has published (NULL in claim mode).
+-- cursor_xid, cursor_id: the last row an earlier release's --read-mode append published (set
+-- to NULL when claim or log mode takes over, which marks the rows behind it published).
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS cursor_xid xid8;
 ALTER TABLE {lease} ADD COLUMN IF NOT EXISTS cursor_id bigint;
 -- read_mode: the mode the last leader published in (a switch is handed over, see ARCHITECTURE.md).
@@ -326,41 +343,13 @@ $$;
                 ReadMode::Claim => format!(
                     "-- The relay (--read-mode claim) reads pending rows in id order through this small partial index.\n\
                      CREATE INDEX IF NOT EXISTS {pending_idx} ON {t} (id)\n    WHERE published_at IS NULL AND failed_at IS NULL;\n\
-                     DROP INDEX IF EXISTS {schema}.{xid_idx};\n\
-                     DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
-                     DROP TRIGGER IF EXISTS {xid_update} ON {t};\n",
-                    schema = quote_ident(&self.schema),
-                ),
-                ReadMode::Append => format!(
-                    "-- The relay (--read-mode append) reads rows in (writing transaction, id) order through this index.\n\
-                     CREATE INDEX IF NOT EXISTS {xid_idx} ON {t} (xid, id)\n    WHERE published_at IS NULL AND failed_at IS NULL;\n\
-                     DROP INDEX IF EXISTS {schema}.{pending_idx};\n\
-                     -- Pending rows written before the xid column existed join the queue now.\n\
-                     UPDATE {t} SET xid = pg_current_xact_id() WHERE xid IS NULL AND published_at IS NULL AND failed_at IS NULL;\n\
-                     -- A row must carry its own writing transaction's xid, or the cursor may already be past it:\n\
-                     -- rows inserted with a NULL or other xid (a copy from another cluster), a changed xid, and\n\
-                     -- parked rows made pending again by hand (failed_at = NULL) get the current transaction's\n\
-                     -- xid, so they are read at the tail instead of passed for good. The WHEN clauses keep\n\
-                     -- ordinary inserts and the relay's own updates free of any function call.\n\
-                     CREATE OR REPLACE FUNCTION {xid_fn}() RETURNS trigger LANGUAGE plpgsql AS $$\n\
-                     BEGIN\n    NEW.xid := pg_current_xact_id();\n    RETURN NEW;\nEND\n$$;\n\
-                     DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
-                     CREATE TRIGGER {xid_insert} BEFORE INSERT ON {t} FOR EACH ROW\n    \
-                     WHEN (NEW.xid IS NULL OR NEW.xid <> pg_current_xact_id()) EXECUTE FUNCTION {xid_fn}();\n\
-                     DROP TRIGGER IF EXISTS {xid_update} ON {t};\n\
-                     CREATE TRIGGER {xid_update} BEFORE UPDATE ON {t} FOR EACH ROW\n    \
-                     WHEN (NEW.xid IS DISTINCT FROM OLD.xid\n          \
-                     OR (OLD.failed_at IS NOT NULL AND NEW.failed_at IS NULL AND NEW.published_at IS NULL))\n    \
-                     EXECUTE FUNCTION {xid_fn}();\n",
-                    schema = quote_ident(&self.schema),
+                     {drop_append}"
                 ),
                 ReadMode::Log => format!(
                     "-- The relay (--read-mode log) reads inserts from the WAL: no read index (rows are never marked,\n\
                      -- so a pending-rows index would hold every row).\n\
                      DROP INDEX IF EXISTS {schema}.{pending_idx};\n\
-                     DROP INDEX IF EXISTS {schema}.{xid_idx};\n\
-                     DROP TRIGGER IF EXISTS {xid_insert} ON {t};\n\
-                     DROP TRIGGER IF EXISTS {xid_update} ON {t};\n",
+                     {drop_append}",
                     schema = quote_ident(&self.schema),
                 ),
             },

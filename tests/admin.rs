@@ -383,28 +383,26 @@ async fn doctor_reports_missing_topics_and_oversized_payloads_with_fixes() {
     assert!(out.contains("[FAIL] database: cannot connect"), "{out}");
 }
 
-/// `doctor` checks the read index of the mode the table is migrated for: an append-mode table
-/// has no pending-rows index and must not be told to migrate (which would drop its index).
+/// `doctor` checks the read index of the mode the table is migrated for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_checks_the_read_index_of_the_migrated_mode() {
     let brokers = common::kafka_brokers();
-    for (mode, index) in [("claim", "_pending_idx"), ("append", "_xid_idx")] {
-        let db = TestDb::migrated(&["--read-mode", mode]).await;
-        let (_, out, err) = db.run(&["doctor", "--kafka-brokers", &brokers, "--json"]);
-        let findings: Vec<serde_json::Value> =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
-        let index_finding = findings
-            .iter()
-            .find(|f| f["check"] == "indexes")
-            .unwrap_or_else(|| panic!("no index finding: {out}"));
-        let message = index_finding["message"].as_str().unwrap();
-        assert_eq!(index_finding["severity"], "ok", "{mode}: {out}");
-        assert!(
-            message.contains(index) && message.contains(&format!("--read-mode {mode}")),
-            "{mode}: {message}"
-        );
-    }
-    // Neither index: a warning that names the fix for the mode in use.
+    let db = TestDb::migrated(&["--read-mode", "claim"]).await;
+    let (_, out, err) = db.run(&["doctor", "--kafka-brokers", &brokers, "--json"]);
+    let findings: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    let index_finding = findings
+        .iter()
+        .find(|f| f["check"] == "indexes")
+        .unwrap_or_else(|| panic!("no index finding: {out}"));
+    let message = index_finding["message"].as_str().unwrap();
+    assert_eq!(index_finding["severity"], "ok", "{out}");
+    assert!(
+        message.contains("_pending_idx") && message.contains("--read-mode claim"),
+        "{message}"
+    );
+    // No read index (as an earlier release's append mode left the table): a warning that
+    // names the fix for the mode in use.
     let db = TestDb::new().await;
     sqlx::query("DROP INDEX outbox_pending_idx")
         .execute(&db.pool)
@@ -619,7 +617,7 @@ async fn log_mode_doctor_and_status_report_the_slot() {
     );
 
     // Back to claim mode, while log mode published last: the rest of the slot is for the
-    // claim relay (which drops it); append mode would refuse to take over.
+    // claim relay (which drops it).
     let (code, _, err) = db.run(&["migrate", "--read-mode", "claim"]);
     assert_eq!(code, 0, "{err}");
     sqlx::query(
@@ -637,10 +635,6 @@ async fn log_mode_doctor_and_status_report_the_slot() {
         "a --read-mode claim relay first publishes the rest",
     );
     assert_eq!(tail["severity"], "info", "{out}");
-    let (_, out, err) = doctor(&["--read-mode", "append", "--json"]);
-    let f = findings(&out, &err);
-    let append = finding(&f, "slot", "--read-mode append refuses to take over");
-    assert_eq!(append["severity"], "error", "{out}");
     // Once claim mode has published, a slot left behind is a warning naming the drop.
     sqlx::query("UPDATE outbox_lease SET read_mode = 'claim'")
         .execute(&db.pool)

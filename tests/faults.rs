@@ -2,16 +2,14 @@
 //! can inject, against a real PostgreSQL and a real Kafka that this suite starts as its own
 //! instances (see `tests/faults/harness.rs`), so it can kill and restart them freely.
 //!
-//! The scenarios that matter most for append mode's cursor (`--read-mode append`) also run in
-//! that mode, as `append_<scenario>` (`cargo test --test faults append_` runs them all); those
-//! that matter for log mode's slot (`--read-mode log`: relay kill -9 with standbys, SIGTERM,
-//! PostgreSQL restart and crash, broker kill, terminated connections and walsender) run as
-//! `log_<scenario>` (`cargo test --test faults log_`, which also runs the two backlog scenarios).
+//! The scenarios run in claim mode (the default); those that matter for log mode's slot
+//! (`--read-mode log`: relay kill -9 with standbys, SIGTERM, a paused leader, PostgreSQL
+//! restart and crash, broker kill and pause, terminated connections and walsender) also run as
+//! `log_<scenario>` (`cargo test --test faults log_`, which also runs the two backlog
+//! scenarios).
 //!
-//! Every scenario runs writers concurrently with its faults (in claim and log mode ordinary
-//! application transactions: an audit event, then 1-5 aggregates each locked right before its
-//! event; in append mode one event a transaction, locked before its first write: issue #15),
-//! then ends with the same checker (`verify`): every committed event in Kafka byte for byte, no
+//! Every scenario runs writers concurrently with its faults (ordinary application transactions:
+//! an audit event, then 1-5 aggregates each locked right before its event), then ends with the same checker (`verify`): every committed event in Kafka byte for byte, no
 //! rolled-back event, per-key first occurrences of the aggregates' events in sequence order
 //! (audit events have no defined order), duplicates within the scenario's bound (zero for
 //! graceful scenarios, the in-flight window x faults for crashes, plus in log mode what the
@@ -61,19 +59,12 @@ const READY: Duration = Duration::from_secs(60);
 const PROGRESS: Duration = Duration::from_secs(90);
 const DRAIN: Duration = Duration::from_secs(180);
 
-/// One scenario body as two tests: `$claim` runs it in claim mode (the default read mode),
-/// `$append` in append mode (`migrate` and every replica with `--read-mode append`). Both end
-/// with the same checks.
-macro_rules! both_modes {
-    ($claim:ident, $append:ident, $limit:expr, $body:path) => {
+/// One scenario body run in claim mode (the default read mode), as `$claim`.
+macro_rules! claim_mode {
+    ($claim:ident, $limit:expr, $body:path) => {
         #[test]
         fn $claim() {
             run_scenario_in(stringify!($claim), Mode::Claim, $limit, $body);
-        }
-
-        #[test]
-        fn $append() {
-            run_scenario_in(stringify!($append), Mode::Append, $limit, $body);
         }
     };
 }
@@ -126,16 +117,11 @@ async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet 
     fleet
 }
 
-/// The load of a scenario. Claim and log mode: ordinary application transactions (an audit
-/// event first, then 1-5 aggregates, each locked right before its event: `Shape::LateLocks`),
-/// whose per-key commit order they must keep. Append mode: one event a transaction, its key locked
-/// before the first write, since append mode orders by the first write's xid and is being
-/// replaced (issue #15).
-fn spec(ctx: &Ctx, topics: &[String]) -> LoadSpec {
-    match ctx.mode {
-        Mode::Claim | Mode::Log => LoadSpec::new(topics).late_locks(),
-        Mode::Append => LoadSpec::new(topics),
-    }
+/// The load of a scenario: ordinary application transactions (an audit event first, then 1-5
+/// aggregates, each locked right before its event: `Shape::LateLocks`), whose per-key commit
+/// order every read mode must keep.
+fn spec(topics: &[String]) -> LoadSpec {
+    LoadSpec::new(topics).late_locks()
 }
 
 /// Writers started, and publishing seen to work before any fault.
@@ -161,7 +147,7 @@ fn watch(ctx: &Ctx, topics: &[String]) -> Option<Watermarks> {
 }
 
 /// Duplicates one crash of the publisher (its process, its stream or its lease) at `at` may
-/// cost. Claim and append mode: the in-flight window (`DUP_WINDOW`). Log mode: the in-flight
+/// cost. Claim mode: the in-flight window (`DUP_WINDOW`). Log mode: the in-flight
 /// window plus every record published in the `REPORT_LAG` before the fault: a new leader (or
 /// the same one in a new lease epoch) starts from the slot's position on the server, which
 /// lags what the relay confirmed by up to a second (measured from the topics' watermarks,
@@ -215,7 +201,7 @@ fn expect(topics: &[String], max_duplicates: usize) -> Expect<'_> {
 async fn replicas_sigkilled(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let kills = if ctx.soak { 40 } else { 6 };
     let mut rng = ctx.rng("kills");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -246,9 +232,8 @@ async fn replicas_sigkilled(ctx: Arc<Ctx>) {
     conclude(&ctx, db, fleet, (load, bursts), &topics, bound).await;
 }
 
-both_modes!(
+claim_mode!(
     replicas_sigkilled_under_load,
-    append_replicas_sigkilled_under_load,
     minutes(5),
     replicas_sigkilled
 );
@@ -263,7 +248,7 @@ log_mode!(
 async fn rolling_restart(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let rounds = if ctx.soak { 18 } else { 6 };
     let mut rng = ctx.rng("restarts");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -310,12 +295,7 @@ async fn rolling_restart(ctx: Arc<Ctx>) {
     conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
 }
 
-both_modes!(
-    rolling_restart_under_load,
-    append_rolling_restart_under_load,
-    minutes(5),
-    rolling_restart
-);
+claim_mode!(rolling_restart_under_load, minutes(5), rolling_restart);
 // Log mode too: a stopping leader reports its confirmed position before its stream closes, so
 // not a single duplicate is allowed: a stop in the middle of a transaction (a burst: 4000 events
 // in one transaction, batches of at most 2 x 200) reads and publishes the rest of it before the
@@ -334,15 +314,20 @@ async fn paused_leader(ctx: Arc<Ctx>) {
             );
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 3, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let pauses = if ctx.soak { 8 } else { 2 };
     let mut rng = ctx.rng("pauses");
     let mut bursts = Bursts::new(&ctx, &topics);
+    let marks = watch(&ctx, &topics);
+    let mut bound = 0;
     for p in 1..=pauses {
         let old = fleet.wait_single_leader(Duration::from_secs(30)).await;
         maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
         fleet.pause(old);
         let t = Instant::now();
+        // The new leader starts from the slot's position on the server (log mode): a crash's
+        // cost, from the moment the old leader stopped confirming.
+        bound += crash_cost(marks.as_ref(), t).await;
         // The lease is 3 s and standbys poll every 100 ms: another replica must take over.
         let new = fleet.wait_single_leader(Duration::from_secs(30)).await;
         let takeover = t.elapsed();
@@ -367,20 +352,16 @@ async fn paused_leader(ctx: Arc<Ctx>) {
                 ));
     }
     fleet.assert_all_running();
-    conclude(
-        &ctx,
-        db,
-        fleet,
-        (load, bursts),
-        &topics,
-        DUP_WINDOW * pauses,
-    )
-    .await;
+    conclude(&ctx, db, fleet, (load, bursts), &topics, bound).await;
 }
 
-both_modes!(
+claim_mode!(
     paused_leader_loses_lease_and_order_holds,
-    append_paused_leader_loses_lease_and_order_holds,
+    minutes(5),
+    paused_leader
+);
+log_mode!(
+    log_paused_leader_loses_lease_and_order_holds,
     minutes(5),
     paused_leader
 );
@@ -389,7 +370,7 @@ both_modes!(
 async fn broker_sigkilled(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let kills = if ctx.soak { 6 } else { 2 };
     let mut rng = ctx.rng("broker-kills");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -412,9 +393,8 @@ async fn broker_sigkilled(ctx: Arc<Ctx>) {
     conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
 }
 
-both_modes!(
+claim_mode!(
     broker_sigkilled_and_restarted_under_load,
-    append_broker_sigkilled_and_restarted_under_load,
     minutes(5),
     broker_sigkilled
 );
@@ -428,7 +408,7 @@ log_mode!(
 async fn broker_paused(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let pauses = if ctx.soak { 4 } else { 1 };
     let mut rng = ctx.rng("broker-pauses");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -456,9 +436,13 @@ async fn broker_paused(ctx: Arc<Ctx>) {
     .await;
 }
 
-both_modes!(
+claim_mode!(
     broker_paused_and_resumed_under_load,
-    append_broker_paused_and_resumed_under_load,
+    minutes(4),
+    broker_paused
+);
+log_mode!(
+    log_broker_paused_and_resumed_under_load,
     minutes(4),
     broker_paused
 );
@@ -468,7 +452,7 @@ both_modes!(
 async fn broker_down(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &["--kafka-config", "message.timeout.ms=5000"]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let outages = if ctx.soak { 3 } else { 1 };
     let mut rng = ctx.rng("broker-outages");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -496,9 +480,8 @@ async fn broker_down(ctx: Arc<Ctx>) {
     .await;
 }
 
-both_modes!(
+claim_mode!(
     broker_down_longer_than_message_timeout,
-    append_broker_down_longer_than_message_timeout,
     minutes(4),
     broker_down
 );
@@ -508,7 +491,7 @@ both_modes!(
 async fn postgres_restarted(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let rounds = if ctx.soak { 4 } else { 1 };
     let mut rng = ctx.rng("postgres-faults");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -545,7 +528,7 @@ async fn postgres_restarted(ctx: Arc<Ctx>) {
             ));
         }
         let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-        // Claim and append mode: the in-flight window per fault. Log mode: the fast restart
+        // Claim mode: the in-flight window per fault. Log mode: the fast restart
         // costs what a crash of the publisher does; after the crash the slot resumes where it
         // was last saved, in the worst case at the last checkpoint: the fast restart's
         // shutdown checkpoint, so everything published since shortly before the fast restart.
@@ -574,9 +557,8 @@ async fn checkpoint_lsn(ctx: &Ctx, db: &FaultDb) -> i64 {
     .await
 }
 
-both_modes!(
+claim_mode!(
     postgres_restarted_and_crashed_under_load,
-    append_postgres_restarted_and_crashed_under_load,
     minutes(5),
     postgres_restarted
 );
@@ -591,7 +573,7 @@ log_mode!(
 async fn connections_terminated(ctx: Arc<Ctx>) {
     let (db, topics) = setup(&ctx, 2).await;
     let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let rounds = if ctx.soak { 25 } else { 4 };
     let mut rng = ctx.rng("terminations");
     let mut bursts = Bursts::new(&ctx, &topics);
@@ -641,9 +623,8 @@ async fn connections_terminated(ctx: Arc<Ctx>) {
     conclude(&ctx, db, fleet, (load, bursts), &topics, bound).await;
 }
 
-both_modes!(
+claim_mode!(
     relay_connections_terminated_under_load,
-    append_relay_connections_terminated_under_load,
     minutes(4),
     connections_terminated
 );
@@ -694,7 +675,7 @@ fn poison_rows_parked_while_others_flow() {
             let mut fleet = fleet(&ctx, &db, 1, &[]).await;
             let spec = LoadSpec {
                 writers: 4,
-                ..spec(&ctx, &topics)
+                ..spec(&topics)
             };
             let load = load(&ctx, &db, spec.clone()).await;
             let mut rng = ctx.rng("poison");
@@ -1049,22 +1030,18 @@ fn soak_backlog_1m_drained_in_bounded_memory() {
 }
 
 /// 11. A write transaction stays open ~15 s (on a side table, plus one outbox event of its own)
-///     while the load runs. Append mode reads only below the oldest running transaction: it
-///     must publish nothing of the transactions that began after it while it is open, then
-///     deliver everything once it commits. Claim mode publishes on meanwhile. In both, the held
-///     transaction's own event (a late commit with a low id) arrives, and the usual checks hold
-///     (no fault: not a single duplicate).
+///     while the load runs. Claim mode publishes on meanwhile; the held transaction's own event
+///     (a late commit with a low id) arrives, and the usual checks hold (no fault: not a single
+///     duplicate).
 async fn long_transaction(ctx: Arc<Ctx>) {
     const HELD: Duration = Duration::from_secs(15);
     let (db, topics) = setup(&ctx, 2).await;
     let fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, spec(&ctx, &topics)).await;
+    let load = load(&ctx, &db, spec(&topics)).await;
     let mut bursts = Bursts::new(&ctx, &topics);
     let held = LongTx::begin(&ctx, &db, &topics[0]).await;
     let opened = Instant::now();
-    if ctx.mode == Mode::Claim {
-        db.wait_progress(&ctx, 200, PROGRESS).await;
-    }
+    db.wait_progress(&ctx, 200, PROGRESS).await;
     tokio::time::sleep(HELD.saturating_sub(opened.elapsed() + Duration::from_secs(1))).await;
     // Rows of transactions that began after the held one, committed and published so far.
     let later = |what: &str| {
@@ -1084,20 +1061,11 @@ async fn long_transaction(ctx: Arc<Ctx>) {
         "the writers committed nothing while the long transaction was open {}",
         ctx.tag()
     );
-    match ctx.mode {
-        Mode::Append => assert_eq!(
-            published,
-            0,
-            "append mode published rows above the oldest running transaction {}",
-            ctx.tag()
-        ),
-        Mode::Claim => assert!(
-            published > 0,
-            "claim mode was held back by a long transaction {}",
-            ctx.tag()
-        ),
-        Mode::Log => unreachable!("not run in log mode: it counts marked rows"),
-    }
+    assert!(
+        published > 0,
+        "claim mode was held back by a long transaction {}",
+        ctx.tag()
+    );
     tokio::time::sleep(HELD.saturating_sub(opened.elapsed())).await;
     bursts.ledger.merge(held.commit().await);
     let resumed = db
@@ -1110,9 +1078,8 @@ async fn long_transaction(ctx: Arc<Ctx>) {
     conclude(&ctx, db, fleet, (load, bursts), &topics, 0).await;
 }
 
-both_modes!(
+claim_mode!(
     long_transaction_open_under_load,
-    append_long_transaction_open_under_load,
     minutes(4),
     long_transaction
 );

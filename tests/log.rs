@@ -128,6 +128,21 @@ impl Drop for LogDb {
     }
 }
 
+/// `migrate --read-mode log` of a table claim mode (or append mode) published, with `slot` as
+/// the slot's and the publication's name.
+fn migrate_to_log(db: &TestDb, slot: &str) {
+    let (code, _, err) = db.run(&[
+        "migrate",
+        "--read-mode",
+        "log",
+        "--slot",
+        slot,
+        "--publication",
+        slot,
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
 async fn topics(n: usize) -> Vec<String> {
     let t: Vec<String> = (0..n).map(|i| unique(&format!("log{i}"))).collect();
     create_topics(&strs(&t), PARTITIONS).await;
@@ -471,16 +486,7 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
     )
     .await;
     // The slot starts while claim mode still publishes.
-    let (code, _, err) = db.run(&[
-        "migrate",
-        "--read-mode",
-        "log",
-        "--slot",
-        &slot,
-        "--publication",
-        &slot,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    migrate_to_log(&db, &slot);
     let during = write_events(&db, &topics, 30, 600, 4).await;
     let n = (all.committed.len() + during.committed.len()) as i64;
     db.wait_count("published_at IS NOT NULL", n, Duration::from_secs(60))
@@ -537,6 +543,47 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
             .unwrap();
     assert_eq!(slots, 0, "claim mode dropped log mode's slot");
     assert_eq!(back.terminate(Duration::from_secs(15)), Some(0));
+}
+
+/// The upgrade path from the removed append mode to its write-free successor: on a table as
+/// append mode left it (the lease's cursor past rows it published without marking them),
+/// `migrate --read-mode log` and `run --read-mode log` publish the rows after the cursor and
+/// the rows written since once each, and never the rows behind the cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_append_mode_left_is_taken_over_by_log_mode_without_publishing_twice() {
+    let db = TestDb::new().await;
+    let slot = unique("slot");
+    let topics = topics(1).await;
+    let ids = db.write_plain(&topics[0], 20, 10).await;
+    let passed = db.leave_as_append_mode_did(120).await;
+    migrate_to_log(&db, &slot);
+    let log = LogDb { db, slot };
+    let relay = log.relay(&[]);
+    let later = log.db.write_plain(&topics[0], 5, 10).await;
+    let consumed = read_back(
+        &topics,
+        PARTITIONS,
+        130,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
+    let mut want: Vec<i64> = ids
+        .iter()
+        .filter(|id| !passed.contains(id))
+        .copied()
+        .collect();
+    want.extend(later);
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the rows after the cursor and the new ones, once each"
+    );
+    assert!(log.db.append_cursor_dropped().await);
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
 }
 
 /// One transaction of 1,000,000 rows: the relay publishes it while it streams in (bounded

@@ -7,7 +7,7 @@
 mod common;
 
 use common::TestDb;
-use outbox_relay::read::{AppendReader, BatchLimit, ClaimReader};
+use outbox_relay::read::{BatchLimit, ClaimReader};
 use outbox_relay::store::{OnPublish, OutboxStore};
 use outbox_relay::table::{ReadMode, TableName};
 
@@ -81,36 +81,4 @@ async fn the_read_is_an_index_scan_on_a_backlog_nobody_analyzed() {
     )
     .await;
     assert_index_scan(&reader.read_plan(LIMIT).await.unwrap(), "dead tuples");
-}
-
-/// Append mode's read on an unanalyzed backlog of many transactions: an index scan of the
-/// (xid, id) index, and no JIT. The outer order is on the read xid, which only a sort can
-/// give; that sort is disabled by the read's settings, so its cost (10^10) crossed every JIT
-/// threshold and each read compiled itself first (250 ms instead of 1 ms) until the settings
-/// turned JIT off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn append_mode_reads_by_index_and_never_compiles_itself() {
-    let db = TestDb::migrated(&["--read-mode", "append"]).await;
-    exec(&db, "ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
-    for _ in 0..50 {
-        exec(
-            &db,
-            "INSERT INTO outbox (topic, key, payload) SELECT 't', (g % 100)::text, \
-             convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, 2000) g",
-        )
-        .await;
-    }
-    let table = TableName::parse("outbox").unwrap();
-    let store = OutboxStore::new(db.pool.clone(), table, OnPublish::Mark, ReadMode::Append);
-    let plan = AppendReader::new(store).read_plan(LIMIT).await.unwrap();
-    assert!(
-        plan.contains("Index Scan using outbox_xid_idx"),
-        "append mode must read its (xid, id) index:\n{plan}"
-    );
-    for bad in ["Bitmap", "Seq Scan", "JIT"] {
-        assert!(
-            !plan.contains(bad),
-            "{bad} in append mode's read plan:\n{plan}"
-        );
-    }
 }

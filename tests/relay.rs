@@ -18,10 +18,7 @@ const PARTITIONS: i32 = 3;
 /// - [`Shape::LateLocks`]: ordinary application transactions, about 2.5 events each: an audit
 ///   event, then 1-5 aggregates in random order, each locked right before its event (what
 ///   claim mode must keep in commit order);
-/// - [`Shape::EarlyLock`]: one event a transaction, its key locked and bumped first
-///   (serializing writers of one key before their first write, as the README's ordering
-///   contract asks of append mode: a bare upsert that creates a new key lets two writers take
-///   xids in either order).
+/// - [`Shape::EarlyLock`]: one event a transaction, its key locked and bumped first.
 async fn write_events(
     db: &TestDb,
     topics: &[String],
@@ -227,34 +224,27 @@ async fn rolled_back_rows_never_appear() {
     drop(relay);
 }
 
+/// Kill -9 the relay mid-stream and start it again: nothing is lost, and at most the batch
+/// whose mark was being written and the batch in flight are published twice. About 20,000
+/// rows of ordinary application transactions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let db = TestDb::new().await;
     let args = ["--batch-size", "500"];
-    kill_9_mid_stream_then_restart(TestDb::new().await, &args, Shape::LateLocks).await;
-}
-
-/// Kill -9 the relay mid-stream and start it again: nothing is lost, and at most the batch
-/// whose mark (or cursor write) was being written and the batch in flight are published twice.
-/// About 20,000 rows, written in `shape`.
-async fn kill_9_mid_stream_then_restart(db: TestDb, args: &[&str], shape: Shape) {
-    let published = format!("published_at IS NOT NULL OR {PASSED}");
+    let published = "published_at IS NOT NULL";
     let topics = topics(2).await;
-    let transactions = match shape {
-        Shape::EarlyLock => 20_000,
-        Shape::LateLocks => 8_000,
-    };
-    let written = write_events(&db, &topics, 50, transactions, 8, shape).await;
-    let relay = Relay::start(&db, args);
-    db.wait_count(&published, 2_000, Duration::from_secs(60))
+    let written = write_events(&db, &topics, 50, 8_000, 8, Shape::LateLocks).await;
+    let relay = Relay::start(&db, &args);
+    db.wait_count(published, 2_000, Duration::from_secs(60))
         .await;
     relay.kill9();
-    let published_at_kill = db.count(&published).await;
+    let published_at_kill = db.count(published).await;
     assert!(
         published_at_kill < rows(&written),
         "the kill should land mid-stream"
     );
-    let relay = Relay::start(&db, args);
-    db.wait_count(&published, rows(&written), Duration::from_secs(60))
+    let relay = Relay::start(&db, &args);
+    db.wait_count(published, rows(&written), Duration::from_secs(60))
         .await;
     // At most two batches of 500 duplicated.
     check_delivery(&topics, &written, 1000, 60).await;
@@ -763,206 +753,57 @@ async fn an_idle_relay_wakes_on_notify_and_a_busy_one_is_not_notified() {
     assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
 }
 
-/// Rows append mode's cursor has passed (published, in that mode).
-const PASSED: &str =
-    "coalesce((xid, id) <= (SELECT cursor_xid, cursor_id FROM outbox_lease WHERE id = 1), false)";
-
-fn append_db() -> impl std::future::Future<Output = TestDb> {
-    TestDb::migrated(&["--read-mode", "append"])
-}
-
+/// The upgrade path from the removed append mode: `run --read-mode append` is refused with
+/// the way out; on a table as append mode left it (its index, and the lease's cursor past rows
+/// it published without marking them), `migrate` and `run` in claim mode publish the rows
+/// after the cursor once and never the rows behind it, and append mode's index and cursor go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn append_mode_delivers_exactly_once_in_key_order_without_writing_rows() {
-    let db = append_db().await;
-    let topics = topics(3).await;
-    let relay = Relay::start(&db, &["--read-mode", "append", "--batch-size", "500"]);
-    // Early locks: append mode orders by the first write's xid and is being replaced (issue #15).
-    let written = write_events(&db, &topics, 100, 10_000, 16, Shape::EarlyLock).await;
-    assert_exactly_once_in_key_order(&topics, &written, &relay).await;
-    db.wait_count(PASSED, 10_000, Duration::from_secs(10)).await;
-    // No per-row write: every row version is still the one its writer inserted.
-    assert_eq!(db.count("published_at IS NOT NULL").await, 0);
-    assert_eq!(
-        db.count("xmin::text::int8 <> xid::text::int8 % 4294967296")
-            .await,
-        0,
-        "a row was updated by the relay"
-    );
-    let (code, out, err) = db.run(&["status", "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        status["pending"], 0,
-        "status counts passed rows as published: {out}"
-    );
-    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn append_mode_waits_for_an_open_transaction_and_skips_rolled_back_rows() {
-    let db = append_db().await;
-    let topics = topics(1).await;
-    let relay = Relay::start(&db, &["--read-mode", "append"]);
-    // An open transaction takes the lowest id and xid and holds them.
-    let (late, late_id) = open_late_row(&db, &topics[0]).await;
-    for i in 0..100 {
-        let mut tx = db.pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)")
-            .bind(&topics[0])
-            .bind(format!("k{}", i % 10))
-            .bind(if i % 2 == 0 {
-                &b"commit"[..]
-            } else {
-                &b"rollback"[..]
-            })
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        if i % 2 == 0 {
-            tx.commit().await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
-    }
-    // Nothing is below the horizon while the oldest writer is open: nothing is published,
-    // and after a while the relay names the transaction it waits for.
-    relay.wait_log("waits for a transaction", Duration::from_secs(30));
-    assert!(read_back(&topics, 1, 1, 2).await.is_empty());
-    late.commit().await.unwrap();
-    let consumed = read_back(&topics, 51, 2, 30).await;
-    assert_eq!(consumed.len(), 51);
-    assert!(duplicates(&consumed).is_empty());
-    assert!(consumed
-        .iter()
-        .all(|c| c.payload.as_deref() != Some(&b"rollback"[..])));
-    assert!(consumed.iter().any(|c| c.event_id() == late_id));
-    drop(relay);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn append_mode_kill_9_then_restart_resumes_from_the_cursor() {
-    let args = ["--read-mode", "append", "--batch-size", "500"];
-    // Early locks: append mode orders by the first write's xid and is being replaced (issue #15).
-    kill_9_mid_stream_then_restart(append_db().await, &args, Shape::EarlyLock).await;
-}
-
-/// The known defect of append mode (issue #15): it orders by the xid each transaction's first
-/// write took, so ordinary application transactions (an audit row first, each aggregate locked
-/// later, right before its event) publish a key's events against commit order whenever a
-/// transaction that began earlier locks the key after one that began later. Claim mode keeps
-/// that order (the tests above run this load). This test documents the defect: it fails once
-/// #15 fixes it, and should then assert exactly once in key order like the others.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn append_mode_reorders_transactions_that_lock_late_issue_15() {
-    let db = append_db().await;
-    let topics = topics(2).await;
-    let relay = Relay::start(&db, &["--read-mode", "append"]);
-    let written = write_events(&db, &topics, KEYS_15, 400, 8, Shape::LateLocks).await;
-    db.wait_count(PASSED, rows(&written), Duration::from_secs(60))
-        .await;
-    let read = Reading {
-        brokers: common::kafka_brokers(),
-        topics: topics.clone(),
-        partitions: PARTITIONS,
-        settle: Duration::from_secs(2),
-        timeout: Duration::from_secs(60),
-    };
-    let (report, violations) = load::check(read, &written).await;
-    let (reordered, other): (Vec<&String>, Vec<&String>) = violations
-        .iter()
-        .partition(|v| v.contains("(per-key order broken)"));
-    assert!(
-        other.is_empty(),
-        "append mode lost, altered or invented events: {other:#?}"
-    );
-    assert_eq!(report.duplicates, 0, "{report:?}");
-    eprintln!(
-        "append mode, {} events of {} transactions ({} deadlocked): {} first occurrences against commit order, e.g. {:?}",
-        written.committed.len(),
-        written.transactions,
-        written.deadlocks,
-        reordered.len(),
-        reordered.first()
-    );
-    assert!(
-        !reordered.is_empty(),
-        "append mode published every key's events of late-locking transactions in commit order: \
-         if issue #15 is fixed, make this test check exactly once in key order"
-    );
-    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
-}
-
-/// Keys of [`append_mode_reorders_transactions_that_lock_late_issue_15`]: few, so transactions
-/// often meet on a key.
-const KEYS_15: usize = 20;
-
-/// claim -> append -> claim on one table: each switch (migrate, then run in the new mode)
-/// publishes every row once, none again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn switching_read_modes_publishes_each_row_once() {
+async fn a_table_append_mode_left_is_taken_over_without_publishing_twice() {
     let db = TestDb::new().await;
-    let topics = topics(2).await;
-    let mut written = Ledger::default();
-    for (round, mode) in ["claim", "append", "claim"].into_iter().enumerate() {
-        let (code, _, err) = db.run(&["migrate", "--read-mode", mode]);
-        assert_eq!(code, 0, "{err}");
-        let relay = Relay::start(&db, &["--read-mode", mode]);
-        // Early locks: append mode orders by the first write's xid and is being replaced (issue #15).
-        written.merge(write_events(&db, &topics, 20, 1_000, 4, Shape::EarlyLock).await);
-        let published = format!("published_at IS NOT NULL OR {PASSED}");
-        db.wait_count(
-            &published,
-            1_000 * (round as i64 + 1),
-            Duration::from_secs(30),
-        )
-        .await;
-        assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0), "{mode}");
-    }
-    // Not one published twice.
-    check_delivery(&topics, &written, 0, 60).await;
-    assert_eq!(db.count(PASSED).await, 0, "claim mode dropped the cursor");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn append_mode_parks_poison_and_a_retried_row_is_published_again() {
-    let db = append_db().await;
     let topics = topics(1).await;
-    let relay = Relay::start(&db, &["--read-mode", "append"]);
-    let insert = |topic: String, payload: &'static [u8]| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'k', $2) RETURNING id",
-            )
-            .bind(topic)
-            .bind(payload)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
-    insert(topics[0].clone(), b"before").await;
-    let bad = insert("no such topic!".into(), b"poison").await;
-    insert(topics[0].clone(), b"after").await;
-    db.wait_count("failed_at IS NOT NULL", 1, Duration::from_secs(20))
-        .await;
-    let consumed = read_back(&topics, 2, 1, 20).await;
-    assert_eq!(consumed.len(), 2, "the rows around the poison flow");
-    db.wait_count(PASSED, 3, Duration::from_secs(10)).await;
-    // Fix the row and retry it: it was behind the cursor, and is read again at the tail.
-    sqlx::query("UPDATE outbox SET topic = $1 WHERE id = $2")
-        .bind(&topics[0])
-        .bind(bad)
-        .execute(&db.pool)
+    let ids = db.write_plain(&topics[0], 20, 10).await;
+    let passed = db.leave_as_append_mode_did(120).await;
+    for env in [None, Some("append")] {
+        let mut cmd = common::relay_command(&["run", "--kafka-brokers", "x:1"]);
+        cmd.env("OUTBOX_RELAY_DATABASE_URL", &db.url);
+        match env {
+            Some(mode) => cmd.env("OUTBOX_RELAY_READ_MODE", mode),
+            None => cmd.args(["--read-mode", "append"]),
+        };
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("append mode was removed")
+                && err.contains("migrate --read-mode log")
+                && err.contains("Upgrading from append mode"),
+            "{err}"
+        );
+    }
+    let (code, _, err) = db.run(&["migrate"]);
+    assert_eq!(code, 0, "{err}");
+    let append_index: bool = sqlx::query_scalar("SELECT to_regclass('outbox_xid_idx') IS NOT NULL")
+        .fetch_one(&db.pool)
         .await
         .unwrap();
-    let (code, out, err) = db.run(&["failed", "retry", "--id", &bad.to_string()]);
-    assert_eq!(code, 0, "{out}{err}");
-    let consumed = read_back(&topics, 3, 2, 20).await;
-    assert_eq!(consumed.len(), 3);
-    let retried = consumed.iter().find(|c| c.event_id() == bad).unwrap();
-    assert_eq!(retried.payload.as_deref(), Some(&b"poison"[..]));
-    drop(relay);
+    assert!(!append_index, "migrate drops append mode's index");
+    let relay = Relay::start(&db, &[]);
+    relay.wait_log("taking over from append mode", Duration::from_secs(30));
+    db.wait_count("published_at IS NOT NULL", 200, Duration::from_secs(30))
+        .await;
+    let consumed = read_back(&topics, 80, 2, 30).await;
+    let got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
+    let mut want: Vec<i64> = ids
+        .iter()
+        .filter(|id| !passed.contains(id))
+        .copied()
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want, "exactly the rows after the cursor, once each");
+    assert!(db.append_cursor_dropped().await);
+    assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
 }
 
 /// A relay upgraded before `migrate` ran (the table lacks the xid column and the lease row's

@@ -2,8 +2,7 @@
 //! PostgreSQL and Kafka): values the read cannot decode, a row whose contents once made the
 //! park statement fail, a broker rejecting a whole record batch for one record, a row to a
 //! topic that does not exist, rows too large to batch many at once, a park that fails (the
-//! leader must keep its lease meanwhile), rows append mode's cursor could pass unpublished,
-//! and rows `cleanup` must not delete.
+//! leader must keep its lease meanwhile), and rows `cleanup` must not delete.
 
 mod common;
 
@@ -305,75 +304,6 @@ async fn a_failing_park_keeps_the_lease_renewed_and_one_leader() {
         good.len(),
         "each valid row reached Kafka once"
     );
-}
-
-/// Append mode: rows that carry another transaction's xid (a copy from another cluster, NULL,
-/// a parked row made pending by hand without `failed retry`) are published, not passed over
-/// and counted as published.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn append_mode_publishes_rows_with_a_foreign_xid_and_rows_unparked_by_hand() {
-    let db = TestDb::migrated(&["--read-mode", "append"]).await;
-    let topic = unique("rows_xid");
-    create_topics(&[&topic], 1).await;
-    let first = insert(&db, &topic, Some("a"), b"1").await;
-    let relay = Relay::start(&db, &["--read-mode", "append"]);
-    relay.wait_http("/healthz", 200, Duration::from_secs(10));
-    db.wait_count(
-        &format!("id = {first} AND xid IS NOT NULL"),
-        1,
-        Duration::from_secs(5),
-    )
-    .await;
-    // Wait for the cursor to pass the first row.
-    let start = Instant::now();
-    while relay.metric("outbox_relay_published_total") != Some(1.0) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{}",
-            relay.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let old: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (topic, key, payload, xid) VALUES ($1, 'b', '2', '3'::xid8) RETURNING id",
-    )
-    .bind(&topic)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let null: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (topic, key, payload, xid) VALUES ($1, 'c', '3', NULL) RETURNING id",
-    )
-    .bind(&topic)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let parked = insert(&db, "bad topic!", Some("d"), b"4").await;
-    db.wait_count(
-        &format!("id = {parked} AND failed_at IS NOT NULL"),
-        1,
-        Duration::from_secs(20),
-    )
-    .await;
-    exec(
-        &db,
-        &format!("UPDATE outbox SET topic = '{topic}', failed_at = NULL WHERE id = {parked}"),
-    )
-    .await;
-    let records = read_back(
-        &[topic],
-        1,
-        4,
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut ids: Vec<i64> = records.iter().map(|r| r.event_id()).collect();
-    ids.sort();
-    assert_eq!(ids, vec![first, old, null, parked]);
-    let (_, status, _) = db.run(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["pending"], 0, "{status:#}");
 }
 
 /// `--retention 0s` keeps published rows forever in `cleanup` as in `run`, and `cleanup`

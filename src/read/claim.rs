@@ -46,8 +46,9 @@ impl ClaimReader {
                 "$3",
             )
             .into(),
-            // Leaving append mode: rows behind the cursor were published; mark them so claim
-            // mode does not publish them again, and drop the cursor (one statement).
+            // Taking over from an earlier release's append mode (removed): rows behind its
+            // cursor were published; mark them so they are not published again, and drop the
+            // cursor (one statement). The upgrade path for its tables, in claim and log mode.
             close_cursor_sql: format!(
                 "WITH c AS (SELECT cursor_xid, cursor_id FROM {lease} WHERE id = 1 AND cursor_xid IS NOT NULL FOR UPDATE), \
                  m AS (UPDATE {t} AS o SET published_at = now() FROM c \
@@ -97,17 +98,12 @@ impl Reader for ClaimReader {
     type Position = ();
     type Ledger = OutboxStore;
 
-    /// Pending rows are read by state, leaving out the rows in flight.
-    fn reads_past_unsettled(&self) -> bool {
-        true
-    }
-
     fn ledger(&self) -> OutboxStore {
         self.store.clone()
     }
 
-    /// If append mode ran before, mark the rows behind its cursor published (so they are not
-    /// published again) and drop the cursor.
+    /// If an earlier release's append mode ran before, mark the rows behind its cursor
+    /// published (so they are not published again) and drop the cursor.
     async fn on_new_epoch(&mut self) -> Result<(), sqlx::Error> {
         let closed: Result<i64, _> =
             sqlx::query_scalar(AssertSqlSafe(self.close_cursor_sql.clone()))
@@ -116,7 +112,7 @@ impl Reader for ClaimReader {
         match closed {
             Ok(0) => super::take_over_from_table_mode(&self.store, ReadMode::Claim).await,
             Ok(rows) => {
-                tracing::info!(rows, "claim mode after append mode: marked the rows behind the append cursor published");
+                tracing::info!(rows, "taking over from append mode (removed): marked the rows behind its cursor published");
                 super::take_over_from_table_mode(&self.store, ReadMode::Claim).await
             }
             // An older schema has no cursor columns (and so no append mode ever ran).

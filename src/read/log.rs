@@ -548,11 +548,6 @@ impl Reader for LogReader {
         Ok(())
     }
 
-    /// The stream is read past events in flight; their transactions are counted.
-    fn reads_past_unsettled(&self) -> bool {
-        true
-    }
-
     async fn next_batch(
         &mut self,
         limit: BatchLimit,

@@ -1,20 +1,17 @@
 //! The read boundary: where committed events come from, and how progress is made durable.
 //!
 //! A [`Reader`] yields batches of committed rows in publish order and keeps whatever state its
-//! mode needs (append mode's cursor and read-ahead). After a batch is settled it turns the
+//! mode needs (log mode's stream and open transactions). After a batch is settled it turns the
 //! delivered and set-aside rows into [`Progress`], which its [`Ledger`] writes in the
 //! background. [`Delivered`] can only be made by [`crate::settle`], from delivery reports:
 //! that is how the types keep the invariant **a row is recorded as published only after its
 //! own delivery report**.
 //!
 //! - [`claim`]: pending rows by state; progress marks each delivered row.
-//! - [`append`]: a cursor on (writing transaction's xid8, id) below the horizon; progress
-//!   moves the cursor past the settled prefix of the batch.
 //! - [`log`]: a logical replication slot, in commit order; progress moves the slot's
 //!   confirmed position past wholly settled transactions.
 //! - [`switch`]: claim mode after log mode (the stream's tail first).
 
-pub mod append;
 pub mod claim;
 pub mod log;
 mod pgoutput;
@@ -29,7 +26,6 @@ use sqlx::AssertSqlSafe;
 use crate::event::{OutboxRow, ROW_COLUMNS};
 use crate::settle::Delivered;
 
-pub use append::AppendReader;
 pub use claim::ClaimReader;
 pub use log::LogReader;
 pub use switch::ToClaim;
@@ -84,9 +80,9 @@ pub(crate) async fn explain_in_index_order(
 }
 
 /// The batch read's planner settings (see [`read_in_index_order`]). `jit = off`: a node the
-/// settings disable still appears where nothing else can produce its order (append mode's
-/// outer sort on the read xid), at a cost of 10^10 that crosses every JIT threshold, so each
-/// read compiled itself with LLVM first: 250 ms per read instead of 1 ms.
+/// settings disable still appears where nothing else can produce the read's order, at a cost
+/// of 10^10 that crosses every JIT threshold, and the read then compiles itself with LLVM
+/// first (250 ms per read instead of 1 ms, seen with the removed append mode's sort).
 pub(crate) const IN_INDEX_ORDER: &str = "SET LOCAL enable_seqscan = off; \
      SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
      SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL jit = off";
@@ -125,10 +121,10 @@ pub(crate) async fn slot_snapshot(
     Ok(snapshot.flatten())
 }
 
-/// A leader in `mode` (claim or append) takes over: refused while the table was last published
-/// in log mode (the stream's tail would be lost or published twice; see the README's "Switching
-/// read modes"); otherwise recorded. A table whose lease has no such column yet (an older
-/// schema) has only ever run claim or append mode.
+/// A leader in a mode that reads the table takes over: refused while the table was last
+/// published in log mode (the stream's tail would be lost or published twice; see the README's
+/// "Switching read modes"); otherwise recorded. A table whose lease has no such column yet (an
+/// older schema) has never run log mode.
 pub(crate) async fn take_over_from_table_mode(
     store: &crate::store::OutboxStore,
     mode: crate::table::ReadMode,
@@ -136,7 +132,8 @@ pub(crate) async fn take_over_from_table_mode(
     match last_mode(store).await {
         Ok((Some(last), _)) if last == "log" => Err(sqlx::Error::Configuration(
             format!(
-                "{} was last published in --read-mode log; switching back to --read-mode {} is not                  supported yet: keep log mode, or follow the README (\"Switching read modes\")",
+                "{} was last published in --read-mode log; --read-mode {} cannot take over here: \
+                 keep log mode, or follow the README (\"Switching read modes\")",
                 store.table(),
                 mode.as_str()
             )
@@ -212,7 +209,7 @@ pub enum Recorded {
 /// Where committed events come from. Implementations hold their mode's state; the loop holds
 /// none and checks no mode.
 pub trait Reader: Send {
-    /// The reader's durable position (a cursor, an LSN; `()` when progress is per row).
+    /// The reader's durable position (an LSN; `()` when progress is per row).
     type Position: Copy + Send + Sync + std::fmt::Debug + 'static;
     /// Writes this reader's progress and settles failed rows.
     type Ledger: Ledger<Position = Self::Position>;
@@ -224,13 +221,9 @@ pub trait Reader: Send {
     /// have moved it) and drop anything read before.
     fn on_new_epoch(&mut self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// Whether `next_batch` may be called again before the previous batch's `progress` (the
-    /// reader reads past rows in flight by leaving them out). If not, one batch at a time is
-    /// published and settled.
-    fn reads_past_unsettled(&self) -> bool;
-
     /// The next committed rows to publish, in publish order, within `limit`, leaving out
     /// `in_flight` (rows published and not yet settled, or whose progress is being written).
+    /// Called again before the earlier batches are settled (up to `--in-flight-batches`).
     fn next_batch(
         &mut self,
         limit: BatchLimit,

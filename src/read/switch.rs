@@ -1,6 +1,7 @@
 //! Leaving log mode for claim mode with nothing published twice and nothing lost. The lease
 //! row records the read mode the last leader published in. (The other way, into log mode, the
-//! [`LogReader`] itself first publishes what claim or append mode left pending.)
+//! [`LogReader`] itself first publishes what claim mode, or an earlier release's append mode,
+//! left pending.)
 //!
 //! Log mode marks no row, so claim mode cannot tell by a row's state whether log mode
 //! published it. [`ToClaim`] takes a snapshot S and then the WAL position W, and reads the
@@ -159,10 +160,6 @@ impl Reader for ToClaim {
         );
         self.tail = Some(Tail { reader, snapshot });
         Ok(())
-    }
-
-    fn reads_past_unsettled(&self) -> bool {
-        true
     }
 
     async fn next_batch(

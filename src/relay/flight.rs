@@ -55,14 +55,13 @@ impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Flight<P> {
     }
 
     /// The room for one more batch within `batches` batches' worth of rows (`limit.rows` each)
-    /// and `limit.bytes` in all, or `None`. One batch at a time when the reader cannot read
-    /// past unsettled batches, and behind a batch holding poison (its rows must be set aside
-    /// before later rows of their keys are read).
-    pub fn room(&self, limit: BatchLimit, batches: u32, read_past: bool) -> Option<BatchLimit> {
+    /// and `limit.bytes` in all, or `None`. None behind a batch holding poison (its rows must
+    /// be set aside before later rows of their keys are read).
+    pub fn room(&self, limit: BatchLimit, batches: u32) -> Option<BatchLimit> {
         if self.sent.is_empty() && self.marks.is_empty() {
             return Some(limit);
         }
-        if !read_past && !self.sent.is_empty() || self.sent.iter().any(|s| !s.poison.is_empty()) {
+        if self.sent.iter().any(|s| !s.poison.is_empty()) {
             return None;
         }
         let rows = self

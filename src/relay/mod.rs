@@ -187,7 +187,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         // The stop signal has fired; publishing goes on until the unit ends.
         let live = CancellationToken::new();
         while self.reader.finish_unit() && tokio::time::Instant::now() < deadline {
-            let done = match flight.room(limit, batches, true) {
+            let done = match flight.room(limit, batches) {
                 Some(room) => match self.read_and_send(room, flight, &live).await {
                     // The rest has not arrived yet.
                     Ok(0) if flight.sent.is_empty() => {
@@ -246,15 +246,14 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         while flight.sent.front().is_some_and(|s| s.reports.is_finished()) {
             self.settle_oldest(flight, cancel).await?;
         }
-        let read_past = self.reader.reads_past_unsettled();
         let (limit, batches) = (self.settings.batch_limit(), self.settings.in_flight_batches);
-        if flight.sent.is_empty() && flight.room(limit, batches, read_past).is_none() {
+        if flight.sent.is_empty() && flight.room(limit, batches).is_none() {
             // Only progress writes fill the bound (a slow database): wait for them, not as
             // an empty read (which would turn the pace idle).
             let finished = self.holding_lease(flight.marks.finish(), None).await;
             finished.map_err(|_| StepError::Kafka)?;
         }
-        let room = flight.room(limit, batches, read_past);
+        let room = flight.room(limit, batches);
         let (read, full) = match room {
             Some(limit) => {
                 let read = self.read_and_send(limit, flight, cancel).await?;

@@ -109,29 +109,28 @@ pub fn record_slot_snapshot(table: &TableName) -> String {
     )
 }
 
-/// The read mode `table` is migrated for: its read index says claim or append; neither, with
-/// a publication named `publication` that includes it, says log (`migrate --read-mode log`
-/// drops both indexes). `None`: none of these.
+/// The read mode `table` is migrated for: claim mode's read index says claim; without it, a
+/// publication named `publication` that includes the table says log (`migrate --read-mode
+/// log` drops the index). `None`: neither (a table an older release migrated for append mode
+/// has neither: `migrate` for the mode it runs in now takes it over).
 pub async fn migrated_mode<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     table: &TableName,
     publication: &str,
 ) -> Result<Option<ReadMode>, sqlx::Error> {
-    let (claim, append, log): (bool, bool, bool) = sqlx::query_as(
-        "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
-         EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $3 AND schemaname = $4 AND tablename = $5)",
+    let (claim, log): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass($1) IS NOT NULL, \
+         EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $2 AND schemaname = $3 AND tablename = $4)",
     )
     .bind(table.read_index(ReadMode::Claim))
-    .bind(table.read_index(ReadMode::Append))
     .bind(publication)
     .bind(table.schema())
     .bind(table.table())
     .fetch_one(executor)
     .await?;
-    Ok(match (claim, append, log) {
-        (true, ..) => Some(ReadMode::Claim),
-        (_, true, _) => Some(ReadMode::Append),
-        (.., true) => Some(ReadMode::Log),
+    Ok(match (claim, log) {
+        (true, _) => Some(ReadMode::Claim),
+        (_, true) => Some(ReadMode::Log),
         _ => None,
     })
 }
@@ -154,7 +153,6 @@ pub struct OutboxStore {
     pool: PgPool,
     table: TableName,
     mode: ReadMode,
-    cleanup_passed_sql: Arc<str>,
     mark_sql: Arc<str>,
     park_sql: Arc<str>,
     retry_sql: Arc<str>,
@@ -171,8 +169,9 @@ pub const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 /// `failed_at` and gets a `published_at`: handled, never published, never deleted by cleanup.
 pub const PARKED: &str = "failed_at IS NOT NULL AND published_at IS NULL";
 
-/// Rows the relay has yet to publish, in either read mode: pending by state and not behind
-/// append mode's cursor (NULL in claim mode). The table's alias must be `o`.
+/// Rows a table-reading mode has yet to publish: pending by state and not behind the cursor an
+/// older release's append mode left (NULL once claim or log mode has taken over: see
+/// [`crate::read::ClaimReader`]). The table's alias must be `o`.
 pub fn unpublished(table: &TableName) -> String {
     format!(
         "o.published_at IS NULL AND o.failed_at IS NULL \
@@ -186,22 +185,8 @@ impl OutboxStore {
     /// the backlog is counted and what cleanup may delete.
     pub fn new(pool: PgPool, table: TableName, on_publish: OnPublish, mode: ReadMode) -> Self {
         let t = table.quoted();
-        let lease = table.lease_table();
-        // Append mode's cursor as two initplans, so the row comparison is an index condition.
-        let cursor = format!(
-            "((SELECT cursor_xid FROM {lease} WHERE id = 1), (SELECT cursor_id FROM {lease} WHERE id = 1))"
-        );
-        let after_cursor = format!(
-            "(o.xid, o.id) > (coalesce((SELECT cursor_xid FROM {lease} WHERE id = 1), '0'::xid8), \
-             coalesce((SELECT cursor_id FROM {lease} WHERE id = 1), 0))"
-        );
         let errors = "unnest($1::bigint[], $2::text[]) AS f(id, error)";
         OutboxStore {
-            cleanup_passed_sql: format!(
-                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} AS o WHERE {PENDING} AND (o.xid, o.id) <= {cursor} \
-                 AND o.created_at < now() - make_interval(secs => $1) ORDER BY o.xid, o.id LIMIT $2)"
-            )
-            .into(),
             mark_sql: match on_publish {
                 OnPublish::Mark => format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL"),
                 OnPublish::Delete => format!("DELETE FROM {t} WHERE id = ANY($1) AND published_at IS NULL"),
@@ -227,12 +212,6 @@ impl OutboxStore {
                 ReadMode::Claim => format!(
                     "SELECT (SELECT count(*) FROM {t} WHERE {PENDING}), \
                      (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} WHERE {PENDING} ORDER BY id LIMIT 1), \
-                     (SELECT count(*) FROM {t} WHERE {PARKED})"
-                ),
-                ReadMode::Append => format!(
-                    "SELECT (SELECT count(*) FROM {t} AS o WHERE {PENDING} AND {after_cursor}), \
-                     (SELECT extract(epoch FROM now() - created_at)::float8 FROM {t} AS o WHERE {PENDING} AND {after_cursor} \
-                      ORDER BY o.xid, o.id LIMIT 1), \
                      (SELECT count(*) FROM {t} WHERE {PARKED})"
                 ),
             }
@@ -329,31 +308,28 @@ impl OutboxStore {
         })
     }
 
-    /// Delete published rows older than `retention` (in append mode also the rows behind the
-    /// cursor created before then), in batches of `batch` rows (each its own short statement,
+    /// Delete published rows older than `retention` (in log mode every row created before then
+    /// but parked ones), in batches of `batch` rows (each its own short statement,
     /// so no long locks). Returns how many rows were deleted.
     pub async fn cleanup(&self, retention: Duration, batch: i64) -> Result<u64, sqlx::Error> {
         if retention.is_zero() {
             return Ok(0); // 0 keeps published rows forever, everywhere
         }
         let mut total = 0;
-        let statements = match self.mode {
-            ReadMode::Claim => vec![&self.cleanup_sql],
-            ReadMode::Append => vec![&self.cleanup_sql, &self.cleanup_passed_sql],
+        let sql = match self.mode {
+            ReadMode::Claim => &self.cleanup_sql,
             // The stream does not need the rows: they go after --retention (parked ones stay).
-            ReadMode::Log => vec![&self.cleanup_log_sql],
+            ReadMode::Log => &self.cleanup_log_sql,
         };
-        for sql in statements {
-            loop {
-                let done = sqlx::query(AssertSqlSafe(sql.clone()))
-                    .bind(retention.as_secs_f64())
-                    .bind(batch)
-                    .execute(&self.pool)
-                    .await?;
-                total += done.rows_affected();
-                if done.rows_affected() < batch as u64 {
-                    break;
-                }
+        loop {
+            let done = sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(retention.as_secs_f64())
+                .bind(batch)
+                .execute(&self.pool)
+                .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < batch as u64 {
+                break;
             }
         }
         Ok(total)

@@ -4,8 +4,8 @@
 //! - **Writers** ([`Load`]): concurrent connections committing transactions, each event of a
 //!   key taking the key's next sequence number in `key_seq` under the key's lock, so a key's
 //!   commit order is its sequence order. Two [`Shape`]s: [`Shape::EarlyLock`], one event a
-//!   transaction whose key's advisory lock is taken before the transaction's first write (what
-//!   append mode needs); [`Shape::LateLocks`], ordinary application transactions (an audit event
+//!   transaction whose key's advisory lock is taken before the transaction's first write (one
+//!   key, one lock: the simplest load); [`Shape::LateLocks`], ordinary application transactions (an audit event
 //!   first, then 1-5 aggregates in random order, each locked right before its event; deadlocks
 //!   abort some). As the [`LoadSpec`] says, some roll back, some stay open a while (so they
 //!   commit out of id order), some events have no key or no payload. Connection errors are
@@ -97,8 +97,7 @@ pub fn fnv(s: &str) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shape {
     /// One event a transaction. Its key's advisory lock (and sequence bump) is the
-    /// transaction's first write ([`BUMP_SQL`]): the README's ordering contract for append mode,
-    /// which orders by the xid the first write takes.
+    /// transaction's first write ([`BUMP_SQL`]).
     EarlyLock,
     /// An ordinary application transaction: an audit event first (keys `audit-0` ..
     /// `audit-3`, or none; not order-checked: see [`Expected::seq`]), then 1 aggregate (80%) or
@@ -333,9 +332,8 @@ pub struct Load {
 pub const KEY_SEQ_SQL: &str =
     "CREATE TABLE IF NOT EXISTS key_seq (key text PRIMARY KEY, seq bigint NOT NULL)";
 
-/// [`Shape::EarlyLock`]: the key's lock is taken before the transaction's first write (the
-/// README's ordering contract for append mode: two upserts creating a new key take their xids
-/// before either holds the row).
+/// [`Shape::EarlyLock`]: the key's lock is taken before the transaction's first write (two
+/// upserts creating a new key would otherwise both run before either holds the row).
 const BUMP_SQL: &str = "WITH l AS (SELECT pg_advisory_xact_lock(hashtext($1))) \
      INSERT INTO key_seq SELECT $1, 1 FROM l ON CONFLICT (key) DO UPDATE SET seq = key_seq.seq + 1 RETURNING seq";
 /// [`Shape::LateLocks`]: the aggregate's row lock (`UPDATE ... RETURNING seq` once the row

@@ -135,6 +135,64 @@ impl TestDb {
     }
 
     /// Wait until `filter` matches at least `n` rows.
+    /// `transactions` transactions of `rows` rows each on `topic` (keys k0-k9), one after
+    /// another. Returns the ids in insert order.
+    pub async fn write_plain(&self, topic: &str, transactions: usize, rows: i32) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for _ in 0..transactions {
+            let batch: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO outbox (topic, key, payload) \
+                 SELECT $1, 'k' || (g % 10), convert_to('e' || g, 'UTF8') FROM generate_series(1, $2) AS g RETURNING id",
+            )
+            .bind(topic)
+            .bind(rows)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            ids.extend(batch);
+        }
+        ids
+    }
+
+    /// Leave the table as an earlier release's `--read-mode append` (removed) left it: its read
+    /// index instead of claim mode's, and the lease's cursor on the `passed`-th row in
+    /// (xid, id) order, the rows up to which that mode had published (it marked none), under an
+    /// expired lease. Returns the ids of those rows.
+    pub async fn leave_as_append_mode_did(&self, passed: i64) -> Vec<i64> {
+        for sql in [
+            "DROP INDEX IF EXISTS outbox_pending_idx",
+            "CREATE INDEX outbox_xid_idx ON outbox (xid, id) WHERE published_at IS NULL AND failed_at IS NULL",
+        ] {
+            sqlx::query(sql).execute(&self.pool).await.unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO outbox_lease (id, holder, epoch, expires_at, cursor_xid, cursor_id) \
+             SELECT 1, 'an-older-release', 7, now() - interval '1 minute', xid, id FROM outbox \
+             ORDER BY xid, id OFFSET $1 - 1 LIMIT 1 \
+             ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, epoch = EXCLUDED.epoch, \
+             expires_at = EXCLUDED.expires_at, cursor_xid = EXCLUDED.cursor_xid, cursor_id = EXCLUDED.cursor_id",
+        )
+        .bind(passed)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+        sqlx::query_scalar("SELECT id FROM outbox ORDER BY xid, id LIMIT $1")
+            .bind(passed)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Whether append mode's cursor is gone (claim or log mode took over).
+    pub async fn append_cursor_dropped(&self) -> bool {
+        sqlx::query_scalar(
+            "SELECT cursor_xid IS NULL AND cursor_id IS NULL FROM outbox_lease WHERE id = 1",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
     pub async fn wait_count(&self, filter: &str, n: i64, timeout: Duration) {
         let start = Instant::now();
         loop {

@@ -187,17 +187,13 @@ pub fn soak() -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Claim,
-    Append,
     Log,
 }
 
-/// Rows published in either read mode: marked (claim mode, and append mode's rows delivered
-/// past a row to retry), or at or behind append mode's cursor in the lease row.
-pub const PUBLISHED: &str = "failed_at IS NULL AND (published_at IS NOT NULL \
-     OR (xid, id) <= (SELECT cursor_xid, cursor_id FROM outbox_lease WHERE id = 1))";
-/// Rows still to publish in either read mode (claim mode has no cursor: NULL, so not behind it).
-pub const PENDING: &str = "published_at IS NULL AND failed_at IS NULL \
-     AND NOT coalesce((xid, id) <= (SELECT cursor_xid, cursor_id FROM outbox_lease WHERE id = 1), false)";
+/// Rows claim mode has published (marked).
+pub const PUBLISHED: &str = "failed_at IS NULL AND published_at IS NOT NULL";
+/// Rows still to publish in claim mode.
+pub const PENDING: &str = "published_at IS NULL AND failed_at IS NULL";
 
 /// The running scenario: its name, read mode, seed and clock.
 pub struct Ctx {
@@ -571,7 +567,6 @@ impl Drop for FaultDb {
 fn mode_args(mode: Mode, slot: Option<&str>) -> Vec<String> {
     match (mode, slot) {
         (Mode::Claim, _) => vec![],
-        (Mode::Append, _) => vec!["--read-mode".into(), "append".into()],
         (Mode::Log, Some(slot)) => ["--read-mode", "log", "--slot", slot, "--publication", slot]
             .iter()
             .map(|a| a.to_string())
