@@ -364,6 +364,95 @@ async fn relay_over_verified_tls_and_scram_publishes_and_marks() {
     assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{logs}");
 }
 
+/// (a) Log mode over verified TLS: the replication connection, not only the pool, checks the
+/// server's certificate and host name (`sslmode=verify-full`) and authenticates with SCRAM as
+/// a password role with REPLICATION (pg_hba lets that role in over TLS only), and streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_mode_streams_over_verified_tls_and_scram() {
+    let slot = unique("slot");
+    let db = TestDb::migrated(&[
+        "--read-mode",
+        "log",
+        "--slot",
+        &slot,
+        "--publication",
+        &slot,
+    ])
+    .await;
+    preflight(&db).await;
+    let role = unique("log_tls");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{PG_PASSWORD}' IN ROLE {PG_ROLE}"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.grant_relay(&role).await;
+    let topic = unique("sec_log");
+    create_topics(&[&topic], 3).await;
+    let pg_password = secret_file(PG_PASSWORD);
+    let url = tls_url(&db.name, &role, "127.0.0.1", "verify-full", &ca());
+    let relay = Relay::spawn(
+        &db.name,
+        &url,
+        &kafka_brokers(),
+        &[
+            "--read-mode",
+            "log",
+            "--slot",
+            &slot,
+            "--publication",
+            &slot,
+        ],
+        &[(PASSWORD_FILE_ENV, pg_password.to_str().unwrap())],
+    );
+    relay.wait_http("/readyz", 200, Duration::from_secs(30));
+    let mut ids = db.write_plain(&topic, 5, 10).await;
+    let consumed = read_back(
+        std::slice::from_ref(&topic),
+        3,
+        50,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "every row arrived exactly once, from the stream");
+    // The stream's walsender is the password role's, over TLS.
+    let streams: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT r.usename::text, s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
+         WHERE r.usename = $1",
+    )
+    .bind(&role)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        !streams.is_empty() && streams.iter().all(|(_, ssl)| *ssl),
+        "{streams:?}"
+    );
+    let logs = relay.logs();
+    assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{logs}");
+    // Leave no slot (it would pin WAL) and no role behind.
+    let drop_slot = "SELECT pg_drop_replication_slot($1)";
+    let start = Instant::now();
+    while let Err(e) = sqlx::query(drop_slot).bind(&slot).execute(&db.pool).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cannot drop {slot}: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+}
+
 /// (b) The database's certificate is signed by a CA the relay does not trust.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn untrusted_postgres_certificate_keeps_the_relay_up_and_not_ready() {

@@ -151,6 +151,12 @@ impl LogSource {
             "disable" => TlsConfig::disabled(),
             "require" => TlsConfig::require(),
             "verify-ca" => TlsConfig::verify_ca(self.ssl_root_cert.clone()),
+            // The pool (sqlx, like libpq) checks an IP address host against the certificate's
+            // IP addresses; the crate refuses an IP host unless it is also given as the name
+            // to verify, which rustls then checks the same way.
+            "verify-full" if self.host.parse::<std::net::IpAddr>().is_ok() => {
+                TlsConfig::verify_full(self.ssl_root_cert.clone()).with_sni_hostname(&self.host)
+            }
             "verify-full" => TlsConfig::verify_full(self.ssl_root_cert.clone()),
             _ => TlsConfig {
                 mode: SslMode::Prefer,

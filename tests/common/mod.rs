@@ -134,7 +134,6 @@ impl TestDb {
         }
     }
 
-    /// Wait until `filter` matches at least `n` rows.
     /// `transactions` transactions of `rows` rows each on `topic` (keys k0-k9), one after
     /// another. Returns the ids in insert order.
     pub async fn write_plain(&self, topic: &str, transactions: usize, rows: i32) -> Vec<i64> {
@@ -193,6 +192,7 @@ impl TestDb {
         .unwrap()
     }
 
+    /// Wait until `filter` matches at least `n` rows.
     pub async fn wait_count(&self, filter: &str, n: i64, timeout: Duration) {
         let start = Instant::now();
         loop {
