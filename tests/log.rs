@@ -22,15 +22,7 @@ struct LogDb {
 impl LogDb {
     async fn new() -> LogDb {
         let slot = unique("slot");
-        let db = TestDb::migrated(&[
-            "--read-mode",
-            "log",
-            "--slot",
-            &slot,
-            "--publication",
-            &slot,
-        ])
-        .await;
+        let db = TestDb::migrated_for_log(&slot).await;
         LogDb { db, slot }
     }
 

@@ -345,18 +345,7 @@ async fn relay_over_verified_tls_and_scram_publishes_and_marks() {
         "{conns:?}"
     );
 
-    let consumed = read_back(
-        std::slice::from_ref(&topic),
-        3,
-        50,
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
-    got.sort();
-    ids.sort();
-    assert_eq!(got, ids, "every row arrived exactly once");
+    assert_arrived_once(&topic, ids).await;
 
     let logs = relay.logs();
     assert!(!logs.contains("insecure transport"), "{logs}");
@@ -370,15 +359,7 @@ async fn relay_over_verified_tls_and_scram_publishes_and_marks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn log_mode_streams_over_verified_tls_and_scram() {
     let slot = unique("slot");
-    let db = TestDb::migrated(&[
-        "--read-mode",
-        "log",
-        "--slot",
-        &slot,
-        "--publication",
-        &slot,
-    ])
-    .await;
+    let db = TestDb::migrated_for_log(&slot).await;
     preflight(&db).await;
     let role = unique("log_tls");
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -407,19 +388,8 @@ async fn log_mode_streams_over_verified_tls_and_scram() {
         &[(PASSWORD_FILE_ENV, pg_password.to_str().unwrap())],
     );
     relay.wait_http("/readyz", 200, Duration::from_secs(30));
-    let mut ids = db.write_plain(&topic, 5, 10).await;
-    let consumed = read_back(
-        std::slice::from_ref(&topic),
-        3,
-        50,
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
-    got.sort();
-    ids.sort();
-    assert_eq!(got, ids, "every row arrived exactly once, from the stream");
+    let ids = db.write_plain(&topic, 5, 10).await;
+    assert_arrived_once(&topic, ids).await;
     // The stream's walsender is the password role's, over TLS.
     let streams: Vec<(String, bool)> = sqlx::query_as(
         "SELECT r.usename::text, s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) \
@@ -451,6 +421,22 @@ async fn log_mode_streams_over_verified_tls_and_scram() {
             .await
             .unwrap();
     }
+}
+
+/// The 50 rows `ids` arrived on `topic` (3 partitions), each exactly once.
+async fn assert_arrived_once(topic: &str, mut ids: Vec<i64>) {
+    let consumed = read_back(
+        &[topic.to_string()],
+        3,
+        50,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "every row arrived exactly once");
 }
 
 /// (b) The database's certificate is signed by a CA the relay does not trust.

@@ -69,6 +69,12 @@ impl TestDb {
         TestDb::migrated(&[]).await
     }
 
+    /// A fresh database migrated for `--read-mode log`, with `slot` as the name of its slot and
+    /// of its publication.
+    pub async fn migrated_for_log(slot: &str) -> TestDb {
+        TestDb::migrated(&["--read-mode", "log", "--slot", slot, "--publication", slot]).await
+    }
+
     /// A fresh database migrated with `outbox-relay migrate <migrate_args>`.
     pub async fn migrated(migrate_args: &[&str]) -> TestDb {
         let admin_url = database_url();
