@@ -23,7 +23,6 @@ use outbox_relay::table::ReadMode;
 use outbox_relay::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     outbox_relay::install_tls_provider();
     let cli = Cli::parse(); // a bad flag exits 2 with a message naming it
     match cli.command {
@@ -34,21 +33,6 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Failed(args) => failed(args),
         Command::Adopt(args) => adopt(args),
-    }
-}
-
-/// glibc gives each thread that allocates its own heap (up to 8 per core), and freed memory
-/// stays in the heap that held it: with the runtime's and librdkafka's threads passing batches
-/// between them, peak RSS in a drain of 1 KB events was 31 MiB with the default and 25 MiB
-/// with two heaps, at the same rate (`make bench`). Done before any thread starts; an explicit
-/// `MALLOC_ARENA_MAX` in the environment wins.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
     }
 }
 
