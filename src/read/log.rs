@@ -1031,12 +1031,39 @@ fn stream_error(source: &LogSource, e: &PgWireError) -> sqlx::Error {
     } else {
         format!("replication connection failed: {e}: {hint}")
     };
-    sqlx::Error::Protocol(message)
+    match e {
+        // Diagnosed as the pool's TLS failures are (not ready, naming sslmode and sslrootcert).
+        PgWireError::Tls(_) => sqlx::Error::Tls(message.into()),
+        _ => sqlx::Error::Protocol(message),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_failure_of_the_stream_is_diagnosed_as_one_naming_the_fix() {
+        let source = LogSource {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "relay".into(),
+            password: None,
+            database: "app".into(),
+            ssl_mode: "verify-full".into(),
+            ssl_root_cert: None,
+            slot: "s".into(),
+            publication: "p".into(),
+        };
+        let table = crate::table::TableName::parse("outbox").unwrap();
+        let tls = PgWireError::Tls("TLS handshake failed: invalid peer certificate".into());
+        let d = crate::store::errors::diagnose(&stream_error(&source, &tls), &table);
+        assert_eq!(d.kind, "tls");
+        assert!(d.hint.contains("sslrootcert"), "{}", d.hint);
+        let other = PgWireError::Server("boom (SQLSTATE XX000)".into());
+        let d = crate::store::errors::diagnose(&stream_error(&source, &other), &table);
+        assert_ne!(d.kind, "tls");
+    }
 
     #[test]
     fn names_are_checked_and_derived() {
