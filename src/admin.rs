@@ -226,14 +226,12 @@ impl Admin {
         if !self.log_mode().await? {
             return self.act(update, rows, topic, None).await;
         }
-        let prefix = crate::table::quote_literal(&self.table.message_prefix());
+        let emit = self
+            .table
+            .emit_message_sql(Some("id"), ["topic", "key", "payload", "headers"]);
         let sql = format!(
             "WITH r AS ({update} RETURNING id, topic, key, payload, headers), \
-             e AS (SELECT pg_logical_emit_message(true, {prefix}, \
-                     convert_to(jsonb_build_object('v', 1, 'id', id, 'topic', topic, 'key', key, \
-                       'headers', headers, 'null_payload', payload IS NULL)::text, 'UTF8') \
-                     || '\\x00'::bytea || coalesce(payload, '\\x'::bytea)) AS lsn FROM r ORDER BY id) \
-             SELECT count(*) FROM e"
+             e AS (SELECT {emit} AS lsn FROM r ORDER BY id) SELECT count(*) FROM e"
         );
         let (id, key) = rows.binds();
         let q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))

@@ -1,6 +1,7 @@
 //! Leadership: one replica publishes at a time, holding a time-bounded lease in the table's
 //! `<table>_lease` row. The lease row is also where the leader asks writers to NOTIFY and
-//! where the read mode it publishes in is recorded. [`Leadership`] is what the relay loop needs of it.
+//! where the read mode it publishes in is recorded. [`Leadership`] is what the relay loop
+//! needs of it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -174,13 +174,31 @@ impl TableName {
         format!("{}{self}", crate::read::log::MESSAGE_PREFIX)
     }
 
+    /// `pg_logical_emit_message` of one event in the form the relay decodes (`read::log`):
+    /// JSON metadata, 0x00, the payload. The arguments are SQL expressions; `id` is the row a
+    /// re-emitted event stands for (`failed retry`), `None` for a new event (its id: its LSN).
+    pub fn emit_message_sql(
+        &self,
+        id: Option<&str>,
+        [topic, key, payload, headers]: [&str; 4],
+    ) -> String {
+        let prefix = quote_literal(&self.message_prefix());
+        let id = id.map(|id| format!("'id', {id}, ")).unwrap_or_default();
+        format!(
+            "pg_logical_emit_message(true, {prefix},\n\
+             \x20       convert_to(jsonb_build_object('v', 1, {id}'topic', {topic}, 'key', {key}, 'headers', {headers},\n\
+             \x20                                     'null_payload', {payload} IS NULL)::text, 'UTF8')\n\
+             \x20       || '\\x00'::bytea || coalesce({payload}, '\\x'::bytea))"
+        )
+    }
+
     /// Log mode's objects besides the table: the publication of the table's inserts and the
     /// emit function. Idempotent. (The slot is created by `migrate` after this commits: a slot
     /// must not start before its publication exists.)
     pub fn log_ddl(&self, publication: &str) -> String {
         let t = self.quoted();
         let emit = self.emit_function();
-        let prefix = quote_literal(&self.message_prefix());
+        let message = self.emit_message_sql(None, ["topic", "key", "payload", "headers"]);
         let pubname = quote_literal(publication);
         let pub_ident = quote_ident(publication);
         format!(
@@ -197,10 +215,7 @@ END $do$;
 --   SELECT {emit}('orders', 'order-42', convert_to('{{"total": 10}}', 'UTF8'), '{{"type": "created"}}');
 CREATE OR REPLACE FUNCTION {emit}(topic text, key text, payload bytea, headers jsonb DEFAULT NULL)
 RETURNS pg_lsn LANGUAGE sql VOLATILE AS $fn$
-    SELECT pg_logical_emit_message(true, {prefix},
-        convert_to(jsonb_build_object('v', 1, 'topic', topic, 'key', key, 'headers', headers,
-                                      'null_payload', payload IS NULL)::text, 'UTF8')
-        || '\x00'::bytea || coalesce(payload, '\x'::bytea))
+    SELECT {message}
 $fn$;
 "#
         )

@@ -26,6 +26,28 @@ impl ClaimReader {
     /// `block_parked_keys` (`--poison-policy block-key`): skip pending rows whose topic and
     /// key have a parked row.
     pub fn new(store: OutboxStore, block_parked_keys: bool) -> ClaimReader {
+        ClaimReader::reading(store, block_parked_keys, "")
+    }
+
+    /// Only the pending rows whose writing transaction is visible in `snapshot` (text form of a
+    /// `pg_snapshot`), or that have no xid (written before the column existed): log mode's
+    /// catch-up of what the stream does not hold.
+    pub fn visible_in(store: OutboxStore, snapshot: &str) -> Result<ClaimReader, String> {
+        if snapshot.is_empty()
+            || !snapshot
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b':' || b == b',')
+        {
+            return Err(format!("{snapshot:?} is not a pg_snapshot"));
+        }
+        let only = format!(
+            " AND (o.xid IS NULL OR pg_visible_in_snapshot(o.xid, '{snapshot}'::pg_snapshot))"
+        );
+        Ok(ClaimReader::reading(store, false, &only))
+    }
+
+    /// The reader of pending rows that also meet `only` (SQL appended to the condition).
+    fn reading(store: OutboxStore, block_parked_keys: bool, only: &str) -> ClaimReader {
         let t = store.table().quoted();
         let lease = store.table().lease_table();
         let blocked = if block_parked_keys {
@@ -40,7 +62,7 @@ impl ClaimReader {
             fetch_sql: bytes_bounded(
                 &format!(
                     "SELECT o.*, {ROW_BYTES} AS row_bytes, NULL::int8 AS read_xid FROM {t} AS o \
-                     WHERE {PENDING}{blocked} AND o.id <> ALL($2) ORDER BY o.id LIMIT $1"
+                     WHERE {PENDING}{blocked}{only} AND o.id <> ALL($2) ORDER BY o.id LIMIT $1"
                 ),
                 "id",
                 "$3",
@@ -64,25 +86,6 @@ impl ClaimReader {
 }
 
 impl ClaimReader {
-    /// Only the pending rows whose writing transaction is visible in `snapshot` (text form of a
-    /// `pg_snapshot`), or that have no xid (written before the column existed): log mode's
-    /// catch-up of what the stream does not hold.
-    pub fn visible_in(store: OutboxStore, snapshot: &str) -> Result<ClaimReader, String> {
-        if snapshot.is_empty()
-            || !snapshot
-                .bytes()
-                .all(|b| b.is_ascii_digit() || b == b':' || b == b',')
-        {
-            return Err(format!("{snapshot:?} is not a pg_snapshot"));
-        }
-        let mut reader = ClaimReader::new(store, false);
-        let filter = format!(
-            "{PENDING} AND (o.xid IS NULL OR pg_visible_in_snapshot(o.xid, '{snapshot}'::pg_snapshot))"
-        );
-        reader.fetch_sql = reader.fetch_sql.replacen(PENDING, &filter, 1).into();
-        Ok(reader)
-    }
-
     /// The batch read's plan as the relay runs it (`EXPLAIN`, same planner settings, no rows
     /// in flight): one index scan of the read index in id order, whatever the statistics.
     pub async fn read_plan(&self, limit: BatchLimit) -> Result<String, sqlx::Error> {
