@@ -465,7 +465,16 @@ async fn untrusted_postgres_certificate_keeps_the_relay_up_and_not_ready() {
         "invalid peer certificate: UnknownIssuer",
         Duration::from_secs(20),
     );
-    let body = relay.wait_http("/readyz", 503, Duration::from_secs(10));
+    // Not ready from the start ("unreachable" until the first attempt is diagnosed), then
+    // naming the TLS failure.
+    let start = Instant::now();
+    let body = loop {
+        let body = relay.wait_http("/readyz", 503, Duration::from_secs(10));
+        if body.contains("postgres tls error") || start.elapsed() > Duration::from_secs(10) {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
         body.contains("postgres tls error") && body.contains("sslrootcert"),
         "{body}"
