@@ -43,8 +43,8 @@ struct Args {
     /// The relay's default.
     #[arg(long, default_value_t = 1000)]
     batch_size: u32,
-    /// The relay's default (16 MiB).
-    #[arg(long, default_value_t = 16 << 20)]
+    /// The relay's default (2 MiB).
+    #[arg(long, default_value_t = 2 << 20)]
     batch_bytes: u64,
     /// Stop after this long even if rows remain (the result says so).
     #[arg(long, default_value_t = 600.0)]

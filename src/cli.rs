@@ -285,7 +285,7 @@ pub struct RunArgs {
     pub batch_size: u32,
     /// Maximum bytes per batch (keys, payloads and headers as stored; a larger row is published
     /// alone): bounds memory at any backlog. Suffixes KiB, MiB, GiB.
-    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "16MiB", value_parser = parse_bytes, help_heading = "Relay")]
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "2MiB", value_parser = parse_bytes, help_heading = "Relay")]
     pub batch_bytes: u64,
     /// While a backlog drains, read and publish the next batches before the earlier ones'
     /// delivery reports are in: at most this many batches' worth of rows published or being

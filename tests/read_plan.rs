@@ -13,7 +13,7 @@ use outbox_relay::table::{ReadMode, TableName};
 
 const LIMIT: BatchLimit = BatchLimit {
     rows: 1000,
-    bytes: 16 << 20,
+    bytes: 2 << 20, // the default --batch-bytes
 };
 
 async fn exec(db: &TestDb, sql: &str) {
