@@ -1433,20 +1433,37 @@ class Harness:
         self.record(res)
         return res
 
-    def kafka_latency(self, wl, rate, seconds):
+    def kafka_latency(self, wl, rate, seconds, loaded=False):
         """Kafka alone at a fixed rate (examples/kafka_ceiling.rs --rate, paced open-loop): from
         the moment a message is handed to the producer to its LogAppendTime, the floor under any
-        relay's commit-to-LogAppendTime latency."""
-        topic = f"bench.{self.run_id}.kafka-only.{wl.name}.step{rate}"
+        relay's commit-to-LogAppendTime latency. `loaded` (arm kafka-only-loaded): the same while
+        pgbench inserts the same workload at the same rate into the relay's table with no relay
+        running: the producer's floor on a machine as busy as a relay arm's step finds it."""
+        name = "kafka-only-loaded" if loaded else "kafka-only"
+        topic = f"bench.{self.run_id}.{name}.{wl.name}.step{rate}"
         self.kafka.create_topic(topic)
-        ex = Example(self, "kafka-only", "producer alone (Rust librdkafka, relay's producer settings)", "kafka_ceiling")
+        label = ("producer alone beside the same insert load (pgbench, same workload and rate, no relay)" if loaded
+                 else "producer alone (Rust librdkafka, relay's producer settings)")
+        ex = Example(self, name, label, "kafka_ceiling")
         meter = CpuMeter({"postgres": lambda: [postmaster_pid()] + children(postmaster_pid()),
                           "kafka": lambda: [kafka_pid()]})
         n = int(rate * seconds)
-        times = os.path.join(self.logdir, f"kafka-only.{rate}.times")
-        log(f"kafka-only {wl.name} step {rate}/s for {seconds:.0f}s (Rust, relay's producer settings)")
-        out, used = ex.run(["--brokers", BROKERS, "--topic", topic, "--messages", str(n), "--payload", str(wl.payload),
-                            "--keys", str(KEYS), "--rate", str(rate), "--send-times", times], timeout=seconds + 300)
+        times = os.path.join(self.logdir, f"{name}.{rate}.times")
+        log(f"{name} {wl.name} step {rate}/s for {seconds:.0f}s (Rust, relay's producer settings)")
+        load = None
+        if loaded:
+            self.pg.reset_table(RELAY_TABLE)
+            load = threading.Thread(target=run_pgbench, args=("relay", wl, f"{topic}.unrelayed", rate, seconds,
+                                                              self.mode.clients, self.logdir))
+            load.start()
+        try:
+            out, used = ex.run(["--brokers", BROKERS, "--topic", topic, "--messages", str(n), "--payload",
+                                str(wl.payload), "--keys", str(KEYS), "--rate", str(rate), "--send-times", times],
+                               timeout=seconds + 300)
+        finally:
+            if load:
+                load.join()
+                self.pg.reset_table(RELAY_TABLE)
         cpu = meter.totals()
         expected = {}
         with open(times) as f:
@@ -1465,7 +1482,7 @@ class Harness:
         res["sustained"] = achieved >= 0.95 * rate and res["missing"] == 0
         per_1k(res, n)
         self.kafka.delete_topic(topic)
-        log(f"  -> kafka-only {rate}/s: p50 {res.get('lat_p50_ms', 0):.2f} ms, p99 {res.get('lat_p99_ms', 0):.2f} ms, "
+        log(f"  -> {name} {rate}/s: p50 {res.get('lat_p50_ms', 0):.2f} ms, p99 {res.get('lat_p99_ms', 0):.2f} ms, "
             f"missing {res['missing']}, dup {res['duplicates']}, order {res['order_violations']}")
         self.record(res)
         return res
@@ -1645,9 +1662,9 @@ def estimate(m, arms, dbz):
     ladder = min(4, len(m.ladder)) + m.bisections
     drain = 5 + m.drain_rows / 10000  # pre-load, drain, read back
     t = 20
-    if want("kafka-only"):
-        t += 4 * (10 + m.drain_rows / 40000) + 2 * step
     full = m.name == "full"
+    if want("kafka-only"):
+        t += 4 * (10 + m.drain_rows / 40000) + (4 if full else 2) * step
     for name, relay_arm in (("db-limit-claim", "relay"), ("db-limit-delete", "relay-delete")):
         if want(name) or want(relay_arm):
             t += (2 if full or name == "db-limit-claim" else 1) * drain
@@ -1727,6 +1744,8 @@ def plan(h, arms_filter):
             guarded("kafka-only ceiling", h.kafka_ceiling, wl, m.drain_rows)
         for rate in (1000, 5000) if m.name == "full" else (200,):
             guarded("kafka-only latency", h.kafka_latency, main, rate, m.step_seconds)
+            if m.name == "full":
+                guarded("kafka-only-loaded latency", h.kafka_latency, main, rate, m.step_seconds, loaded=True)
     if want("kafka-only-bare") or want("kafka-only"):
         guarded("kafka-only-bare ceiling", h.kafka_ceiling, main, m.drain_rows, headers=False)
     if want("kafka-only-py") or want("kafka-only"):

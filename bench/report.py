@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
-ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
+ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-loaded", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
              "db-limit-log", "relay", "relay-delete", "relay-log", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
 COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple", "kafka-only-py": "tab:purple", "kafka-only-bare": "tab:purple",
+          "kafka-only-loaded": "mediumpurple",
           "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-log": "darkcyan"}
 # Each relay arm's two limits: the database's for its read mode (examples/db_limit.rs; log mode's:
 # pg_recvlogical streaming the same backlog from a copy of the slot) and Kafka's producer-only
@@ -121,6 +122,12 @@ def log_targets(res, w, rd, main):
             d = rr["lat_p99_ms"] - kr["lat_p99_ms"]
             w(f"| [{ra}] p99 at {rate:,}/s ({main}) within 5 ms of the producer-only arm's p99 | relay {fmt(rr['lat_p99_ms'], 1)} ms "
               f"vs kafka-only {fmt(kr['lat_p99_ms'], 1)} ms ({'+' if d >= 0 else '-'}{fmt(abs(d), 1)} ms) | {verdict(d <= 5)} |")
+            lr = at_rate(res, "kafka-only-loaded", main, rate)
+            if lr and lr.get("lat_p99_ms") is not None:
+                d = rr["lat_p99_ms"] - lr["lat_p99_ms"]
+                w(f"| [{ra}] (context, not a target) the same beside the same insert load | relay {fmt(rr['lat_p99_ms'], 1)} ms "
+                  f"vs kafka-only-loaded {fmt(lr['lat_p99_ms'], 1)} ms ({'+' if d >= 0 else '-'}{fmt(abs(d), 1)} ms; machine "
+                  f"{fmt(lr.get('machine_busy_pct'), 0)}% busy) | - |")
     dt = drain(res, "debezium-tuned", main)
     if rd and rate_of(dt):
         w(f"| [{ra}] drain >= 2x debezium-tuned's drain (200 B) | relay {fmt(rate_of(rd))} vs {fmt(rate_of(dt))} events/s "
