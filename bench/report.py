@@ -304,8 +304,8 @@ def render(meta, res, plots, outdir, mode):
     loads = [t["loadavg"][0] for t in json.load(open(os.path.join(outdir, "results.json")))["timeline"]]
     w(f"- Load average (1 min) at start {meta['loadavg_start'][0]:.2f}, at end {fmt((meta.get('loadavg_end') or [None])[0], 2)}, "
       f"during the run min {fmt(min(loads) if loads else None, 2)} / median {fmt(sorted(loads)[len(loads)//2] if loads else None, 2)} "
-      f"/ max {fmt(max(loads) if loads else None, 2)} (sampled after each cell; the machine is shared, other test suites were running; "
-      "each cell's own load and machine-wide CPU busy % are in results.json)")
+      f"/ max {fmt(max(loads) if loads else None, 2)} (sampled after each cell: the arms, the load generator and the services count; "
+      "whether anything else ran is said in the notes below; each cell's own load and machine-wide CPU busy % are in results.json)")
     w(f"- PostgreSQL {meta['postgres']} (scripts/pg.sh: wal_level=logical, track_commit_timestamp=on, pg_stat_statements, "
       f"default shared_buffers, fsync on, TLS on: clients use the default sslmode=prefer), Kafka {meta['kafka']} single node KRaft "
       f"(scripts/kafka.sh), topics 6 partitions, RF 1, message.timestamp.type=LogAppendTime")
