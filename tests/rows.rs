@@ -8,7 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{create_topics, create_topics_with_config, read_back, unique, Relay, TestDb};
+use common::{
+    create_topics, create_topics_with_config, event_ids_on, read_back, unique, Relay, TestDb,
+};
 
 async fn insert(db: &TestDb, topic: &str, key: Option<&str>, payload: &[u8]) -> i64 {
     sqlx::query_scalar("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3) RETURNING id")
@@ -99,16 +101,7 @@ async fn unreadable_values_are_parked_by_id_and_the_rest_flow() {
         "the relay must not exit: {}",
         relay.logs()
     );
-    let records = read_back(
-        &[topic],
-        2,
-        valid.len(),
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut ids: Vec<i64> = records.iter().map(|r| r.event_id()).collect();
-    ids.sort();
+    let ids = event_ids_on(&topic, 2, valid.len()).await;
     assert_eq!(
         ids, valid,
         "each valid row exactly once, none of the bad ones"
@@ -158,16 +151,7 @@ async fn a_rejected_record_batch_costs_only_the_offending_row() {
         1,
         "only the NULL-key row is parked"
     );
-    let records = read_back(
-        &[topic],
-        1,
-        keyed.len(),
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut ids: Vec<i64> = records.iter().map(|r| r.event_id()).collect();
-    ids.sort();
+    let mut ids = event_ids_on(&topic, 1, keyed.len()).await;
     ids.dedup();
     assert_eq!(ids, keyed);
 }

@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    certs_dir, create_topics, database_host_port, kafka_brokers, kafka_sasl_brokers, log_dir,
-    read_back, relay_command, strs, unique, Relay, TestDb,
+    certs_dir, create_topics, database_host_port, event_ids_on, kafka_brokers, kafka_sasl_brokers,
+    log_dir, relay_command, strs, unique, Relay, TestDb,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -423,20 +423,14 @@ async fn log_mode_streams_over_verified_tls_and_scram() {
     }
 }
 
-/// The 50 rows `ids` arrived on `topic` (3 partitions), each exactly once.
+/// The rows `ids` arrived on `topic` (3 partitions), each exactly once.
 async fn assert_arrived_once(topic: &str, mut ids: Vec<i64>) {
-    let consumed = read_back(
-        &[topic.to_string()],
-        3,
-        50,
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut got: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
-    got.sort();
     ids.sort();
-    assert_eq!(got, ids, "every row arrived exactly once");
+    assert_eq!(
+        event_ids_on(topic, 3, ids.len()).await,
+        ids,
+        "every row arrived exactly once"
+    );
 }
 
 /// (b) The database's certificate is signed by a CA the relay does not trust.

@@ -608,6 +608,22 @@ pub async fn read_back(
     .unwrap()
 }
 
+/// The event ids read back from `topic` (`partitions` partitions) once `expected` records
+/// have arrived (or 30 s passed), sorted, duplicates kept.
+pub async fn event_ids_on(topic: &str, partitions: i32, expected: usize) -> Vec<i64> {
+    let consumed = read_back(
+        &[topic.to_string()],
+        partitions,
+        expected,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut ids: Vec<i64> = consumed.iter().map(|c| c.event_id()).collect();
+    ids.sort();
+    ids
+}
+
 /// `consume`, from the given bootstrap servers (e.g. a librdkafka mock cluster).
 pub fn consume_from(
     brokers: &str,
