@@ -235,7 +235,14 @@ async fn rolled_back_rows_never_appear() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let db = TestDb::new().await;
-    let args = ["--batch-size", "500"];
+    let (batch, in_flight) = (500, 4);
+    let (batch_arg, in_flight_arg) = (batch.to_string(), in_flight.to_string());
+    let args = [
+        "--batch-size",
+        &batch_arg,
+        "--in-flight-batches",
+        &in_flight_arg,
+    ];
     let published = "published_at IS NOT NULL";
     let topics = topics(2).await;
     let written = write_events(&db, &topics, 50, 8_000, 8, Shape::LateLocks).await;
@@ -250,8 +257,8 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     );
     let relay = Relay::start(&db, &args);
     wait_all_marked(&db, &written).await;
-    // At most the rows in flight: --in-flight-batches (default 4) batches of 500.
-    check_delivery(&topics, &written, 4 * 500, 60).await;
+    // At most the rows in flight: --in-flight-batches batches of --batch-size.
+    check_delivery(&topics, &written, in_flight * batch, 60).await;
     drop(relay);
 }
 
