@@ -283,7 +283,7 @@ pub struct RunArgs {
     /// Maximum rows read, published and marked per batch.
     #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000), help_heading = "Relay")]
     pub batch_size: u32,
-    /// Maximum bytes per batch (keys, payloads and headers as stored; a larger row is published
+    /// Maximum bytes per batch (keys, payloads and headers as JSON text; a larger row is published
     /// alone): bounds memory at any backlog. Suffixes KiB, MiB, GiB.
     #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "2MiB", value_parser = parse_bytes, help_heading = "Relay")]
     pub batch_bytes: u64,

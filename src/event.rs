@@ -54,6 +54,16 @@ pub struct OutboxRow {
     pub unreadable: Option<String>,
 }
 
+impl OutboxRow {
+    /// The row's size as the batch bound counts it: topic, key, payload and headers.
+    pub fn bytes(&self) -> u64 {
+        (self.topic.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.headers.as_ref().map_or(0, String::len)) as u64
+    }
+}
+
 /// The columns a reader selects, in the form [`OutboxRow`] decodes without failing: headers as
 /// text, created_at as microseconds since the epoch (a float, so `infinity` comes through).
 pub const ROW_COLUMNS: &str = "id, topic, key, payload, headers::text AS headers, \

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use sqlx::AssertSqlSafe;
 
 use super::{
-    bytes_bounded, explain_in_index_order, read_in_index_order, BatchLimit, Fence, Ledger,
-    Progress, Reader, Recorded, ROW_BYTES,
+    explain_in_index_order, read_in_index_order, BatchLimit, Fence, Ledger, Progress, Reader,
+    Recorded,
 };
-use crate::event::OutboxRow;
+use crate::event::{OutboxRow, ROW_COLUMNS};
 use crate::settle::Delivered;
 use crate::store::{errors, OutboxStore, PENDING};
 use crate::table::ReadMode;
@@ -20,6 +20,9 @@ pub struct ClaimReader {
     store: OutboxStore,
     fetch_sql: Arc<str>,
     close_cursor_sql: Arc<str>,
+    /// The mean size of the rows last read (0: none yet): a read asks for as many rows as fit
+    /// the byte bound at that size, so few rows past the bound are sent and dropped.
+    row_bytes: u64,
 }
 
 impl ClaimReader {
@@ -59,13 +62,9 @@ impl ClaimReader {
         };
         ClaimReader {
             // No xid: claim mode runs on a table migrated before that column existed.
-            fetch_sql: bytes_bounded(
-                &format!(
-                    "SELECT o.*, {ROW_BYTES} AS row_bytes, NULL::int8 AS read_xid FROM {t} AS o \
-                     WHERE {PENDING}{blocked}{only} AND o.id <> ALL($2) ORDER BY o.id LIMIT $1"
-                ),
-                "id",
-                "$3",
+            fetch_sql: format!(
+                "SELECT {ROW_COLUMNS}, NULL::int8 AS xid FROM {t} AS o \
+                 WHERE {PENDING}{blocked}{only} AND o.id <> ALL($2) ORDER BY o.id LIMIT $1"
             )
             .into(),
             // Taking over from an earlier release's append mode (removed): rows behind its
@@ -81,6 +80,7 @@ impl ClaimReader {
             )
             .into(),
             store,
+            row_bytes: 0,
         }
     }
 }
@@ -91,8 +91,7 @@ impl ClaimReader {
     pub async fn read_plan(&self, limit: BatchLimit) -> Result<String, sqlx::Error> {
         let explain = sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN {}", self.fetch_sql)))
             .bind(i64::from(limit.rows))
-            .bind(Vec::<i64>::new())
-            .bind(limit.bytes as i64);
+            .bind(Vec::<i64>::new());
         explain_in_index_order(self.store.pool(), explain).await
     }
 }
@@ -132,11 +131,19 @@ impl Reader for ClaimReader {
         limit: BatchLimit,
         in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let rows = match self.row_bytes {
+            0 => limit.rows,
+            size => (limit.bytes / size + 1).min(u64::from(limit.rows)) as u32,
+        };
         let read = sqlx::query_as(AssertSqlSafe(self.fetch_sql.clone()))
-            .bind(i64::from(limit.rows))
-            .bind(in_flight)
-            .bind(limit.bytes as i64);
-        read_in_index_order(self.store.pool(), read).await
+            .bind(i64::from(rows))
+            .bind(in_flight);
+        let rows = read_in_index_order(self.store.pool(), read, limit.bytes).await?;
+        if !rows.is_empty() {
+            self.row_bytes =
+                (rows.iter().map(OutboxRow::bytes).sum::<u64>() / rows.len() as u64).max(1);
+        }
+        Ok(rows)
     }
 
     /// Every delivered row is marked; rows to retry stay pending and are read again.

@@ -606,7 +606,7 @@ impl Reader for LogReader {
                 },
             };
             if let Item::Row(row) = &item {
-                let size = row_bytes(row);
+                let size = row.bytes();
                 if !rows.is_empty() && bytes + size > 2 * max_bytes {
                     self.held = Some(item);
                     break;
@@ -700,14 +700,6 @@ impl Reader for LogReader {
     async fn close(&mut self) {
         self.stop().await;
     }
-}
-
-/// Size of a row as the batch bound counts it (as [`super::ROW_BYTES`] does in SQL).
-fn row_bytes(row: &OutboxRow) -> u64 {
-    (row.topic.len()
-        + row.key.as_ref().map_or(0, String::len)
-        + row.payload.as_ref().map_or(0, Vec::len)
-        + row.headers.as_ref().map_or(0, String::len)) as u64
 }
 
 /// Log mode's ledger: the confirmed position (reported by the stream task), and the failed
