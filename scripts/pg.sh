@@ -148,10 +148,8 @@ start() {
 stop() {
   find_bin
   if ! running; then echo "postgres already stopped"; return 0; fi
-  # More than wal_sender_timeout (60 s): a fast shutdown under load waits that long for a
-  # log-mode relay's stream (README: "Restarting PostgreSQL under load").
-  as_owner "$BIN/pg_ctl" -D "$DATA" -m fast -w -t 150 stop >/dev/null \
-    || { tail_log "$LOG"; die "postgres did not stop within 150s; try: scripts/pg.sh kill9"; }
+  as_owner "$BIN/pg_ctl" -D "$DATA" -m fast -w -t 60 stop >/dev/null \
+    || { tail_log "$LOG"; die "postgres did not stop within 60s; try: scripts/pg.sh kill9"; }
   echo "postgres stopped"
 }
 

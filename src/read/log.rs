@@ -697,6 +697,12 @@ impl Reader for LogReader {
 
     /// Report the confirmed position to the server before the stream closes: a graceful stop
     /// sends nothing again.
+    async fn release_server(&mut self) -> bool {
+        let streaming = self.stream.is_some();
+        self.stop().await;
+        streaming
+    }
+
     async fn close(&mut self) {
         self.stop().await;
     }

@@ -248,6 +248,15 @@ pub trait Reader: Send {
         false
     }
 
+    /// The lease could not be checked (the database is unreachable or shutting down): release
+    /// what the reader holds on the server. Log mode closes its stream: its walsender would
+    /// otherwise wait for a confirmation this relay cannot give without its lease, and a fast
+    /// shutdown of the server waits for the walsender. Returns whether what was read is
+    /// dropped (the loop then gives up the batches in flight; they are read again).
+    fn release_server(&mut self) -> impl Future<Output = bool> + Send {
+        async { false }
+    }
+
     /// The loop has stopped and every progress write is done: release what the reader holds
     /// (log mode reports its confirmed position and closes its stream).
     fn close(&mut self) -> impl Future<Output = ()> + Send {

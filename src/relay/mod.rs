@@ -145,6 +145,10 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                     continue;
                 }
                 Err(e) => {
+                    if self.reader.release_server().await {
+                        let rows = flight.abandon();
+                        tracing::warn!(rows, "closed the replication stream until the lease can be checked; unconfirmed events come again");
+                    }
                     self.writer()
                         .database_failed("lease", &e, &mut backoff, &cancel)
                         .await;

@@ -37,6 +37,12 @@ struct World {
     records: usize,
     leading: bool,
     epoch: i64,
+    /// Lease checks left to fail (the database unreachable).
+    lease_errors: usize,
+    /// Whether the reader holds a stream it drops when the lease cannot be checked (log
+    /// mode), and how many times it did.
+    streams: bool,
+    released: usize,
     /// How long a batch's delivery reports take.
     report_delay: Duration,
     /// Batches handed over whose reports are not in yet, now and at most.
@@ -96,6 +102,12 @@ impl Reader for MemReader {
             .take(limit.rows as usize)
             .cloned()
             .collect())
+    }
+
+    async fn release_server(&mut self) -> bool {
+        let mut w = self.w.lock().unwrap();
+        w.released += 1;
+        w.streams
     }
 
     fn progress(&mut self, delivered: Delivered, _set_aside: &HashSet<i64>) -> Progress<()> {
@@ -225,7 +237,12 @@ struct ScriptedLease(Shared);
 
 impl Leadership for ScriptedLease {
     async fn ensure(&mut self) -> Result<bool, sqlx::Error> {
-        Ok(self.0.lock().unwrap().leading)
+        let mut w = self.0.lock().unwrap();
+        if w.lease_errors > 0 {
+            w.lease_errors -= 1;
+            return Err(sqlx::Error::PoolTimedOut);
+        }
+        Ok(w.leading)
     }
     fn epoch(&self) -> i64 {
         self.0.lock().unwrap().epoch
@@ -411,4 +428,40 @@ async fn a_failed_row_holds_back_its_key_in_the_later_batches_in_flight() {
         again.iter().all(|id| id % 7 == 150 % 7),
         "only 150's key is published again: {again:?}"
     );
+}
+
+/// The lease cannot be checked while batches are in flight. A reader holding a stream (log
+/// mode) releases it, and the batches in flight are given up and published again; any other
+/// reader keeps them (nothing published twice). Either way every row is recorded, in key order.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_lease_releases_the_readers_stream_and_only_then_the_batches_in_flight() {
+    for streams in [true, false] {
+        let w = world(600, 5);
+        {
+            let mut w = w.lock().unwrap();
+            w.report_delay = Duration::from_millis(50);
+            w.streams = streams;
+        }
+        let w2 = w.clone();
+        let fail = tokio::spawn(async move {
+            while w2.lock().unwrap().publish_calls < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            w2.lock().unwrap().lease_errors = 1;
+        });
+        run_until(&w, 100, recorded_all).await;
+        fail.await.unwrap();
+        let w = w.lock().unwrap();
+        assert_all_in_key_order(&w);
+        assert_eq!(w.released, 1, "released once, on the failed check");
+        let again = acked_again(&w);
+        if streams {
+            assert!(
+                !again.is_empty(),
+                "the batches in flight were published again"
+            );
+        } else {
+            assert!(again.is_empty(), "nothing published twice: {again:?}");
+        }
+    }
 }
