@@ -695,14 +695,16 @@ impl Reader for LogReader {
             .is_some_and(|t| t.end.is_none() && t.handed > 0)
     }
 
-    /// Report the confirmed position to the server before the stream closes: a graceful stop
-    /// sends nothing again.
+    /// Close the stream (its walsender then ends) and forget what was read; the next read
+    /// starts it again from the confirmed position.
     async fn release_server(&mut self) -> bool {
         let streaming = self.stream.is_some();
         self.stop().await;
         streaming
     }
 
+    /// Report the confirmed position to the server before the stream closes: a graceful stop
+    /// sends nothing again.
     async fn close(&mut self) {
         self.stop().await;
     }

@@ -50,8 +50,8 @@ pub struct BatchLimit {
 /// The rows stop at `bytes` ([`OutboxRow::bytes`]; the first row always comes, alone if it is
 /// larger): the relay takes rows off the stream until the next one would cross the bound and
 /// drops the rest unread, so memory stays bounded whatever the rows hold. The bound is kept
-/// here, not in SQL: a running sum in the statement (a window) copies every row, payload
-/// included, into a buffer on the server, a third of the read's time at 1,000-row batches.
+/// here, not in SQL: a running sum in the statement (a window) makes the server copy every
+/// row, payload included, into the window's buffer.
 pub(crate) async fn read_in_index_order(
     pool: &sqlx::PgPool,
     read: sqlx::query::QueryAs<'_, sqlx::Postgres, OutboxRow, sqlx::postgres::PgArguments>,

@@ -2,8 +2,9 @@
 //! holding the lease, settle each row by its own delivery report, set poison aside, record
 //! progress. While reads come back full (a backlog), the next batch is read (while the one
 //! before it is handed over) and published before the earlier ones' reports are in: up to
-//! `--in-flight-batches` batches' worth of rows (and `--batch-bytes` in all) are published or being recorded at once. Batches settle
-//! in publish order and their progress is written in that order by one background writer.
+//! `--in-flight-batches` batches' worth of rows (and `--batch-bytes` in all) are published or
+//! being recorded at once. Batches settle in publish order and their progress is written in
+//! that order by one background writer.
 //! The invariant, kept by the types: **progress is recorded for a row only after its own
 //! delivery report ([`crate::settle::Delivered`]), and never ahead of an earlier row of the
 //! same key that is still unsettled**, in its batch or an earlier one in flight.

@@ -189,8 +189,11 @@ impl Sink for ScriptedSink {
         _cancel: &CancellationToken,
         _flush: Duration,
     ) -> Reports {
-        let (w, delay) = (self.0.clone(), self.0.lock().unwrap().report_delay);
-        let send_delay = self.0.lock().unwrap().send_delay;
+        let w = self.0.clone();
+        let (delay, send_delay) = {
+            let w = w.lock().unwrap();
+            (w.report_delay, w.send_delay)
+        };
         tokio::time::sleep(send_delay).await;
         let hang = {
             let mut w = self.0.lock().unwrap();
