@@ -146,10 +146,6 @@ impl Reader for ClaimReader {
         Ok(rows)
     }
 
-    fn reads_ahead(&self) -> bool {
-        true
-    }
-
     /// Every delivered row is marked; rows to retry stay pending and are read again.
     fn progress(&mut self, delivered: Delivered, _set_aside: &HashSet<i64>) -> Progress<()> {
         Progress {

@@ -232,14 +232,6 @@ pub trait Reader: Send {
         in_flight: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
 
-    /// Whether the next batch may be read while the one before it is handed to the sink
-    /// (the loop reads ahead only in a backlog, and drops what it read ahead whenever a row
-    /// goes back to pending or is set aside, so nothing is published ahead of a retried or
-    /// parked row of its key). Readers by state say yes; a stream has its next batch at hand.
-    fn reads_ahead(&self) -> bool {
-        false
-    }
-
     /// The last batch is settled: what may be recorded. Rows neither delivered nor set aside
     /// (to be retried) stay unrecorded and are read again. If this is not called (the batch
     /// was abandoned), the next `next_batch` reads from the last recorded progress again.

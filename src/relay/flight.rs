@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::marking::Marks;
 use super::poison::Poison;
-use crate::event::{Message, OutboxRow};
+use crate::event::Message;
 use crate::kafka::Published;
 use crate::read::BatchLimit;
 use crate::settle::Blocked;
@@ -37,9 +37,6 @@ pub struct Flight<P> {
     /// Streams held back by a failure in a batch still in flight.
     pub blocked: Blocked,
     pub marks: Marks<P>,
-    /// The next batch, read while the last one was handed to the sink (a backlog), and still
-    /// to publish: dropped whenever a row goes back to pending or is set aside.
-    pub ahead: Option<Vec<OutboxRow>>,
 }
 
 impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Flight<P> {
@@ -48,7 +45,6 @@ impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Flight<P> {
             sent: VecDeque::new(),
             blocked: Blocked::default(),
             marks,
-            ahead: None,
         }
     }
 
@@ -62,18 +58,7 @@ impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Flight<P> {
     /// and `limit.bytes` in all, or `None`. None behind a batch holding poison (its rows must
     /// be set aside before later rows of their keys are read).
     pub fn room(&self, limit: BatchLimit, batches: u32) -> Option<BatchLimit> {
-        self.room_beside(limit, batches, 0, 0)
-    }
-
-    /// [`Flight::room`] once `rows` more rows of `bytes` are in flight.
-    pub fn room_beside(
-        &self,
-        limit: BatchLimit,
-        batches: u32,
-        rows: usize,
-        bytes: u64,
-    ) -> Option<BatchLimit> {
-        if self.sent.is_empty() && self.marks.is_empty() && rows == 0 {
+        if self.sent.is_empty() && self.marks.is_empty() {
             return Some(limit);
         }
         if self.sent.iter().any(|s| !s.poison.is_empty()) {
@@ -84,9 +69,8 @@ impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Flight<P> {
             .iter()
             .map(|s| s.messages.len() + s.poison.len())
             .sum::<usize>()
-            + self.marks.rows()
-            + rows;
-        let bytes = self.sent.iter().map(|s| s.bytes).sum::<u64>() + bytes;
+            + self.marks.rows();
+        let bytes: u64 = self.sent.iter().map(|s| s.bytes).sum();
         let max_rows = limit.rows as usize * batches as usize;
         if rows >= max_rows || bytes >= limit.bytes {
             return None;
@@ -104,7 +88,6 @@ impl<P: Copy + Send + Sync + std::fmt::Debug + 'static> Flight<P> {
             s.reports.abort();
         }
         self.blocked.clear();
-        self.ahead = None;
         rows
     }
 }

@@ -1,10 +1,9 @@
 //! The relay loop: wait for a wake-up, read a batch, prepare it (poison rules), publish it
 //! holding the lease, settle each row by its own delivery report, set poison aside, record
-//! progress. While reads come back full (a backlog), the next batch is read (while the one
-//! before it is handed over) and published before the earlier ones' reports are in: up to
-//! `--in-flight-batches` batches' worth of rows (and `--batch-bytes` in all) are published or
-//! being recorded at once. Batches settle in publish order and their progress is written in
-//! that order by one background writer.
+//! progress. While reads come back full (a backlog), the next batch is read and published
+//! before the earlier ones' reports are in: up to `--in-flight-batches` batches' worth of
+//! rows (and `--batch-bytes` in all) are published or being recorded at once. Batches settle
+//! in publish order and their progress is written in that order by one background writer.
 //! The invariant, kept by the types: **progress is recorded for a row only after its own
 //! delivery report ([`crate::settle::Delivered`]), and never ahead of an earlier row of the
 //! same key that is still unsettled**, in its batch or an earlier one in flight.
@@ -26,7 +25,7 @@ use backoff::backoff::Backoff;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Message, MessageRules, OutboxRow};
+use crate::event::{Message, MessageRules};
 use crate::kafka::{Published, Sink};
 use crate::lease::Leadership;
 use crate::read::{BatchLimit, Fence, Ledger, Reader};
@@ -164,15 +163,11 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                     self.ask_for_wakeups(pace.is_idle(), &mut wakeups).await;
                 }
                 Err(StepError::Database(e)) => {
-                    flight.ahead = None;
                     self.writer()
                         .database_failed("read", &e, &mut backoff, &cancel)
                         .await
                 }
-                Err(StepError::Kafka) => {
-                    flight.ahead = None;
-                    sleep_or_cancel(backoff.next_backoff(), &cancel).await
-                }
+                Err(StepError::Kafka) => sleep_or_cancel(backoff.next_backoff(), &cancel).await,
             }
         }
         // Shutdown: the sink flushes what is in flight; settle and record what it delivered.
@@ -276,10 +271,8 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         Ok(read)
     }
 
-    /// Read the next batch (leaving out the rows in flight), or take the one read ahead;
-    /// prepare it and hand it to the sink; its reports are awaited in the background. In a
-    /// backlog the batch after it is read while it is handed over. Returns how many rows were
-    /// read.
+    /// Read the next batch (leaving out the rows in flight), prepare it and hand it to the
+    /// sink; its reports are awaited in the background. Returns how many rows were read.
     async fn read_and_send(
         &mut self,
         limit: BatchLimit,
@@ -287,13 +280,8 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         cancel: &CancellationToken,
     ) -> Result<usize, StepError> {
         let m = &self.metrics.clone(); // shared handles: cheap to clone
-        let rows = match flight.ahead.take() {
-            Some(rows) => rows,
-            None => {
-                let in_flight = flight.ids();
-                timed(m, "fetch", self.reader.next_batch(limit, &in_flight)).await?
-            }
-        };
+        let in_flight = flight.ids();
+        let rows = timed(m, "fetch", self.reader.next_batch(limit, &in_flight)).await?;
         self.health.database_ok.store(true, Ordering::Relaxed);
         let read = rows.len();
         if read == 0 {
@@ -305,21 +293,11 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         let stamps = self.spans.stamp(&mut messages);
         let messages: Arc<[Message]> = messages.into();
         let bytes = messages.iter().map(message_bytes).sum();
-        // A backlog (a full batch, no poison): read the next batch while this one is handed over.
-        let backlog = read >= limit.rows as usize && poison.is_empty() && self.reader.reads_ahead();
-        let (full, batches) = (self.settings.batch_limit(), self.settings.in_flight_batches);
-        let ahead = backlog
-            .then(|| flight.room_beside(full, batches, read, bytes))
-            .flatten()
-            .map(|room| {
-                let ids = messages.iter().map(|m| m.id);
-                (room, flight.ids().into_iter().chain(ids).collect())
-            });
         let sink = self.sink.borrow().clone();
         let flush_timeout = self.settings.shutdown_timeout.mul_f32(0.8);
-        let handed = sink.send(messages.clone(), cancel, flush_timeout);
-        let (handed, ahead) = self.hand_over(handed, ahead).await;
-        let reports = match handed {
+        let stall = Some(self.settings.stall_timeout);
+        let handed = self.holding_lease(sink.send(messages.clone(), cancel, flush_timeout), stall);
+        let reports = match timed(m, "send", handed).await {
             Ok(reports) => reports,
             Err(why) => return Err(self.abandon(flight, &sink, why, cancel).await),
         };
@@ -339,28 +317,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             bytes,
             reports,
         });
-        flight.ahead = ahead.transpose()?;
         Ok(read)
-    }
-
-    /// Await a batch's hand-over to the sink (holding the lease, at most --stall-timeout);
-    /// with `ahead` (the room and the ids to leave out), read the next batch beside it.
-    async fn hand_over<T>(
-        &mut self,
-        handed: impl std::future::Future<Output = T>,
-        ahead: Option<(BatchLimit, Vec<i64>)>,
-    ) -> (
-        Result<T, &'static str>,
-        Option<Result<Vec<OutboxRow>, sqlx::Error>>,
-    ) {
-        let (m, stall) = (&self.metrics, Some(self.settings.stall_timeout));
-        let handed = timed(m, "send", hold(&mut self.lease, m, handed, stall));
-        let Some((room, in_flight)) = ahead else {
-            return (handed.await, None);
-        };
-        let next = timed(m, "fetch", self.reader.next_batch(room, &in_flight));
-        let (handed, next) = tokio::join!(handed, next);
-        (handed, Some(next))
     }
 
     /// Wait (holding the lease) for the oldest batch's reports, settle each row, set poison
@@ -400,9 +357,6 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             std::mem::take(&mut settlement.park),
         ));
         let set_aside = self.set_aside(poison, cancel).await;
-        if !set_aside.is_empty() || !settlement.retry.is_empty() {
-            flight.ahead = None; // it may hold later rows of their keys
-        }
         let delivered = std::mem::take(&mut settlement.delivered);
         let created = created_at(&messages, delivered.ids());
         let progress = self.reader.progress(delivered, &set_aside);
@@ -467,7 +421,25 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         work: impl std::future::Future<Output = T>,
         stall: Option<Duration>,
     ) -> Result<T, &'static str> {
-        hold(&mut self.lease, &self.metrics, work, stall).await
+        tokio::pin!(work);
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done),
+                _ = tokio::time::sleep(self.lease.renew_every()) => {}
+            }
+            match self.lease.ensure().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.metrics.leader.set(0);
+                    return Err("lost the lease to another replica");
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the lease while waiting"),
+            }
+            if stall.is_some_and(|stall| started.elapsed() > stall) {
+                return Err("no delivery report within --stall-timeout; recreating the producer");
+            }
+        }
     }
 
     /// After transient or fatal failures: count them and note them on the rows, which stay
@@ -517,34 +489,6 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             ledger: self.ledger.clone(),
             health: self.health.clone(),
             table: self.settings.table.clone(),
-        }
-    }
-}
-
-/// [`Relay::holding_lease`], borrowing only the lease (so a read can run beside it).
-async fn hold<T>(
-    lease: &mut impl Leadership,
-    metrics: &Metrics,
-    work: impl std::future::Future<Output = T>,
-    stall: Option<Duration>,
-) -> Result<T, &'static str> {
-    tokio::pin!(work);
-    let started = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            done = &mut work => return Ok(done),
-            _ = tokio::time::sleep(lease.renew_every()) => {}
-        }
-        match lease.ensure().await {
-            Ok(true) => {}
-            Ok(false) => {
-                metrics.leader.set(0);
-                return Err("lost the lease to another replica");
-            }
-            Err(e) => tracing::warn!(error = %e, "could not renew the lease while waiting"),
-        }
-        if stall.is_some_and(|stall| started.elapsed() > stall) {
-            return Err("no delivery report within --stall-timeout; recreating the producer");
         }
     }
 }
