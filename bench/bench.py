@@ -745,6 +745,14 @@ class Relay(Arm):
                              if k.startswith("outbox_relay_batch_phase_seconds_bucket") and f'phase="{phase}"' in k)
             prof[phase] = {"batches": cnt, "seconds": tot, "mean_ms": 1000 * tot / cnt if cnt else None,
                            "p50_le_ms": _bucket_q(buckets, cnt, 0.5), "p99_le_ms": _bucket_q(buckets, cnt, 0.99)}
+        # Log mode: each transaction's delay from its commit to its arrival in the relay.
+        cnt = d.get("outbox_relay_source_delay_seconds_count", 0)
+        buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)
+                         for k, v in d.items() if k.startswith("outbox_relay_source_delay_seconds_bucket"))
+        if cnt:
+            prof["source_delay"] = {"transactions": cnt,
+                                    "mean_ms": 1000 * d.get("outbox_relay_source_delay_seconds_sum", 0) / cnt,
+                                    "p50_le_ms": _bucket_q(buckets, cnt, 0.5), "p99_le_ms": _bucket_q(buckets, cnt, 0.99)}
         rows_cnt = d.get("outbox_relay_batch_rows_count", 0)
         prof["batch_rows_mean"] = d.get("outbox_relay_batch_rows_sum", 0) / rows_cnt if rows_cnt else None
         prof["published"] = d.get("outbox_relay_published_total", 0)

@@ -635,6 +635,20 @@ def render(meta, res, plots, outdir, mode):
         if any(r["arm"] == "relay-log" for r in prof):
             w("In log mode, fetch takes the events the stream task has decoded from the walsender (without waiting for "
               "more), publish is Kafka, and mark settles the slot's confirmed position in memory (no statement).\n")
+        # Not in a drain: there it is the backlog's age.
+        delays = [r for r in prof if r["relay_profile"].get("source_delay") and r["kind"] != "drain"]
+        if delays:
+            w("Log mode's source delay (outbox_relay_source_delay_seconds): from a transaction's commit timestamp to its "
+              "arrival in the relay (the commit's WAL flush, the walsender's decoding and sending), beside the same "
+              "events' end-to-end latency (commit to LogAppendTime). The rest is the relay and Kafka.\n")
+            w("| cell | transactions | source delay mean ms | p50 <= ms | p99 <= ms | end to end p50 / p99 ms |\n"
+              "|---|---|---|---|---|---|")
+            for r in delays:
+                s = r["relay_profile"]["source_delay"]
+                cell = f"{r['arm']}: {r['kind']} {r['workload']} {fmt(r.get('offered') or r.get('rows'))}"
+                w(f"| {cell} | {fmt(s['transactions'])} | {fmt(s['mean_ms'], 2)} | {fmt(s['p50_le_ms'], 1)} | "
+                  f"{fmt(s['p99_le_ms'], 1)} | {fmt(r.get('lat_p50_ms'), 1)} / {fmt(r.get('lat_p99_ms'), 1)} |")
+            w("")
         tops = [r for r in res if r["arm"] == "relay" and r.get("kind") == "drain" and r.get("top_statements")]
         if tops:
             w(f"Relay statements during the {tops[0]['workload']} drain (pg_stat_statements, by total time):\n")

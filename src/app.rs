@@ -123,6 +123,7 @@ pub async fn run(
         spans::Tracer::new(config.otlp.clone(), table.to_string(), metrics.clone());
     let exporter = exporter.map(tokio::spawn);
     let lease = lease.with_heartbeat(heartbeat);
+    let source_delay = metrics.source_delay.clone();
     let parts = (
         publisher_tx,
         lease,
@@ -143,7 +144,7 @@ pub async fn run(
         }
         ReadMode::Log => {
             let source = LogSource::new(&config.db, &config.log);
-            let reader = LogReader::new(store, source, wake);
+            let reader = LogReader::new(store, source, wake).observing(source_delay);
             run_loop(config.relay, reader, parts, cancel).await
         }
     }

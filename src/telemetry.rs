@@ -52,6 +52,8 @@ pub struct Metrics {
     pub slot_confirmed_lag: prometheus::Gauge,
     /// Log mode: how much more WAL before the slot is lost (max_slot_wal_keep_size)?
     pub slot_safe_wal: prometheus::Gauge,
+    /// Log mode: how long after its commit does a transaction reach the relay?
+    pub source_delay: Histogram,
 }
 
 impl Metrics {
@@ -172,6 +174,19 @@ impl Metrics {
                  not exist). Alert when it is at or above 0 and below an hour of WAL (>= 0 < bytes)",
             )
             .unwrap(),
+            source_delay: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_source_delay_seconds",
+                    "Log mode: from a transaction's commit (the server's commit timestamp) to its \
+                     arrival in the relay: the server's WAL flush, decoding and sending, and the \
+                     network. The database's clock and the relay's must agree",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                    0.25, 1.0, 5.0, 30.0,
+                ]),
+            )
+            .unwrap(),
             registry,
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
@@ -196,8 +211,8 @@ impl Metrics {
         m
     }
 
-    /// Register the slot gauges (log mode only: in the other modes there is no slot, and a
-    /// 0 would read as "about to be lost"). Call once.
+    /// Register log mode's metrics: the slot gauges (in the other modes there is no slot, and
+    /// a 0 would read as "about to be lost") and the source delay. Call once.
     pub fn register_slot_metrics(&self) {
         for gauge in [
             &self.slot_retained_wal,
@@ -208,6 +223,9 @@ impl Metrics {
                 .register(Box::new(gauge.clone()))
                 .expect("metric names are unique");
         }
+        self.registry
+            .register(Box::new(self.source_delay.clone()))
+            .expect("metric names are unique");
     }
 }
 

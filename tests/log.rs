@@ -209,6 +209,22 @@ async fn late_lock_transactions_arrive_exactly_once_in_commit_order_with_no_row_
         "log mode wrote to a row"
     );
     wait_published(&relay, written.committed.len(), Duration::from_secs(10));
+    // Each committed transaction (an audit event and 1-5 aggregates' events) is timed once
+    // from its commit to its arrival; the server skips the lease's and other tables'.
+    let (committed, delays) = (
+        written.committed.len() as f64,
+        relay.metric("outbox_relay_source_delay_seconds_count"),
+    );
+    let delays = delays.expect("log mode exports the source delay");
+    assert!(
+        (committed / 6.0..=committed).contains(&delays),
+        "{delays} source delays timed for {committed} events"
+    );
+    let mean = relay
+        .metric("outbox_relay_source_delay_seconds_sum")
+        .unwrap()
+        / delays;
+    assert!((0.0..10.0).contains(&mean), "mean source delay {mean} s");
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     log.finish().await;
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use pgwire_replication::{
     Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
 };
+use prometheus::Histogram;
 use serde::Deserialize;
 use sqlx::AssertSqlSafe;
 use tokio::sync::{mpsc, Notify};
@@ -222,6 +223,8 @@ pub struct LogReader {
     source: LogSource,
     prefix: String,
     wake: Arc<Notify>,
+    /// Observes each transaction's delay from its commit to its arrival here.
+    source_delay: Option<Histogram>,
     confirmed: Arc<AtomicU64>,
     stream: Option<Stream>,
     /// Transactions read and not yet confirmed, oldest first; `first_seq` is the front's number.
@@ -266,6 +269,7 @@ impl LogReader {
             source,
             prefix,
             wake,
+            source_delay: None,
             confirmed: Arc::new(AtomicU64::new(0)),
             stream: None,
             txns: VecDeque::new(),
@@ -281,6 +285,12 @@ impl LogReader {
             restart: false,
             emitted: Arc::default(),
         }
+    }
+
+    /// Observe in `delay` how long after its commit each transaction arrives.
+    pub fn observing(mut self, delay: Histogram) -> LogReader {
+        self.source_delay = Some(delay);
+        self
     }
 
     /// Read only what was committed before `end` (and skip rows already marked published up
@@ -341,6 +351,7 @@ impl LogReader {
             client,
             tx,
             self.wake.clone(),
+            self.source_delay.clone(),
             self.confirmed.clone(),
             self.prefix.clone(),
             self.store.table().clone(),
@@ -797,10 +808,12 @@ impl Ledger for LogLedger {
 /// The stream task: decode what the server sends into items for the reader (waiting when the
 /// reader is behind, which holds the server back), report the confirmed position, and on
 /// stop report it once more before closing.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     mut client: ReplicationClient,
     items: mpsc::Sender<Item>,
     wake: Arc<Notify>,
+    source_delay: Option<Histogram>,
     confirmed: Arc<AtomicU64>,
     prefix: String,
     table: TableName,
@@ -830,6 +843,10 @@ async fn pump(
             Ok(None) => Item::Failed("the server ended the replication stream".into()),
             Err(e) => Item::Failed(format!("replication stream: {e}")),
         };
+        if let (Item::Commit { .. }, Some(delay)) = (&item, &source_delay) {
+            let since = chrono::Utc::now() - pg_time(commit_time);
+            delay.observe(since.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+        }
         let failed = matches!(item, Item::Failed(_));
         // Room for it (the reader is behind: the server waits), still reporting progress.
         let permit = loop {
