@@ -42,9 +42,13 @@ fn usage_error(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// One worker thread. The relay's tasks (the loop, the replication stream, the delivery-report
+/// waiters, the progress writer) wake one another many times per batch; on one thread that
+/// costs no thread switch, and librdkafka's own threads do the Kafka I/O. Measured against two
+/// workers in ARCHITECTURE.md ("Runtime").
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")
@@ -100,14 +104,20 @@ fn run(args: RunArgs) -> ExitCode {
             cancel.cancelled().await;
             tokio::time::sleep(shutdown_timeout).await;
         };
+        // On the worker, beside the tasks it wakes (see `runtime`).
+        let relay = tokio::spawn(outbox_relay::run(config, publisher, http, cancel.clone()));
         tokio::select! {
-            result = outbox_relay::run(config, publisher, http, cancel.clone()) => match result {
-                Ok(()) => {
+            result = relay => match result {
+                Ok(Ok(())) => {
                     tracing::info!("stopped cleanly");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "relay failed");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the relay task ended abnormally");
                     ExitCode::FAILURE
                 }
             },
