@@ -740,15 +740,12 @@ class Relay(Arm):
         for phase in ("fetch", "send", "publish", "wait", "mark"):
             cnt = d.get(f'outbox_relay_batch_phase_seconds_count{{phase="{phase}"}}', 0)
             tot = d.get(f'outbox_relay_batch_phase_seconds_sum{{phase="{phase}"}}', 0)
-            buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)
-                             for k, v in d.items()
-                             if k.startswith("outbox_relay_batch_phase_seconds_bucket") and f'phase="{phase}"' in k)
+            buckets = _buckets(d, "outbox_relay_batch_phase_seconds", f'phase="{phase}"')
             prof[phase] = {"batches": cnt, "seconds": tot, "mean_ms": 1000 * tot / cnt if cnt else None,
                            "p50_le_ms": _bucket_q(buckets, cnt, 0.5), "p99_le_ms": _bucket_q(buckets, cnt, 0.99)}
         # Log mode: each transaction's delay from its commit to its arrival in the relay.
         cnt = d.get("outbox_relay_source_delay_seconds_count", 0)
-        buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)
-                         for k, v in d.items() if k.startswith("outbox_relay_source_delay_seconds_bucket"))
+        buckets = _buckets(d, "outbox_relay_source_delay_seconds")
         if cnt:
             prof["source_delay"] = {"transactions": cnt,
                                     "mean_ms": 1000 * d.get("outbox_relay_source_delay_seconds_sum", 0) / cnt,
@@ -757,6 +754,12 @@ class Relay(Arm):
         prof["batch_rows_mean"] = d.get("outbox_relay_batch_rows_sum", 0) / rows_cnt if rows_cnt else None
         prof["published"] = d.get("outbox_relay_published_total", 0)
         return {"relay_profile": prof}
+
+
+def _buckets(d, histogram, label=""):
+    """A histogram's (upper bound, cumulative count) pairs from scraped series, by bound."""
+    return sorted((float(re.search(r'le="([^"]+)"', k).group(1).replace("+Inf", "inf")), v)
+                  for k, v in d.items() if k.startswith(histogram + "_bucket") and label in k)
 
 
 def _bucket_q(buckets, count, q):
