@@ -24,6 +24,16 @@ use outbox_relay::store::OnPublish;
 use outbox_relay::table::{ReadMode, TableName};
 use outbox_relay::telemetry::LogFormat;
 
+/// `--delivery`: what a crash may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    /// A crash publishes the rows in flight again (consumers deduplicate by event id).
+    AtLeastOnce,
+    /// Kafka transactions with the relay's position: read_committed consumers see each event
+    /// once.
+    ExactlyOnce,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "outbox-relay",
@@ -293,6 +303,26 @@ pub struct RunArgs {
     /// again; 1 publishes and records one batch at a time.
     #[arg(long, env = "OUTBOX_RELAY_IN_FLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Relay")]
     pub in_flight_batches: u32,
+    /// at-least-once: a crash publishes the rows in flight again. exactly-once: each batch is
+    /// published in one Kafka transaction with the relay's position, so a read_committed
+    /// consumer sees every event once through crashes and take-overs (claim mode; one batch
+    /// in flight).
+    #[arg(long, env = "OUTBOX_RELAY_DELIVERY", value_enum, default_value_t = Delivery::AtLeastOnce, help_heading = "Relay")]
+    pub delivery: Delivery,
+    /// exactly-once: the compacted topic that holds the relay's committed position (created,
+    /// one partition, if missing).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_POSITIONS_TOPIC",
+        default_value = "__outbox_relay_positions",
+        help_heading = "Relay"
+    )]
+    pub positions_topic: String,
+    /// exactly-once: Kafka's transactional.id, the same for every replica of one outbox table
+    /// (that is what fences a paused former leader). Default:
+    /// outbox-relay.<database>.<schema>.<table>.
+    #[arg(long, env = "OUTBOX_RELAY_TRANSACTIONAL_ID", help_heading = "Relay")]
+    pub transactional_id: Option<String>,
     /// Safety-net poll interval when no notification arrives (e.g. 250ms, 1s).
     #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = duration_within("10ms", "1h"), help_heading = "Relay")]
     pub poll_interval: Duration,
@@ -826,15 +856,59 @@ impl RunArgs {
         Ok(self.read_mode)
     }
 
+    /// `--delivery exactly-once`: the transactional id and positions topic (claim mode only).
+    fn transactional(
+        &self,
+        db: &DatabaseConfig,
+    ) -> Result<Option<outbox_relay::kafka::Transactional>, ConfigError> {
+        if self.delivery == Delivery::AtLeastOnce {
+            return Ok(None);
+        }
+        if self.read_mode()? != ReadMode::Claim {
+            return Err(ConfigError::Invalid(
+                "--delivery exactly-once needs --read-mode claim for now (log mode's position \
+                 in a Kafka transaction is not built yet); use claim mode or at-least-once"
+                    .into(),
+            ));
+        }
+        let id = match &self.transactional_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(ConfigError::Invalid("--transactional-id is empty".into()))
+            }
+            Some(id) => id.clone(),
+            None => format!(
+                "outbox-relay.{}.{}",
+                db.connect.get_database().unwrap_or("postgres"),
+                db.table
+            ),
+        };
+        if self.positions_topic.is_empty() || self.positions_topic.len() > 249 {
+            return Err(ConfigError::Invalid(
+                "--positions-topic must be 1 to 249 characters".into(),
+            ));
+        }
+        Ok(Some(outbox_relay::kafka::Transactional {
+            id,
+            positions_topic: self.positions_topic.clone(),
+        }))
+    }
+
     pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
         let db = self.db.resolve()?;
+        let transactional = self.transactional(&db)?;
+        // One batch per transaction: a transaction holds exactly the rows its position covers.
+        let in_flight_batches = match transactional {
+            Some(_) => 1,
+            None => self.in_flight_batches,
+        };
         Ok(RelayConfig {
+            transactional,
             kafka: self.kafka.resolve()?,
             relay: outbox_relay::relay::Settings {
                 table: db.table.clone(),
                 batch_size: self.batch_size,
                 batch_bytes: self.batch_bytes,
-                in_flight_batches: self.in_flight_batches,
+                in_flight_batches,
                 poll_interval: self.poll_interval,
                 listen: self.listen,
                 stall_timeout: self.stall_timeout,

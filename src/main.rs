@@ -70,7 +70,7 @@ fn run(args: RunArgs) -> ExitCode {
     for finding in &findings {
         tracing::warn!("insecure transport: {finding} (--require-secure-transport refuses this)");
     }
-    let publisher = match Publisher::new(&config.kafka) {
+    let publisher = match Publisher::with(&config.kafka, config.transactional.clone()) {
         Ok(p) => p,
         Err(rdkafka::error::KafkaError::ClientCreation(why)) => {
             return usage_error(format!("invalid Kafka configuration: {why}"))

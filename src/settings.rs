@@ -36,6 +36,8 @@ impl fmt::Debug for DatabaseConfig {
 pub struct RelayConfig {
     pub db: DatabaseConfig,
     pub kafka: KafkaConfig,
+    /// `--delivery exactly-once`: Kafka transactions and the positions topic.
+    pub transactional: Option<crate::kafka::Transactional>,
     /// The loop's own settings.
     pub relay: crate::relay::Settings,
     pub read_mode: ReadMode,

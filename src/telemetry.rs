@@ -54,6 +54,10 @@ pub struct Metrics {
     pub slot_safe_wal: prometheus::Gauge,
     /// Log mode: how long after its commit does a transaction reach the relay?
     pub source_delay: Histogram,
+    /// Exactly-once: how many Kafka transactions committed or aborted? (outcome)
+    pub transactions: IntCounterVec,
+    /// Exactly-once: how long does committing a batch's transaction take?
+    pub transaction_seconds: Histogram,
 }
 
 impl Metrics {
@@ -104,7 +108,7 @@ impl Metrics {
                     "outbox_relay_delivery_latency_seconds",
                     "From the row's created_at to its Kafka acknowledgement",
                 )
-                .buckets(latency_buckets),
+                .buckets(latency_buckets.clone()),
             )
             .unwrap(),
             pending_rows: IntGauge::new(
@@ -187,9 +191,26 @@ impl Metrics {
                 ]),
             )
             .unwrap(),
+            transactions: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_transactions_total",
+                    "Exactly-once: Kafka transactions by outcome (committed | aborted)",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+            transaction_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_relay_transaction_commit_seconds",
+                    "Exactly-once: from a batch's last delivery report to its Kafka transaction \
+                     committed, position included",
+                )
+                .buckets(latency_buckets),
+            )
+            .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(m.published.clone()),
             Box::new(m.publish_errors.clone()),
             Box::new(m.parked.clone()),
@@ -204,6 +225,8 @@ impl Metrics {
             Box::new(m.phase_seconds.clone()),
             Box::new(m.spans_exported.clone()),
             Box::new(m.spans_dropped.clone()),
+            Box::new(m.transactions.clone()),
+            Box::new(m.transaction_seconds.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

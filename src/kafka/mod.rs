@@ -4,6 +4,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod txn;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::Message;
 pub use classify::{classify, Failure};
 pub use config::{client_config, KafkaConfig};
+pub use txn::{ensure_positions_topic, Transactional};
 
 /// The outcomes of messages handed over by [`Sink::send`], once they are all known.
 pub type Reports = BoxFuture<'static, Published>;
@@ -61,6 +63,33 @@ pub trait Sink: Clone + Send + Sync + 'static {
     fn fatal_error(&self) -> Option<String>;
     /// A fresh sink with the same settings (after a fatal error, or to drop a stuck queue).
     fn recreate(&self) -> Result<Self, String>;
+    /// Whether batches go in Kafka transactions (`--delivery exactly-once`).
+    fn transactional(&self) -> bool {
+        false
+    }
+    /// Fence every earlier producer of this transactional id and return the last position it
+    /// committed (`None`: none, or not transactional). A fresh sink, once per lease epoch.
+    fn take_over(
+        &self,
+        _timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, String>> + Send {
+        async { Ok(None) }
+    }
+    /// Publish `position` in the open transaction and commit it (no-op unless transactional).
+    fn commit(
+        &self,
+        _position: Vec<u8>,
+        _timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+    /// Abort the open transaction, if any.
+    fn abort(
+        &self,
+        _timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
     /// Whether the destination answers within `timeout` (for readiness).
     fn check_connection(
         &self,
@@ -113,6 +142,10 @@ pub struct Receipt {
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
     config: std::sync::Arc<KafkaConfig>,
+    /// `--delivery exactly-once`: batches go in Kafka transactions ([`txn`]).
+    transactional: Option<Transactional>,
+    /// Whether a transaction is open.
+    in_transaction: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Topics the cluster said exist, and when it said so.
     known_topics: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
@@ -125,12 +158,27 @@ impl Publisher {
     /// with [`KafkaError::ClientCreation`] carrying [`KafkaConfig::describe_error`]'s text:
     /// librdkafka's own message may echo a property's value (a secret), this one never does.
     pub fn new(cfg: &KafkaConfig) -> Result<Publisher, KafkaError> {
-        let producer = client_config(cfg)
+        Publisher::with(cfg, None)
+    }
+
+    /// A publisher that puts every batch in a Kafka transaction (`transactional.id` set);
+    /// [`Publisher::take_over`] before the first batch.
+    pub fn with(
+        cfg: &KafkaConfig,
+        transactional: Option<Transactional>,
+    ) -> Result<Publisher, KafkaError> {
+        let mut config = client_config(cfg);
+        if let Some(t) = &transactional {
+            config.set("transactional.id", &t.id);
+        }
+        let producer = config
             .create_with_context(RelayContext)
             .map_err(|e| KafkaError::ClientCreation(cfg.describe_error(&e)))?;
         Ok(Publisher {
             producer,
             config: std::sync::Arc::new(cfg.clone()),
+            transactional,
+            in_transaction: Default::default(),
             known_topics: Default::default(),
         })
     }
@@ -146,9 +194,12 @@ impl Publisher {
         // A message to a topic the cluster says does not exist is not produced: librdkafka would
         // hold the whole batch for topic.metadata.propagation.max.ms first.
         let missing = self.missing_topics(&messages).await;
+        let begun = self.begin_if_needed();
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages.iter() {
-            let enqueued = if missing.contains(m.topic.as_str()) {
+            let enqueued = if let Err(e) = &begun {
+                Err(classify(e))
+            } else if missing.contains(m.topic.as_str()) {
                 Err(classify(&KafkaError::MessageProduction(
                     RDKafkaErrorCode::UnknownTopic,
                 )))
@@ -387,7 +438,23 @@ impl Sink for Publisher {
     }
 
     fn recreate(&self) -> Result<Self, String> {
-        Publisher::new(&self.config).map_err(|e| e.to_string())
+        Publisher::with(&self.config, self.transactional.clone()).map_err(|e| e.to_string())
+    }
+
+    fn transactional(&self) -> bool {
+        self.transactional.is_some()
+    }
+
+    async fn take_over(&self, timeout: Duration) -> Result<Option<Vec<u8>>, String> {
+        Publisher::take_over(self, timeout).await
+    }
+
+    async fn commit(&self, position: Vec<u8>, timeout: Duration) -> Result<(), String> {
+        self.commit_with(position, timeout).await
+    }
+
+    async fn abort(&self, timeout: Duration) -> Result<(), String> {
+        Publisher::abort(self, timeout).await
     }
 
     async fn check_connection(&self, timeout: Duration) -> Result<(), String> {

@@ -146,6 +146,49 @@ impl Reader for ClaimReader {
         Ok(rows)
     }
 
+    /// The ids Kafka has committed and the table may not show yet: this batch's delivered
+    /// rows and those still being marked, as inclusive ranges (`{"claim":[[first,last],...]}`).
+    fn position(&self, progress: &Progress<()>, unrecorded: &[i64]) -> Option<Vec<u8>> {
+        let mut ids: Vec<i64> = progress.mark.iter().chain(unrecorded).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut ranges: Vec<[i64; 2]> = Vec::new();
+        for id in ids {
+            match ranges.last_mut() {
+                Some(r) if r[1] + 1 == id => r[1] = id,
+                _ => ranges.push([id, id]),
+            }
+        }
+        serde_json::to_vec(&serde_json::json!({ "claim": ranges })).ok()
+    }
+
+    /// Mark the rows of Kafka's last committed position published (those the previous leader
+    /// committed and did not mark before it stopped).
+    async fn adopt(&mut self, position: &[u8]) -> Result<(), sqlx::Error> {
+        let ranges = claim_ranges(position).ok_or_else(|| {
+            sqlx::Error::Protocol(format!(
+                "the positions topic holds a position this relay does not understand ({} bytes): \
+                 was it written by log mode or another program? Use another --transactional-id",
+                position.len()
+            ))
+        })?;
+        // Bounded: the rows of one batch and of the progress writes behind it.
+        let rows: i64 = ranges.iter().map(|&[a, b]| (b - a).saturating_add(1)).sum();
+        if !(0..=10_000_000).contains(&rows) {
+            return Err(sqlx::Error::Protocol(format!(
+                "the committed position covers {rows} rows: not a position this relay wrote"
+            )));
+        }
+        let ids: Vec<i64> = ranges.iter().flat_map(|&[a, b]| a..=b).collect();
+        let marked = self.store.mark_published(&ids).await?;
+        tracing::info!(
+            rows = ids.len(),
+            marked,
+            "took over Kafka's committed position: marked the rows it covers"
+        );
+        Ok(())
+    }
+
     /// Every delivered row is marked; rows to retry stay pending and are read again.
     fn progress(&mut self, delivered: Delivered, _set_aside: &HashSet<i64>) -> Progress<()> {
         Progress {
@@ -154,6 +197,17 @@ impl Reader for ClaimReader {
             position: None,
         }
     }
+}
+
+/// The id ranges of a claim-mode position, if `position` is one.
+fn claim_ranges(position: &[u8]) -> Option<Vec<[i64; 2]>> {
+    #[derive(serde::Deserialize)]
+    struct Claim {
+        claim: Vec<[i64; 2]>,
+    }
+    serde_json::from_slice::<Claim>(position)
+        .ok()
+        .map(|c| c.claim)
 }
 
 /// Claim mode's ledger: progress is a mark (or delete) per delivered row.

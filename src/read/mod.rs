@@ -232,6 +232,24 @@ pub trait Reader: Send {
         in_flight: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
 
+    /// Exactly-once: the position to commit in a settled batch's Kafka transaction, from its
+    /// progress and the rows whose progress is still being written (`unrecorded`): what a
+    /// leader taking over must record before it reads ([`Reader::adopt`]). `None`: this mode
+    /// cannot run exactly-once.
+    fn position(
+        &self,
+        _progress: &Progress<Self::Position>,
+        _unrecorded: &[i64],
+    ) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Exactly-once, on taking over: record the last position Kafka committed, so nothing it
+    /// covers is read (and published) again.
+    fn adopt(&mut self, _position: &[u8]) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        async { Ok(()) }
+    }
+
     /// The last batch is settled: what may be recorded. Rows neither delivered nor set aside
     /// (to be retried) stay unrecorded and are read again. If this is not called (the batch
     /// was abandoned), the next `next_batch` reads from the last recorded progress again.

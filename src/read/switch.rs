@@ -184,6 +184,15 @@ impl Reader for ToClaim {
         Ok(rows)
     }
 
+    /// Claim mode's position: the tail's delivered rows are marked too.
+    fn position(&self, progress: &Progress<()>, unrecorded: &[i64]) -> Option<Vec<u8>> {
+        self.claim.position(progress, unrecorded)
+    }
+
+    async fn adopt(&mut self, position: &[u8]) -> Result<(), sqlx::Error> {
+        self.claim.adopt(position).await
+    }
+
     /// A tail batch settles in the stream's transactions, and its delivered rows are marked
     /// (so neither claim mode nor a restarted tail publishes them again).
     fn progress(&mut self, delivered: Delivered, set_aside: &HashSet<i64>) -> Progress<()> {

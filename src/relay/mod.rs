@@ -233,7 +233,48 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                 return Ok(false);
             }
             self.reader.on_new_epoch().await?;
+            if !self.take_over_transactions().await? {
+                return Ok(false);
+            }
             self.led_epoch = Some(self.lease.epoch());
+        }
+        Ok(true)
+    }
+
+    /// Exactly-once, in a new lease epoch: a fresh producer fences every earlier one of the
+    /// transactional id (a paused former leader can no longer commit), then Kafka's last
+    /// committed position is recorded before anything is read. Returns whether that worked
+    /// (if not, this replica tries again on its next turn).
+    async fn take_over_transactions(&mut self) -> Result<bool, sqlx::Error> {
+        let old = self.sink.borrow().clone();
+        if !old.transactional() {
+            return Ok(true);
+        }
+        let fresh = match old.recreate() {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "could not create the transactional producer");
+                return Ok(false);
+            }
+        };
+        self.sink.send_replace(fresh.clone());
+        let timeout = self.settings.stall_timeout;
+        let position = match self.holding_lease(fresh.take_over(timeout), None).await {
+            Ok(Ok(position)) => position,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not take over Kafka transactions; trying again");
+                return Ok(false);
+            }
+            Err(why) => {
+                tracing::warn!(
+                    reason = why,
+                    "lost the lease while taking over Kafka transactions"
+                );
+                return Ok(false);
+            }
+        };
+        if let Some(position) = position {
+            self.reader.adopt(&position).await?;
         }
         Ok(true)
     }
@@ -360,6 +401,16 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         let delivered = std::mem::take(&mut settlement.delivered);
         let created = created_at(&messages, delivered.ids());
         let progress = self.reader.progress(delivered, &set_aside);
+        let failed = !settlement.retry.is_empty() || settlement.fatal;
+        if sink.transactional() && !self.commit(&sink, &progress, flight, failed).await {
+            // Aborted: nothing of the batch reaches a read_committed consumer; it is read again.
+            if !settlement.retry.is_empty() {
+                self.note_retries(&settlement).await;
+            }
+            // A fresh producer takes over (fencing, Kafka's position) before publishing again.
+            self.led_epoch = None;
+            return Err(StepError::Kafka);
+        }
         let fence = Fence {
             holder: self.lease.holder().into(),
             epoch: self.lease.epoch(),
@@ -379,6 +430,49 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             self.recreate_sink(&sink, cancel).await;
         }
         Err(StepError::Kafka)
+    }
+
+    /// Exactly-once: commit the batch's Kafka transaction with the reader's position after it,
+    /// or abort it if a row `failed` (or the commit does). Returns whether it committed.
+    async fn commit(
+        &mut self,
+        sink: &S,
+        progress: &crate::read::Progress<R::Position>,
+        flight: &Flight<R::Position>,
+        failed: bool,
+    ) -> bool {
+        let timeout = self.settings.stall_timeout;
+        if !failed {
+            let unrecorded: Vec<i64> = flight.marks.ids().collect();
+            let Some(position) = self.reader.position(progress, &unrecorded) else {
+                tracing::error!("this read mode cannot publish exactly-once");
+                return false;
+            };
+            let timer = self.metrics.transaction_seconds.start_timer();
+            match self
+                .holding_lease(sink.commit(position, timeout), None)
+                .await
+            {
+                Ok(Ok(())) => {
+                    timer.observe_duration();
+                    self.metrics
+                        .transactions
+                        .with_label_values(&["committed"])
+                        .inc();
+                    return true;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "the Kafka transaction did not commit"),
+                Err(why) => tracing::warn!(reason = why, "lost the lease while committing"),
+            }
+        }
+        self.metrics
+            .transactions
+            .with_label_values(&["aborted"])
+            .inc();
+        if let Err(e) = sink.abort(timeout).await {
+            tracing::warn!(error = %e, "could not abort the Kafka transaction; recreating the producer");
+        }
+        false
     }
 
     /// Give up on every batch in flight (the lease was lost, or no report came within
