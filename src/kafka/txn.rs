@@ -78,6 +78,13 @@ impl Publisher {
             .producer
             .send_result(record)
             .map_err(|(e, _)| format!("could not publish the position: {e}"))?;
+        // Its report first: the client's commit flushes before committing, and a flush with a
+        // message in flight waits out a 100 ms poll (the reports are served by another thread).
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(format!("the position was not delivered: {e}")),
+            Err(_) => return Err("the position's delivery report was lost".into()),
+        }
         let producer = self.producer.clone();
         let committed =
             tokio::task::spawn_blocking(move || producer.commit_transaction(timeout)).await;
@@ -85,12 +92,7 @@ impl Publisher {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         committed
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("could not commit the Kafka transaction: {e}"))?;
-        match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(format!("the position was not delivered: {e}")),
-            Err(_) => Err("the position's delivery report was lost".into()),
-        }
+            .map_err(|e| format!("could not commit the Kafka transaction: {e}"))
     }
 
     /// Abort the open transaction, if any: nothing of it reaches a read_committed consumer.

@@ -23,6 +23,9 @@ pub struct ClaimReader {
     /// The mean size of the rows last read (0: none yet): a read asks for as many rows as fit
     /// the byte bound at that size, so few rows past the bound are sent and dropped.
     row_bytes: u64,
+    /// Exactly-once: the table's `oid/relfilenode` when this leader took over (a position
+    /// names the table its ids belong to).
+    incarnation: Option<String>,
 }
 
 impl ClaimReader {
@@ -81,6 +84,7 @@ impl ClaimReader {
             .into(),
             store,
             row_bytes: 0,
+            incarnation: None,
         }
     }
 }
@@ -147,7 +151,8 @@ impl Reader for ClaimReader {
     }
 
     /// The ids Kafka has committed and the table may not show yet: this batch's delivered
-    /// rows and those still being marked, as inclusive ranges (`{"claim":[[first,last],...]}`).
+    /// rows and those still being marked, as inclusive ranges, with the table they are ids of
+    /// (`{"table":"<oid>/<relfilenode>","claim":[[first,last],...]}`).
     fn position(&self, progress: &Progress<()>, unrecorded: &[i64]) -> Option<Vec<u8>> {
         let mut ids: Vec<i64> = progress.mark.iter().chain(unrecorded).copied().collect();
         ids.sort_unstable();
@@ -159,13 +164,26 @@ impl Reader for ClaimReader {
                 _ => ranges.push([id, id]),
             }
         }
-        serde_json::to_vec(&serde_json::json!({ "claim": ranges })).ok()
+        let table = self.incarnation.as_deref()?;
+        serde_json::to_vec(&serde_json::json!({ "table": table, "claim": ranges })).ok()
     }
 
     /// Mark the rows of Kafka's last committed position published (those the previous leader
     /// committed and did not mark before it stopped).
-    async fn adopt(&mut self, position: &[u8]) -> Result<(), sqlx::Error> {
-        let ranges = claim_ranges(position).ok_or_else(|| {
+    /// A position written for another incarnation of the table (dropped and created again, or
+    /// truncated: its ids may be reused) is not applied.
+    async fn adopt(&mut self, position: Option<&[u8]>) -> Result<(), sqlx::Error> {
+        let incarnation: String = sqlx::query_scalar(
+            "SELECT oid::text || '/' || relfilenode::text FROM pg_class WHERE oid = $1::regclass",
+        )
+        .bind(self.store.table().quoted())
+        .fetch_one(self.store.pool())
+        .await?;
+        self.incarnation = Some(incarnation.clone());
+        let Some(position) = position else {
+            return Ok(());
+        };
+        let (table, ranges) = claim_ranges(position).ok_or_else(|| {
             sqlx::Error::Protocol(format!(
                 "the positions topic holds a position this relay does not understand ({} bytes): \
                  was it written by log mode or another program? Use another --transactional-id",
@@ -178,6 +196,14 @@ impl Reader for ClaimReader {
             return Err(sqlx::Error::Protocol(format!(
                 "the committed position covers {rows} rows: not a position this relay wrote"
             )));
+        }
+        if table != incarnation {
+            tracing::warn!(
+                position_table = table,
+                table = incarnation,
+                "Kafka's committed position is for an earlier incarnation of the table (truncated or created again): not applied"
+            );
+            return Ok(());
         }
         let ids: Vec<i64> = ranges.iter().flat_map(|&[a, b]| a..=b).collect();
         let marked = self.store.mark_published(&ids).await?;
@@ -200,14 +226,14 @@ impl Reader for ClaimReader {
 }
 
 /// The id ranges of a claim-mode position, if `position` is one.
-fn claim_ranges(position: &[u8]) -> Option<Vec<[i64; 2]>> {
+fn claim_ranges(position: &[u8]) -> Option<(String, Vec<[i64; 2]>)> {
     #[derive(serde::Deserialize)]
     struct Claim {
+        table: String,
         claim: Vec<[i64; 2]>,
     }
-    serde_json::from_slice::<Claim>(position)
-        .ok()
-        .map(|c| c.claim)
+    let c: Claim = serde_json::from_slice(position).ok()?;
+    Some((c.table, c.claim))
 }
 
 /// Claim mode's ledger: progress is a mark (or delete) per delivered row.

@@ -244,9 +244,12 @@ pub trait Reader: Send {
         None
     }
 
-    /// Exactly-once, on taking over: record the last position Kafka committed, so nothing it
-    /// covers is read (and published) again.
-    fn adopt(&mut self, _position: &[u8]) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+    /// Exactly-once, on taking over: record the last position Kafka committed (`None`: it has
+    /// none), so nothing it covers is read (and published) again.
+    fn adopt(
+        &mut self,
+        _position: Option<&[u8]>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
         async { Ok(()) }
     }
 

@@ -189,7 +189,7 @@ impl Reader for ToClaim {
         self.claim.position(progress, unrecorded)
     }
 
-    async fn adopt(&mut self, position: &[u8]) -> Result<(), sqlx::Error> {
+    async fn adopt(&mut self, position: Option<&[u8]>) -> Result<(), sqlx::Error> {
         self.claim.adopt(position).await
     }
 

@@ -273,9 +273,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                 return Ok(false);
             }
         };
-        if let Some(position) = position {
-            self.reader.adopt(&position).await?;
-        }
+        self.reader.adopt(position.as_deref()).await?;
         Ok(true)
     }
 
