@@ -154,18 +154,8 @@ impl Reader for ClaimReader {
     /// rows and those still being marked, as inclusive ranges, with the table they are ids of
     /// (`{"table":"<oid>/<relfilenode>","claim":[[first,last],...]}`).
     fn position(&self, progress: &Progress<()>, unrecorded: &[i64]) -> Option<Vec<u8>> {
-        let mut ids: Vec<i64> = progress.mark.iter().chain(unrecorded).copied().collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut ranges: Vec<[i64; 2]> = Vec::new();
-        for id in ids {
-            match ranges.last_mut() {
-                Some(r) if r[1] + 1 == id => r[1] = id,
-                _ => ranges.push([id, id]),
-            }
-        }
-        let table = self.incarnation.as_deref()?;
-        serde_json::to_vec(&serde_json::json!({ "table": table, "claim": ranges })).ok()
+        let ids = progress.mark.iter().chain(unrecorded).copied();
+        Some(claim_position(self.incarnation.as_deref()?, ids))
     }
 
     /// Mark the rows of Kafka's last committed position published (those the previous leader
@@ -225,7 +215,24 @@ impl Reader for ClaimReader {
     }
 }
 
-/// The id ranges of a claim-mode position, if `position` is one.
+/// A claim-mode position: `table`'s ids as sorted inclusive ranges.
+fn claim_position(table: &str, ids: impl Iterator<Item = i64>) -> Vec<u8> {
+    let mut ids: Vec<i64> = ids.collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut ranges: Vec<[i64; 2]> = Vec::new();
+    for id in ids {
+        match ranges.last_mut() {
+            Some(r) if r[1] + 1 == id => r[1] = id,
+            _ => ranges.push([id, id]),
+        }
+    }
+    serde_json::json!({ "table": table, "claim": ranges })
+        .to_string()
+        .into_bytes()
+}
+
+/// The table and id ranges of a claim-mode position, if `position` is one.
 fn claim_ranges(position: &[u8]) -> Option<(String, Vec<[i64; 2]>)> {
     #[derive(serde::Deserialize)]
     struct Claim {
@@ -259,5 +266,24 @@ impl Ledger for OutboxStore {
 
     async fn note_retry(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
         OutboxStore::note_retry(self, rows).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_position_is_the_sorted_id_ranges_of_its_table() {
+        let p = claim_position("16384/16390", [7, 3, 4, 5, 9, 4, 10].into_iter());
+        assert_eq!(
+            String::from_utf8(p.clone()).unwrap(),
+            r#"{"claim":[[3,5],[7,7],[9,10]],"table":"16384/16390"}"#
+        );
+        let (table, ranges) = claim_ranges(&p).unwrap();
+        assert_eq!(table, "16384/16390");
+        assert_eq!(ranges, vec![[3, 5], [7, 7], [9, 10]]);
+        assert!(claim_ranges(b"{\"lsn\": 5}").is_none(), "another mode's position");
+        assert!(claim_ranges(b"garbage").is_none());
     }
 }
