@@ -296,7 +296,10 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             let finished = self.holding_lease(flight.marks.finish(), None).await;
             finished.map_err(|_| StepError::Kafka)?;
         }
-        let room = flight.room(limit, batches);
+        // Exactly-once: a transaction holds one batch (its position covers exactly that), so
+        // nothing more is read while a batch is in flight, whatever room its rows leave.
+        let one_at_a_time = self.sink.borrow().transactional() && !flight.sent.is_empty();
+        let room = flight.room(limit, batches).filter(|_| !one_at_a_time);
         let (read, full) = match room {
             Some(limit) => {
                 let read = self.read_and_send(limit, flight, cancel).await?;

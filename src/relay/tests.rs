@@ -48,6 +48,11 @@ struct World {
     /// Batches handed over whose reports are not in yet, now and at most.
     unreported: usize,
     max_unreported: usize,
+    /// How long a progress write takes.
+    record_delay: Duration,
+    /// The sink is transactional (exactly-once): its transactions, in order.
+    transactional: bool,
+    txns: Vec<Txn>,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -110,6 +115,12 @@ impl Reader for MemReader {
         w.streams
     }
 
+    /// The ids this batch marks, as text (the scripted sink keeps it per transaction).
+    fn position(&self, progress: &Progress<()>, _unrecorded: &[i64]) -> Option<Vec<u8>> {
+        let ids: Vec<String> = progress.mark.iter().map(i64::to_string).collect();
+        Some(ids.join(",").into_bytes())
+    }
+
     fn progress(&mut self, delivered: Delivered, _set_aside: &HashSet<i64>) -> Progress<()> {
         let mark = delivered.ids().to_vec();
         Progress {
@@ -131,6 +142,8 @@ impl Ledger for MemLedger {
         progress: &Progress<()>,
         fence: &Fence,
     ) -> Result<Recorded, sqlx::Error> {
+        let delay = self.0.lock().unwrap().record_delay;
+        tokio::time::sleep(delay).await;
         let mut w = self.0.lock().unwrap();
         if w.record_failures > 0 {
             w.record_failures -= 1;
@@ -177,6 +190,14 @@ impl Ledger for MemLedger {
 #[derive(Clone)]
 struct ScriptedSink(Shared);
 
+/// A Kafka transaction as the scripted transactional sink saw it: the ids sent in it, and the
+/// position committed with it.
+#[derive(Debug, Default)]
+struct Txn {
+    sent: Vec<i64>,
+    position: Option<Vec<u8>>,
+}
+
 impl Sink for ScriptedSink {
     async fn send(
         &self,
@@ -197,6 +218,14 @@ impl Sink for ScriptedSink {
         let mut published = Published::default();
         if !hang {
             let mut w = self.0.lock().unwrap();
+            if w.transactional {
+                let open = w.txns.last().is_some_and(|t| t.position.is_none());
+                if !open {
+                    w.txns.push(Txn::default());
+                }
+                let t = w.txns.last_mut().unwrap();
+                t.sent.extend(messages.iter().map(|m| m.id));
+            }
             for m in messages.iter() {
                 let outcome = if w.fail_once.remove(&m.id) {
                     Err(Failure::Transient("scripted timeout".into()))
@@ -230,6 +259,19 @@ impl Sink for ScriptedSink {
     }
     async fn check_connection(&self, _timeout: Duration) -> Result<(), String> {
         Ok(())
+    }
+    fn transactional(&self) -> bool {
+        self.0.lock().unwrap().transactional
+    }
+    async fn commit(&self, position: Vec<u8>, _timeout: Duration) -> Result<(), String> {
+        let mut w = self.0.lock().unwrap();
+        match w.txns.last_mut() {
+            Some(t) if t.position.is_none() => {
+                t.position = Some(position);
+                Ok(())
+            }
+            _ => Err("no open transaction".into()),
+        }
     }
 }
 
@@ -463,5 +505,45 @@ async fn an_unreachable_lease_releases_the_readers_stream_and_only_then_the_batc
         } else {
             assert!(again.is_empty(), "nothing published twice: {again:?}");
         }
+    }
+}
+
+/// Exactly-once: a transaction holds one batch and commits the position of exactly the rows
+/// sent in it, even when a short batch (a trickle, not a backlog) leaves room for more rows
+/// within --in-flight-batches' row bound.
+#[tokio::test(start_paused = true)]
+async fn a_transaction_commits_the_position_of_exactly_the_rows_it_sent() {
+    let w = world(250, 7);
+    {
+        let mut w = w.lock().unwrap();
+        w.transactional = true;
+        w.report_delay = Duration::from_millis(20);
+        // Marks lag, so the bound's room is sometimes what a short batch exactly fills.
+        w.record_delay = Duration::from_millis(30);
+    }
+    let w2 = w.clone();
+    // Rows arrive in small groups, so batches are short and the bound leaves room beside them.
+    let visible = tokio::spawn(async move {
+        let all = std::mem::take(&mut w2.lock().unwrap().rows);
+        for chunk in all.chunks(7) {
+            w2.lock().unwrap().rows.extend_from_slice(chunk);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        w2.lock().unwrap().rows.len()
+    });
+    run_until(&w, 10, |w| w.rows.len() == 250 && recorded_all(w)).await;
+    assert_eq!(visible.await.unwrap(), 250);
+    let w = w.lock().unwrap();
+    assert_all_in_key_order(&w);
+    assert!(w.txns.len() > 5, "{} transactions", w.txns.len());
+    for t in &w.txns {
+        let position =
+            String::from_utf8(t.position.clone().expect("every transaction committed")).unwrap();
+        let sent: Vec<String> = t.sent.iter().map(i64::to_string).collect();
+        assert_eq!(
+            position,
+            sent.join(","),
+            "the position covers what the transaction sent"
+        );
     }
 }
