@@ -72,6 +72,10 @@ pub struct DoctorArgs {
     pub timeouts: TimeoutArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    // With --delivery exactly-once, doctor also checks what it needs: the brokers' transaction
+    // settings, the positions topic, and that this principal may use transactions.
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
     /// The relay's read mode, whose needs are checked (log: wal_level, REPLICATION, the
     /// publication, the slot and the WAL it may retain). Default: the mode the table is
     /// migrated for.
@@ -284,25 +288,10 @@ pub struct KafkaArgs {
     pub compression: Compression,
 }
 
+/// `--delivery` and what exactly-once is configured with: `run` uses them, `doctor` checks
+/// what they need.
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub db: DatabaseArgs,
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Maximum rows read, published and marked per batch.
-    #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000), help_heading = "Relay")]
-    pub batch_size: u32,
-    /// Maximum bytes per batch (keys, payloads and headers as JSON text; a larger row is published
-    /// alone): bounds memory at any backlog. Suffixes KiB, MiB, GiB.
-    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "2MiB", value_parser = parse_bytes, help_heading = "Relay")]
-    pub batch_bytes: u64,
-    /// While a backlog drains, read and publish the next batches before the earlier ones'
-    /// delivery reports are in: at most this many batches' worth of rows published or being
-    /// recorded at once (--batch-bytes bounds their bytes together). A crash publishes these
-    /// again; 1 publishes and records one batch at a time.
-    #[arg(long, env = "OUTBOX_RELAY_IN_FLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Relay")]
-    pub in_flight_batches: u32,
+pub struct DeliveryArgs {
     /// at-least-once: a crash publishes the rows in flight again. exactly-once: each batch is
     /// published in one Kafka transaction with the relay's position, so a read_committed
     /// consumer sees every event once through crashes and take-overs (claim mode; one batch
@@ -323,6 +312,29 @@ pub struct RunArgs {
     /// outbox-relay.<database>.<schema>.<table>.
     #[arg(long, env = "OUTBOX_RELAY_TRANSACTIONAL_ID", help_heading = "Relay")]
     pub transactional_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Maximum rows read, published and marked per batch.
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000), help_heading = "Relay")]
+    pub batch_size: u32,
+    /// Maximum bytes per batch (keys, payloads and headers as JSON text; a larger row is published
+    /// alone): bounds memory at any backlog. Suffixes KiB, MiB, GiB.
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value = "2MiB", value_parser = parse_bytes, help_heading = "Relay")]
+    pub batch_bytes: u64,
+    /// While a backlog drains, read and publish the next batches before the earlier ones'
+    /// delivery reports are in: at most this many batches' worth of rows published or being
+    /// recorded at once (--batch-bytes bounds their bytes together). A crash publishes these
+    /// again; 1 publishes and records one batch at a time.
+    #[arg(long, env = "OUTBOX_RELAY_IN_FLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Relay")]
+    pub in_flight_batches: u32,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
     /// Safety-net poll interval when no notification arrives (e.g. 250ms, 1s).
     #[arg(long, env = "OUTBOX_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = duration_within("10ms", "1h"), help_heading = "Relay")]
     pub poll_interval: Duration,
@@ -819,6 +831,48 @@ impl KafkaArgs {
     }
 }
 
+impl DeliveryArgs {
+    /// `--delivery exactly-once`: the transactional id and positions topic (claim mode only);
+    /// `None` for at-least-once. `read_mode`: the mode the relay reads with, `None` when not
+    /// known yet (`doctor` without `--read-mode` learns it from the table).
+    pub fn resolve(
+        &self,
+        read_mode: Option<ReadMode>,
+        db: &DatabaseConfig,
+    ) -> Result<Option<outbox_relay::kafka::Transactional>, ConfigError> {
+        if self.delivery == Delivery::AtLeastOnce {
+            return Ok(None);
+        }
+        if read_mode.is_some_and(|m| m != ReadMode::Claim) {
+            return Err(ConfigError::Invalid(
+                "--delivery exactly-once needs --read-mode claim for now (log mode's position \
+                 in a Kafka transaction is not built yet); use claim mode or at-least-once"
+                    .into(),
+            ));
+        }
+        let id = match &self.transactional_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(ConfigError::Invalid("--transactional-id is empty".into()))
+            }
+            Some(id) => id.clone(),
+            None => format!(
+                "outbox-relay.{}.{}",
+                db.connect.get_database().unwrap_or("postgres"),
+                db.table
+            ),
+        };
+        if self.positions_topic.is_empty() || self.positions_topic.len() > 249 {
+            return Err(ConfigError::Invalid(
+                "--positions-topic must be 1 to 249 characters".into(),
+            ));
+        }
+        Ok(Some(outbox_relay::kafka::Transactional {
+            id,
+            positions_topic: self.positions_topic.clone(),
+        }))
+    }
+}
+
 impl RunArgs {
     fn dead_letter_topic(&self) -> Result<Option<String>, ConfigError> {
         match (self.poison_policy, &self.dead_letter_topic) {
@@ -856,46 +910,10 @@ impl RunArgs {
         Ok(self.read_mode)
     }
 
-    /// `--delivery exactly-once`: the transactional id and positions topic (claim mode only).
-    fn transactional(
-        &self,
-        db: &DatabaseConfig,
-    ) -> Result<Option<outbox_relay::kafka::Transactional>, ConfigError> {
-        if self.delivery == Delivery::AtLeastOnce {
-            return Ok(None);
-        }
-        if self.read_mode()? != ReadMode::Claim {
-            return Err(ConfigError::Invalid(
-                "--delivery exactly-once needs --read-mode claim for now (log mode's position \
-                 in a Kafka transaction is not built yet); use claim mode or at-least-once"
-                    .into(),
-            ));
-        }
-        let id = match &self.transactional_id {
-            Some(id) if id.trim().is_empty() => {
-                return Err(ConfigError::Invalid("--transactional-id is empty".into()))
-            }
-            Some(id) => id.clone(),
-            None => format!(
-                "outbox-relay.{}.{}",
-                db.connect.get_database().unwrap_or("postgres"),
-                db.table
-            ),
-        };
-        if self.positions_topic.is_empty() || self.positions_topic.len() > 249 {
-            return Err(ConfigError::Invalid(
-                "--positions-topic must be 1 to 249 characters".into(),
-            ));
-        }
-        Ok(Some(outbox_relay::kafka::Transactional {
-            id,
-            positions_topic: self.positions_topic.clone(),
-        }))
-    }
-
     pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
         let db = self.db.resolve()?;
-        let transactional = self.transactional(&db)?;
+        let read_mode = self.read_mode()?;
+        let transactional = self.delivery.resolve(Some(read_mode), &db)?;
         // One batch per transaction: a transaction holds exactly the rows its position covers.
         let in_flight_batches = match transactional {
             Some(_) => 1,
@@ -923,7 +941,7 @@ impl RunArgs {
                 },
             },
             db,
-            read_mode: self.read_mode()?,
+            read_mode,
             log: self.log.resolve(&self.db.table)?,
             on_publish: self.on_publish,
             retention: self.retention,
@@ -966,6 +984,71 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn exactly_once_is_claim_mode_only_and_doctor_takes_its_flags() {
+        let resolve = |extra: &[&str]| {
+            let mut argv = vec!["--database-url", "postgres://db/app", "--table", "s.t"];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = run_args(&argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.resolve()
+        };
+        let c = resolve(&["--delivery", "exactly-once"]).unwrap();
+        assert_eq!(
+            c.transactional,
+            Some(outbox_relay::kafka::Transactional {
+                id: "outbox-relay.app.s.t".into(),
+                positions_topic: "__outbox_relay_positions".into(),
+            })
+        );
+        assert_eq!(c.relay.in_flight_batches, 1, "one batch per transaction");
+        let c = resolve(&["--in-flight-batches", "8"]).unwrap();
+        assert_eq!((c.transactional, c.relay.in_flight_batches), (None, 8));
+        let err = resolve(&["--delivery", "exactly-once", "--read-mode", "log"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--delivery exactly-once needs --read-mode claim"),
+            "{err}"
+        );
+
+        let cli = Cli::try_parse_from([
+            "outbox-relay",
+            "doctor",
+            "--kafka-brokers",
+            "k:9092",
+            "--database-url",
+            "postgres://db/app",
+            "--delivery",
+            "exactly-once",
+            "--transactional-id",
+            "relay-a",
+            "--positions-topic",
+            "positions",
+        ])
+        .unwrap();
+        let Command::Doctor(args) = cli.command else {
+            panic!("not doctor")
+        };
+        let db = args.db.resolve().unwrap();
+        assert_eq!(
+            args.delivery.resolve(args.read_mode, &db).unwrap(),
+            Some(outbox_relay::kafka::Transactional {
+                id: "relay-a".into(),
+                positions_topic: "positions".into(),
+            })
+        );
+        // Without --read-mode (above) doctor learns the mode from the table; with log it is
+        // refused as `run` refuses it.
+        let err = args
+            .delivery
+            .resolve(Some(ReadMode::Log), &db)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--read-mode claim"), "{err}");
     }
 
     #[test]

@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::metadata::Metadata;
+use rdkafka::producer::{FutureProducer, Producer};
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-use crate::kafka::{client_config, KafkaConfig};
+use crate::kafka::{client_config, KafkaConfig, Transactional};
 use crate::read::log::LogNames;
 use crate::settings::{transport_findings, DatabaseConfig};
 use crate::store::errors::{self, Deadlines, Phase};
@@ -73,6 +76,8 @@ struct Pending {
     rows: &'static str,
     topics: Vec<String>,
     largest_payload: Option<i64>,
+    /// The read mode checked (`None`: unknown, e.g. the database was not reached).
+    read_mode: Option<ReadMode>,
 }
 
 /// Which read mode to check: `--read-mode` if given (else the one the table is migrated for),
@@ -84,12 +89,14 @@ struct Mode<'a> {
 
 /// Every check, each database wait bounded by `deadlines` (a server that never answers is a
 /// finding, not a hang); Kafka requests time out after 10s each. `mode`: `--read-mode`, or
-/// `None` for the mode the table is migrated for; `log`: log mode's slot and publication.
+/// `None` for the mode the table is migrated for; `log`: log mode's slot and publication;
+/// `transactional`: `--delivery exactly-once`'s settings, whose needs are checked too.
 pub async fn run(
     db: &DatabaseConfig,
     kafka: &KafkaConfig,
     mode: Option<ReadMode>,
     log: &LogNames,
+    transactional: Option<&Transactional>,
     deadlines: Deadlines,
 ) -> Vec<Finding> {
     let mut r = Report::default();
@@ -102,7 +109,7 @@ pub async fn run(
     }
     let mode = Mode { wanted: mode, log };
     let pending = database(db, &mode, deadlines, &mut r).await;
-    self::kafka(kafka, &pending, &mut r).await;
+    self::kafka(kafka, &pending, transactional, &mut r).await;
     r.0
 }
 
@@ -440,6 +447,7 @@ async fn database_checks(
         rows: "pending",
         topics,
         largest_payload: largest,
+        read_mode,
     })
 }
 
@@ -491,6 +499,7 @@ async fn log_backlog(
         rows: "recent",
         topics,
         largest_payload: largest,
+        read_mode: Some(ReadMode::Log),
     })
 }
 
@@ -751,7 +760,12 @@ async fn slot_outside_log_mode(
     Ok(())
 }
 
-async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
+async fn kafka(
+    cfg: &KafkaConfig,
+    pending: &Pending,
+    transactional: Option<&Transactional>,
+    r: &mut Report,
+) {
     let config = client_config(cfg);
     for (key, want) in [("enable.idempotence", "true"), ("acks", "all")] {
         let have = config.get(key).unwrap_or("");
@@ -817,6 +831,19 @@ async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
             None => r.error("topics", format!("{} rows name topic {topic:?}, which does not exist", pending.rows), format!("create it (e.g. kafka-topics --create --topic {topic}); those rows will be parked otherwise")),
         }
     }
+    limits(&admin, &present, pending, r).await;
+    if let Some(t) = transactional {
+        exactly_once(cfg, &admin, &metadata, t, pending, r).await;
+    }
+}
+
+/// The largest payload against each present topic's max.message.bytes.
+async fn limits(
+    admin: &AdminClient<DefaultClientContext>,
+    present: &[&str],
+    pending: &Pending,
+    r: &mut Report,
+) {
     let Some(largest) = pending.largest_payload.filter(|_| !present.is_empty()) else {
         return;
     };
@@ -853,6 +880,297 @@ async fn kafka(cfg: &KafkaConfig, pending: &Pending, r: &mut Report) {
             "grant DESCRIBE_CONFIGS to the relay's principal to let doctor compare limits",
         ),
     }
+}
+
+/// The check name of every `--delivery exactly-once` finding.
+const EXACTLY_ONCE: &str = "exactly-once";
+
+/// How long each step of the transaction probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `--delivery exactly-once`: the read mode, the brokers' transaction settings, the positions
+/// topic, and a transaction begun and aborted by this principal.
+async fn exactly_once(
+    cfg: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    metadata: &Metadata,
+    t: &Transactional,
+    pending: &Pending,
+    r: &mut Report,
+) {
+    if pending.read_mode == Some(ReadMode::Log) {
+        // Only the table's own mode gets here: `--read-mode log` with exactly-once is refused
+        // as a usage error, as `run` refuses it.
+        r.error(
+            EXACTLY_ONCE,
+            "the table is migrated for --read-mode log, and exactly-once needs --read-mode claim for now",
+            "run claim mode (`outbox-relay migrate --read-mode claim`) or --delivery at-least-once",
+        );
+    }
+    transaction_settings(admin, metadata, r).await;
+    positions_topic(admin, metadata, &t.positions_topic, r).await;
+    transaction_probe(cfg, &t.id, r).await;
+}
+
+/// Every broker's transaction.state.log.replication.factor and .min.isr: the transaction
+/// coordinator's log (__transaction_state) is created on first use with them, and is never
+/// created while the replication factor exceeds the brokers (every transaction times out).
+async fn transaction_settings(
+    admin: &AdminClient<DefaultClientContext>,
+    metadata: &Metadata,
+    r: &mut Report,
+) {
+    const FACTOR: &str = "transaction.state.log.replication.factor";
+    const MIN_ISR: &str = "transaction.state.log.min.isr";
+    let brokers = metadata.brokers().len() as i64;
+    let state_log = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == "__transaction_state" && t.error().is_none());
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    // One broker per request: librdkafka sends a broker's configuration request to that broker.
+    let described = futures::future::join_all(metadata.brokers().iter().map(|b| {
+        let specifier = [ResourceSpecifier::Broker(b.id())];
+        let opts = &opts;
+        async move {
+            let result = admin.describe_configs(&specifier, opts).await;
+            (b.id(), result)
+        }
+    }))
+    .await;
+    let mut settings = Vec::new();
+    let mut unreadable = Vec::new();
+    for (id, result) in described {
+        let resource = match result {
+            Ok(mut results) => match results.pop() {
+                Some(Ok(resource)) => resource,
+                Some(Err(code)) => {
+                    unreadable.push(format!("broker {id}: {code}"));
+                    continue;
+                }
+                None => continue,
+            },
+            Err(e) => {
+                unreadable.push(format!("broker {id}: {e}"));
+                continue;
+            }
+        };
+        let value = |key: &str| {
+            resource
+                .get(key)
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        };
+        match (value(FACTOR), value(MIN_ISR)) {
+            (Some(factor), Some(min_isr)) => settings.push((id, factor, min_isr)),
+            _ => unreadable.push(format!("broker {id}: {FACTOR} or {MIN_ISR} not shown")),
+        }
+    }
+    if !unreadable.is_empty() {
+        r.warn(
+            EXACTLY_ONCE,
+            format!(
+                "cannot read the brokers' transaction settings ({})",
+                unreadable.join("; ")
+            ),
+            format!(
+                "grant DESCRIBE_CONFIGS on the cluster to the relay's principal to let doctor check them, \
+                 or check yourself that {FACTOR} is at most the broker count ({brokers})"
+            ),
+        );
+    }
+    // One finding for the cluster when every broker agrees, else one per broker.
+    let agree = settings
+        .windows(2)
+        .all(|w| (w[0].1, w[0].2) == (w[1].1, w[1].2));
+    let shown = if agree {
+        settings.get(..1).unwrap_or_default()
+    } else {
+        &settings[..]
+    };
+    for &(id, factor, min_isr) in shown {
+        let who = if agree {
+            "the brokers".to_string()
+        } else {
+            format!("broker {id}")
+        };
+        let values = format!("{FACTOR}={factor}, {MIN_ISR}={min_isr}");
+        if factor > brokers {
+            let fix = format!(
+                "set {FACTOR} to at most {brokers} (the broker count) in the brokers' configuration and restart them"
+            );
+            match state_log {
+                None => r.error(
+                    EXACTLY_ONCE,
+                    format!(
+                        "{who}: {values}, but the cluster has {brokers} brokers: the transaction coordinator \
+                         can never start (its log, __transaction_state, cannot be created), so every transaction times out"
+                    ),
+                    fix,
+                ),
+                Some(_) => r.warn(
+                    EXACTLY_ONCE,
+                    format!(
+                        "{who}: {values}, more than the cluster's {brokers} brokers (__transaction_state exists \
+                         already, so the coordinator runs while its replicas are in sync)"
+                    ),
+                    fix,
+                ),
+            }
+        } else if min_isr > factor {
+            r.error(
+                EXACTLY_ONCE,
+                format!(
+                    "{who}: {values}: more in-sync replicas required than there are replicas, so the \
+                     transaction coordinator cannot write its log and every transaction fails"
+                ),
+                format!("set {MIN_ISR} to at most {FACTOR} ({factor}) on the brokers"),
+            );
+        } else {
+            r.ok(
+                EXACTLY_ONCE,
+                format!(
+                    "{who}: {values} ({brokers} brokers): the transaction coordinator can start"
+                ),
+            );
+        }
+    }
+}
+
+/// The positions topic: compacted (a position is a key's latest value; without compaction
+/// the topic grows without bound), or missing (the relay creates it).
+async fn positions_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    metadata: &Metadata,
+    topic: &str,
+    r: &mut Report,
+) {
+    let Some(found) = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+    else {
+        return r.info(
+            EXACTLY_ONCE,
+            format!(
+                "positions topic {topic} is missing: created by the relay at start; needs CREATE on the \
+                 cluster or create it yourself: compacted, one partition"
+            ),
+        );
+    };
+    let partitions = found.partitions().len();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let policy = match admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+    {
+        Ok(mut results) => match results.pop() {
+            Some(Ok(resource)) => resource
+                .get("cleanup.policy")
+                .and_then(|e| e.value.clone())
+                .ok_or_else(|| "cleanup.policy not shown".to_string()),
+            Some(Err(code)) => Err(code.to_string()),
+            None => Err("no answer".to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    match policy {
+        Ok(policy) if policy.contains("compact") => r.ok(
+            EXACTLY_ONCE,
+            format!("positions topic {topic}: cleanup.policy={policy}, {partitions} partitions"),
+        ),
+        Ok(policy) => r.warn(
+            EXACTLY_ONCE,
+            format!(
+                "positions topic {topic} is not compacted (cleanup.policy={policy}): it grows without \
+                 bound, and retention may delete the last position of a relay that commits rarely"
+            ),
+            format!(
+                "set cleanup.policy=compact on it (kafka-configs --alter --entity-type topics \
+                 --entity-name {topic} --add-config cleanup.policy=compact)"
+            ),
+        ),
+        Err(e) => r.warn(
+            EXACTLY_ONCE,
+            format!("positions topic {topic} ({partitions} partitions): cannot read its cleanup.policy: {e}"),
+            "grant DESCRIBE_CONFIGS on the topic to the relay's principal to let doctor check it",
+        ),
+    }
+}
+
+/// Begin and abort a transaction as this principal, with the brokers' answer as the finding.
+///
+/// The probe's transactional id is the relay's plus `.doctor-probe`, never the relay's own:
+/// init_transactions with the relay's id would bump that id's epoch and so fence the running
+/// leader (its open transaction aborted, its next commit refused) - a preflight must not
+/// disturb a relay at work. A prefixed ACL on the relay's id covers the probe's id too. The
+/// brokers keep the probe id's (empty) state until transactional.id.expiration.ms after its use.
+async fn transaction_probe(cfg: &KafkaConfig, id: &str, r: &mut Report) {
+    let probe = format!("{id}.doctor-probe");
+    let producer_config = {
+        let mut c = client_config(cfg);
+        c.set("transactional.id", &probe);
+        c
+    };
+    let described = cfg.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> Result<(), (&'static str, KafkaError)> {
+        let producer: FutureProducer = producer_config
+            .create()
+            .map_err(|e| ("create a transactional producer", e))?;
+        producer
+            .init_transactions(PROBE_TIMEOUT)
+            .map_err(|e| ("initialize transactions", e))?;
+        producer
+            .begin_transaction()
+            .map_err(|e| ("begin a transaction", e))?;
+        producer
+            .abort_transaction(PROBE_TIMEOUT)
+            .map_err(|e| ("abort the transaction", e))
+    })
+    .await;
+    let (step, e) = match outcome {
+        Ok(Ok(())) => {
+            return r.ok(
+                EXACTLY_ONCE,
+                format!(
+                    "began and aborted a transaction as {probe} (a probe id of its own: a running relay \
+                     of {id} is not fenced): this principal may use transactions"
+                ),
+            )
+        }
+        Ok(Err(failed)) => failed,
+        Err(e) => {
+            return r.error(
+                EXACTLY_ONCE,
+                format!("the transaction probe did not finish: {e}"),
+                "run doctor again",
+            )
+        }
+    };
+    // As every Kafka error doctor prints: never a property's value (it may be a secret).
+    let shown = described.describe_error(&e);
+    let acl = format!(
+        "grant the relay's principal WRITE and DESCRIBE on transactional ids prefixed {id} \
+         (kafka-acls --add --allow-principal User:<relay> --operation Write --operation Describe \
+         --transactional-id {id} --resource-pattern-type prefixed; a literal ACL on {id} alone does \
+         not cover this probe's id)"
+    );
+    let fix = match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => acl,
+        Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => format!(
+            "{acl}; brokers before Kafka 3.0 also want IDEMPOTENT_WRITE on the cluster"
+        ),
+        _ => format!(
+            "check the brokers' transaction settings (transaction.state.log.replication.factor and \
+             .min.isr at most the brokers alive; the findings above), their logs, and any transaction \
+             property in --kafka-config; if the brokers refuse this principal, {acl}"
+        ),
+    };
+    r.error(
+        EXACTLY_ONCE,
+        format!("could not {step} as {probe}: {shown}"),
+        fix,
+    );
 }
 
 /// The findings as text lines: `[SEVERITY] check: message (fix: ...)`.

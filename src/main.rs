@@ -543,10 +543,21 @@ fn doctor(args: DoctorArgs) -> ExitCode {
         (Ok(db), Ok(kafka), Ok(log)) => (db, kafka, log),
         (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return usage_error(e),
     };
+    let transactional = match args.delivery.resolve(args.read_mode, &db) {
+        Ok(t) => t,
+        Err(e) => return usage_error(e),
+    };
     let deadlines = args.timeouts.deadlines(INSPECT.0, INSPECT.1);
     runtime().block_on(async {
-        let findings =
-            outbox_relay::doctor::run(&db, &kafka, args.read_mode, &log, deadlines).await;
+        let findings = outbox_relay::doctor::run(
+            &db,
+            &kafka,
+            args.read_mode,
+            &log,
+            transactional.as_ref(),
+            deadlines,
+        )
+        .await;
         if args.json {
             println!(
                 "{}",

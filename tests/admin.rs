@@ -415,6 +415,157 @@ async fn doctor_checks_the_read_index_of_the_migrated_mode() {
     );
 }
 
+/// `doctor --delivery exactly-once` checks what exactly-once needs against the test broker:
+/// its transaction settings (read here with describe_configs: single node, replication factor
+/// 1), the positions topic (compacted, missing, not compacted) and a transaction of its own,
+/// begun and aborted under a probe id, so a relay running with the real id is not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_what_exactly_once_needs_without_fencing_the_relay() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let brokers = common::kafka_brokers();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    let broker = metadata.brokers()[0].id();
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Broker(broker)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    let setting = |key: &str| {
+        let value = described.get(key).and_then(|e| e.value.clone());
+        value.unwrap_or_else(|| panic!("broker {broker} does not show {key}"))
+    };
+    let (factor, min_isr) = (
+        setting("transaction.state.log.replication.factor"),
+        setting("transaction.state.log.min.isr"),
+    );
+    assert!(
+        factor.parse::<usize>().unwrap() <= metadata.brokers().len(),
+        "the test broker's transactions cannot work: replication factor {factor}"
+    );
+
+    let db = TestDb::new().await;
+    let (topic, positions) = (unique("eo_doc"), unique("eo_positions"));
+    create_topics(&[&topic], 1).await;
+    common::create_topics_with_config(&[&positions], 1, &[("cleanup.policy", "compact")]).await;
+    let id = unique("eo_doctor");
+    let exactly_once = ["--delivery", "exactly-once", "--transactional-id", &id];
+    // A relay publishing exactly-once with the same transactional id and positions topic.
+    let mut flags = exactly_once.to_vec();
+    flags.extend(["--positions-topic", &positions]);
+    let relay = Relay::start(&db, &flags);
+    let insert = |key: &'static str| {
+        sqlx::query("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, 'p')")
+            .bind(&topic)
+            .bind(key)
+            .execute(&db.pool)
+    };
+    insert("before").await.unwrap();
+    db.wait_count("published_at IS NOT NULL", 1, Duration::from_secs(30))
+        .await;
+
+    let doctor = |positions: &str| {
+        let mut args = vec!["doctor", "--kafka-brokers", &brokers, "--json"];
+        args.extend_from_slice(&exactly_once);
+        args.extend(["--positions-topic", positions]);
+        let (code, out, err) = db.run(&args);
+        let findings: Vec<serde_json::Value> =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+        let found: Vec<serde_json::Value> = findings
+            .into_iter()
+            .filter(|f| f["check"] == "exactly-once")
+            .collect();
+        (code, found, out)
+    };
+    let (code, found, out) = doctor(&positions);
+    assert_eq!(code, 0, "no error finding: {out}");
+    assert_eq!(found.len(), 3, "{out}");
+    assert!(found.iter().all(|f| f["severity"] == "ok"), "{out}");
+    let message = |i: usize| found[i]["message"].as_str().unwrap().to_string();
+    assert!(
+        message(0).contains(&format!(
+            "transaction.state.log.replication.factor={factor}, transaction.state.log.min.isr={min_isr}"
+        )),
+        "{out}"
+    );
+    assert!(
+        message(1).contains(&format!(
+            "positions topic {positions}: cleanup.policy=compact, 1 partitions"
+        )),
+        "{out}"
+    );
+    assert!(
+        message(2).contains(&format!("as {id}.doctor-probe")),
+        "{out}"
+    );
+
+    // The relay was not fenced: it commits its next transaction with the producer it had.
+    insert("after").await.unwrap();
+    db.wait_count("published_at IS NOT NULL", 2, Duration::from_secs(30))
+        .await;
+    let committed = relay.metric("outbox_relay_transactions_total{outcome=\"committed\"}");
+    let aborted = relay.metric("outbox_relay_transactions_total{outcome=\"aborted\"}");
+    assert_eq!(
+        (committed, aborted.unwrap_or(0.0)),
+        (Some(2.0), 0.0),
+        "{}",
+        relay.logs()
+    );
+    let logs = relay.logs();
+    assert!(
+        !logs.contains("recreating the producer") && !logs.contains("did not commit"),
+        "{logs}"
+    );
+    drop(relay);
+
+    // A missing positions topic is the relay's to create; one that is not compacted is a
+    // warning with the fix.
+    let (code, found, out) = doctor(&unique("eo_missing"));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        found.iter().any(|f| f["severity"] == "info"
+            && f["message"]
+                .as_str()
+                .unwrap()
+                .contains("created by the relay at start")),
+        "{out}"
+    );
+    let (code, found, out) = doctor(&topic);
+    assert_eq!(code, 0, "a warning is not a failure: {out}");
+    assert!(
+        found.iter().any(|f| f["severity"] == "warn"
+            && f["message"]
+                .as_str()
+                .unwrap()
+                .contains("is not compacted (cleanup.policy=delete)")
+            && f["fix"]
+                .as_str()
+                .unwrap()
+                .contains("cleanup.policy=compact")),
+        "{out}"
+    );
+
+    // Log mode is refused as `run` refuses it.
+    let mut args = vec!["doctor", "--kafka-brokers", &brokers, "--read-mode", "log"];
+    args.extend_from_slice(&exactly_once);
+    let (code, _, err) = db.run(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs --read-mode claim"), "{err}");
+}
+
 /// Drops a replication slot when the test ends, passed or not: slots are cluster-wide, hold
 /// WAL while they exist, and keep their database from being dropped.
 struct DropSlot(String);

@@ -283,7 +283,10 @@ mod tests {
         let (table, ranges) = claim_ranges(&p).unwrap();
         assert_eq!(table, "16384/16390");
         assert_eq!(ranges, vec![[3, 5], [7, 7], [9, 10]]);
-        assert!(claim_ranges(b"{\"lsn\": 5}").is_none(), "another mode's position");
+        assert!(
+            claim_ranges(b"{\"lsn\": 5}").is_none(),
+            "another mode's position"
+        );
         assert!(claim_ranges(b"garbage").is_none());
     }
 }
