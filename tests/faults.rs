@@ -6,7 +6,12 @@
 //! (`--read-mode log`: relay kill -9 with standbys, SIGTERM, a paused leader, PostgreSQL
 //! restart and crash, broker kill and pause, terminated connections and walsender) also run as
 //! `log_<scenario>` (`cargo test --test faults log_`, which also runs the two backlog
-//! scenarios).
+//! scenarios). Those where a crash costs duplicates at least once (replica kill -9, a paused
+//! leader, broker kill, PostgreSQL restart and crash) also run with `--delivery exactly-once`
+//! as `exactly_once_<scenario>` (`cargo test --test faults exactly_once`), where the bound is
+//! zero: each batch goes in one Kafka transaction with the relay's position, and the checker
+//! reads read_committed. `kill9_mid_backlog_duplicates_only_at_least_once` kills the leader
+//! once in each delivery, to show the difference.
 //!
 //! Every scenario runs writers concurrently with its faults (ordinary application transactions:
 //! an audit event, then 1-5 aggregates each locked right before its event), then ends with the same checker (`verify`): every committed event in Kafka byte for byte, no
@@ -20,8 +25,9 @@
 //! `cargo test --test faults` runs the default suite; `OUTBOX_SOAK=1` runs longer scenarios with
 //! more faults and the 1,000,000-row backlog; `OUTBOX_FAULT_SEED=N` replays a seed (printed at
 //! the start of each scenario and in every assertion message). Relay logs are in
-//! `target/tmp/test-logs/faults-<scenario>-<seed>-r<replica>.<generation>.log`, and a summary
-//! of every run in `target/tmp/test-logs/faults-summary.log`.
+//! `target/tmp/test-logs/faults-<scenario>-<seed>-r<replica>.<generation>.log` (a scenario with
+//! two fleets names each after the seed), and a summary of every run in
+//! `target/tmp/test-logs/faults-summary.log`.
 
 mod common;
 /// The fault harness: compiled into this suite only (every suite shares `tests/common`).
@@ -59,25 +65,70 @@ const READY: Duration = Duration::from_secs(60);
 const PROGRESS: Duration = Duration::from_secs(90);
 const DRAIN: Duration = Duration::from_secs(180);
 
-/// One scenario body run in claim mode (the default read mode), as `$claim`.
+/// One scenario body run in claim mode (the default read mode), as `$claim`; a body that takes
+/// a [`Delivery`] is given the one after it. Doc comments go on the test.
 macro_rules! claim_mode {
-    ($claim:ident, $limit:expr, $body:path) => {
+    ($(#[$doc:meta])* $claim:ident, $limit:expr, $body:path $(, $delivery:expr)?) => {
+        $(#[$doc])*
         #[test]
         fn $claim() {
-            run_scenario_in(stringify!($claim), Mode::Claim, $limit, $body);
+            run_scenario_in(stringify!($claim), Mode::Claim, $limit, |ctx| {
+                $body(ctx $(, $delivery)?)
+            });
         }
     };
 }
 
 /// One scenario body run in log mode, as `$log` (`migrate` and every replica with
-/// `--read-mode log` and the scenario's own `--slot` and `--publication`).
+/// `--read-mode log` and the scenario's own `--slot` and `--publication`); a body that takes a
+/// [`Delivery`] is given the one after it (at-least-once: log mode has no other).
 macro_rules! log_mode {
-    ($log:ident, $limit:expr, $body:path) => {
+    ($(#[$doc:meta])* $log:ident, $limit:expr, $body:path $(, $delivery:expr)?) => {
+        $(#[$doc])*
         #[test]
         fn $log() {
-            run_scenario_in(stringify!($log), Mode::Log, $limit, $body);
+            run_scenario_in(stringify!($log), Mode::Log, $limit, |ctx| {
+                $body(ctx $(, $delivery)?)
+            });
         }
     };
+}
+
+/// How a scenario's replicas deliver (`--delivery`), and so what a crash may cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    /// The default: a crash publishes again what was in flight (duplicates, within a bound).
+    AtLeastOnce,
+    /// `--delivery exactly-once` (claim mode; one batch in flight): each batch in one Kafka
+    /// transaction with the relay's position, a new leader fences older producers and adopts
+    /// Kafka's committed position. A read_committed consumer sees no duplicate, whatever fails.
+    ExactlyOnce,
+}
+
+impl Delivery {
+    /// The replicas' flags (`--delivery exactly-once` forces `--in-flight-batches 1`).
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Delivery::AtLeastOnce => &[],
+            Delivery::ExactlyOnce => &["--delivery", "exactly-once"],
+        }
+    }
+
+    /// What a fault costing `at_least_once` duplicates at least once may cost here: zero
+    /// exactly once.
+    fn cost(self, at_least_once: usize) -> usize {
+        match self {
+            Delivery::AtLeastOnce => at_least_once,
+            Delivery::ExactlyOnce => 0,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
+        }
+    }
 }
 
 fn minutes(n: u64) -> Duration {
@@ -100,6 +151,16 @@ async fn finish(db: FaultDb, topics: &[String]) {
 
 /// `n` replicas with the fault suite's batch size (plus `extra` flags), all ready.
 async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet {
+    let mut fleet = replicas(ctx, db, extra);
+    for _ in 0..n {
+        fleet.spawn();
+    }
+    fleet.wait_all_ready(READY).await;
+    fleet
+}
+
+/// A fleet with the fault suite's batch size (plus `extra` flags), no replica started yet.
+fn replicas(ctx: &Arc<Ctx>, db: &FaultDb, extra: &[&str]) -> Fleet {
     let mut args = vec![
         "--batch-size",
         BATCH_ARG,
@@ -109,12 +170,7 @@ async fn fleet(ctx: &Arc<Ctx>, db: &FaultDb, n: usize, extra: &[&str]) -> Fleet 
         "20s",
     ];
     args.extend_from_slice(extra);
-    let mut fleet = Fleet::new(ctx, db, &args);
-    for _ in 0..n {
-        fleet.spawn();
-    }
-    fleet.wait_all_ready(READY).await;
-    fleet
+    Fleet::new(ctx, db, &args)
 }
 
 /// The load of a scenario: ordinary application transactions (an audit event first, then 1-5
@@ -197,10 +253,11 @@ fn expect(topics: &[String], max_duplicates: usize) -> Expect<'_> {
 }
 
 /// 1. Three replicas; random replicas (mostly the leader) are killed with SIGKILL and
-///    restarted, under load.
-async fn replicas_sigkilled(ctx: Arc<Ctx>) {
+///    restarted, under load. Each kill may cost the in-flight window at least once (plus log
+///    mode's lag), nothing exactly once.
+async fn replicas_sigkilled(ctx: Arc<Ctx>, delivery: Delivery) {
     let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+    let mut fleet = fleet(&ctx, &db, 3, delivery.flags()).await;
     let load = load(&ctx, &db, spec(&topics)).await;
     let kills = if ctx.soak { 40 } else { 6 };
     let mut rng = ctx.rng("kills");
@@ -220,7 +277,7 @@ async fn replicas_sigkilled(ctx: Arc<Ctx>) {
         fleet.kill9(victim);
         fleet.respawn(victim);
         let resumed = db.wait_progress(&ctx, 50, PROGRESS).await;
-        let cost = crash_cost(marks.as_ref(), at).await;
+        let cost = delivery.cost(crash_cost(marks.as_ref(), at).await);
         bound += cost;
         ctx.say(&format!(
             "kill {k}/{kills}: replica {victim} (led: {}); publishing {:.1}s later; may cost {cost} duplicates",
@@ -235,12 +292,24 @@ async fn replicas_sigkilled(ctx: Arc<Ctx>) {
 claim_mode!(
     replicas_sigkilled_under_load,
     minutes(5),
-    replicas_sigkilled
+    replicas_sigkilled,
+    Delivery::AtLeastOnce
 );
 log_mode!(
     log_replicas_sigkilled_under_load,
     minutes(5),
-    replicas_sigkilled
+    replicas_sigkilled,
+    Delivery::AtLeastOnce
+);
+claim_mode!(
+    /// 1x. Replicas killed with SIGKILL under load, every replica with `--delivery
+    /// exactly-once`: not a single duplicate, through every take-over (a new leader fences
+    /// the killed one's transactional id, aborting its open transaction, and marks the rows
+    /// of Kafka's last committed position before it reads).
+    exactly_once_replicas_sigkilled_under_load,
+    minutes(5),
+    replicas_sigkilled,
+    Delivery::ExactlyOnce
 );
 
 /// 2. Rolling restart under load: SIGTERM each replica in turn (it must exit 0; a leader hands
@@ -305,15 +374,16 @@ log_mode!(log_rolling_restart_under_load, minutes(5), rolling_restart);
 
 /// 3. A paused leader: SIGSTOP the current leader, wait past the lease until another replica
 ///    takes over, keep writing, then SIGCONT it. Whatever it still had in flight must not
-///    break per-key first-occurrence order; duplicates stay within a batch per pause.
-async fn paused_leader(ctx: Arc<Ctx>) {
+///    break per-key first-occurrence order; duplicates stay within a crash's cost per pause
+///    (at least once; none exactly once).
+async fn paused_leader(ctx: Arc<Ctx>, delivery: Delivery) {
     assert!(
                 ctx.lease,
                 "outbox-relay has no --lease-duration flag: this scenario needs the lease-based leader election {}",
                 ctx.tag()
             );
     let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 3, &[]).await;
+    let mut fleet = fleet(&ctx, &db, 3, delivery.flags()).await;
     let load = load(&ctx, &db, spec(&topics)).await;
     let pauses = if ctx.soak { 8 } else { 2 };
     let mut rng = ctx.rng("pauses");
@@ -327,7 +397,7 @@ async fn paused_leader(ctx: Arc<Ctx>) {
         let t = Instant::now();
         // The new leader starts from the slot's position on the server (log mode): a crash's
         // cost, from the moment the old leader stopped confirming.
-        bound += crash_cost(marks.as_ref(), t).await;
+        bound += delivery.cost(crash_cost(marks.as_ref(), t).await);
         // The lease is 3 s and standbys poll every 100 ms: another replica must take over.
         let new = fleet.wait_single_leader(Duration::from_secs(30)).await;
         let takeover = t.elapsed();
@@ -358,18 +428,30 @@ async fn paused_leader(ctx: Arc<Ctx>) {
 claim_mode!(
     paused_leader_loses_lease_and_order_holds,
     minutes(5),
-    paused_leader
+    paused_leader,
+    Delivery::AtLeastOnce
 );
 log_mode!(
     log_paused_leader_loses_lease_and_order_holds,
     minutes(5),
-    paused_leader
+    paused_leader,
+    Delivery::AtLeastOnce
+);
+claim_mode!(
+    /// 3x. A paused leader loses its lease, every replica with `--delivery exactly-once`: the
+    /// new leader's producer fences the paused one (its open transaction is aborted, its next
+    /// commit fails once it wakes), so not a single duplicate, and per-key order holds.
+    exactly_once_paused_leader_loses_lease,
+    minutes(5),
+    paused_leader,
+    Delivery::ExactlyOnce
 );
 
-/// 4. The broker is killed with SIGKILL and restarted during load.
-async fn broker_sigkilled(ctx: Arc<Ctx>) {
+/// 4. The broker is killed with SIGKILL and restarted during load (at least once: the in-flight
+///    window per kill; exactly once: nothing).
+async fn broker_sigkilled(ctx: Arc<Ctx>, delivery: Delivery) {
     let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let mut fleet = fleet(&ctx, &db, 2, delivery.flags()).await;
     let load = load(&ctx, &db, spec(&topics)).await;
     let kills = if ctx.soak { 6 } else { 2 };
     let mut rng = ctx.rng("broker-kills");
@@ -390,18 +472,30 @@ async fn broker_sigkilled(ctx: Arc<Ctx>) {
     // The in-flight window per kill, in every mode: the relay lives on and leads on, and log
     // mode's stream, if it restarts (a fatal producer error), starts from the relay's own
     // confirmed position, not the server's lagging one.
-    conclude(&ctx, db, fleet, (load, bursts), &topics, DUP_WINDOW * kills).await;
+    let bound = delivery.cost(DUP_WINDOW * kills);
+    conclude(&ctx, db, fleet, (load, bursts), &topics, bound).await;
 }
 
 claim_mode!(
     broker_sigkilled_and_restarted_under_load,
     minutes(5),
-    broker_sigkilled
+    broker_sigkilled,
+    Delivery::AtLeastOnce
 );
 log_mode!(
     log_broker_sigkilled_and_restarted_under_load,
     minutes(5),
-    broker_sigkilled
+    broker_sigkilled,
+    Delivery::AtLeastOnce
+);
+claim_mode!(
+    /// 4x. The broker killed with SIGKILL and restarted under load, every replica with
+    /// `--delivery exactly-once`: whatever the leader had sent, in an open transaction or
+    /// being committed, when the broker died, not a single duplicate (nor a loss).
+    exactly_once_broker_sigkilled,
+    minutes(5),
+    broker_sigkilled,
+    Delivery::ExactlyOnce
 );
 
 /// 5. The broker is paused (SIGSTOP) for ~10 s, then resumed, during load.
@@ -487,10 +581,12 @@ claim_mode!(
 );
 
 /// 7. PostgreSQL restarted (fast shutdown) and crashed (SIGKILL of the postmaster, then start)
-///    under load. Writers retry their transactions and resolve unknown COMMIT outcomes.
-async fn postgres_restarted(ctx: Arc<Ctx>) {
+///    under load. Writers retry their transactions and resolve unknown COMMIT outcomes. At
+///    least once, each fault may cost what a crash of the publisher does; exactly once,
+///    nothing (rows Kafka committed whose marks the database lost are in Kafka's position).
+async fn postgres_restarted(ctx: Arc<Ctx>, delivery: Delivery) {
     let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
+    let mut fleet = fleet(&ctx, &db, 2, delivery.flags()).await;
     let load = load(&ctx, &db, spec(&topics)).await;
     let rounds = if ctx.soak { 4 } else { 1 };
     let mut rng = ctx.rng("postgres-faults");
@@ -532,13 +628,13 @@ async fn postgres_restarted(ctx: Arc<Ctx>) {
         // costs what a crash of the publisher does; after the crash the slot resumes where it
         // was last saved, in the worst case at the last checkpoint: the fast restart's
         // shutdown checkpoint, so everything published since shortly before the fast restart.
-        bound += match &marks {
+        bound += delivery.cost(match &marks {
             Some(m) => {
                 let from = fast.checked_sub(REPORT_LAG).unwrap_or(fast);
                 2 * DUP_WINDOW + m.written_between(from, crash).await
             }
             None => 2 * DUP_WINDOW,
-        };
+        });
         ctx.say(&format!(
             "round {r}/{rounds}: crash and start; publishing again after {:.1}s; {bound} duplicates allowed so far",
             resumed.as_secs_f64()
@@ -560,12 +656,23 @@ async fn checkpoint_lsn(ctx: &Ctx, db: &FaultDb) -> i64 {
 claim_mode!(
     postgres_restarted_and_crashed_under_load,
     minutes(5),
-    postgres_restarted
+    postgres_restarted,
+    Delivery::AtLeastOnce
 );
 log_mode!(
     log_postgres_restarted_and_crashed_under_load,
     minutes(5),
-    postgres_restarted
+    postgres_restarted,
+    Delivery::AtLeastOnce
+);
+claim_mode!(
+    /// 7x. PostgreSQL restarted and crashed under load, every replica with `--delivery
+    /// exactly-once`: rows Kafka committed whose marks the database lost (or never got) are
+    /// covered by the relay's position committed with them: not a single duplicate.
+    exactly_once_postgres_restarted,
+    minutes(5),
+    postgres_restarted,
+    Delivery::ExactlyOnce
 );
 
 /// 8. `pg_terminate_backend` of every connection of the relays (application_name
@@ -1083,6 +1190,164 @@ claim_mode!(
     minutes(4),
     long_transaction
 );
+
+/// Rows of scenario 12's backlog: seconds to drain in either delivery.
+const BACKLOG: i64 = 40_000;
+
+/// 12. The difference `--delivery exactly-once` makes, shown deterministically, once per
+///     delivery: a leader and a standby, a backlog of [`BACKLOG`] rows committed at once; a
+///     quarter of it published, the leader is stopped (SIGSTOP: what it wrote to Kafka and
+///     to the table can then be counted) at a moment when Kafka holds records of rows the
+///     table does not show published (stopped again until it does), killed with SIGKILL, and
+///     the standby drains the rest. At least once, exactly those rows come again: more than
+///     none, at most the in-flight window. Exactly once (those are the records of its open
+///     transaction): not a single duplicate.
+#[test]
+fn kill9_mid_backlog_duplicates_only_at_least_once() {
+    run_scenario(
+        "kill9_mid_backlog_duplicates_only_at_least_once",
+        minutes(6),
+        |ctx| async move {
+            let at_least_once = leader_killed_mid_backlog(&ctx, Delivery::AtLeastOnce).await;
+            let exactly_once = leader_killed_mid_backlog(&ctx, Delivery::ExactlyOnce).await;
+            ctx.say(&format!(
+                "the leader killed mid-backlog: {at_least_once} duplicates at least once, \
+                 {exactly_once} exactly once"
+            ));
+        },
+    );
+}
+
+/// The topics' end offsets, summed, as a consumer of `isolation` sees them: read_committed up
+/// to the first open Kafka transaction of each partition, read_uncommitted everything written.
+async fn end_offsets(topics: &[String], isolation: &'static str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("isolation.level", isolation)
+            .create()
+            .unwrap();
+        let mut sum = 0;
+        for t in &topics {
+            for p in 0..PARTITIONS {
+                let (_, high) = consumer
+                    .fetch_watermarks(t, p, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("end offset of {t}/{p}: {e}"));
+                sum += high;
+            }
+        }
+        sum
+    })
+    .await
+    .unwrap()
+}
+
+/// One delivery's run of scenario 12: the duplicates the checker counted.
+async fn leader_killed_mid_backlog(ctx: &Arc<Ctx>, delivery: Delivery) -> usize {
+    let what = delivery.name();
+    let (db, topics) = setup(ctx, 2).await;
+    let mut fleet = replicas(ctx, &db, delivery.flags()).labelled(what);
+    fleet.spawn();
+    fleet.wait_all_ready(READY).await;
+    let leader = fleet.wait_single_leader(Duration::from_secs(30)).await;
+    let standby = fleet.spawn();
+    fleet.wait_ready(standby, READY).await;
+    let mut bursts = Bursts::new(ctx, &topics);
+    bursts.fire(&db, BACKLOG).await;
+    let start = Instant::now();
+    while db.published(ctx).await < BACKLOG / 4 {
+        assert!(
+            start.elapsed() < PROGRESS,
+            "{what}: a quarter of the backlog not published within {PROGRESS:?} {}",
+            ctx.tag()
+        );
+        sleep_ms(20).await;
+    }
+    // Stop the leader, give what it sent a second to land (Kafka, PostgreSQL), and count the
+    // records in Kafka of rows the table does not show published: what a leader starting from
+    // the table publishes again. At least once (no transactions: both ends are the same), all
+    // records but the marked rows'; exactly once, those of its open transaction (beyond the
+    // read_committed end; a transaction's rows are marked once it committed). Until there are.
+    let mut rng = ctx.rng(what);
+    let mut stops = 0;
+    let (marked, exposed) = loop {
+        stops += 1;
+        fleet.pause(leader);
+        sleep_ms(1000).await;
+        let marked = db.published(ctx).await;
+        let visible = end_offsets(&topics, "read_committed").await;
+        let written = end_offsets(&topics, "read_uncommitted").await;
+        assert!(
+            marked < BACKLOG,
+            "{what}: the backlog was drained before the leader was stopped {}",
+            ctx.tag()
+        );
+        let exposed = match delivery {
+            Delivery::AtLeastOnce => visible - marked,
+            Delivery::ExactlyOnce => written - visible,
+        };
+        ctx.say(&format!(
+            "{what}: leader {leader} stopped (stop {stops}): {marked} of {BACKLOG} rows marked \
+             published; end offsets {visible} read_committed, {written} read_uncommitted: \
+             {exposed} records in Kafka of rows not marked"
+        ));
+        if exposed > 0 || stops == 10 {
+            break (marked, exposed);
+        }
+        fleet.resume(leader);
+        sleep_ms(rng.random_range(20..200)).await;
+    };
+    assert!(
+        exposed > 0,
+        "{what}: the leader was never stopped with records in Kafka of rows not marked \
+         ({stops} stops) {}",
+        ctx.tag()
+    );
+    let killed = Instant::now();
+    fleet.kill9(leader);
+    let next = fleet.wait_single_leader(Duration::from_secs(30)).await;
+    let took_over = killed.elapsed();
+    let drained = db.wait_drained(ctx, DRAIN).await;
+    ctx.say(&format!(
+        "{what}: leader {leader} killed with {marked} rows marked; replica {next} led {:.1}s \
+         later and drained the backlog in {:.1}s",
+        took_over.as_secs_f64(),
+        drained.as_secs_f64()
+    ));
+    let adopted = fleet
+        .relay(next)
+        .logs()
+        .lines()
+        .filter(|l| l.contains("took over Kafka's committed position"))
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if !adopted.is_empty() {
+        ctx.say(&format!("{what}: replica {next}: {adopted}"));
+    }
+    let report = harness::verify(
+        ctx,
+        &db,
+        &mut bursts.ledger,
+        expect(&topics, delivery.cost(DUP_WINDOW)),
+    )
+    .await;
+    // Exactly once, `verify` allowed none.
+    if delivery == Delivery::AtLeastOnce {
+        assert_eq!(
+            report.duplicates,
+            exposed as usize,
+            "{what}: the duplicates are not exactly the {exposed} rows in Kafka and not marked \
+             when the leader died {}",
+            ctx.tag()
+        );
+    }
+    fleet.stop_all().await;
+    finish(db, &topics).await;
+    report.duplicates
+}
 
 /// The checker itself: fed records with a gap, a per-key reordering, a duplicate, a rolled-back
 /// event, an unknown event and a corrupted payload (produced straight to Kafka, no relay), it

@@ -717,6 +717,8 @@ pub struct Fleet {
     pub slots: Vec<Option<Relay>>,
     generation: Vec<usize>,
     paused: Vec<bool>,
+    /// In the log files' names after the seed (see [`Fleet::labelled`]); empty by default.
+    label: String,
 }
 
 impl Fleet {
@@ -736,13 +738,22 @@ impl Fleet {
             slots: Vec::new(),
             generation: Vec::new(),
             paused: Vec::new(),
+            label: String::new(),
         }
+    }
+
+    /// Name the log files `faults-<scenario>-<seed>-<label>-r<replica>.<generation>.log`: for
+    /// a scenario that runs more than one fleet (before the first replica is spawned).
+    pub fn labelled(mut self, label: &str) -> Fleet {
+        assert!(self.slots.is_empty(), "label a fleet before spawning it");
+        self.label = format!("-{label}");
+        self
     }
 
     fn launch(&self, slot: usize, generation: usize) -> Relay {
         let log = log_dir().join(format!(
-            "faults-{}-{}-r{slot}.{generation}.log",
-            self.ctx.name, self.ctx.seed
+            "faults-{}-{}{}-r{slot}.{generation}.log",
+            self.ctx.name, self.ctx.seed, self.label
         ));
         let args = strs(&self.args);
         Relay::launch(
