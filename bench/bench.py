@@ -19,6 +19,8 @@ Arms (each a way of getting outbox rows from PostgreSQL into Kafka, or a ceiling
   relay         target/release/outbox-relay with its defaults (`migrate`, then `run`)
   relay-delete / relay-log   the same with --on-publish delete, --read-mode log (a logical
                 replication slot, LOG_SLOT, through pgoutput)
+  relay-eos     the same with --delivery exactly-once (a Kafka transaction per batch with the
+                relay's position; the checker reads read_committed)
   naive         bench/naive_relay.py: one row at a time, synchronous send, UPDATE per row
   debezium-defaults / debezium-tuned   Debezium Server, outbox EventRouter, Kafka sink, pgoutput
 
@@ -324,7 +326,7 @@ def check_topic(kafka, topic, expected, timeout=600):
     Returns loss / duplicates / per-key order of first occurrences, latencies and broker times."""
     highs = kafka.highs(topic)
     c = Consumer({"bootstrap.servers": BROKERS, "group.id": f"bench-check-{uuid.uuid4()}",
-                  "enable.auto.commit": False, "fetch.max.bytes": 64 << 20,
+                  "isolation.level": "read_committed", "enable.auto.commit": False, "fetch.max.bytes": 64 << 20,
                   "max.partition.fetch.bytes": 16 << 20, "queued.max.messages.kbytes": 256 << 10})
     parts = [p for p in range(PARTITIONS) if highs[p] > 0]
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
@@ -364,6 +366,12 @@ def check_topic(kafka, topic, expected, timeout=600):
                 continue
             append_ms.append(ts)
             lat.append(ts / 1000.0 - start)
+        # A transactional topic (relay-eos) ends in a commit marker no consumer receives: the
+        # consumer's position passes it.
+        if remaining:
+            for tp in c.position([TopicPartition(topic, p) for p in remaining]):
+                if tp.offset >= highs[tp.partition]:
+                    remaining.discard(tp.partition)
     c.close()
     delivered = len(seen) - unexpected
     return {"expected": len(expected), "delivered_unique": delivered, "missing": len(expected) - delivered,
@@ -753,6 +761,14 @@ class Relay(Arm):
         rows_cnt = d.get("outbox_relay_batch_rows_count", 0)
         prof["batch_rows_mean"] = d.get("outbox_relay_batch_rows_sum", 0) / rows_cnt if rows_cnt else None
         prof["published"] = d.get("outbox_relay_published_total", 0)
+        # Exactly-once: a batch is visible to read_committed consumers once its transaction
+        # commits, after its LogAppendTime: this is the extra wait.
+        cnt = d.get("outbox_relay_transaction_commit_seconds_count", 0)
+        if cnt:
+            buckets = _buckets(d, "outbox_relay_transaction_commit_seconds")
+            prof["commit"] = {"transactions": cnt,
+                              "mean_ms": 1000 * d.get("outbox_relay_transaction_commit_seconds_sum", 0) / cnt,
+                              "p50_le_ms": _bucket_q(buckets, cnt, 0.5), "p99_le_ms": _bucket_q(buckets, cnt, 0.99)}
         return {"relay_profile": prof}
 
 
@@ -779,6 +795,17 @@ class RelayDelete(Relay):
     def __init__(self, h):
         super().__init__(h)
         self.label = f"outbox-relay ({h.relay_profile} build), --on-publish delete"
+
+
+class RelayEos(Relay):
+    """outbox-relay with `--delivery exactly-once` (claim mode: each batch and the relay's
+    position in one Kafka transaction, one batch in flight)."""
+    name = "relay-eos"
+    extra_args = ["--delivery", "exactly-once"]
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build), --delivery exactly-once"
 
 
 class RelayLog(Relay):
@@ -1687,6 +1714,8 @@ def estimate(m, arms, dbz):
         t += 15 + 2 * ladder * step + (2 if full else 1) * drain
     if want("relay-log"):
         t += 30 + 2 * ladder * step + 1.5 * drain + 20
+    if want("relay-eos"):
+        t += 15 + ladder * step + drain
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1795,6 +1824,14 @@ def plan(h, arms_filter):
             guarded("relay soak", h.step, relay, soak_wl, m.soak_rate, m.soak_seconds, "soak")
         finally:
             relay.stop()
+    if want("relay-eos"):
+        re_ = RelayEos(h)
+        try:
+            guarded("relay-eos warm-up", h.warm, re_)
+            guarded("relay-eos ladder", h.ladder, re_, main, cap=ceilings.get(main.name))
+            guarded("relay-eos drain", h.drain, re_, main, m.drain_rows)
+        finally:
+            re_.stop()
     if want("relay-delete"):
         rd = RelayDelete(h)
         try:

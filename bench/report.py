@@ -13,18 +13,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-loaded", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
-             "db-limit-log", "relay", "relay-delete", "relay-log", "relay-nonotify", "naive",
+             "db-limit-log", "relay", "relay-eos", "relay-delete", "relay-log", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
-COLORS = {"relay": "tab:blue", "relay-delete": "tab:pink", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+COLORS = {"relay": "tab:blue", "relay-eos": "royalblue", "relay-delete": "tab:pink", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple", "kafka-only-py": "tab:purple", "kafka-only-bare": "tab:purple",
           "kafka-only-loaded": "mediumpurple",
           "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-log": "darkcyan"}
 # Each relay arm's two limits: the database's for its read mode (examples/db_limit.rs; log mode's:
 # pg_recvlogical streaming the same backlog from a copy of the slot) and Kafka's producer-only
 # ceiling (examples/kafka_ceiling.rs, arm kafka-only).
-DB_LIMIT = {"relay": "db-limit-claim", "relay-delete": "db-limit-delete", "relay-log": "db-limit-log"}
+DB_LIMIT = {"relay": "db-limit-claim", "relay-eos": "db-limit-claim", "relay-delete": "db-limit-delete",
+            "relay-log": "db-limit-log"}
 # Every relay arm, in report order.
-RELAY_ARMS = ["relay", "relay-delete", "relay-log"]
+RELAY_ARMS = ["relay", "relay-eos", "relay-delete", "relay-log"]
 
 
 def fmt(v, d=0, unit=""):
