@@ -831,3 +831,74 @@ async fn claim_mode_publishes_on_a_table_migrated_by_an_older_release() {
     relay.wait_log("outbox-relay migrate", Duration::from_secs(10));
     assert_eq!(relay.terminate(Duration::from_secs(10)), Some(0));
 }
+
+/// Exactly-once: the leader dies after Kafka committed a batch and its position, before the
+/// batch's marks reached the table (a trigger refuses every mark, so the relay retries them
+/// and reads no further). The next leader takes Kafka's committed position over: it marks
+/// those rows before reading, and a read_committed consumer sees every event once. Without
+/// the take-over the batch would be published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_a_kill_between_kafka_commit_and_the_marks_publishes_nothing_twice() {
+    let db = TestDb::new().await;
+    let topics = topics(1).await;
+    let (id, positions) = (unique("eos-test"), unique("positions"));
+    let args = [
+        "--delivery",
+        "exactly-once",
+        "--transactional-id",
+        &id,
+        "--positions-topic",
+        &positions,
+        "--batch-size",
+        "100",
+        "--lease-duration",
+        "3s",
+    ];
+    let written = write_events(&db, &topics, 10, 300, 4, Shape::LateLocks).await;
+    assert!(rows(&written) > 100, "more than one batch");
+    for sql in [
+        "CREATE FUNCTION refuse_marks() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'marks refused by the test'; END $$",
+        // Per row: the take-over's statements that update no row pass.
+        "CREATE TRIGGER refuse_marks BEFORE UPDATE ON outbox FOR EACH ROW \
+         EXECUTE FUNCTION refuse_marks()",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let relay = Relay::start(&db, &args);
+    let committed = r#"outbox_relay_transactions_total{outcome="committed"}"#;
+    let start = std::time::Instant::now();
+    loop {
+        let body = common::http_get(
+            &relay.metrics_addr,
+            "/metrics",
+            Some(Duration::from_secs(2)),
+        )
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+        if metric(&body, committed).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no transaction committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.wait_log("marks refused by the test", Duration::from_secs(30));
+    relay.kill9();
+    assert_eq!(
+        db.count("published_at IS NOT NULL").await,
+        0,
+        "no mark got through"
+    );
+    sqlx::query("DROP TRIGGER refuse_marks ON outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay = Relay::start(&db, &args);
+    relay.wait_log("marked=100", Duration::from_secs(60));
+    wait_all_marked(&db, &written).await;
+    check_delivery(&topics, &written, 0, 60).await;
+    drop(relay);
+}
