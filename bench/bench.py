@@ -1398,7 +1398,7 @@ class Harness:
             # published is the checker's `missing`, and the WAL its slot has not confirmed.
             res["slot_unconfirmed_wal_bytes"] = (self.pg.slot_state(LOG_SLOT) or {}).get("unconfirmed_wal_bytes")
         elif arm.layout == "relay":
-            res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE {UNPUBLISHED}")[0]
+            res["pending_in_db"] = self.pending_rows()
         ap = chk["_append_ms"]
         if len(ap) > 1:
             span = (ap.max() - ap.min()) / 1000.0
@@ -1573,7 +1573,7 @@ class Harness:
         res.update(self.end(ex, table, b, out["rows"]))
         res["cpu_arm_s"], res["peak_rss_mib"] = used["cpu_s"], used["peak_rss_mib"]
         res["analyzes_during"] = self.pg.analyze_state(table)["analyzes"] - before["analyzes_before"]
-        res["pending_in_db"] = self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE {UNPUBLISHED}")[0]
+        res["pending_in_db"] = self.pending_rows()
         res["samples"] = samples[:: max(1, len(samples) // 120)]
         per_1k(res, out["rows"])
         log(f"  -> {name} {kind}: {out['rows']}/{n} rows in {out['wall_s']:.1f}s: {out['rate']:.0f}/s "

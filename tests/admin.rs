@@ -533,28 +533,23 @@ async fn doctor_checks_what_exactly_once_needs_without_fencing_the_relay() {
 
     // A missing positions topic is the relay's to create; one that is not compacted is a
     // warning with the fix.
+    // The finding of `severity` whose message contains `needle`, if any.
+    let finding = |found: &[serde_json::Value], severity: &str, needle: &str| {
+        let text = |f: &serde_json::Value, k: &str| f[k].as_str().unwrap_or_default().to_string();
+        found
+            .iter()
+            .find(|f| f["severity"] == severity && text(f, "message").contains(needle))
+            .map(|f| text(f, "fix"))
+    };
     let (code, found, out) = doctor(&unique("eo_missing"));
     assert_eq!(code, 0, "{out}");
-    assert!(
-        found.iter().any(|f| f["severity"] == "info"
-            && f["message"]
-                .as_str()
-                .unwrap()
-                .contains("created by the relay at start")),
-        "{out}"
-    );
+    let missing = finding(&found, "info", "created by the relay at start");
+    assert!(missing.is_some(), "{out}");
     let (code, found, out) = doctor(&topic);
     assert_eq!(code, 0, "a warning is not a failure: {out}");
+    let fix = finding(&found, "warn", "is not compacted (cleanup.policy=delete)");
     assert!(
-        found.iter().any(|f| f["severity"] == "warn"
-            && f["message"]
-                .as_str()
-                .unwrap()
-                .contains("is not compacted (cleanup.policy=delete)")
-            && f["fix"]
-                .as_str()
-                .unwrap()
-                .contains("cleanup.policy=compact")),
+        fix.is_some_and(|fix| fix.contains("cleanup.policy=compact")),
         "{out}"
     );
 

@@ -9,7 +9,9 @@
 //! same key that is still unsettled**, in its batch or an earlier one in flight.
 //!
 //! The loop knows no read mode: the [`Reader`] holds its mode's state, the [`Sink`] is Kafka,
-//! the [`Leadership`] is the lease.
+//! the [`Leadership`] is the lease. With a transactional sink (`--delivery exactly-once`) each
+//! batch is committed in Kafka with the reader's position before its progress is queued, and a
+//! new lease epoch first takes Kafka's position over (`take_over_transactions`).
 
 mod flight;
 mod marking;
