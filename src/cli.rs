@@ -832,23 +832,14 @@ impl KafkaArgs {
 }
 
 impl DeliveryArgs {
-    /// `--delivery exactly-once`: the transactional id and positions topic (claim mode only);
-    /// `None` for at-least-once. `read_mode`: the mode the relay reads with, `None` when not
-    /// known yet (`doctor` without `--read-mode` learns it from the table).
+    /// `--delivery exactly-once`: the transactional id and positions topic; `None` for
+    /// at-least-once.
     pub fn resolve(
         &self,
-        read_mode: Option<ReadMode>,
         db: &DatabaseConfig,
     ) -> Result<Option<outbox_relay::kafka::Transactional>, ConfigError> {
         if self.delivery == Delivery::AtLeastOnce {
             return Ok(None);
-        }
-        if read_mode.is_some_and(|m| m != ReadMode::Claim) {
-            return Err(ConfigError::Invalid(
-                "--delivery exactly-once needs --read-mode claim for now (log mode's position \
-                 in a Kafka transaction is not built yet); use claim mode or at-least-once"
-                    .into(),
-            ));
         }
         let id = match &self.transactional_id {
             Some(id) if id.trim().is_empty() => {
@@ -913,7 +904,7 @@ impl RunArgs {
     pub fn resolve(&self) -> Result<RelayConfig, ConfigError> {
         let db = self.db.resolve()?;
         let read_mode = self.read_mode()?;
-        let transactional = self.delivery.resolve(Some(read_mode), &db)?;
+        let transactional = self.delivery.resolve(&db)?;
         // One batch per transaction: a transaction holds exactly the rows its position covers.
         let in_flight_batches = match transactional {
             Some(_) => 1,
@@ -987,7 +978,7 @@ mod tests {
     }
 
     #[test]
-    fn exactly_once_is_claim_mode_only_and_doctor_takes_its_flags() {
+    fn exactly_once_runs_in_every_read_mode_and_doctor_takes_its_flags() {
         let resolve = |extra: &[&str]| {
             let mut argv = vec!["--database-url", "postgres://db/app", "--table", "s.t"];
             argv.extend_from_slice(extra);
@@ -1007,13 +998,8 @@ mod tests {
         assert_eq!(c.relay.in_flight_batches, 1, "one batch per transaction");
         let c = resolve(&["--in-flight-batches", "8"]).unwrap();
         assert_eq!((c.transactional, c.relay.in_flight_batches), (None, 8));
-        let err = resolve(&["--delivery", "exactly-once", "--read-mode", "log"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("--delivery exactly-once needs --read-mode claim"),
-            "{err}"
-        );
+        let c = resolve(&["--delivery", "exactly-once", "--read-mode", "log"]).unwrap();
+        assert!(c.transactional.is_some(), "log mode runs exactly-once too");
 
         let cli = Cli::try_parse_from([
             "outbox-relay",
@@ -1035,20 +1021,12 @@ mod tests {
         };
         let db = args.db.resolve().unwrap();
         assert_eq!(
-            args.delivery.resolve(args.read_mode, &db).unwrap(),
+            args.delivery.resolve(&db).unwrap(),
             Some(outbox_relay::kafka::Transactional {
                 id: "relay-a".into(),
                 positions_topic: "positions".into(),
             })
         );
-        // Without --read-mode (above) doctor learns the mode from the table; with log it is
-        // refused as `run` refuses it.
-        let err = args
-            .delivery
-            .resolve(Some(ReadMode::Log), &db)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--read-mode claim"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
@@ -76,8 +76,6 @@ struct Pending {
     rows: &'static str,
     topics: Vec<String>,
     largest_payload: Option<i64>,
-    /// The read mode checked (`None`: unknown, e.g. the database was not reached).
-    read_mode: Option<ReadMode>,
 }
 
 /// Which read mode to check: `--read-mode` if given (else the one the table is migrated for),
@@ -447,7 +445,6 @@ async fn database_checks(
         rows: "pending",
         topics,
         largest_payload: largest,
-        read_mode,
     })
 }
 
@@ -499,7 +496,6 @@ async fn log_backlog(
         rows: "recent",
         topics,
         largest_payload: largest,
-        read_mode: Some(ReadMode::Log),
     })
 }
 
@@ -833,7 +829,7 @@ async fn kafka(
     }
     limits(&admin, &present, pending, r).await;
     if let Some(t) = transactional {
-        exactly_once(cfg, &admin, &metadata, t, pending, r).await;
+        exactly_once(cfg, &admin, &metadata, t, r).await;
     }
 }
 
@@ -888,28 +884,23 @@ const EXACTLY_ONCE: &str = "exactly-once";
 /// How long each step of the transaction probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `--delivery exactly-once`: the read mode, the brokers' transaction settings, the positions
+/// `--delivery exactly-once`: the brokers' transaction settings, the positions
 /// topic, and a transaction begun and aborted by this principal.
 async fn exactly_once(
     cfg: &KafkaConfig,
     admin: &AdminClient<DefaultClientContext>,
     metadata: &Metadata,
     t: &Transactional,
-    pending: &Pending,
     r: &mut Report,
 ) {
-    if pending.read_mode == Some(ReadMode::Log) {
-        // Only the table's own mode gets here: `--read-mode log` with exactly-once is refused
-        // as a usage error, as `run` refuses it.
-        r.error(
-            EXACTLY_ONCE,
-            "the table is migrated for --read-mode log, and exactly-once needs --read-mode claim for now",
-            "run claim mode (`outbox-relay migrate --read-mode claim`) or --delivery at-least-once",
-        );
-    }
     transaction_settings(admin, metadata, r).await;
     positions_topic(admin, metadata, &t.positions_topic, r).await;
-    transaction_probe(cfg, &t.id, r).await;
+    let topic = t.positions_topic.as_str();
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|m| m.name() == topic && m.error().is_none());
+    transaction_probe(cfg, &t.id, exists.then_some(topic), r).await;
 }
 
 /// Every broker's transaction.state.log.replication.factor and .min.isr: the transaction
@@ -1098,15 +1089,19 @@ async fn positions_topic(
     }
 }
 
-/// Begin and abort a transaction as this principal, with the brokers' answer as the finding.
+/// Begin a transaction as this principal, write a record to the positions topic in it (if the
+/// topic exists: the relay creates it otherwise), and abort it, with the brokers' answer as the
+/// finding. The aborted record is invisible to read_committed readers, and its key (the probe
+/// id) is not the relay's, so the relay's position is untouched.
 ///
 /// The probe's transactional id is the relay's plus `.doctor-probe`, never the relay's own:
 /// init_transactions with the relay's id would bump that id's epoch and so fence the running
 /// leader (its open transaction aborted, its next commit refused) - a preflight must not
 /// disturb a relay at work. A prefixed ACL on the relay's id covers the probe's id too. The
 /// brokers keep the probe id's (empty) state until transactional.id.expiration.ms after its use.
-async fn transaction_probe(cfg: &KafkaConfig, id: &str, r: &mut Report) {
+async fn transaction_probe(cfg: &KafkaConfig, id: &str, positions: Option<&str>, r: &mut Report) {
     let probe = format!("{id}.doctor-probe");
+    let (key, topic) = (probe.clone(), positions.map(str::to_string));
     let producer_config = {
         let mut c = client_config(cfg);
         c.set("transactional.id", &probe);
@@ -1123,6 +1118,17 @@ async fn transaction_probe(cfg: &KafkaConfig, id: &str, r: &mut Report) {
         producer
             .begin_transaction()
             .map_err(|e| ("begin a transaction", e))?;
+        if let Some(topic) = &topic {
+            let record = FutureRecord::<str, [u8]>::to(topic).key(&key).payload(&[]);
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| ("write to the positions topic", e))?;
+            match futures::executor::block_on(delivery) {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(("write to the positions topic", e)),
+                Err(_) => return Err(("write to the positions topic", KafkaError::Canceled)),
+            }
+        }
         producer
             .abort_transaction(PROBE_TIMEOUT)
             .map_err(|e| ("abort the transaction", e))
@@ -1133,9 +1139,19 @@ async fn transaction_probe(cfg: &KafkaConfig, id: &str, r: &mut Report) {
             return r.ok(
                 EXACTLY_ONCE,
                 format!(
-                    "began and aborted a transaction as {probe} (a probe id of its own: a running relay \
-                     of {id} is not fenced): this principal may use transactions"
-                ),
+                "began a transaction as {probe} (a probe id of its own: a running relay of {id} \
+                     is not fenced), {} and aborted it: this principal may use transactions{}",
+                if positions.is_some() {
+                    "wrote a record to the positions topic in it"
+                } else {
+                    ""
+                },
+                if positions.is_some() {
+                    " and write its positions"
+                } else {
+                    ""
+                }
+            ),
             )
         }
         Ok(Err(failed)) => failed,
@@ -1157,6 +1173,12 @@ async fn transaction_probe(cfg: &KafkaConfig, id: &str, r: &mut Report) {
     );
     let fix = match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => acl,
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => format!(
+            "grant the relay's principal WRITE and DESCRIBE on the positions topic {} \
+             (kafka-acls --add --allow-principal User:<relay> --operation Write --operation Describe --topic {})",
+            positions.unwrap_or_default(),
+            positions.unwrap_or_default()
+        ),
         Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => format!(
             "{acl}; brokers before Kafka 3.0 also want IDEMPOTENT_WRITE on the cluster"
         ),

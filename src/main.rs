@@ -543,7 +543,7 @@ fn doctor(args: DoctorArgs) -> ExitCode {
         (Ok(db), Ok(kafka), Ok(log)) => (db, kafka, log),
         (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return usage_error(e),
     };
-    let transactional = match args.delivery.resolve(args.read_mode, &db) {
+    let transactional = match args.delivery.resolve(&db) {
         Ok(t) => t,
         Err(e) => return usage_error(e),
     };

@@ -8,8 +8,8 @@
 //! `log_<scenario>` (`cargo test --test faults log_`, which also runs the two backlog
 //! scenarios). Those where a crash costs duplicates at least once (replica kill -9, a paused
 //! leader, broker kill, PostgreSQL restart and crash) also run with `--delivery exactly-once`
-//! as `exactly_once_<scenario>` (`cargo test --test faults exactly_once`), where the bound is
-//! zero: each batch goes in one Kafka transaction with the relay's position, and the checker
+//! as `exactly_once_<scenario>` and `log_exactly_once_<scenario>` (`cargo test --test faults
+//! exactly_once`), where the bound is zero: each batch goes in one Kafka transaction with the relay's position, and the checker
 //! reads read_committed. `kill9_mid_backlog_duplicates_only_at_least_once` kills the leader
 //! once in each delivery, to show the difference.
 //!
@@ -81,7 +81,7 @@ macro_rules! claim_mode {
 
 /// One scenario body run in log mode, as `$log` (`migrate` and every replica with
 /// `--read-mode log` and the scenario's own `--slot` and `--publication`); a body that takes a
-/// [`Delivery`] is given the one after it (at-least-once: log mode has no other).
+/// [`Delivery`] is given the one after it.
 macro_rules! log_mode {
     ($(#[$doc:meta])* $log:ident, $limit:expr, $body:path $(, $delivery:expr)?) => {
         $(#[$doc])*
@@ -99,7 +99,7 @@ macro_rules! log_mode {
 enum Delivery {
     /// The default: a crash publishes again what was in flight (duplicates, within a bound).
     AtLeastOnce,
-    /// `--delivery exactly-once` (claim mode; one batch in flight): each batch in one Kafka
+    /// `--delivery exactly-once` (one batch in flight): each batch in one Kafka
     /// transaction with the relay's position, a new leader fences older producers and adopts
     /// Kafka's committed position. A read_committed consumer sees no duplicate, whatever fails.
     ExactlyOnce,
@@ -311,6 +311,14 @@ claim_mode!(
     replicas_sigkilled,
     Delivery::ExactlyOnce
 );
+log_mode!(
+    /// 1x, log mode: a new leader streams from Kafka's position (the slot's lags it) and skips
+    /// the events Kafka holds of a transaction the killed leader published part of.
+    log_exactly_once_replicas_sigkilled_under_load,
+    minutes(5),
+    replicas_sigkilled,
+    Delivery::ExactlyOnce
+);
 
 /// 2. Rolling restart under load: SIGTERM each replica in turn (it must exit 0; a leader hands
 ///    over) and start a new one. Graceful, so not a single duplicate.
@@ -446,6 +454,13 @@ claim_mode!(
     paused_leader,
     Delivery::ExactlyOnce
 );
+log_mode!(
+    /// 3x, log mode.
+    log_exactly_once_paused_leader_loses_lease,
+    minutes(5),
+    paused_leader,
+    Delivery::ExactlyOnce
+);
 
 /// 4. The broker is killed with SIGKILL and restarted during load (at least once: the in-flight
 ///    window per kill; exactly once: nothing).
@@ -493,6 +508,13 @@ claim_mode!(
     /// `--delivery exactly-once`: whatever the leader had sent, in an open transaction or
     /// being committed, when the broker died, not a single duplicate (nor a loss).
     exactly_once_broker_sigkilled,
+    minutes(5),
+    broker_sigkilled,
+    Delivery::ExactlyOnce
+);
+log_mode!(
+    /// 4x, log mode.
+    log_exactly_once_broker_sigkilled,
     minutes(5),
     broker_sigkilled,
     Delivery::ExactlyOnce
@@ -670,6 +692,14 @@ claim_mode!(
     /// exactly-once`: rows Kafka committed whose marks the database lost (or never got) are
     /// covered by the relay's position committed with them: not a single duplicate.
     exactly_once_postgres_restarted,
+    minutes(5),
+    postgres_restarted,
+    Delivery::ExactlyOnce
+);
+log_mode!(
+    /// 7x, log mode: after the crash the slot resumes from its last saved position, far behind
+    /// Kafka's; the relay streams from Kafka's: not a single duplicate.
+    log_exactly_once_postgres_restarted,
     minutes(5),
     postgres_restarted,
     Delivery::ExactlyOnce

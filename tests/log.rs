@@ -736,3 +736,66 @@ async fn failed_retry_publishes_a_parked_row_again_with_its_id() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     log.finish().await;
 }
+
+/// Exactly-once in log mode, where the slot can only confirm whole transactions: a relay is
+/// killed inside a 200,000-row transaction after Kafka committed part of it. The next relay
+/// streams that transaction again from its start and skips the events Kafka holds (its
+/// position names the transaction by its commit LSN and counts them): every event once. At
+/// least once, the same kill publishes that part again (the slot cannot confirm it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_a_kill_inside_a_split_transaction_publishes_nothing_twice() {
+    const ROWS: usize = 200_000;
+    let log = LogDb::new().await;
+    let topics = topics(1).await;
+    let eos = common::exactly_once_flags();
+    let mut args = strs(&eos);
+    args.extend(["--batch-size", "500", "--lease-duration", "3s"]);
+    let relay = log.relay(&args);
+    relay.wait_http("/readyz", 200, Duration::from_secs(30));
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, payload) \
+         SELECT $1, 'k' || (g % 100), convert_to(g::text, 'UTF8') FROM generate_series(1, $2) g",
+    )
+    .bind(&topics[0])
+    .bind(ROWS as i64)
+    .execute(&log.db.pool)
+    .await
+    .unwrap();
+    let committed = r#"outbox_relay_transactions_total{outcome="committed"}"#;
+    let start = Instant::now();
+    while relay.metric(committed).unwrap_or(0.0) < 5.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            relay.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    relay.kill9();
+    let relay = log.relay(&args);
+    relay.wait_log(
+        "took over Kafka's committed position",
+        Duration::from_secs(60),
+    );
+    assert!(
+        relay.logs().contains("split=Some"),
+        "the position is inside the transaction: {}",
+        relay.logs()
+    );
+    let consumed = read_back(
+        &topics,
+        PARTITIONS,
+        ROWS,
+        Duration::from_secs(2),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(
+        common::duplicates(&consumed).len(),
+        0,
+        "no event twice for a read_committed consumer"
+    );
+    assert_eq!(consumed.len(), ROWS, "every event");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}

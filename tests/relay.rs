@@ -506,19 +506,8 @@ async fn block_key_policy_holds_a_key_until_its_parked_row_is_fixed() {
     let topics = topics(1).await;
     let relay = Relay::start(&db, &["--poison-policy", "block-key"]);
     let insert = |key: &'static str, payload: &'static str, headers: Option<serde_json::Value>| {
-        let (pool, topic) = (db.pool.clone(), topics[0].clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id",
-            )
-            .bind(topic)
-            .bind(key)
-            .bind(payload.as_bytes())
-            .bind(headers)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
+        let (db, topic) = (&db, topics[0].clone());
+        async move { db.insert(&topic, key, payload.as_bytes(), headers).await }
     };
     let mut tx_rows = vec![insert("a", "a-1", None).await];
     let bad = insert("a", "a-2", Some(json!(["not an object"]))).await;
@@ -578,13 +567,7 @@ async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
         (b"bad headers".to_vec(), Some(json!({"n": 1}))),
         (vec![b'x'; 10_000], None),
     ] {
-        sqlx::query("INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, 'k', $2, $3)")
-            .bind(main)
-            .bind(payload)
-            .bind(headers)
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        db.insert(main, "k", &payload, headers).await;
     }
     db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
         .await;
@@ -841,19 +824,9 @@ async fn claim_mode_publishes_on_a_table_migrated_by_an_older_release() {
 async fn exactly_once_a_kill_between_kafka_commit_and_the_marks_publishes_nothing_twice() {
     let db = TestDb::new().await;
     let topics = topics(1).await;
-    let (id, positions) = (unique("eos-test"), unique("positions"));
-    let args = [
-        "--delivery",
-        "exactly-once",
-        "--transactional-id",
-        &id,
-        "--positions-topic",
-        &positions,
-        "--batch-size",
-        "100",
-        "--lease-duration",
-        "3s",
-    ];
+    let eos = common::exactly_once_flags();
+    let mut args = strs(&eos);
+    args.extend(["--batch-size", "100", "--lease-duration", "3s"]);
     let written = write_events(&db, &topics, 10, 300, 4, Shape::LateLocks).await;
     assert!(rows(&written) > 100, "more than one batch");
     for sql in [
@@ -889,4 +862,65 @@ async fn exactly_once_a_kill_between_kafka_commit_and_the_marks_publishes_nothin
     wait_all_marked(&db, &written).await;
     check_delivery(&topics, &written, 0, 60).await;
     drop(relay);
+}
+
+/// Exactly-once with the dead-letter policy: a row the relay finds invalid, and one Kafka
+/// rejects after it was sent (larger than its topic's max.message.bytes: the broker's refusal
+/// dooms the open transaction), are each copied to the dead-letter topic once, in a
+/// transaction that commits, and recorded as dead-lettered; every other row arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_dead_letters_invalid_and_broker_rejected_rows_once() {
+    let db = TestDb::new().await;
+    let topics = topics(2).await;
+    let (main, dlq) = (&topics[0], &topics[1]);
+    let small = unique("small");
+    common::create_topics_with_config(&[&small], PARTITIONS, &[("max.message.bytes", "1024")])
+        .await;
+    let eos = common::exactly_once_flags();
+    let mut args = strs(&eos);
+    args.extend(["--poison-policy", "dead-letter", "--dead-letter-topic", dlq]);
+    let relay = Relay::start(&db, &args);
+    let rows: [(&str, &str, Vec<u8>, Option<serde_json::Value>); 5] = [
+        (main, "a", b"a-1".to_vec(), None),
+        (main, "a", b"bad headers".to_vec(), Some(json!({"n": 1}))),
+        // Incompressible: the broker checks the compressed batch.
+        (&small, "b", noise(4000), None),
+        (main, "a", b"a-2".to_vec(), None),
+        (&small, "c", b"fits".to_vec(), None),
+    ];
+    for (topic, key, payload, headers) in rows {
+        db.insert(topic, key, &payload, headers).await;
+    }
+    db.wait_count("published_at IS NOT NULL", 5, Duration::from_secs(60))
+        .await;
+    assert_eq!(db.count("failed_at IS NOT NULL").await, 0);
+    assert_eq!(db.count("last_error LIKE 'dead-lettered to %'").await, 2);
+    let dead = read_back(std::slice::from_ref(dlq), 2, 2, 30).await;
+    let mut kinds: Vec<String> = dead
+        .iter()
+        .filter_map(|c| c.header("outbox-error-kind"))
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["invalid_row", "too_large"], "each copy once");
+    let good = read_back(&[main.clone(), small.clone()], 3, 2, 30).await;
+    let mut payloads: Vec<Vec<u8>> = good.iter().filter_map(|c| c.payload.clone()).collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        [b"a-1".to_vec(), b"a-2".to_vec(), b"fits".to_vec()]
+    );
+    drop(relay);
+}
+
+/// `n` bytes that do not compress.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

@@ -188,7 +188,10 @@ impl LogSource {
 /// What the stream task hands the reader, in stream order.
 #[derive(Debug)]
 enum Item {
-    Begin,
+    /// A transaction starts; `final_lsn` is its commit's LSN (which names it).
+    Begin {
+        final_lsn: u64,
+    },
     Row(OutboxRow),
     Commit {
         end: u64,
@@ -204,12 +207,16 @@ enum Item {
 /// A transaction read from the stream and not yet past the confirmed position.
 #[derive(Debug)]
 struct Txn {
+    /// Its commit's LSN, known from its start: the transaction's name in a position.
+    final_lsn: u64,
     /// Its commit's end (unknown until the commit arrives).
     end: Option<u64>,
     /// Events handed out and not yet delivered or set aside, plus events not yet handed out.
     unsettled: usize,
-    /// Events handed out.
+    /// Events handed out (and, after a take-over, events Kafka already holds).
     handed: usize,
+    /// Exactly-once: its first events Kafka already committed, still to skip.
+    skip: usize,
 }
 
 struct Stream {
@@ -251,6 +258,13 @@ pub struct LogReader {
     restart: bool,
     /// Emitted events in flight (they have no row): what parking one needs.
     emitted: Emitted,
+    /// The end of the last transaction read and wholly settled (or where the stream started).
+    passed: u64,
+    /// Exactly-once, after a take-over: how many first events of the transaction with this
+    /// commit LSN Kafka already holds.
+    split: Option<(u64, usize)>,
+    /// The last settled batch came from the catch-up (its position is claim mode's).
+    caught_up_last: bool,
 }
 
 type Emitted = Arc<Mutex<HashMap<i64, OutboxRow>>>;
@@ -284,6 +298,9 @@ impl LogReader {
             held: None,
             restart: false,
             emitted: Arc::default(),
+            passed: 0,
+            split: None,
+            caught_up_last: false,
         }
     }
 
@@ -326,6 +343,7 @@ impl LogReader {
 
     async fn start(&mut self) -> Result<(), sqlx::Error> {
         let start = self.confirmed.load(Ordering::Acquire);
+        self.passed = start;
         let client = match self.connect(start).await {
             Err(e) if sqlstate(&e) == Some("55006") => {
                 // The slot is held by another session: a previous leader's stream (a deposed
@@ -379,6 +397,7 @@ impl LogReader {
         }) = self.txns.front()
         {
             position = Some(*end);
+            self.passed = *end;
             self.txns.pop_front();
             self.first_seq += 1;
         }
@@ -470,10 +489,15 @@ impl LogReader {
     /// Apply one stream item. Returns a row to hand out.
     fn apply(&mut self, item: Item) -> Result<Option<OutboxRow>, sqlx::Error> {
         match item {
-            Item::Begin => self.txns.push_back(Txn {
+            Item::Begin { final_lsn } => self.txns.push_back(Txn {
+                final_lsn,
                 end: None,
                 unsettled: 0,
                 handed: 0,
+                skip: self
+                    .split
+                    .filter(|(lsn, _)| *lsn == final_lsn)
+                    .map_or(0, |(_, events)| events),
             }),
             Item::Row(row) => {
                 let txn = self
@@ -481,8 +505,13 @@ impl LogReader {
                     .back_mut()
                     .filter(|t| t.end.is_none())
                     .ok_or_else(|| protocol("an event outside a transaction"))?;
-                txn.unsettled += 1;
                 txn.handed += 1;
+                if txn.skip > 0 {
+                    // Kafka committed it before the take-over.
+                    txn.skip -= 1;
+                    return Ok(None);
+                }
+                txn.unsettled += 1;
                 return Ok(Some(row));
             }
             Item::Commit { end } => {
@@ -536,6 +565,7 @@ impl Reader for LogReader {
     async fn on_new_epoch(&mut self) -> Result<(), sqlx::Error> {
         self.stop().await;
         self.confirmed.store(0, Ordering::Release);
+        (self.passed, self.split) = (0, None);
         let (last, check_until) = super::last_mode(&self.store).await?;
         self.check_until = check_until.unwrap_or(0).max(self.stop_at.unwrap_or(0));
         self.catch_up = None;
@@ -656,7 +686,9 @@ impl Reader for LogReader {
     /// transactions now wholly settled. An event neither delivered nor set aside is read again:
     /// from the confirmed position, after the batches in flight.
     fn progress(&mut self, delivered: Delivered, set_aside: &HashSet<i64>) -> Progress<u64> {
-        let batch = match self.handed.pop_front() {
+        let batch = self.handed.pop_front();
+        self.caught_up_last = matches!(batch, Some(Handed::CatchUp));
+        let batch = match batch {
             Some(Handed::CatchUp) => {
                 let Some(claim) = self.catch_up.as_mut() else {
                     return Progress {
@@ -697,6 +729,60 @@ impl Reader for LogReader {
         }
     }
 
+    /// Exactly-once: `{"log":{"after":A,"split":[F,N]}}`: every transaction whose commit ends
+    /// at or before LSN A is in Kafka, and so are the first N events of the transaction whose
+    /// commit is at LSN F (the one a batch ended inside; no `split` when the batch ended at a
+    /// commit). Called when every event handed out is settled. During the catch-up from
+    /// another read mode, claim mode's position.
+    fn position(&self, progress: &Progress<u64>, unrecorded: &[i64]) -> Option<Vec<u8>> {
+        if self.caught_up_last {
+            let claim = self.catch_up.as_ref()?;
+            let p = Progress {
+                delivered: Delivered::default(),
+                mark: progress.mark.clone(),
+                position: None,
+            };
+            return claim.position(&p, unrecorded);
+        }
+        let split = self
+            .txns
+            .front()
+            .filter(|t| t.handed > 0)
+            .map(|t| [t.final_lsn, t.handed as u64]);
+        Some(
+            LogPosition {
+                after: self.passed,
+                split,
+            }
+            .to_bytes(),
+        )
+    }
+
+    /// Exactly-once, on taking over: stream from Kafka's position (the slot's confirmed
+    /// position follows it, lazily) and skip the events of a split transaction that Kafka
+    /// holds. A claim-mode position (from the catch-up, or from claim mode before a switch)
+    /// has its rows marked.
+    async fn adopt(&mut self, position: Option<&[u8]>) -> Result<(), sqlx::Error> {
+        let Some(bytes) = position else {
+            return Ok(());
+        };
+        let Some(p) = LogPosition::parse(bytes) else {
+            return match self.catch_up.as_mut() {
+                Some(claim) => claim.adopt(position).await,
+                None => {
+                    ClaimReader::new(self.store.clone(), false)
+                        .adopt(position)
+                        .await
+                }
+            };
+        };
+        self.confirm(p.after);
+        self.split = p.split.map(|[lsn, events]| (lsn, events as usize));
+        tracing::info!(after = %Lsn(p.after), split = ?p.split.map(|[lsn, n]| (Lsn(lsn).to_string(), n)),
+            "took over Kafka's committed position: streaming after it");
+        Ok(())
+    }
+
     /// Inside a transaction some of whose events were handed out: the slot's position cannot
     /// pass it until it is read and published to its commit.
     fn finish_unit(&mut self) -> bool {
@@ -724,6 +810,28 @@ impl Reader for LogReader {
 /// Log mode's ledger: the confirmed position (reported by the stream task), and the failed
 /// rows' state in the table (an emitted event that fails is written to the table as a
 /// parked row, so `failed` lists it like any other).
+/// Log mode's position in a Kafka transaction (see [`LogReader::position`]).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub(crate) struct LogPosition {
+    pub after: u64,
+    pub split: Option<[u64; 2]>,
+}
+
+impl LogPosition {
+    fn to_bytes(&self) -> Vec<u8> {
+        serde_json::json!({ "log": self }).to_string().into_bytes()
+    }
+
+    /// `None` if `bytes` is not a log-mode position.
+    pub(crate) fn parse(bytes: &[u8]) -> Option<LogPosition> {
+        #[derive(Deserialize)]
+        struct Tagged {
+            log: LogPosition,
+        }
+        serde_json::from_slice::<Tagged>(bytes).ok().map(|t| t.log)
+    }
+}
+
 #[derive(Clone)]
 pub struct LogLedger {
     store: OutboxStore,
@@ -904,10 +1012,14 @@ fn decode(
 ) -> Result<Option<Item>, String> {
     Ok(match event {
         ReplicationEvent::Begin {
-            commit_time_micros, ..
+            final_lsn,
+            commit_time_micros,
+            ..
         } => {
             *commit_time = commit_time_micros;
-            Some(Item::Begin)
+            Some(Item::Begin {
+                final_lsn: final_lsn.0,
+            })
         }
         ReplicationEvent::Commit { end_lsn, .. } => Some(Item::Commit { end: end_lsn.0 }),
         ReplicationEvent::KeepAlive { wal_end, .. } => Some(Item::KeepAlive { wal_end: wal_end.0 }),
@@ -1058,6 +1170,82 @@ fn stream_error(source: &LogSource, e: &PgWireError) -> sqlx::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(id: i64) -> OutboxRow {
+        emitted_row(id as u64, b"{\"topic\":\"t\"}\0x", chrono::Utc::now())
+    }
+
+    /// Exactly-once: the position names the transaction a batch ended inside by its commit LSN
+    /// and counts its events Kafka holds; a leader taking over skips exactly those.
+    #[tokio::test]
+    async fn a_split_transaction_is_named_in_the_position_and_skipped_after_a_take_over() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nowhere/app")
+            .unwrap();
+        let table = TableName::parse("public.outbox").unwrap();
+        let store = OutboxStore::new(pool, table, crate::store::OnPublish::Mark, ReadMode::Log);
+        let source = LogSource {
+            host: "nowhere".into(),
+            port: 5432,
+            user: "relay".into(),
+            password: None,
+            database: "app".into(),
+            ssl_mode: "disable".into(),
+            ssl_root_cert: None,
+            slot: "s".into(),
+            publication: "p".into(),
+        };
+        let position = |r: &LogReader| {
+            let none = Progress {
+                delivered: Delivered::default(),
+                mark: Vec::new(),
+                position: None,
+            };
+            LogPosition::parse(&r.position(&none, &[]).unwrap()).unwrap()
+        };
+        let mut r = LogReader::new(store.clone(), source.clone(), Arc::default());
+        r.apply(Item::Begin { final_lsn: 100 }).unwrap();
+        for id in 1..=3 {
+            assert!(r.apply(Item::Row(row(id))).unwrap().is_some());
+        }
+        let split = LogPosition {
+            after: 0,
+            split: Some([100, 3]),
+        };
+        assert_eq!(position(&r), split, "three events of the open transaction");
+        r.settle_in(0);
+        r.apply(Item::Commit { end: 120 }).unwrap();
+        assert_eq!(position(&r).after, 0, "two events unsettled");
+        r.settle_in(0);
+        r.settle_in(0);
+        assert_eq!(r.advance(), Some(120));
+        assert_eq!(
+            position(&r),
+            LogPosition {
+                after: 120,
+                split: None
+            }
+        );
+
+        // A new leader adopts the split position: the first three events of transaction 100
+        // are skipped, the fourth is handed out, and another transaction is not touched.
+        let mut next = LogReader::new(store, source, Arc::default());
+        next.adopt(Some(&split.to_bytes())).await.unwrap();
+        next.apply(Item::Begin { final_lsn: 100 }).unwrap();
+        let handed: Vec<bool> = (1..=4)
+            .map(|id| next.apply(Item::Row(row(id))).unwrap().is_some())
+            .collect();
+        assert_eq!(handed, [false, false, false, true]);
+        assert_eq!(position(&next).split, Some([100, 4]));
+        next.apply(Item::Commit { end: 120 }).unwrap();
+        next.apply(Item::Begin { final_lsn: 130 }).unwrap();
+        assert!(next.apply(Item::Row(row(5))).unwrap().is_some());
+        assert_eq!(
+            next.confirmed.load(Ordering::Acquire),
+            0,
+            "the split is not confirmed"
+        );
+    }
 
     #[test]
     fn a_tls_failure_of_the_stream_is_diagnosed_as_one_naming_the_fix() {

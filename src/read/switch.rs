@@ -15,7 +15,7 @@ use std::sync::Arc;
 use sqlx::AssertSqlSafe;
 use tokio::sync::Notify;
 
-use super::log::{LogReader, LogSource};
+use super::log::{LogPosition, LogReader, LogSource};
 use super::{BatchLimit, ClaimReader, Progress, Reader};
 use crate::event::OutboxRow;
 use crate::settle::Delivered;
@@ -31,6 +31,8 @@ pub struct ToClaim {
     tail: Option<Tail>,
     /// For each batch in flight, whether the tail handed it out.
     from_tail: VecDeque<bool>,
+    /// The last settled batch came from the tail (its position is log mode's).
+    tail_last: bool,
 }
 
 struct Tail {
@@ -51,6 +53,7 @@ impl ToClaim {
             log,
             tail: None,
             from_tail: VecDeque::new(),
+            tail_last: false,
         }
     }
 
@@ -184,19 +187,41 @@ impl Reader for ToClaim {
         Ok(rows)
     }
 
-    /// Claim mode's position: the tail's delivered rows are marked too.
+    /// Claim mode's position, or log mode's after a batch of the tail (which also has emitted
+    /// events: they have no row to mark).
     fn position(&self, progress: &Progress<()>, unrecorded: &[i64]) -> Option<Vec<u8>> {
-        self.claim.position(progress, unrecorded)
+        match self.tail.as_ref() {
+            Some(tail) if self.tail_last => {
+                let p = Progress {
+                    delivered: Delivered::default(),
+                    mark: Vec::new(),
+                    position: None,
+                };
+                tail.reader.position(&p, unrecorded)
+            }
+            _ => self.claim.position(progress, unrecorded),
+        }
     }
 
+    /// Kafka's position: log mode's goes to the tail. Without a tail, log mode's tail was
+    /// published and its rows marked before claim mode was recorded: nothing to do.
     async fn adopt(&mut self, position: Option<&[u8]>) -> Result<(), sqlx::Error> {
-        self.claim.adopt(position).await
+        let log = position.is_some_and(|p| LogPosition::parse(p).is_some());
+        match self.tail.as_mut() {
+            Some(tail) if log => tail.reader.adopt(position).await,
+            None if log => {
+                tracing::info!("Kafka's committed position is log mode's tail, published and marked before claim mode took over");
+                self.claim.adopt(None).await
+            }
+            _ => self.claim.adopt(position).await,
+        }
     }
 
     /// A tail batch settles in the stream's transactions, and its delivered rows are marked
     /// (so neither claim mode nor a restarted tail publishes them again).
     fn progress(&mut self, delivered: Delivered, set_aside: &HashSet<i64>) -> Progress<()> {
         let tail = self.from_tail.pop_front() == Some(true);
+        self.tail_last = tail;
         match self.tail.as_mut() {
             Some(t) if tail => {
                 let p = t.reader.progress(delivered, set_aside);

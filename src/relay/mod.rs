@@ -18,7 +18,7 @@ mod marking;
 mod pace;
 pub mod poison;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +83,9 @@ pub struct Relay<R: Reader, S: Sink, L: Leadership> {
     ledger: R::Ledger,
     /// The lease epoch this replica last took over in.
     led_epoch: Option<i64>,
+    /// Exactly-once: rows Kafka refused in an aborted transaction, set aside before publishing
+    /// when read again.
+    refused: HashMap<i64, poison::Refused>,
 }
 
 #[derive(Debug)]
@@ -121,6 +124,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             spans,
             ledger,
             led_epoch: None,
+            refused: HashMap::new(),
         }
     }
 
@@ -148,7 +152,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                 }
                 Err(e) => {
                     if self.reader.release_server().await {
-                        let rows = flight.abandon();
+                        let rows = self.abandon_flight(&mut flight);
                         tracing::warn!(rows, "closed the replication stream until the lease can be checked; unconfirmed events come again");
                     }
                     self.writer()
@@ -333,7 +337,8 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         }
         m.batch_size.observe(read as f64);
         let block_key = self.settings.poison_policy == PoisonPolicy::BlockKey;
-        let (mut messages, poison) = poison::prepare(rows, &self.settings.rules, block_key);
+        let (mut messages, mut poison) = poison::prepare(rows, &self.settings.rules, block_key);
+        poison::refused_before(&mut messages, &mut poison, &self.refused, block_key);
         let stamps = self.spans.stamp(&mut messages);
         let messages: Arc<[Message]> = messages.into();
         let bytes = messages.iter().map(message_bytes).sum();
@@ -396,16 +401,23 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         self.spans.record(&messages, &stamps, &outcomes, &receipts);
         let block_key = self.settings.poison_policy == PoisonPolicy::BlockKey;
         let mut settlement = settle_after(&messages, outcomes, block_key, &mut flight.blocked);
-        poison.extend(poison::rejected(
-            &messages,
-            std::mem::take(&mut settlement.park),
-        ));
-        let set_aside = self.set_aside(poison, cancel).await;
+        let rejected = poison::rejected(&messages, std::mem::take(&mut settlement.park));
+        // Exactly-once: Kafka's refusal of a row dooms its transaction. It is aborted, and the
+        // refused rows are set aside before publishing when read again.
+        let doomed = sink.transactional() && !rejected.is_empty();
+        let (set_aside, dead_lettered) = if doomed {
+            self.refuse(rejected);
+            Default::default()
+        } else {
+            poison.extend(rejected);
+            self.set_aside(poison, cancel).await
+        };
         let delivered = std::mem::take(&mut settlement.delivered);
         let created = created_at(&messages, delivered.ids());
         let progress = self.reader.progress(delivered, &set_aside);
-        let failed = !settlement.retry.is_empty() || settlement.fatal;
-        if sink.transactional() && !self.commit(&sink, &progress, flight, failed).await {
+        let failed = doomed || !settlement.retry.is_empty() || settlement.fatal;
+        let dead: Vec<i64> = dead_lettered.iter().map(|(id, _)| *id).collect();
+        if sink.transactional() && !self.commit(&sink, &progress, flight, &dead, failed).await {
             // Aborted: nothing of the batch reaches a read_committed consumer; it is read again.
             if !settlement.retry.is_empty() {
                 self.note_retries(&settlement).await;
@@ -414,6 +426,8 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             self.led_epoch = None;
             return Err(StepError::Kafka);
         }
+        self.record_dead_letters(&dead_lettered, cancel).await;
+        self.refused.retain(|id, _| !set_aside.contains(id));
         let fence = Fence {
             holder: self.lease.holder().into(),
             epoch: self.lease.epoch(),
@@ -437,16 +451,22 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
 
     /// Exactly-once: commit the batch's Kafka transaction with the reader's position after it,
     /// or abort it if a row `failed` (or the commit does). Returns whether it committed.
+    /// `dead_lettered`: rows whose dead-letter copy is in the transaction (recorded after it).
     async fn commit(
         &mut self,
         sink: &S,
         progress: &crate::read::Progress<R::Position>,
         flight: &Flight<R::Position>,
+        dead_lettered: &[i64],
         failed: bool,
     ) -> bool {
         let timeout = self.settings.stall_timeout;
         if !failed {
-            let unrecorded: Vec<i64> = flight.marks.ids().collect();
+            let unrecorded: Vec<i64> = flight
+                .marks
+                .ids()
+                .chain(dead_lettered.iter().copied())
+                .collect();
             let Some(position) = self.reader.position(progress, &unrecorded) else {
                 tracing::error!("this read mode cannot publish exactly-once");
                 return false;
@@ -488,10 +508,22 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         why: &str,
         cancel: &CancellationToken,
     ) -> StepError {
-        let rows = flight.abandon();
+        let rows = self.abandon_flight(flight);
         tracing::warn!(reason = why, rows, "abandoning the batches in flight");
-        self.recreate_sink(sink, cancel).await;
+        if !sink.transactional() {
+            self.recreate_sink(sink, cancel).await;
+        }
         StepError::Kafka
+    }
+
+    /// Drop the batches in flight (their rows are read again). Exactly-once: their messages
+    /// are in the open Kafka transaction, so a take-over (a fresh producer, whose
+    /// initialization aborts it) comes before anything is published again.
+    fn abandon_flight(&mut self, flight: &mut Flight<R::Position>) -> usize {
+        if self.sink.borrow().transactional() {
+            self.led_epoch = None;
+        }
+        flight.abandon()
     }
 
     /// Publish while renewing the lease, so a leader waiting on a slow or absent Kafka keeps
@@ -536,6 +568,18 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
             if stall.is_some_and(|stall| started.elapsed() > stall) {
                 return Err("no delivery report within --stall-timeout; recreating the producer");
             }
+        }
+    }
+
+    /// Exactly-once: rows Kafka refused in the transaction about to be aborted; they are set
+    /// aside before publishing when read again.
+    fn refuse(&mut self, rejected: Vec<poison::Poison>) {
+        for p in rejected {
+            tracing::warn!(row_id = p.id, kind = p.kind, reason = %p.reason,
+                "Kafka refused the row, which dooms its transaction: aborting it; the row is set aside (poison policy) when read again");
+            let (kind, reason, park) = (p.kind, p.reason, false);
+            self.refused
+                .insert(p.id, poison::Refused { kind, reason, park });
         }
     }
 

@@ -3,7 +3,7 @@
 //! parked with the reason, or copied to the dead-letter topic through the same
 //! lease-holding, stall-bounded publish path as every other message.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +67,50 @@ pub fn prepare(
     (messages, poison)
 }
 
+/// Exactly-once: a row Kafka refused inside a transaction. The refusal dooms the transaction
+/// (it is aborted), so the row is set aside before publishing when it is read again.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub kind: &'static str,
+    pub reason: String,
+    /// Its dead-letter copy was refused too: park it.
+    pub park: bool,
+}
+
+/// Move the rows Kafka refused earlier (exactly-once) from `messages` to `poison`. With
+/// `block_key`, later messages of their topic and key are left out (pending), as after an
+/// invalid row.
+pub fn refused_before(
+    messages: &mut Vec<Message>,
+    poison: &mut Vec<Poison>,
+    refused: &HashMap<i64, Refused>,
+    block_key: bool,
+) {
+    if refused.is_empty() {
+        return;
+    }
+    let mut blocked: HashSet<(String, String)> = HashSet::new();
+    messages.retain(|m| {
+        let stream = m.key.clone().map(|k| (m.topic.clone(), k));
+        if block_key && stream.as_ref().is_some_and(|s| blocked.contains(s)) {
+            return false;
+        }
+        let Some(r) = refused.get(&m.id) else {
+            return true;
+        };
+        if block_key {
+            blocked.extend(stream);
+        }
+        poison.push(Poison {
+            id: m.id,
+            kind: r.kind,
+            reason: r.reason.clone(),
+            original: Poisoned::Message(m.clone()),
+        });
+        false
+    });
+}
+
 /// The poison that Kafka rejected, with a copy of each message (for a dead-letter copy).
 pub fn rejected(messages: &[Message], park: Vec<(i64, &'static str, String)>) -> Vec<Poison> {
     park.into_iter()
@@ -86,19 +130,26 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
     /// Apply the poison policy: dead-letter (then record as handled) or park, with the reason
     /// in the row, a log line naming the row, and a metric. Writes are retried like a mark.
     /// Returns the rows set aside for good (a row whose dead-letter copy was not delivered
-    /// stays pending).
+    /// stays pending), and, exactly-once, the dead-lettered rows to record once the
+    /// transaction holding their copies has committed ([`Relay::record_dead_letters`]).
     pub(super) async fn set_aside(
         &mut self,
         poison: Vec<Poison>,
         cancel: &CancellationToken,
-    ) -> HashSet<i64> {
+    ) -> (HashSet<i64>, Vec<(i64, String)>) {
         if poison.is_empty() {
-            return HashSet::new();
+            return Default::default();
         }
-        let mut park = Vec::new();
-        let mut done = HashSet::new();
+        let (mut park, mut done, mut deferred) = (Vec::new(), HashSet::new(), Vec::new());
+        let transactional = self.sink.borrow().transactional();
+        // Rows whose dead-letter copy Kafka refused in an aborted transaction are parked.
+        let (poison, park_only): (Vec<Poison>, Vec<Poison>) = poison
+            .into_iter()
+            .partition(|p| !self.refused.get(&p.id).is_some_and(|r| r.park));
+        park.extend(park_only.into_iter().map(|p| (p.id, p.kind, p.reason)));
         match self.settings.dead_letter_topic.clone() {
             None => park.extend(poison.into_iter().map(|p| (p.id, p.kind, p.reason))),
+            Some(_) if poison.is_empty() => {}
             Some(dlq) => {
                 let copies: Vec<Message> = poison
                     .iter()
@@ -121,7 +172,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                             rows = copies.len(),
                             "dead-letter copies abandoned; the rows stay pending"
                         );
-                        return done;
+                        return (done, Vec::new());
                     }
                 };
                 let mut sent = Vec::new();
@@ -139,24 +190,27 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                                 .inc();
                             sent.push((p.id, format!("dead-lettered to {dlq}: {}", p.reason)));
                         }
-                        Err(Failure::Poison { reason, .. }) => park.push((
-                            p.id,
-                            p.kind,
-                            format!("{}; the dead-letter copy failed too: {reason}", p.reason),
-                        )),
+                        Err(Failure::Poison { reason, .. }) => {
+                            let reason =
+                                format!("{}; the dead-letter copy failed too: {reason}", p.reason);
+                            if transactional {
+                                // The refusal dooms the transaction: parked when read again.
+                                let park = true;
+                                let (kind, reason) = (p.kind, reason.clone());
+                                self.refused.insert(p.id, Refused { kind, reason, park });
+                            }
+                            park.push((p.id, p.kind, reason))
+                        }
                         // Kafka trouble: leave the row pending; it is retried with the next read.
                         Err(other) => {
                             tracing::warn!(row_id = p.id, error = %other.into_reason(), "dead-letter publish failed; will retry")
                         }
                     }
                 }
-                let writer = self.writer();
-                let write = writer.write_retrying("dead-letter mark", cancel, |ledger| {
-                    let sent = sent.clone();
-                    async move { ledger.dead_lettered(&sent).await }
-                });
-                let recorded = matches!(self.holding_lease(write, None).await, Ok(Some(())));
-                if recorded {
+                if transactional {
+                    done.extend(sent.iter().map(|(id, _)| *id));
+                    deferred = sent;
+                } else if self.record_dead_letters(&sent, cancel).await {
                     done.extend(sent.iter().map(|(id, _)| *id));
                 }
             }
@@ -182,6 +236,24 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         if parked {
             done.extend(failures.iter().map(|(id, _)| *id));
         }
-        done
+        (done, deferred)
+    }
+
+    /// Record rows as dead-lettered (their copies are delivered, and committed if in a
+    /// transaction). Returns whether the write got through.
+    pub(super) async fn record_dead_letters(
+        &mut self,
+        rows: &[(i64, String)],
+        cancel: &CancellationToken,
+    ) -> bool {
+        if rows.is_empty() {
+            return true;
+        }
+        let writer = self.writer();
+        let write = writer.write_retrying("dead-letter mark", cancel, |ledger| {
+            let rows = rows.to_vec();
+            async move { ledger.dead_lettered(&rows).await }
+        });
+        matches!(self.holding_lease(write, None).await, Ok(Some(())))
     }
 }

@@ -140,6 +140,26 @@ impl TestDb {
         }
     }
 
+    /// Insert one row; returns its id.
+    pub async fn insert(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: Option<serde_json::Value>,
+    ) -> i64 {
+        sqlx::query_scalar(
+            "INSERT INTO outbox (topic, key, payload, headers) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(topic)
+        .bind(key)
+        .bind(payload)
+        .bind(headers)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
     /// `transactions` transactions of `rows` rows each on `topic` (keys k0-k9), one after
     /// another. Returns the ids in insert order.
     pub async fn write_plain(&self, topic: &str, transactions: usize, rows: i32) -> Vec<i64> {
@@ -606,6 +626,19 @@ pub async fn read_back(
     })
     .await
     .unwrap()
+}
+
+/// `--delivery exactly-once` with a transactional id and a positions topic of the test's own.
+pub fn exactly_once_flags() -> Vec<String> {
+    [
+        "--delivery".into(),
+        "exactly-once".into(),
+        "--transactional-id".into(),
+        unique("eos-test"),
+        "--positions-topic".into(),
+        unique("positions"),
+    ]
+    .into()
 }
 
 /// The event ids read back from `topic` (`partitions` partitions) once `expected` records
