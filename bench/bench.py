@@ -21,6 +21,7 @@ Arms (each a way of getting outbox rows from PostgreSQL into Kafka, or a ceiling
                 replication slot, LOG_SLOT, through pgoutput)
   relay-eos     the same with --delivery exactly-once (a Kafka transaction per batch with the
                 relay's position; the checker reads read_committed)
+  relay-log-eos --read-mode log with --delivery exactly-once
   naive         bench/naive_relay.py: one row at a time, synchronous send, UPDATE per row
   debezium-defaults / debezium-tuned   Debezium Server, outbox EventRouter, Kafka sink, pgoutput
 
@@ -835,6 +836,23 @@ class RelayLog(Relay):
         self.dirty = False
 
 
+class RelayLogEos(RelayLog):
+    """--read-mode log with --delivery exactly-once (each batch and the relay's LSN position in
+    one Kafka transaction). Its own transactional id: relay-eos's positions are claim mode's.
+    Log mode marks no row, so its delivered count is the relay's published counter, which
+    moves once a batch's transaction has committed (Harness.committed)."""
+    name = "relay-log-eos"
+    transactional = True
+    extra_args = RelayLog.extra_args + ["--delivery", "exactly-once", "--transactional-id", "bench-relay-log-eos"]
+
+    def __init__(self, h):
+        super().__init__(h)
+        self.label = f"outbox-relay ({h.relay_profile} build), --read-mode log --delivery exactly-once"
+
+    def published(self):
+        return self.scrape().get("outbox_relay_published_total", 0.0)
+
+
 class RelayNoNotify(Relay):
     """Supplementary (only with BENCH_ARMS=...,relay-nonotify): the relay polling every 250 ms,
     with the NOTIFY trigger dropped (`migrate --notify-trigger false`, `run --listen false`)."""
@@ -1228,13 +1246,21 @@ class Harness:
     def pending_rows(self):
         return self.pg.one(f"SELECT count(*) FROM {RELAY_TABLE} WHERE {UNPUBLISHED}")[0]
 
-    def wait_committed(self, n, deadline):
-        """A transactional arm (relay-eos): its topic's offsets include one commit marker per
-        transaction and partition, so the high watermark overcounts; a row is marked only
-        after its transaction committed. Returns how many of `n` rows are marked."""
-        while time.time() < deadline and self.pending_rows() > 0:
-            time.sleep(0.05)
+    def committed(self, arm, n, base):
+        """How many of `n` rows a transactional arm has committed: its topic's offsets include
+        one commit marker per transaction and partition, so the high watermark overcounts.
+        Claim mode marks a row only after its transaction committed; log mode marks none, and
+        its published counter (from `base`, taken at the cell's start) moves after the commit."""
+        if isinstance(arm, RelayLogEos):
+            return int(arm.published() - base)
         return n - self.pending_rows()
+
+    def wait_committed(self, arm, n, deadline, base):
+        """Wait until a transactional arm has committed `n` rows (or the deadline); returns how
+        many it has."""
+        while time.time() < deadline and self.committed(arm, n, base) < n:
+            time.sleep(0.05)
+        return self.committed(arm, n, base)
 
     def step(self, arm, wl, rate, seconds, kind="step"):
         """Open-loop load at a fixed offered rate; the arm publishes; everything checked."""
@@ -1249,6 +1275,7 @@ class Harness:
             if isinstance(arm, RelayLog) and arm.dirty:
                 arm.fresh()
             arm.start()
+        base = arm.published() if isinstance(arm, RelayLogEos) else 0
         topic = f"bench.{self.run_id}.{arm.name}.{wl.name}.{kind}{rate}"
         self.kafka.create_topic(topic)
         self.pg.reset_table(table)
@@ -1266,7 +1293,7 @@ class Harness:
         if publishes:
             delivered_at_end = self.kafka.high(topic)
             if arm.transactional:
-                delivered_at_end = inserted - self.pending_rows()
+                delivered_at_end = self.committed(arm, inserted, base)
             res["backlog_at_load_end"] = inserted - delivered_at_end
             hw = self.wait_delivered(topic, inserted, m.drain_wait)
             res["catch_up_s"] = time.time() - t_load_end
@@ -1367,7 +1394,8 @@ class Harness:
             if isinstance(arm, RelayLog):
                 # The WAL the walsender decodes to stream the backlog (from the slot's confirmed position).
                 before["slot_wal_at_start"] = (self.pg.slot_state(LOG_SLOT) or {}).get("unconfirmed_wal_bytes")
-                self.db_limit_log(wl, n)
+                if not arm.transactional:  # relay-log's drain measures the walsender's limit
+                    self.db_limit_log(wl, n)
             log(f"  starting {arm.name}")
             b = self.begin(arm, table)
             stop, samples = threading.Event(), []
@@ -1379,7 +1407,7 @@ class Harness:
             timeout = cap_seconds or max(600.0, n / 1000.0)
             hw = self.wait_delivered(topic, n, timeout, stall=90 if isinstance(arm, Debezium) else 30)
             if arm.transactional:
-                hw = self.wait_committed(n, t0 + timeout)
+                hw = self.wait_committed(arm, n, t0 + timeout, 0)
             t_done = time.time()
             stop.set()
             th.join()
@@ -1733,6 +1761,8 @@ def estimate(m, arms, dbz):
         t += 30 + 2 * ladder * step + 1.5 * drain + 20
     if want("relay-eos"):
         t += 15 + ladder * step + drain
+    if want("relay-log-eos"):
+        t += 30 + ladder * step + drain + 20
     if want("naive"):
         t += ladder * step + m.naive_drain_seconds + 20
     if dbz and (want("debezium-defaults") or want("debezium-tuned")):
@@ -1860,23 +1890,31 @@ def plan(h, arms_filter):
                 guarded("relay-delete drain-analyzed", h.drain, rd, main, m.drain_rows, analyzed=True)
         finally:
             rd.stop()
-    if want("relay-log"):
+    if want("relay-log") or want("relay-log-eos"):
         # No drain-analyzed cell (the stream reads the WAL, never the table: planner statistics
         # play no part) and no soak (it watches the dead tuples of per-row writes; log mode
         # writes nothing per row).
-        rl = RelayLog(h)
+        rl, rle = RelayLog(h), RelayLogEos(h)
         try:
             # An empty table first: the first start in log mode publishes every row it finds
             # unmarked (the hand-over from the mode before), and rows left by earlier arms name
             # deleted topics.
             h.pg.reset_table(RELAY_TABLE)
             if guarded("relay-log migrate", h.log_mode):
-                guarded("relay-log warm-up", h.warm, rl)
-                for wl in side:
-                    guarded(f"relay-log ladder {wl.name}", h.ladder, rl, wl, cap=ceilings.get(wl.name))
-                guarded("relay-log drain", h.drain, rl, main, m.drain_rows)
+                if want("relay-log"):
+                    guarded("relay-log warm-up", h.warm, rl)
+                    for wl in side:
+                        guarded(f"relay-log ladder {wl.name}", h.ladder, rl, wl, cap=ceilings.get(wl.name))
+                    guarded("relay-log drain", h.drain, rl, main, m.drain_rows)
+                    rl.stop()
+                if want("relay-log-eos"):
+                    rle.dirty = rl.dirty  # the same slot
+                    guarded("relay-log-eos warm-up", h.warm, rle)
+                    guarded("relay-log-eos ladder", h.ladder, rle, main, cap=ceilings.get(main.name))
+                    guarded("relay-log-eos drain", h.drain, rle, main, m.drain_rows)
         finally:
             rl.stop()
+            rle.stop()
             guarded("relay-log leave log mode", h.leave_log_mode)
     if want("naive"):
         naive = Naive(h)

@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 ARM_ORDER = ["db-only", "db-only-dbz", "db-only-nonotify", "kafka-only", "kafka-only-loaded", "kafka-only-bare", "kafka-only-py", "db-limit-claim", "db-limit-delete",
-             "db-limit-log", "relay", "relay-eos", "relay-delete", "relay-log", "relay-nonotify", "naive",
+             "db-limit-log", "relay", "relay-eos", "relay-delete", "relay-log", "relay-log-eos", "relay-nonotify", "naive",
              "debezium-defaults", "debezium-tuned"]
-COLORS = {"relay": "tab:blue", "relay-eos": "royalblue", "relay-delete": "tab:pink", "relay-log": "teal", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
+COLORS = {"relay": "tab:blue", "relay-eos": "royalblue", "relay-delete": "tab:pink", "relay-log": "teal", "relay-log-eos": "darkcyan", "relay-nonotify": "tab:cyan", "db-only-nonotify": "tab:brown", "naive": "tab:gray", "debezium-defaults": "tab:red", "debezium-tuned": "tab:orange",
           "db-only": "tab:green", "db-only-dbz": "tab:olive", "kafka-only": "tab:purple", "kafka-only-py": "tab:purple", "kafka-only-bare": "tab:purple",
           "kafka-only-loaded": "mediumpurple",
           "db-limit-claim": "navy", "db-limit-delete": "purple", "db-limit-log": "darkcyan"}
@@ -23,9 +23,9 @@ COLORS = {"relay": "tab:blue", "relay-eos": "royalblue", "relay-delete": "tab:pi
 # pg_recvlogical streaming the same backlog from a copy of the slot) and Kafka's producer-only
 # ceiling (examples/kafka_ceiling.rs, arm kafka-only).
 DB_LIMIT = {"relay": "db-limit-claim", "relay-eos": "db-limit-claim", "relay-delete": "db-limit-delete",
-            "relay-log": "db-limit-log"}
+            "relay-log": "db-limit-log", "relay-log-eos": "db-limit-log"}
 # Every relay arm, in report order.
-RELAY_ARMS = ["relay", "relay-eos", "relay-delete", "relay-log"]
+RELAY_ARMS = ["relay", "relay-eos", "relay-delete", "relay-log", "relay-log-eos"]
 
 
 def fmt(v, d=0, unit=""):
@@ -407,7 +407,7 @@ def render(meta, res, plots, outdir, mode):
                     lo, which = limit(res, ra, "1x200B", kind)
                     db = rate_of(drain(res, DB_LIMIT[ra], "1x200B", kind))
                     if db:
-                        stats = "- (the stream never reads the table)" if ra == "relay-log" else "none" if kind == "drain" else "analyzed"
+                        stats = "- (the stream never reads the table)" if ra.startswith("relay-log") else "none" if kind == "drain" else "analyzed"
                         rows.append(f"| {ra} | {stats} | {fmt(db)} | "
                                     f"{fmt(rate_of(drain(res, 'kafka-only', '1x200B')))} | {fmt(lo)} ({which}) |")
         if rows:
@@ -479,7 +479,7 @@ def render(meta, res, plots, outdir, mode):
             rd = drain(res, ra, "1x200B", kind)
             if rd:
                 lo, which = limit(res, ra, "1x200B", kind)
-                how = "from the slot's WAL" if ra == "relay-log" else "no statistics" if kind == "drain" else "analyzed"
+                how = "from the slot's WAL" if ra.startswith("relay-log") else "no statistics" if kind == "drain" else "analyzed"
                 rows.append(f"| {ra} | {kind} 1x200B ({how}) | "
                             f"{fmt(rate_of(rd))} | {fmt(lo)} ({which}) | {pct(rate_of(rd), lo)} |")
         for wl in ("1x200B", "10x200B"):
@@ -598,6 +598,28 @@ def render(meta, res, plots, outdir, mode):
             f"{r['workload']} at {fmt(r['offered'])}/s {fmt(r['pg_walsender_cpu_s_per_1k'], 3)}"
             for r in sorted(ws, key=lambda r: (r["workload"] != main, r["workload"], r["offered"]))) + " CPU-s/1k events.")
     w(f"\n![RSS]({plots['rss']})\n")
+
+    # ---- exactly-once beside at-least-once
+    pairs = [(a, e) for a, e in (("relay", "relay-eos"), ("relay-log", "relay-log-eos"))
+             if any(r["arm"] == e for r in res)]
+    if pairs:
+        w("## Exactly-once beside at-least-once\n")
+        w("Same run, same workload (1x200B). Exactly-once: one batch in flight, each in a Kafka transaction with the "
+          "relay's position; latency is to LogAppendTime (a read_committed consumer sees an event once its transaction "
+          "commits, a few ms later); commit is the relay's outbox_relay_transaction_commit_seconds.\n")
+        w("| arms | drain events/s (exactly-once / at-least-once) | 1k/s p50 / p99 ms | 5k/s p50 / p99 ms | commit mean ms (drain) |\n"
+          "|---|---|---|---|---|")
+        for a, e in pairs:
+            da, de = rate_of(drain(res, a, "1x200B")), rate_of(drain(res, e, "1x200B"))
+            ratio = f" ({fmt(de / da, 2)})" if da and de else ""
+
+            def lat(arm, rate):
+                r = at_rate(res, arm, "1x200B", rate) or {}
+                return f"{fmt(r.get('lat_p50_ms'), 1)} / {fmt(r.get('lat_p99_ms'), 1)}"
+            commit = ((drain(res, e, "1x200B") or {}).get("relay_profile") or {}).get("commit") or {}
+            w(f"| {e} / {a} | {fmt(de)} / {fmt(da)}{ratio} | {lat(e, 1000)} vs {lat(a, 1000)} | "
+              f"{lat(e, 5000)} vs {lat(a, 5000)} | {fmt(commit.get('mean_ms'), 1)} |")
+        w("")
 
     # ---- soak
     soak = [r for r in res if r.get("kind") == "soak"]

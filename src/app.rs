@@ -117,6 +117,8 @@ pub async fn run(
 
     tracing::info!(database = %config.db.display, table = %table, kafka = %config.kafka.brokers,
         read_mode = config.read_mode.as_str(), batch_size = config.relay.batch_size,
+        in_flight_batches = config.relay.in_flight_batches,
+        delivery = if config.transactional.is_some() { "exactly-once" } else { "at-least-once" },
         poll_interval = ?config.relay.poll_interval, listen = config.relay.listen,
         replica = %identity.id, "outbox-relay started");
     let (spans, exporter) =

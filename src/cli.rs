@@ -330,7 +330,8 @@ pub struct RunArgs {
     /// While a backlog drains, read and publish the next batches before the earlier ones'
     /// delivery reports are in: at most this many batches' worth of rows published or being
     /// recorded at once (--batch-bytes bounds their bytes together). A crash publishes these
-    /// again; 1 publishes and records one batch at a time.
+    /// again; 1 publishes and records one batch at a time (always, with --delivery
+    /// exactly-once: one batch per transaction).
     #[arg(long, env = "OUTBOX_RELAY_IN_FLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Relay")]
     pub in_flight_batches: u32,
     #[command(flatten)]

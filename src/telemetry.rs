@@ -466,6 +466,7 @@ mod tests {
         m.parked.with_label_values(&["x"]);
         m.dead_lettered.with_label_values(&["x"]);
         m.phase_seconds.with_label_values(&["x"]);
+        m.transactions.with_label_values(&["x"]);
         let known: Vec<String> = m
             .registry
             .gather()

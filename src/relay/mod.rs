@@ -162,11 +162,14 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
                 }
             }
             match self.step(&cancel, &mut flight).await {
-                Ok(rows) => {
+                Ok(read) => {
                     backoff.reset();
                     self.health.progressed();
-                    pace = pace.after_read(rows);
-                    self.ask_for_wakeups(pace.is_idle(), &mut wakeups).await;
+                    // A step that only settled (no room to read) says nothing about new rows.
+                    if let Some(rows) = read {
+                        pace = pace.after_read(rows);
+                        self.ask_for_wakeups(pace.is_idle(), &mut wakeups).await;
+                    }
                 }
                 Err(StepError::Database(e)) => {
                     self.writer()
@@ -285,12 +288,13 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
 
     /// Settle the batches whose reports are in; read and publish the next batch if there is
     /// room; unless that read came back full (a backlog: keep reading ahead), wait for the
-    /// oldest batch in flight and settle it. Returns how many rows were read.
+    /// oldest batch in flight and settle it. Returns how many rows were read (`None`: no read,
+    /// for want of room).
     async fn step(
         &mut self,
         cancel: &CancellationToken,
         flight: &mut Flight<R::Position>,
-    ) -> Result<usize, StepError> {
+    ) -> Result<Option<usize>, StepError> {
         flight.marks.reap();
         while flight.sent.front().is_some_and(|s| s.reports.is_finished()) {
             self.settle_oldest(flight, cancel).await?;
@@ -309,9 +313,9 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         let (read, full) = match room {
             Some(limit) => {
                 let read = self.read_and_send(limit, flight, cancel).await?;
-                (read, read >= limit.rows as usize)
+                (Some(read), read >= limit.rows as usize)
             }
-            None => (0, false),
+            None => (None, false),
         };
         if !full && !flight.sent.is_empty() {
             self.settle_oldest(flight, cancel).await?;
