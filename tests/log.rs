@@ -482,10 +482,33 @@ async fn an_idle_outbox_pins_no_wal_while_other_tables_are_written() {
 /// started all arrive exactly once, in per-key order; and back to claim mode the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn switching_claim_to_log_and_back_publishes_each_row_once() {
+    switch_claim_to_log_and_back(&[]).await;
+}
+
+/// The same with `--delivery exactly-once` throughout, one transactional id: each mode takes
+/// over the other's last committed position (claim's catch-up in log mode, log's tail in claim
+/// mode) and publishes nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switching_read_modes_exactly_once_publishes_each_row_once() {
+    let eos = common::exactly_once_flags();
+    switch_claim_to_log_and_back(&strs(&eos)).await;
+}
+
+async fn switch_claim_to_log_and_back(delivery: &[&str]) {
+    let with = |args: &[&'static str]| [args, delivery].concat();
+    // Exactly-once: every batch commits the first time (a take-over has the position it needs).
+    let stop = |relay: Relay| {
+        let logs = relay.logs();
+        assert!(
+            !logs.contains("cannot publish exactly-once") && !logs.contains("did not commit"),
+            "{logs}"
+        );
+        assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    };
     let db = TestDb::new().await;
     let slot = unique("slot");
     let topics = topics(2).await;
-    let claim = Relay::start(&db, &["--batch-size", "200"]);
+    let claim = Relay::start(&db, &with(&["--batch-size", "200"]));
     let mut all = write_events(&db, &topics, 30, 600, 4).await;
     db.wait_count(
         "published_at IS NOT NULL",
@@ -499,11 +522,11 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
     let n = (all.committed.len() + during.committed.len()) as i64;
     db.wait_count("published_at IS NOT NULL", n, Duration::from_secs(60))
         .await;
-    assert_eq!(claim.terminate(Duration::from_secs(15)), Some(0));
+    stop(claim);
     // Left pending by claim mode, and in the stream too.
     let pending = write_events(&db, &topics, 30, 600, 4).await;
     let log = LogDb { db, slot };
-    let relay = log.relay(&["--batch-size", "200"]);
+    let relay = log.relay(&with(&["--batch-size", "200"]));
     let after = write_events(&log.db, &topics, 30, 600, 4).await;
     for ledger in [during, pending, after] {
         all.committed.extend(ledger.committed);
@@ -519,19 +542,10 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
     // and after claim mode started.
     let more = write_events(&log.db, &topics, 30, 600, 4).await;
     wait_published(&relay, more.committed.len(), Duration::from_secs(60));
-    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    stop(relay);
     let tail = write_events(&log.db, &topics, 30, 600, 4).await;
-    let back = Relay::start(
-        &log.db,
-        &[
-            "--slot",
-            &log.slot,
-            "--publication",
-            &log.slot,
-            "--batch-size",
-            "200",
-        ],
-    );
+    let slot: &[&str] = &["--slot", &log.slot, "--publication", &log.slot];
+    let back = Relay::start(&log.db, &[slot, &with(&["--batch-size", "200"])].concat());
     let last = write_events(&log.db, &topics, 30, 600, 4).await;
     for ledger in [more, tail, last] {
         all.committed.extend(ledger.committed);
@@ -550,7 +564,7 @@ async fn switching_claim_to_log_and_back_publishes_each_row_once() {
             .await
             .unwrap();
     assert_eq!(slots, 0, "claim mode dropped log mode's slot");
-    assert_eq!(back.terminate(Duration::from_secs(15)), Some(0));
+    stop(back);
 }
 
 /// The upgrade path from the removed append mode to its write-free successor: on a table as

@@ -206,14 +206,17 @@ impl Reader for ToClaim {
     /// Kafka's position: log mode's goes to the tail. Without a tail, log mode's tail was
     /// published and its rows marked before claim mode was recorded: nothing to do.
     async fn adopt(&mut self, position: Option<&[u8]>) -> Result<(), sqlx::Error> {
-        let log = position.is_some_and(|p| LogPosition::parse(p).is_some());
+        if position.is_none_or(|p| LogPosition::parse(p).is_none()) {
+            return self.claim.adopt(position).await;
+        }
+        // Claim mode learns the table's incarnation for its own positions either way.
+        self.claim.adopt(None).await?;
         match self.tail.as_mut() {
-            Some(tail) if log => tail.reader.adopt(position).await,
-            None if log => {
+            Some(tail) => tail.reader.adopt(position).await,
+            None => {
                 tracing::info!("Kafka's committed position is log mode's tail, published and marked before claim mode took over");
-                self.claim.adopt(None).await
+                Ok(())
             }
-            _ => self.claim.adopt(position).await,
         }
     }
 
