@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{Publisher, Sink};
 use crate::lease::{Leadership, Lease};
-use crate::read::log::{self, LogSource};
+use crate::read::log;
 use crate::read::{ClaimReader, LogReader, Reader, ToClaim};
 use crate::relay::{PoisonPolicy, Relay};
 use crate::settings::RelayConfig;
@@ -139,13 +139,13 @@ pub async fn run(
         ReadMode::Claim => {
             let block_keys = config.relay.poison_policy == PoisonPolicy::BlockKey;
             // If log mode led last, its tail is read from its slot first.
-            let log = (LogSource::new(&config.db, &config.log), wake);
+            let log = (config.db.log_source(&config.log), wake);
             let claim = ClaimReader::new(store.clone(), block_keys);
             let reader = ToClaim::new(claim, store, Some(log));
             run_loop(config.relay, reader, parts, cancel).await
         }
         ReadMode::Log => {
-            let source = LogSource::new(&config.db, &config.log);
+            let source = config.db.log_source(&config.log);
             let reader = LogReader::new(store, source, wake).observing(source_delay);
             run_loop(config.relay, reader, parts, cancel).await
         }

@@ -12,11 +12,10 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::kafka::{client_config, KafkaConfig, Transactional};
-use crate::read::log::LogNames;
 use crate::settings::{transport_findings, DatabaseConfig};
 use crate::store::errors::{self, Deadlines, Phase};
 use crate::store::slot::{bytes_text, LogServer, Slot, RUNBOOK};
-use crate::table::ReadMode;
+use crate::table::{LogNames, ReadMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::kafka::KafkaConfig;
+use crate::read::log::{LogNames, LogSource};
 use crate::store::OnPublish;
 use crate::table::{ReadMode, TableName};
 
@@ -31,6 +32,32 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+impl DatabaseConfig {
+    /// The replication connection of this database, to `names` (log mode).
+    pub fn log_source(&self, names: &LogNames) -> LogSource {
+        use sqlx::postgres::PgSslMode;
+        let c = &self.connect;
+        LogSource {
+            host: c.get_host().to_string(),
+            port: c.get_port(),
+            user: c.get_username().to_string(),
+            password: self.password.clone(),
+            database: c.get_database().unwrap_or(c.get_username()).to_string(),
+            ssl_mode: match c.get_ssl_mode() {
+                PgSslMode::Disable => "disable",
+                PgSslMode::Allow | PgSslMode::Prefer => "prefer",
+                PgSslMode::Require => "require",
+                PgSslMode::VerifyCa => "verify-ca",
+                PgSslMode::VerifyFull => "verify-full",
+            }
+            .to_string(),
+            ssl_root_cert: self.ssl_root_cert.clone(),
+            slot: names.slot.clone(),
+            publication: names.publication.clone(),
+        }
+    }
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -42,7 +69,7 @@ pub struct RelayConfig {
     pub relay: crate::relay::Settings,
     pub read_mode: ReadMode,
     /// Log mode's slot and publication.
-    pub log: crate::read::log::LogNames,
+    pub log: LogNames,
     pub on_publish: OnPublish,
     /// Published rows older than this are deleted by the built-in cleanup (zero: never).
     pub retention: Duration,

@@ -171,7 +171,7 @@ impl TableName {
 
     /// The prefix of this table's emitted messages.
     pub fn message_prefix(&self) -> String {
-        format!("{}{self}", crate::read::log::MESSAGE_PREFIX)
+        format!("{}{self}", MESSAGE_PREFIX)
     }
 
     /// `pg_logical_emit_message` of one event in the form the relay decodes (`read::log`):
@@ -388,6 +388,61 @@ END $do$;
         }
         sql
     }
+}
+
+/// What an emitted event's message prefix starts with; the table name follows (`schema.table`).
+pub const MESSAGE_PREFIX: &str = "outbox-relay:";
+
+/// The replication slot and publication of log mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogNames {
+    pub slot: String,
+    pub publication: String,
+}
+
+impl LogNames {
+    /// Checked names; either defaults to [`default_name`].
+    pub fn new(
+        table: &TableName,
+        slot: Option<&str>,
+        publication: Option<&str>,
+    ) -> Result<LogNames, String> {
+        let slot = slot.map_or_else(|| default_name(table), str::to_string);
+        let publication = publication.map_or_else(|| default_name(table), str::to_string);
+        check_name("--slot", &slot)?;
+        check_name("--publication", &publication)?;
+        Ok(LogNames { slot, publication })
+    }
+}
+
+/// Slot and publication names go into replication commands unquoted: lower-case letters,
+/// digits and `_`, at most 63 bytes.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} must be 1-63 characters of a-z, 0-9 and _"
+        ))
+    }
+}
+
+/// The default slot and publication name for a table: `outbox_relay_<schema>_<table>`,
+/// lower-cased, other characters as `_`, cut to 63 bytes.
+pub fn default_name(table: &TableName) -> String {
+    let raw = format!("outbox_relay_{}_{}", table.schema(), table.table());
+    raw.chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .take(63)
+        .collect()
 }
 
 #[cfg(test)]

@@ -37,10 +37,9 @@ use crate::secret::Secret;
 use crate::settle::Delivered;
 use crate::store::slot::LogServer;
 use crate::store::OutboxStore;
+pub use crate::table::{check_name, default_name, LogNames, MESSAGE_PREFIX};
 use crate::table::{ReadMode, TableName};
 
-/// What an emitted event's message prefix starts with; the table name follows (`schema.table`).
-pub const MESSAGE_PREFIX: &str = "outbox-relay:";
 /// Events buffered between the stream task and the reader (the crate buffers as many again;
 /// past that the server is held back by TCP).
 const BUFFERED: usize = 4096;
@@ -70,83 +69,7 @@ impl std::fmt::Debug for LogSource {
     }
 }
 
-/// The replication slot and publication of log mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogNames {
-    pub slot: String,
-    pub publication: String,
-}
-
-impl LogNames {
-    /// Checked names; either defaults to [`default_name`].
-    pub fn new(
-        table: &TableName,
-        slot: Option<&str>,
-        publication: Option<&str>,
-    ) -> Result<LogNames, String> {
-        let slot = slot.map_or_else(|| default_name(table), str::to_string);
-        let publication = publication.map_or_else(|| default_name(table), str::to_string);
-        check_name("--slot", &slot)?;
-        check_name("--publication", &publication)?;
-        Ok(LogNames { slot, publication })
-    }
-}
-
-/// Slot and publication names go into replication commands unquoted: lower-case letters,
-/// digits and `_`, at most 63 bytes.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} {name:?} must be 1-63 characters of a-z, 0-9 and _"
-        ))
-    }
-}
-
-/// The default slot and publication name for a table: `outbox_relay_<schema>_<table>`,
-/// lower-cased, other characters as `_`, cut to 63 bytes.
-pub fn default_name(table: &TableName) -> String {
-    let raw = format!("outbox_relay_{}_{}", table.schema(), table.table());
-    raw.chars()
-        .map(|c| match c.to_ascii_lowercase() {
-            c @ ('a'..='z' | '0'..='9' | '_') => c,
-            _ => '_',
-        })
-        .take(63)
-        .collect()
-}
-
 impl LogSource {
-    /// The replication connection of `db`, to `names`.
-    pub fn new(db: &crate::settings::DatabaseConfig, names: &LogNames) -> LogSource {
-        use sqlx::postgres::PgSslMode;
-        let c = &db.connect;
-        LogSource {
-            host: c.get_host().to_string(),
-            port: c.get_port(),
-            user: c.get_username().to_string(),
-            password: db.password.clone(),
-            database: c.get_database().unwrap_or(c.get_username()).to_string(),
-            ssl_mode: match c.get_ssl_mode() {
-                PgSslMode::Disable => "disable",
-                PgSslMode::Allow | PgSslMode::Prefer => "prefer",
-                PgSslMode::Require => "require",
-                PgSslMode::VerifyCa => "verify-ca",
-                PgSslMode::VerifyFull => "verify-full",
-            }
-            .to_string(),
-            ssl_root_cert: db.ssl_root_cert.clone(),
-            slot: names.slot.clone(),
-            publication: names.publication.clone(),
-        }
-    }
-
     fn config(&self, start: u64) -> ReplicationConfig {
         let tls = match self.ssl_mode.as_str() {
             "disable" => TlsConfig::disabled(),

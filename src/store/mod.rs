@@ -14,8 +14,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::read::log::LogNames;
-use crate::table::{ReadMode, TableName};
+use crate::table::{LogNames, ReadMode, TableName};
 
 /// What the relay does with a row once Kafka has acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -8,8 +8,7 @@ use std::fmt;
 use serde::Serialize;
 use sqlx::{PgConnection, PgExecutor};
 
-use crate::read::log::LogNames;
-use crate::table::TableName;
+use crate::table::{LogNames, TableName};
 
 /// The runbook for a slot that is lost or gone while the relay needs it.
 pub const RUNBOOK: &str = "follow the README runbook \"A lost slot\"";
