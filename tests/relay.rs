@@ -507,7 +507,10 @@ async fn block_key_policy_holds_a_key_until_its_parked_row_is_fixed() {
     let relay = Relay::start(&db, &["--poison-policy", "block-key"]);
     let insert = |key: &'static str, payload: &'static str, headers: Option<serde_json::Value>| {
         let (db, topic) = (&db, topics[0].clone());
-        async move { db.insert(&topic, key, payload.as_bytes(), headers).await }
+        async move {
+            db.insert(&topic, Some(key), payload.as_bytes(), headers)
+                .await
+        }
     };
     let mut tx_rows = vec![insert("a", "a-1", None).await];
     let bad = insert("a", "a-2", Some(json!(["not an object"]))).await;
@@ -567,7 +570,7 @@ async fn dead_letter_policy_sends_poison_rows_to_the_dead_letter_topic() {
         (b"bad headers".to_vec(), Some(json!({"n": 1}))),
         (vec![b'x'; 10_000], None),
     ] {
-        db.insert(main, "k", &payload, headers).await;
+        db.insert(main, Some("k"), &payload, headers).await;
     }
     db.wait_count("published_at IS NOT NULL", 3, Duration::from_secs(20))
         .await;
@@ -889,7 +892,7 @@ async fn exactly_once_dead_letters_invalid_and_broker_rejected_rows_once() {
         (&small, "c", b"fits".to_vec(), None),
     ];
     for (topic, key, payload, headers) in rows {
-        db.insert(topic, key, &payload, headers).await;
+        db.insert(topic, Some(key), &payload, headers).await;
     }
     db.wait_count("published_at IS NOT NULL", 5, Duration::from_secs(60))
         .await;

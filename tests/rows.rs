@@ -13,13 +13,7 @@ use common::{
 };
 
 async fn insert(db: &TestDb, topic: &str, key: Option<&str>, payload: &[u8]) -> i64 {
-    sqlx::query_scalar("INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3) RETURNING id")
-        .bind(topic)
-        .bind(key)
-        .bind(payload)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+    db.insert(topic, key, payload, None).await
 }
 
 async fn exec(db: &TestDb, sql: &str) {

@@ -144,7 +144,7 @@ impl TestDb {
     pub async fn insert(
         &self,
         topic: &str,
-        key: &str,
+        key: Option<&str>,
         payload: &[u8],
         headers: Option<serde_json::Value>,
     ) -> i64 {
