@@ -1101,6 +1101,13 @@ async fn positions_topic(
 async fn transaction_probe(cfg: &KafkaConfig, id: &str, positions: Option<&str>, r: &mut Report) {
     let probe = format!("{id}.doctor-probe");
     let (key, topic) = (probe.clone(), positions.map(str::to_string));
+    let (wrote, may) = match positions {
+        Some(t) => (
+            format!(" wrote a record to the positions topic {t} in it and"),
+            " and write its positions",
+        ),
+        None => (String::new(), ""),
+    };
     let producer_config = {
         let mut c = client_config(cfg);
         c.set("transactional.id", &probe);
@@ -1138,19 +1145,9 @@ async fn transaction_probe(cfg: &KafkaConfig, id: &str, positions: Option<&str>,
             return r.ok(
                 EXACTLY_ONCE,
                 format!(
-                "began a transaction as {probe} (a probe id of its own: a running relay of {id} \
-                     is not fenced), {} and aborted it: this principal may use transactions{}",
-                if positions.is_some() {
-                    "wrote a record to the positions topic in it"
-                } else {
-                    ""
-                },
-                if positions.is_some() {
-                    " and write its positions"
-                } else {
-                    ""
-                }
-            ),
+                    "began a transaction as {probe} (a probe id of its own: a running relay of \
+                     {id} is not fenced),{wrote} aborted it: this principal may use transactions{may}"
+                ),
             )
         }
         Ok(Err(failed)) => failed,
