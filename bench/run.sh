@@ -4,11 +4,18 @@
 # Starts this harness's own PostgreSQL and Kafka instances with scripts/pg.sh and scripts/kafka.sh
 # (ports and dirs below, overridable), never the default ones, and stops them at the end
 # (BENCH_KEEP_SERVICES=1 keeps them). Usage: bench/run.sh {full|smoke}
+# An A/B of a change: build each side, then run the same targeted knobs (BENCH_ARMS,
+# BENCH_LADDER, ...) with BENCH_RELAY_BIN=<that side's binary> and BENCH_OUT=<a directory>,
+# alternating the sides over several runs (the machine is noisy: compare within a run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 MODE=${1:-smoke}
 case "$MODE" in full|smoke) ;; *) die "usage: bench/run.sh {full|smoke}" ;; esac
+if [ -n "${BENCH_RELAY_BIN:-}" ]; then
+  [ -n "${BENCH_OUT:-}" ] || die "BENCH_RELAY_BIN needs BENCH_OUT: a run of another build must not write BENCHMARKS.md"
+  [ -x "$BENCH_RELAY_BIN" ] || die "BENCH_RELAY_BIN=$BENCH_RELAY_BIN is not an executable"
+fi
 
 export OUTBOX_PG_DIR=${OUTBOX_PG_DIR:-.local/bench-pg} OUTBOX_PG_PORT=${OUTBOX_PG_PORT:-56432}
 export OUTBOX_KAFKA_DIR=${OUTBOX_KAFKA_DIR:-.local/bench-kafka} OUTBOX_KAFKA_PORT=${OUTBOX_KAFKA_PORT:-39092}
@@ -75,9 +82,10 @@ case "${BENCH_PROFILE:-$([ "$MODE" = full ] && echo release || echo debug)}" in
   debug) cargo build --locked --bins --examples; RELAY_BIN=target/debug/outbox-relay ;;
   *) die "BENCH_PROFILE must be debug or release, not '$BENCH_PROFILE'" ;;
 esac
+RELAY_BIN=${BENCH_RELAY_BIN:-$RELAY_BIN}
 DBZ_ARGS=()
 debezium
 trap cleanup EXIT
 scripts/pg.sh start
 scripts/kafka.sh start
-"$VENV/bin/python" bench/bench.py --mode "$MODE" --relay-bin "$PWD/$RELAY_BIN" "${DBZ_ARGS[@]}"
+"$VENV/bin/python" bench/bench.py --mode "$MODE" --relay-bin "$(realpath "$RELAY_BIN")" "${DBZ_ARGS[@]}"
