@@ -813,3 +813,139 @@ async fn exactly_once_a_kill_inside_a_split_transaction_publishes_nothing_twice(
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     log.finish().await;
 }
+
+/// An emitted event that is poison (an illegal topic name) is parked as a row of the table,
+/// its event id in the reason, and the stream goes on: the next event arrives. The parked
+/// row's own insert comes through the stream too: it is not an event (it is not pending), so
+/// it is not set aside a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_emitted_event_is_parked_once_and_the_stream_goes_on() {
+    poison_emitted_event_set_aside_once(None).await;
+}
+
+/// The same with the dead-letter policy: one dead-letter copy, and the row recording it
+/// (inserted published) is not an event either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_emitted_event_is_dead_lettered_once_and_the_stream_goes_on() {
+    let dlq = topics(1).await.remove(0);
+    poison_emitted_event_set_aside_once(Some(&dlq)).await;
+    let copies = read_back(
+        &[dlq],
+        PARTITIONS,
+        1,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(copies.len(), 1, "one dead-letter copy");
+}
+
+async fn poison_emitted_event_set_aside_once(dead_letter_topic: Option<&str>) {
+    let log = LogDb::new().await;
+    let topics = topics(1).await;
+    let (set_aside, relay) = match dead_letter_topic {
+        None => ("failed_at IS NOT NULL", log.relay(&[])),
+        Some(dlq) => (
+            "published_at IS NOT NULL",
+            log.relay(&["--poison-policy", "dead-letter", "--dead-letter-topic", dlq]),
+        ),
+    };
+    let emit = |topic: String| {
+        let pool = log.db.pool.clone();
+        async move {
+            sqlx::query("SELECT outbox_emit($1, 'k', 'p', NULL)")
+                .bind(topic)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    emit("bad topic".into()).await;
+    emit(topics[0].clone()).await;
+    log.db
+        .wait_count(set_aside, 1, Duration::from_secs(60))
+        .await;
+    // Committed after the set-aside row's insert: once it arrives, the stream is past it.
+    emit(topics[0].clone()).await;
+    let records = read_back(
+        &topics,
+        PARTITIONS,
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(records.len(), 2, "the good events around it");
+    let rows: Vec<(String, String, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT topic, last_error, attempts FROM outbox WHERE {set_aside}"
+    )))
+    .fetch_all(&log.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "one row stands for the event: {rows:?}");
+    let (topic, error, attempts) = &rows[0];
+    assert_eq!(topic, "bad topic");
+    assert!(error.contains("(emitted event lsn-"), "{error}");
+    assert_eq!(*attempts, 1, "set aside once");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    log.finish().await;
+}
+
+/// An emitted event has no row: parking it inserts one. If its batch is read again before the
+/// slot's position passes it (a crash; exactly-once, an aborted transaction), it is parked
+/// again: that must not insert a second row, or `failed retry` would publish the event twice
+/// under two event ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emitted_event_parked_twice_is_one_parked_row() {
+    use outbox_relay::event::OutboxRow;
+    use outbox_relay::store::{OnPublish, OutboxStore, SetAside};
+    use outbox_relay::table::{ReadMode, TableName};
+
+    let log = LogDb::new().await;
+    let table = TableName::parse("outbox").unwrap();
+    let store = OutboxStore::new(log.db.pool.clone(), table, OnPublish::Mark, ReadMode::Log);
+    let emitted = |lsn: i64| OutboxRow {
+        id: -lsn,
+        topic: "bad topic".into(),
+        key: Some("k".into()),
+        payload: Some(b"p".to_vec()),
+        headers: Some(r#"{"h":"v"}"#.into()),
+        created_at: chrono::Utc::now(),
+        xid: None,
+        unreadable: None,
+    };
+    let why = "the topic name is not legal";
+    let (first, other) = (emitted(0x1_0000_0A00), emitted(0x1_0000_0B00));
+    assert!(store
+        .insert_set_aside(&first, SetAside::Parked, why)
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .insert_set_aside(&first, SetAside::Parked, why)
+            .await
+            .unwrap(),
+        "parked again: the row already there stands for it"
+    );
+    assert!(
+        store
+            .insert_set_aside(&other, SetAside::Parked, why)
+            .await
+            .unwrap(),
+        "another event with the same error is parked too"
+    );
+    assert_eq!(log.db.count("failed_at IS NOT NULL").await, 2);
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT last_error FROM outbox WHERE failed_at IS NOT NULL ORDER BY id")
+            .fetch_all(&log.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        errors,
+        [
+            format!("{why} (emitted event lsn-1/A00)"),
+            format!("{why} (emitted event lsn-1/B00)"),
+        ]
+    );
+    log.finish().await;
+}

@@ -36,7 +36,7 @@ use crate::event::OutboxRow;
 use crate::secret::Secret;
 use crate::settle::Delivered;
 use crate::store::slot::LogServer;
-use crate::store::OutboxStore;
+use crate::store::{OutboxStore, SetAside};
 pub use crate::table::{check_name, default_name, LogNames, MESSAGE_PREFIX};
 use crate::table::{ReadMode, TableName};
 
@@ -763,12 +763,12 @@ pub struct LogLedger {
 }
 
 impl LogLedger {
-    /// Emitted events among `rows` are inserted as rows with `state` set; the rest are
-    /// returned (they are rows of the table).
+    /// Emitted events among `rows` are inserted as rows set aside `how` (once: see
+    /// [`OutboxStore::insert_set_aside`]); the rest are returned (they are rows of the table).
     async fn insert_emitted(
         &self,
         rows: &[(i64, String)],
-        state: &str,
+        how: SetAside,
     ) -> Result<Vec<(i64, String)>, sqlx::Error> {
         let (emitted, table_rows): (Vec<_>, Vec<_>) =
             rows.iter().cloned().partition(|(id, _)| *id < 0);
@@ -779,26 +779,7 @@ impl LogLedger {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
             let Some(row) = row else { continue };
-            let t = self.store.table().quoted();
-            let sql = format!(
-                "INSERT INTO {t} (topic, key, payload, headers, created_at, attempts, last_error, {state}) \
-                 VALUES ($1, $2, $3, $4::jsonb, $5, 1, $6, now())"
-            );
-            let headers = row
-                .headers
-                .filter(|h| serde_json::from_str::<serde_json::Value>(h).is_ok());
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(&row.topic)
-                .bind(&row.key)
-                .bind(&row.payload)
-                .bind(headers)
-                .bind(row.created_at)
-                .bind(format!(
-                    "{error} (emitted event {})",
-                    crate::event::event_id(id)
-                ))
-                .execute(self.store.pool())
-                .await?;
+            self.store.insert_set_aside(&row, how, &error).await?;
         }
         Ok(table_rows)
     }
@@ -821,12 +802,12 @@ impl Ledger for LogLedger {
     }
 
     async fn park(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
-        let table_rows = self.insert_emitted(rows, "failed_at").await?;
+        let table_rows = self.insert_emitted(rows, SetAside::Parked).await?;
         self.store.park(&table_rows).await
     }
 
     async fn dead_lettered(&self, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
-        let table_rows = self.insert_emitted(rows, "published_at").await?;
+        let table_rows = self.insert_emitted(rows, SetAside::DeadLettered).await?;
         self.store.mark_dead_lettered(&table_rows).await
     }
 
@@ -956,6 +937,9 @@ fn decode(
                 if relation.schema != table.schema() || relation.table != table.table() {
                     tracing::warn!(schema = %relation.schema, table = %relation.table,
                         "the publication covers another table; its rows are not events (publish only the outbox table)");
+                    return Ok(None);
+                }
+                if tuple.set_aside() {
                     return Ok(None);
                 }
                 let row = tuple

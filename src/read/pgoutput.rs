@@ -205,6 +205,13 @@ impl Tuple {
             .and_then(|(_, v)| v.as_ref())
     }
 
+    /// Whether the row was inserted already published or parked (`published_at` or
+    /// `failed_at` set): not pending, so not an event, as in claim mode. The relay inserts such
+    /// rows itself when it sets aside an emitted event (which has no row of its own).
+    pub fn set_aside(&self) -> bool {
+        self.get("published_at").is_some() || self.get("failed_at").is_some()
+    }
+
     /// The outbox row this tuple is. `id` must be readable (without it there is no event id);
     /// any other column that cannot be used is named in `unreadable` (the row is poison).
     pub fn outbox_row(&self) -> Result<OutboxRow, String> {

@@ -14,6 +14,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::OutboxRow;
 use crate::table::{LogNames, ReadMode, TableName};
 
 /// What the relay does with a row once Kafka has acknowledged it.
@@ -179,6 +180,13 @@ pub fn unpublished(table: &TableName) -> String {
     )
 }
 
+/// How a row was set aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetAside {
+    Parked,
+    DeadLettered,
+}
+
 impl OutboxStore {
     /// `on_publish`: whether a delivered row is marked or deleted (claim mode). `mode`: how
     /// the backlog is counted and what cleanup may delete.
@@ -266,6 +274,50 @@ impl OutboxStore {
     /// Set rows aside as failed, with the reason; the relay will not read them again.
     pub async fn park(&self, failures: &[(i64, String)]) -> Result<(), sqlx::Error> {
         self.record_errors(&self.park_sql, failures).await
+    }
+
+    /// Write an event that has no row (log mode's emitted events) into the table as set aside
+    /// (`failed_at` set, or for a dead-lettered one `published_at`), with `error` and the
+    /// event's id as `last_error`. A parked event is inserted once: if its batch is read again
+    /// (a crash before the slot's position passed it, or, exactly-once, an aborted
+    /// transaction) and it is parked again, the row already there stands for it, so `failed
+    /// retry` publishes it once, under one event id. Returns whether a row was inserted.
+    pub async fn insert_set_aside(
+        &self,
+        row: &OutboxRow,
+        how: SetAside,
+        error: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let t = self.table.quoted();
+        let (column, once) = match how {
+            SetAside::Parked => (
+                "failed_at",
+                format!(" WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {PARKED} AND right(last_error, char_length($7)) = $7)"),
+            ),
+            SetAside::DeadLettered => ("published_at", String::new()),
+        };
+        let sql = format!(
+            "INSERT INTO {t} (topic, key, payload, headers, created_at, attempts, last_error, {column}) \
+             SELECT $1, $2, $3, $4::jsonb, $5, 1, $6 || ' ' || $7, now(){once}"
+        );
+        let headers = row
+            .headers
+            .as_ref()
+            .filter(|h| serde_json::from_str::<serde_json::Value>(h).is_ok());
+        let done = sqlx::query(AssertSqlSafe(sql))
+            .bind(&row.topic)
+            .bind(&row.key)
+            .bind(&row.payload)
+            .bind(headers)
+            .bind(row.created_at)
+            .bind(error)
+            .bind(format!(
+                "(emitted event {})",
+                crate::event::event_id(row.id)
+            ))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Mark rows published whose dead-letter copy was delivered, noting why in `last_error`.
