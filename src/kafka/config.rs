@@ -211,6 +211,13 @@ fn refused(key: &str, value: &str) -> Option<&'static str> {
         {
             Some("refused: idempotent ordering allows at most 5 in-flight requests; use 1 to 5")
         }
+        // librdkafka skips a message that timed out in its queue and sends the key's later
+        // messages (Kafka gets 1, 4, 5, then the relay's retry of 2, 3).
+        "message.timeout.ms" | "delivery.timeout.ms" if v != "0" => Some(
+            "refused: a message that times out is skipped and later events of its key reach Kafka \
+             before it, breaking per-key order; --stall-timeout bounds a stuck producer instead \
+             (it is recreated and nothing is reordered); remove the override",
+        ),
         _ => None,
     }
 }
@@ -368,6 +375,8 @@ mod tests {
             ("transactional.id", "x"),
             ("max.in.flight.requests.per.connection", "6"),
             ("bootstrap.servers", "x:1"),
+            ("message.timeout.ms", "5000"),
+            ("delivery.timeout.ms", "300000"),
         ] {
             let err = with(&[(k, v)]).unwrap_err();
             assert!(err.starts_with(&format!("--kafka-config: {k}")), "{err}");
@@ -377,6 +386,7 @@ mod tests {
             ("acks", "-1"),
             ("enable.idempotence", "true"),
             ("max.in.flight.requests.per.connection", "5"),
+            ("message.timeout.ms", "0"),
         ] {
             assert!(with(&[(k, v)]).is_ok(), "{k}={v} keeps the guarantees");
         }
