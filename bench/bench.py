@@ -701,6 +701,14 @@ class DbOnly(Arm):
                       else "load generator alone, Debezium-style table")
 
 
+def relay_settings():
+    """The relay arms' settings: its defaults, or the OUTBOX_RELAY_* flags set in the
+    environment (every relay flag is also an environment variable, and the arms inherit it)."""
+    changed = sorted(f"{k}={v}" for k, v in os.environ.items()
+                     if k.startswith("OUTBOX_RELAY_") and k != "OUTBOX_RELAY_DATABASE_URL")
+    return ", ".join(changed) or "defaults"
+
+
 class Relay(Arm):
     name = "relay"
     role = "bench_relay"
@@ -708,7 +716,7 @@ class Relay(Arm):
 
     def __init__(self, h):
         super().__init__(h)
-        self.label = f"outbox-relay ({h.relay_profile} build, defaults)"
+        self.label = f"outbox-relay ({h.relay_profile} build, {relay_settings()})"
         self.logfile = os.path.join(h.logdir, "relay.log")
 
     def start(self, canary=True):
