@@ -61,8 +61,10 @@ PG_DIR = os.path.realpath(os.path.join(ROOT, os.environ.get("OUTBOX_PG_DIR", ".l
 KAFKA_PORT = int(os.environ.get("OUTBOX_KAFKA_PORT", "39092"))
 KAFKA_DIR = os.path.realpath(os.path.join(ROOT, os.environ.get("OUTBOX_KAFKA_DIR", ".local/bench-kafka")))
 BROKERS = f"127.0.0.1:{KAFKA_PORT}"
-METRICS_PORT = int(os.environ.get("BENCH_RELAY_METRICS_PORT", "39464"))
-DBZ_HTTP_PORT = int(os.environ.get("BENCH_DEBEZIUM_HTTP_PORT", "39080"))
+# Below Linux's ephemeral range (32768-60999): a port the arms bind again and again must not be
+# taken meanwhile by some client's outgoing connection (a CI run's smoke once failed so).
+METRICS_PORT = int(os.environ.get("BENCH_RELAY_METRICS_PORT", "29464"))
+DBZ_HTTP_PORT = int(os.environ.get("BENCH_DEBEZIUM_HTTP_PORT", "29080"))
 PGBIN = sorted(d for d in (os.path.join("/usr/lib/postgresql", v, "bin") for v in
                            (os.listdir("/usr/lib/postgresql") if os.path.isdir("/usr/lib/postgresql") else []))
                if os.path.exists(os.path.join(d, "pgbench")))
