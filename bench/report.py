@@ -332,7 +332,9 @@ def render(meta, res, plots, outdir, mode):
       f"{fmt(next((r['seconds'] for r in steps(res)), None))} s on a fresh topic and a truncated table; a step is sustained when "
       "the load generator achieved >= 95% of the offered rate, the backlog (committed rows not yet in Kafka) at the end of the "
       "load was <= 2 s of offered load, and did not grow over the second half of the step (slope < 5% of the rate). "
-      "Coarse steps (1,000, 5,000, then doubling) run until one fails, then bisections halve the gap between the highest "
+      "Coarse steps (1,000, 5,000, then doubling) run until one fails (a failing coarse step is run once more, and "
+      "the second attempt counts: on a shared machine one hiccup would otherwise end a ladder, and cap every "
+      "publishing arm at it), then bisections halve the gap between the highest "
       "sustained and the lowest failing rate; the sustained throughput is the highest sustained step. A publishing arm "
       "is not offered more than the insert-only ceiling of the same workload: that ceiling is its last coarse step.")
     w("- **Insert-only ceiling** (`db-only`): the load generator alone on the relay's table *without* the NOTIFY "
