@@ -151,6 +151,15 @@ def proc_cpu(pid):
         return None
 
 
+def proc_minflt(pid):
+    """Minor page faults of the process so far (memory the kernel had to map in again)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def proc_status(pid):
     out = {}
     try:
@@ -1197,7 +1206,7 @@ class Harness:
         if arm.pid():
             reset_peak_rss(arm.pid())
         return {"wal": self.pg.wal_lsn(), "meter": self.meter(arm), "extra": arm.extra_start(), "t": time.time(),
-                "loadavg": os.getloadavg()}
+                "loadavg": os.getloadavg(), "minflt": proc_minflt(arm.pid()) if arm.pid() else None}
 
     def end(self, arm, table, b, events):
         out = {"wal_bytes": self.pg.wal_lsn() - b["wal"], "events": events}
@@ -1211,6 +1220,9 @@ class Harness:
             st = proc_status(pid)
             out["peak_rss_mib"] = st.get("VmHWM")
             out["rss_end_mib"] = st.get("VmRSS")
+            minflt = proc_minflt(pid)
+            if minflt is not None and b["minflt"] is not None and minflt >= b["minflt"]:
+                out["arm_minor_faults"] = minflt - b["minflt"]
         stm = self.pg.statements()
         out["statements"] = {r: v["calls"] for r, v in stm.items()}
         if arm.role:
@@ -1227,6 +1239,8 @@ class Harness:
             out["wal_bytes_per_event"] = out["wal_bytes"] / events
             if "cpu_arm_s" in out:
                 out["arm_cpu_s_per_1k"] = 1000 * out["cpu_arm_s"] / events
+            if "arm_minor_faults" in out:
+                out["arm_minor_faults_per_event"] = out["arm_minor_faults"] / events
             out["pg_cpu_s_per_1k"] = 1000 * out["cpu_postgres_s"] / events
             if "cpu_pg_arm_s" in out:
                 out["pg_arm_cpu_s_per_1k"] = 1000 * out["cpu_pg_arm_s"] / events

@@ -368,7 +368,8 @@ def render(meta, res, plots, outdir, mode):
          "binary, messages) to /dev/null: what the walsender can decode and send, no Kafka. It runs on the same backlog "
          "just before the relay's drain of it." if has_log else ""))
     w("- **Per event**: CPU-seconds of the arm's process (and of all PostgreSQL processes, and of the broker) from /proc over "
-      "the cell including catch-up (the examples': the kernel's accounting at exit); peak RSS = VmHWM, reset at the start of the cell (clear_refs); statements = "
+      "the cell including catch-up (the examples': the kernel's accounting at exit); peak RSS = VmHWM, reset at the start of the cell (clear_refs); page faults = the arm process's minor page faults over the cell "
+      "(/proc/<pid>/stat: memory the kernel mapped in again); statements = "
       "pg_stat_statements calls by the arm's role (the walsender's replication protocol is not counted); WAL = "
       "pg_current_wal_lsn() difference, and above the app-only baseline = minus the db-only arm's WAL per event at the "
       "same workload and rate (same table layout)."
@@ -583,15 +584,16 @@ def render(meta, res, plots, outdir, mode):
                     "in this run the PostgreSQL processes alive at both ends of the cell: the arm's own connections "
                     "(and Debezium's walsender) plus background workers; the load generator's backends (connected "
                     "after the start snapshot) are not in it, so it approximates the database CPU spent serving the arm.") + "\n")
-    w("| arm | workload | offered/s | arm CPU-s/1k ev | PG CPU-s/1k ev | arm's PG CPU-s/1k ev | Kafka CPU-s/1k ev | peak RSS MiB | arm stmts/event | "
-      "WAL B/event | WAL above app-only B/event | machine busy % | load 1m |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    w("| arm | workload | offered/s | arm CPU-s/1k ev | PG CPU-s/1k ev | arm's PG CPU-s/1k ev | Kafka CPU-s/1k ev | peak RSS MiB | arm page faults/event | arm stmts/event | "
+      "WAL B/event | WAL above app-only B/event | machine busy % | load 1m |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted([r for r in res if r.get("kind") == "step" and r.get("offered") in (1000, 5000) and r["arm"] != "kafka-only-py"],
                     key=lambda r: (r["workload"] != main, r["workload"], r["offered"], arm_key(r))):
         base_arm = "db-only-dbz" if r["arm"].startswith("debezium") else "db-only"
         base = at_rate(res, base_arm, r["workload"], r["offered"])
         above = (r.get("wal_bytes_per_event") - base["wal_bytes_per_event"]) if base and base.get("wal_bytes_per_event") and r.get("wal_bytes_per_event") and not r["arm"].startswith("db-only") else None
         w(f"| {r['arm']} | {r['workload']} | {fmt(r['offered'])} | {fmt(r.get('arm_cpu_s_per_1k'), 3)} | {fmt(r.get('pg_cpu_s_per_1k'), 3)} | "
-          f"{fmt(r.get('pg_arm_cpu_s_per_1k'), 3)} | {fmt(r.get('kafka_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | {fmt(r.get('arm_statements_per_event'), 3)} | "
+          f"{fmt(r.get('pg_arm_cpu_s_per_1k'), 3)} | {fmt(r.get('kafka_cpu_s_per_1k'), 3)} | {fmt(r.get('peak_rss_mib'), 1)} | "
+          f"{fmt(r.get('arm_minor_faults_per_event'), 2)} | {fmt(r.get('arm_statements_per_event'), 3)} | "
           f"{fmt(r.get('wal_bytes_per_event'), 0)} | {fmt(above, 0)} | {fmt(r.get('machine_busy_pct'), 0)} | {fmt(r.get('loadavg_1m'), 2)} |")
     ws = [r for r in res if r.get("kind") == "step" and r["arm"] == "relay-log" and r.get("offered") in (1000, 5000)
           and r.get("pg_walsender_cpu_s_per_1k") is not None]
