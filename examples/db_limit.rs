@@ -76,6 +76,7 @@ impl Times {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    outbox_relay::keep_freed_memory(); // the relay's allocator settings
     let args = Args::parse();
     let connect: PgConnectOptions = args.database_url.parse()?;
     // The relay's pool: 4 connections, application_name as the relay sets it.

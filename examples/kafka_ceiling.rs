@@ -81,6 +81,7 @@ impl ProducerContext for Reports {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    outbox_relay::keep_freed_memory(); // the relay's allocator settings
     let args = Args::parse();
     let config = KafkaConfig::new(&args.brokers, Compression::Lz4, Vec::new())?;
     let producer: ThreadedProducer<Reports> =

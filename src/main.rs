@@ -23,6 +23,7 @@ use outbox_relay::table::ReadMode;
 use outbox_relay::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
+    outbox_relay::keep_freed_memory();
     outbox_relay::install_tls_provider();
     let cli = Cli::parse(); // a bad flag exits 2 with a message naming it
     match cli.command {
