@@ -352,7 +352,7 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         let handed = self.holding_lease(sink.send(messages.clone(), cancel, flush_timeout), stall);
         let reports = match timed(m, "send", handed).await {
             Ok(reports) => reports,
-            Err(why) => return Err(self.abandon(flight, &sink, why, cancel).await),
+            Err(why) => return Err(self.abandon(flight, &sink, why, read, cancel).await),
         };
         let timer = m
             .phase_seconds
@@ -389,8 +389,8 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         let reports = self.holding_lease(&mut batch.reports, stall);
         let published = match timed(&m, "wait", reports).await {
             Ok(Ok(published)) => published,
-            Ok(Err(e)) => return Err(self.abandon(flight, &sink, &e.to_string(), cancel).await),
-            Err(why) => return Err(self.abandon(flight, &sink, why, cancel).await),
+            Ok(Err(e)) => return Err(self.abandon(flight, &sink, &e.to_string(), 0, cancel).await),
+            Err(why) => return Err(self.abandon(flight, &sink, why, 0, cancel).await),
         };
         let Some(Sent {
             messages,
@@ -502,17 +502,19 @@ impl<R: Reader, S: Sink, L: Leadership> Relay<R, S, L> {
         false
     }
 
-    /// Give up on every batch in flight (the lease was lost, or no report came within
-    /// --stall-timeout): nothing is recorded, the rows stay pending for whoever leads next
-    /// (duplicates at most, never a reordering). A fresh producer drops the stuck queue.
+    /// Give up on every batch in flight, and on the `handing` rows of a batch whose hand-over
+    /// stalled (the lease was lost, or nothing completed within --stall-timeout): nothing is
+    /// recorded, the rows stay pending for whoever leads next (duplicates at most, never a
+    /// reordering). A fresh producer drops the stuck queue, part of that batch included.
     async fn abandon(
         &mut self,
         flight: &mut Flight<R::Position>,
         sink: &S,
         why: &str,
+        handing: usize,
         cancel: &CancellationToken,
     ) -> StepError {
-        let rows = self.abandon_flight(flight);
+        let rows = self.abandon_flight(flight) + handing;
         tracing::warn!(reason = why, rows, "abandoning the batches in flight");
         if !sink.transactional() {
             self.recreate_sink(sink, cancel).await;
