@@ -2006,6 +2006,10 @@ def main():
     if args.report_only:
         report.write(outdir, args.mode)
         return 0
+    if args.mode == "full" and relay_settings() != "defaults" and not os.environ.get("BENCH_OUT"):
+        # A tuning experiment must not write BENCHMARKS.md (its report names the settings).
+        sys.exit(f"bench.py: error: {relay_settings()} is set: a run with settings other than "
+                 "the relay's defaults needs BENCH_OUT")
     # An interrupted run (Ctrl-C, SIGTERM from make or CI) stops the arms it started: they run in
     # their own sessions, and a relay or Debezium left behind would skew the next run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -12,11 +12,6 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 MODE=${1:-smoke}
 case "$MODE" in full|smoke) ;; *) die "usage: bench/run.sh {full|smoke}" ;; esac
-# The relay arms inherit OUTBOX_RELAY_* (every flag's variable): a run with other settings is
-# a tuning experiment, and its report says which.
-if env | grep -v '^OUTBOX_RELAY_DATABASE_URL=' | grep -q '^OUTBOX_RELAY_' && [ "$MODE" = full ] && [ -z "${BENCH_OUT:-}" ]; then
-  die "OUTBOX_RELAY_* is set: a run with settings other than the relay's defaults needs BENCH_OUT (it must not write BENCHMARKS.md)"
-fi
 if [ -n "${BENCH_RELAY_BIN:-}" ]; then
   [ -n "${BENCH_OUT:-}" ] || die "BENCH_RELAY_BIN needs BENCH_OUT: a run of another build must not write BENCHMARKS.md"
   [ -x "$BENCH_RELAY_BIN" ] || die "BENCH_RELAY_BIN=$BENCH_RELAY_BIN is not an executable"

@@ -64,21 +64,21 @@ pub fn install_tls_provider() {
 /// ARCHITECTURE.md, "Memory"). The relay's memory is bounded by its batch and in-flight bounds,
 /// so keeping up to 8 MiB of free heap costs a few MiB of peak RSS. Blocks of 4 MiB or more
 /// still come from and go back to the kernel. Operators who set glibc's own knobs
-/// (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`) keep theirs. Call it
-/// first, before other threads start.
+/// (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `glibc.malloc.*` in `GLIBC_TUNABLES`)
+/// keep theirs. Call it first thing in `main`.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let tuned = [
-            "MALLOC_TRIM_THRESHOLD_",
-            "MALLOC_MMAP_THRESHOLD_",
-            "GLIBC_TUNABLES",
-        ];
-        if tuned.iter().any(|v| std::env::var_os(v).is_some()) {
+        let set = |v| std::env::var_os(v).is_some();
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if set("MALLOC_TRIM_THRESHOLD_")
+            || set("MALLOC_MMAP_THRESHOLD_")
+            || tunables.contains("glibc.malloc.")
+        {
             return;
         }
-        // SAFETY: mallopt only sets the allocator's parameters, and runs before any other
-        // thread could allocate concurrently.
+        // SAFETY: mallopt takes no pointers and only sets the allocator's parameters (under
+        // glibc's own arena lock); they apply to the allocations and frees after it.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
