@@ -14,7 +14,9 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
     published_at timestamptz,
     attempts     integer NOT NULL DEFAULT 0,
     last_error   text,
-    failed_at    timestamptz
+    failed_at    timestamptz,
+    -- Log mode: the emitted event (no row of its own) this row stands for, set aside.
+    emitted_lsn  pg_lsn
 );
 
 -- Tables created before the xid column: added without a table rewrite; older rows keep NULL.
@@ -38,6 +40,10 @@ CREATE INDEX IF NOT EXISTS "outbox_published_idx" ON "public"."outbox" (publishe
 CREATE INDEX IF NOT EXISTS "outbox_parked_idx" ON "public"."outbox" (failed_at)
     WHERE failed_at IS NOT NULL;
 DROP INDEX IF EXISTS "public"."outbox_failed_idx";
+-- An emitted event set aside (parked or dead-lettered) is one row, however often it is read.
+ALTER TABLE "public"."outbox" ADD COLUMN IF NOT EXISTS emitted_lsn pg_lsn;
+CREATE UNIQUE INDEX IF NOT EXISTS "outbox_emitted_idx" ON "public"."outbox" (emitted_lsn)
+    WHERE emitted_lsn IS NOT NULL;
 
 -- Leader election: the replica holding this lease publishes; the others stand by.
 -- wake_wanted: the leader is idle and wants a NOTIFY on insert (see the notify function).

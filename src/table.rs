@@ -229,6 +229,7 @@ $fn$;
         let published_idx = quote_ident(&format!("{}_published_idx", self.table));
         let failed_idx = quote_ident(&format!("{}_failed_idx", self.table));
         let parked_idx = quote_ident(&format!("{}_parked_idx", self.table));
+        let emitted_idx = quote_ident(&format!("{}_emitted_idx", self.table));
         let drop_append = format!(
             "-- What an earlier release's --read-mode append (removed) added.\n\
              DROP INDEX IF EXISTS {schema}.{xid_idx};\n\
@@ -264,7 +265,9 @@ CREATE TABLE IF NOT EXISTS {t} (
     published_at timestamptz,
     attempts     integer NOT NULL DEFAULT 0,
     last_error   text,
-    failed_at    timestamptz
+    failed_at    timestamptz,
+    -- Log mode: the emitted event (no row of its own) this row stands for, set aside.
+    emitted_lsn  pg_lsn
 );
 
 -- Tables created before the xid column: added without a table rewrite; older rows keep NULL.
@@ -280,6 +283,10 @@ CREATE INDEX IF NOT EXISTS {published_idx} ON {t} (published_at)
 CREATE INDEX IF NOT EXISTS {parked_idx} ON {t} (failed_at)
     WHERE failed_at IS NOT NULL;
 DROP INDEX IF EXISTS {schema}.{failed_idx};
+-- An emitted event set aside (parked or dead-lettered) is one row, however often it is read.
+ALTER TABLE {t} ADD COLUMN IF NOT EXISTS emitted_lsn pg_lsn;
+CREATE UNIQUE INDEX IF NOT EXISTS {emitted_idx} ON {t} (emitted_lsn)
+    WHERE emitted_lsn IS NOT NULL;
 
 -- Leader election: the replica holding this lease publishes; the others stand by.
 -- wake_wanted: the leader is idle and wants a NOTIFY on insert (see the notify function).

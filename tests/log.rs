@@ -894,7 +894,8 @@ async fn poison_emitted_event_set_aside_once(dead_letter_topic: Option<&str>) {
 /// An emitted event has no row: parking it inserts one. If its batch is read again before the
 /// slot's position passes it (a crash; exactly-once, an aborted transaction), it is parked
 /// again: that must not insert a second row, or `failed retry` would publish the event twice
-/// under two event ids.
+/// under two event ids; nor after `failed retry` has sent the row. The same for a dead-letter
+/// record. A table migrated by an older release (no `emitted_lsn`) still parks it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emitted_event_parked_twice_is_one_parked_row() {
     use outbox_relay::event::OutboxRow;
@@ -947,5 +948,41 @@ async fn an_emitted_event_parked_twice_is_one_parked_row() {
             format!("{why} (emitted event lsn-1/B00)"),
         ]
     );
+    let lsns: Vec<String> = sqlx::query_scalar(
+        "SELECT emitted_lsn::text FROM outbox WHERE failed_at IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(&log.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(lsns, ["1/A00", "1/B00"]);
+
+    // `failed retry` sent the row (it is pending again): the event, read again, is still it.
+    sqlx::query("UPDATE outbox SET failed_at = NULL WHERE emitted_lsn = '1/A00'")
+        .execute(&log.db.pool)
+        .await
+        .unwrap();
+    let again = store.insert_set_aside(&first, SetAside::Parked, why).await;
+    assert!(
+        !again.unwrap(),
+        "after failed retry: the row still stands for it"
+    );
+    let dead = emitted(0x1_0000_0C00);
+    for (n, inserted) in [(1, true), (2, false)] {
+        let done = store.insert_set_aside(&dead, SetAside::DeadLettered, why);
+        assert_eq!(done.await.unwrap(), inserted, "dead-lettered, time {n}");
+    }
+    assert_eq!(log.db.count("true").await, 3);
+
+    // An older schema: found by the event id at the end of last_error, as before.
+    sqlx::query("ALTER TABLE outbox DROP COLUMN emitted_lsn")
+        .execute(&log.db.pool)
+        .await
+        .unwrap();
+    let old = emitted(0x1_0000_0D00);
+    for (n, inserted) in [(1, true), (2, false)] {
+        let done = store.insert_set_aside(&old, SetAside::Parked, why);
+        assert_eq!(done.await.unwrap(), inserted, "older schema, time {n}");
+    }
+    assert_eq!(log.db.count("true").await, 4);
     log.finish().await;
 }

@@ -278,10 +278,11 @@ impl OutboxStore {
 
     /// Write an event that has no row (log mode's emitted events) into the table as set aside
     /// (`failed_at` set, or for a dead-lettered one `published_at`), with `error` and the
-    /// event's id as `last_error`. A parked event is inserted once: if its batch is read again
-    /// (a crash before the slot's position passed it, or, exactly-once, an aborted
-    /// transaction) and it is parked again, the row already there stands for it, so `failed
-    /// retry` publishes it once, under one event id. Returns whether a row was inserted.
+    /// event's id at the end of `last_error`. An event is inserted once (`emitted_lsn`, unique):
+    /// if its batch is read again (a crash before the slot's position passed it, or,
+    /// exactly-once, an aborted transaction) and it is set aside again, the row already there
+    /// stands for it, even after `failed retry` sent that row, so the event is published once,
+    /// under one event id. Returns whether a row was inserted.
     pub async fn insert_set_aside(
         &self,
         row: &OutboxRow,
@@ -289,22 +290,58 @@ impl OutboxStore {
         error: &str,
     ) -> Result<bool, sqlx::Error> {
         let t = self.table.quoted();
-        let (column, once) = match how {
-            SetAside::Parked => (
-                "failed_at",
-                format!(" WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {PARKED} AND right(last_error, char_length($7)) = $7)"),
-            ),
-            SetAside::DeadLettered => ("published_at", String::new()),
+        let column = match how {
+            SetAside::Parked => "failed_at",
+            SetAside::DeadLettered => "published_at",
         };
-        let sql = format!(
-            "INSERT INTO {t} (topic, key, payload, headers, created_at, attempts, last_error, {column}) \
-             SELECT $1, $2, $3, $4::jsonb, $5, 1, $6 || ' ' || $7, now(){once}"
+        let insert = format!(
+            "INSERT INTO {t} (topic, key, payload, headers, created_at, attempts, last_error, {column}"
         );
+        let values = "$1, $2, $3, $4::jsonb, $5, 1, $6 || ' ' || $7, now()";
+        let once = format!(
+            "{insert}, emitted_lsn) VALUES ({values}, '0/0'::pg_lsn + $8::numeric) \
+             ON CONFLICT (emitted_lsn) WHERE emitted_lsn IS NOT NULL DO NOTHING"
+        );
+        let done = match self
+            .set_aside_query(&once, row, error)
+            .bind(-row.id)
+            .execute(&self.pool)
+            .await
+        {
+            Err(e) if errors::is_undefined_column(&e) => {
+                // A table migrated by an older release: a parked event is found by its id at
+                // the end of last_error instead (a dead-lettered one is not looked for).
+                tracing::warn!(table = %self.table, "the table has no emitted_lsn column: run `outbox-relay migrate --read-mode log` to add it");
+                let parked = format!("{PARKED} AND right(last_error, char_length($7)) = $7");
+                let missing = match how {
+                    SetAside::Parked => {
+                        format!(" WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {parked})")
+                    }
+                    SetAside::DeadLettered => String::new(),
+                };
+                let old = format!("{insert}) SELECT {values}{missing}");
+                self.set_aside_query(&old, row, error)
+                    .execute(&self.pool)
+                    .await?
+            }
+            done => done?,
+        };
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// An emitted event's insert as a set-aside row: its contents, the reason and its event id
+    /// (`$1`-`$7`).
+    fn set_aside_query<'q>(
+        &self,
+        sql: &'q str,
+        row: &'q OutboxRow,
+        error: &'q str,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
         let headers = row
             .headers
             .as_ref()
             .filter(|h| serde_json::from_str::<serde_json::Value>(h).is_ok());
-        let done = sqlx::query(AssertSqlSafe(sql))
+        sqlx::query(AssertSqlSafe(sql))
             .bind(&row.topic)
             .bind(&row.key)
             .bind(&row.payload)
@@ -315,9 +352,6 @@ impl OutboxStore {
                 "(emitted event {})",
                 crate::event::event_id(row.id)
             ))
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
     }
 
     /// Mark rows published whose dead-letter copy was delivered, noting why in `last_error`.
