@@ -146,6 +146,8 @@ pub struct Publisher {
     transactional: Option<Transactional>,
     /// Whether a transaction is open.
     in_transaction: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When the last transaction ended (committed or aborted).
+    txn_ended: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
     /// Topics the cluster said exist, and when it said so.
     known_topics: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
@@ -179,6 +181,7 @@ impl Publisher {
             config: std::sync::Arc::new(cfg.clone()),
             transactional,
             in_transaction: Default::default(),
+            txn_ended: Default::default(),
             known_topics: Default::default(),
         })
     }
@@ -194,6 +197,7 @@ impl Publisher {
         // A message to a topic the cluster says does not exist is not produced: librdkafka would
         // hold the whole batch for topic.metadata.propagation.max.ms first.
         let missing = self.missing_topics(&messages).await;
+        self.after_last_transaction().await;
         let begun = self.begin_if_needed();
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages.iter() {

@@ -5,7 +5,7 @@
 //! (`init_transactions` bumps its epoch: a paused former leader can no longer commit), then
 //! reads the last committed position (read_committed) and trusts it over the database's.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -17,6 +17,16 @@ use super::{client_config, KafkaConfig, Publisher};
 /// How far back from the end of each partition of the positions topic the last position is
 /// looked for first (then from the start).
 const RECENT: i64 = 1000;
+
+/// How long a commit waits for the producer's queue to be empty before committing anyway.
+const SETTLE_BEFORE_COMMIT: Duration = Duration::from_millis(50);
+
+/// How long after a transaction ends the next one begins at the earliest. Kafka's transaction
+/// coordinator acknowledges the end of a transaction before it has written its markers, and a
+/// partition added to the next transaction until then is refused (CONCURRENT_TRANSACTIONS),
+/// which librdkafka asks again only after a fixed 20 ms: that retry was the p99 of a
+/// transaction at 1,000 events/s (ARCHITECTURE.md, "Exactly-once").
+const AFTER_TRANSACTION: Duration = Duration::from_millis(2);
 
 /// The transactional settings of a publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,10 +96,20 @@ impl Publisher {
             Err(_) => return Err("the position's delivery report was lost".into()),
         }
         let producer = self.producer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || producer.commit_transaction(timeout)).await;
-        self.in_transaction
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let committed = tokio::task::spawn_blocking(move || {
+            // rdkafka's commit first flushes, and its flush waits out a whole 100 ms poll
+            // whenever anything is still counted in the producer's queue, even a delivery
+            // report the polling thread is still handing over (2-3 such stalls in 20 s at 1,000
+            // events/s). Every message of this transaction has its report, so the count reaches
+            // zero within microseconds: wait for that first (bounded; the commit flushes anyway).
+            let settled = Instant::now();
+            while producer.in_flight_count() > 0 && settled.elapsed() < SETTLE_BEFORE_COMMIT {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            producer.commit_transaction(timeout)
+        })
+        .await;
+        self.ended_transaction();
         committed
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("could not commit the Kafka transaction: {e}"))
@@ -105,10 +125,37 @@ impl Publisher {
             return Ok(());
         }
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.abort_transaction(timeout))
-            .await
+        let aborted =
+            tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
+        self.ended_transaction();
+        aborted
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("could not abort the Kafka transaction: {e}"))
+    }
+
+    fn ended_transaction(&self) {
+        self.in_transaction
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut ended = self.txn_ended.lock().unwrap_or_else(|e| e.into_inner());
+        *ended = Some(Instant::now());
+    }
+
+    /// Before the first message of a transaction: wait until [`AFTER_TRANSACTION`] has passed
+    /// since the last one ended.
+    pub(super) async fn after_last_transaction(&self) {
+        if self.transactional.is_none()
+            || self
+                .in_transaction
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let ended = *self.txn_ended.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(begin) = ended.map(|at| at + AFTER_TRANSACTION) {
+            if begin > Instant::now() {
+                tokio::time::sleep_until(begin.into()).await;
+            }
+        }
     }
 }
 
