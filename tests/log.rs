@@ -957,10 +957,13 @@ async fn an_emitted_event_parked_twice_is_one_parked_row() {
     assert_eq!(lsns, ["1/A00", "1/B00"]);
 
     // `failed retry` sent the row (it is pending again): the event, read again, is still it.
-    sqlx::query("UPDATE outbox SET failed_at = NULL WHERE emitted_lsn = '1/A00'")
-        .execute(&log.db.pool)
+    let id: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE emitted_lsn = '1/A00'")
+        .fetch_one(&log.db.pool)
         .await
         .unwrap();
+    let (code, out, err) = log.db.run(&["failed", "retry", "--id", &id.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(log.db.count("failed_at IS NOT NULL").await, 1, "retried");
     let again = store.insert_set_aside(&first, SetAside::Parked, why).await;
     assert!(
         !again.unwrap(),

@@ -197,8 +197,7 @@ impl Publisher {
         // A message to a topic the cluster says does not exist is not produced: librdkafka would
         // hold the whole batch for topic.metadata.propagation.max.ms first.
         let missing = self.missing_topics(&messages).await;
-        self.after_last_transaction().await;
-        let begun = self.begin_if_needed();
+        let begun = self.begin_if_needed().await;
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages.iter() {
             let enqueued = if let Err(e) = &begun {

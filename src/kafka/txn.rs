@@ -24,8 +24,8 @@ const SETTLE_BEFORE_COMMIT: Duration = Duration::from_millis(50);
 /// How long after a transaction ends the next one begins at the earliest. Kafka's transaction
 /// coordinator acknowledges the end of a transaction before it has written its markers, and a
 /// partition added to the next transaction until then is refused (CONCURRENT_TRANSACTIONS),
-/// which librdkafka asks again only after a fixed 20 ms: that retry was the p99 of a
-/// transaction at 1,000 events/s (ARCHITECTURE.md, "Exactly-once").
+/// which librdkafka asks again only after a fixed 20 ms, a step in the latency tail
+/// (ARCHITECTURE.md, "Exactly-once", has the measurements).
 const AFTER_TRANSACTION: Duration = Duration::from_millis(2);
 
 /// The transactional settings of a publisher.
@@ -59,19 +59,23 @@ impl Publisher {
             .map_err(|e| e.to_string())?
     }
 
-    /// Open a transaction unless one is open (before the first message of a batch).
-    pub(super) fn begin_if_needed(&self) -> Result<(), KafkaError> {
-        if self.transactional.is_none()
-            || self
-                .in_transaction
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
+    /// Open a transaction unless one is open (before the first message of a batch), no sooner
+    /// than [`AFTER_TRANSACTION`] after the last one ended.
+    pub(super) async fn begin_if_needed(&self) -> Result<(), KafkaError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.transactional.is_none() || self.in_transaction.load(SeqCst) {
             return Ok(());
         }
-        self.producer.begin_transaction().inspect_err(|_| {
-            self.in_transaction
-                .store(false, std::sync::atomic::Ordering::SeqCst);
-        })
+        let ended = *self.txn_ended.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(begin) = ended.map(|at| at + AFTER_TRANSACTION) {
+            if begin > Instant::now() {
+                tokio::time::sleep_until(begin.into()).await;
+            }
+        }
+        self.in_transaction.store(true, SeqCst);
+        self.producer
+            .begin_transaction()
+            .inspect_err(|_| self.in_transaction.store(false, SeqCst))
     }
 
     /// Publish `position` in the open transaction and commit it: the batch and the position
@@ -80,7 +84,7 @@ impl Publisher {
         let Some(t) = &self.transactional else {
             return Ok(());
         };
-        self.begin_if_needed().map_err(|e| e.to_string())?;
+        self.begin_if_needed().await.map_err(|e| e.to_string())?;
         let record = FutureRecord::to(&t.positions_topic)
             .key(t.id.as_str())
             .payload(position.as_slice());
@@ -99,9 +103,9 @@ impl Publisher {
         let committed = tokio::task::spawn_blocking(move || {
             // rdkafka's commit first flushes, and its flush waits out a whole 100 ms poll
             // whenever anything is still counted in the producer's queue, even a delivery
-            // report the polling thread is still handing over (2-3 such stalls in 20 s at 1,000
-            // events/s). Every message of this transaction has its report, so the count reaches
-            // zero within microseconds: wait for that first (bounded; the commit flushes anyway).
+            // report the polling thread is still handing over. Every message of this
+            // transaction has its report, so the count reaches zero within microseconds: wait
+            // for that first (bounded; the commit flushes anyway).
             let settled = Instant::now();
             while producer.in_flight_count() > 0 && settled.elapsed() < SETTLE_BEFORE_COMMIT {
                 std::thread::sleep(Duration::from_micros(50));
@@ -138,24 +142,6 @@ impl Publisher {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         let mut ended = self.txn_ended.lock().unwrap_or_else(|e| e.into_inner());
         *ended = Some(Instant::now());
-    }
-
-    /// Before the first message of a transaction: wait until [`AFTER_TRANSACTION`] has passed
-    /// since the last one ended.
-    pub(super) async fn after_last_transaction(&self) {
-        if self.transactional.is_none()
-            || self
-                .in_transaction
-                .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
-        }
-        let ended = *self.txn_ended.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(begin) = ended.map(|at| at + AFTER_TRANSACTION) {
-            if begin > Instant::now() {
-                tokio::time::sleep_until(begin.into()).await;
-            }
-        }
     }
 }
 
