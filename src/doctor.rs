@@ -234,6 +234,18 @@ async fn database_checks(
             "run `outbox-relay migrate` to upgrade it",
         );
     }
+    if !columns.iter().any(|have| have == "emitted_lsn") {
+        r.warn(
+            "table",
+            format!(
+                "{} lacks the column emitted_lsn (added by this release's migrate): the relay runs, \
+                 but in log mode an emitted event set aside (parked or dead-lettered) is found by its \
+                 last_error and may be set aside twice after `failed retry` or a crash",
+                db.table
+            ),
+            "run `outbox-relay migrate` to upgrade it",
+        );
+    }
     let (lease, replicas): (bool, bool) =
         sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
             .bind(db.table.lease_table())

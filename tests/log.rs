@@ -895,7 +895,8 @@ async fn poison_emitted_event_set_aside_once(dead_letter_topic: Option<&str>) {
 /// slot's position passes it (a crash; exactly-once, an aborted transaction), it is parked
 /// again: that must not insert a second row, or `failed retry` would publish the event twice
 /// under two event ids; nor after `failed retry` has sent the row. The same for a dead-letter
-/// record. A table migrated by an older release (no `emitted_lsn`) still parks it once.
+/// record. A table migrated by an older release (no `emitted_lsn`) still parks it once, and
+/// `doctor` says to migrate it until `migrate` has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emitted_event_parked_twice_is_one_parked_row() {
     use outbox_relay::event::OutboxRow;
@@ -987,5 +988,16 @@ async fn an_emitted_event_parked_twice_is_one_parked_row() {
         assert_eq!(done.await.unwrap(), inserted, "older schema, time {n}");
     }
     assert_eq!(log.db.count("true").await, 4);
+    let doctor = || {
+        log.db
+            .run(&["doctor", "--kafka-brokers", &common::kafka_brokers()])
+            .1
+    };
+    let warning = "[WARN] table: public.outbox lacks the column emitted_lsn";
+    let before = doctor();
+    assert!(before.contains(warning), "{before}");
+    migrate_to_log(&log.db, &log.slot);
+    let after = doctor();
+    assert!(!after.contains("emitted_lsn"), "{after}");
     log.finish().await;
 }
