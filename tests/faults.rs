@@ -462,33 +462,63 @@ log_mode!(
     Delivery::ExactlyOnce
 );
 
-/// 4. The broker is killed with SIGKILL and restarted during load (at least once: the in-flight
-///    window per kill; exactly once: nothing).
-async fn broker_sigkilled(ctx: Arc<Ctx>, delivery: Delivery) {
+/// A broker outage during load, `times` times (`soak_times` in a soak): after `before_ms`,
+/// kafka.sh's `down` action, `down_ms` later its `up` action, with the relays started with
+/// `flags`. Each outage may cost the in-flight window of duplicates (at least once).
+struct Outage {
+    what: &'static str,
+    down: &'static str,
+    up: &'static str,
+    before_ms: std::ops::Range<u64>,
+    down_ms: std::ops::RangeInclusive<u64>,
+    times: usize,
+    soak_times: usize,
+    flags: &'static [&'static str],
+}
+
+async fn broker_outages(ctx: Arc<Ctx>, o: Outage, delivery: Delivery) {
     let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 2, delivery.flags()).await;
+    let mut fleet = fleet(&ctx, &db, 2, o.flags).await;
     let load = load(&ctx, &db, spec(&topics)).await;
-    let kills = if ctx.soak { 6 } else { 2 };
-    let mut rng = ctx.rng("broker-kills");
+    let times = if ctx.soak { o.soak_times } else { o.times };
+    let mut rng = ctx.rng(o.what);
     let mut bursts = Bursts::new(&ctx, &topics);
-    for k in 1..=kills {
-        sleep_ms(rng.random_range(1000..3000)).await;
+    for n in 1..=times {
+        sleep_ms(rng.random_range(o.before_ms.clone())).await;
         maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-        service(&ctx, "kafka.sh", &["kill9"]).await;
-        sleep_ms(rng.random_range(1000..4000)).await;
-        service(&ctx, "kafka.sh", &["start"]).await;
+        service(&ctx, "kafka.sh", &[o.down]).await;
+        let down = rng.random_range(o.down_ms.clone());
+        sleep_ms(down).await;
+        service(&ctx, "kafka.sh", &[o.up]).await;
         let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
         ctx.say(&format!(
-            "broker kill {k}/{kills}: publishing again {:.1}s after the restart",
-            resumed.as_secs_f64()
+            "{} {n}/{times} ({down} ms): publishing again {:.1}s after `kafka.sh {}`",
+            o.what,
+            resumed.as_secs_f64(),
+            o.up
         ));
     }
     fleet.assert_all_running();
-    // The in-flight window per kill, in every mode: the relay lives on and leads on, and log
-    // mode's stream, if it restarts (a fatal producer error), starts from the relay's own
-    // confirmed position, not the server's lagging one.
-    let bound = delivery.cost(DUP_WINDOW * kills);
+    let bound = delivery.cost(DUP_WINDOW * times);
     conclude(&ctx, db, fleet, (load, bursts), &topics, bound).await;
+}
+
+/// 4. The broker is killed with SIGKILL and restarted during load (at least once: the in-flight
+///    window per kill; exactly once: nothing). The relay lives on and leads on, and log mode's
+///    stream, if it restarts (a fatal producer error), starts from the relay's own confirmed
+///    position, not the server's lagging one.
+async fn broker_sigkilled(ctx: Arc<Ctx>, delivery: Delivery) {
+    let kill = Outage {
+        what: "broker-kills",
+        down: "kill9",
+        up: "start",
+        before_ms: 1000..3000,
+        down_ms: 1000..=4000,
+        times: 2,
+        soak_times: 6,
+        flags: delivery.flags(),
+    };
+    broker_outages(ctx, kill, delivery).await
 }
 
 claim_mode!(
@@ -522,34 +552,17 @@ log_mode!(
 
 /// 5. The broker is paused (SIGSTOP) for ~10 s, then resumed, during load.
 async fn broker_paused(ctx: Arc<Ctx>) {
-    let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 2, &[]).await;
-    let load = load(&ctx, &db, spec(&topics)).await;
-    let pauses = if ctx.soak { 4 } else { 1 };
-    let mut rng = ctx.rng("broker-pauses");
-    let mut bursts = Bursts::new(&ctx, &topics);
-    for p in 1..=pauses {
-        sleep_ms(rng.random_range(500..2000)).await;
-        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-        service(&ctx, "kafka.sh", &["pause"]).await;
-        sleep_ms(10_000).await;
-        service(&ctx, "kafka.sh", &["resume"]).await;
-        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-        ctx.say(&format!(
-            "broker pause {p}/{pauses}: publishing again {:.1}s after the resume",
-            resumed.as_secs_f64()
-        ));
-    }
-    fleet.assert_all_running();
-    conclude(
-        &ctx,
-        db,
-        fleet,
-        (load, bursts),
-        &topics,
-        DUP_WINDOW * pauses,
-    )
-    .await;
+    let pause = Outage {
+        what: "broker-pauses",
+        down: "pause",
+        up: "resume",
+        before_ms: 500..2000,
+        down_ms: 10_000..=10_000,
+        times: 1,
+        soak_times: 4,
+        flags: &[],
+    };
+    broker_outages(ctx, pause, Delivery::AtLeastOnce).await
 }
 
 claim_mode!(
@@ -569,34 +582,17 @@ log_mode!(
 ///    send the key's later ones first.) Nothing may be lost, and per-key first-occurrence
 ///    order must hold.
 async fn broker_down(ctx: Arc<Ctx>) {
-    let (db, topics) = setup(&ctx, 2).await;
-    let mut fleet = fleet(&ctx, &db, 2, &["--stall-timeout", "5s"]).await;
-    let load = load(&ctx, &db, spec(&topics)).await;
-    let outages = if ctx.soak { 3 } else { 1 };
-    let mut rng = ctx.rng("broker-outages");
-    let mut bursts = Bursts::new(&ctx, &topics);
-    for o in 1..=outages {
-        sleep_ms(rng.random_range(500..2000)).await;
-        maybe_burst(&mut bursts, &db, &mut rng, 0.7).await;
-        service(&ctx, "kafka.sh", &["stop"]).await;
-        sleep_ms(15_000).await;
-        service(&ctx, "kafka.sh", &["start"]).await;
-        let resumed = db.wait_progress(&ctx, 100, PROGRESS).await;
-        ctx.say(&format!(
-            "broker outage {o}/{outages} (15s): publishing again {:.1}s after the restart",
-            resumed.as_secs_f64()
-        ));
-    }
-    fleet.assert_all_running();
-    conclude(
-        &ctx,
-        db,
-        fleet,
-        (load, bursts),
-        &topics,
-        DUP_WINDOW * outages,
-    )
-    .await;
+    let outage = Outage {
+        what: "broker-outages",
+        down: "stop",
+        up: "start",
+        before_ms: 500..2000,
+        down_ms: 15_000..=15_000,
+        times: 1,
+        soak_times: 3,
+        flags: &["--stall-timeout", "5s"],
+    };
+    broker_outages(ctx, outage, Delivery::AtLeastOnce).await
 }
 
 claim_mode!(

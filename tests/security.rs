@@ -65,6 +65,25 @@ fn sasl_config(user: &str, root: &Path) -> Vec<String> {
     .collect()
 }
 
+/// A relay reaching PostgreSQL at `url` as the password role, and Kafka over SASL_SSL + SCRAM
+/// as the SCRAM user with `sasl_password`, both passwords only in files; then `extra` flags.
+fn secured_relay(db: &TestDb, url: &str, sasl_password: &str, extra: &[&str]) -> Relay {
+    let pg_password = secret_file(PG_PASSWORD);
+    let sasl_password = secret_file(sasl_password);
+    let mut args = sasl_config(SASL_USER, &ca());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Relay::spawn(
+        &db.name,
+        url,
+        &kafka_sasl_brokers(),
+        &strs(&args),
+        &[
+            (PASSWORD_FILE_ENV, pg_password.to_str().unwrap()),
+            (SASL_PASSWORD_FILE_ENV, sasl_password.to_str().unwrap()),
+        ],
+    )
+}
+
 /// A 0600 file holding `content` (with a trailing newline, as editors and Secrets leave it).
 fn secret_file(content: &str) -> PathBuf {
     use std::os::unix::fs::OpenOptionsExt;
@@ -309,20 +328,12 @@ async fn relay_over_verified_tls_and_scram_publishes_and_marks() {
     create_topics(&[&topic], 3).await;
     let mut ids = insert_rows(&db, &topic, 40).await;
 
-    let pg_password = secret_file(PG_PASSWORD);
-    let sasl_password = secret_file(SASL_PASSWORD);
     let url = tls_url(&db.name, PG_ROLE, "127.0.0.1", "verify-full", &ca());
-    let mut args = sasl_config(SASL_USER, &ca());
-    args.extend(["--require-secure-transport".into(), "true".into()]);
-    let relay = Relay::spawn(
-        &db.name,
+    let relay = secured_relay(
+        &db,
         &url,
-        &kafka_sasl_brokers(),
-        &strs(&args),
-        &[
-            (PASSWORD_FILE_ENV, pg_password.to_str().unwrap()),
-            (SASL_PASSWORD_FILE_ENV, sasl_password.to_str().unwrap()),
-        ],
+        SASL_PASSWORD,
+        &["--require-secure-transport", "true"],
     );
     relay.wait_http("/readyz", 200, Duration::from_secs(30));
     // Rows committed while it runs (the NOTIFY path) as well as the backlog.
@@ -441,19 +452,8 @@ async fn untrusted_postgres_certificate_keeps_the_relay_up_and_not_ready() {
     let topic = unique("sec_badca");
     create_topics(&[&topic], 1).await;
     insert_rows(&db, &topic, 3).await;
-    let pg_password = secret_file(PG_PASSWORD);
-    let sasl_password = secret_file(SASL_PASSWORD);
     let url = tls_url(&db.name, PG_ROLE, "127.0.0.1", "verify-full", &other_ca());
-    let mut relay = Relay::spawn(
-        &db.name,
-        &url,
-        &kafka_sasl_brokers(),
-        &strs(&sasl_config(SASL_USER, &ca())),
-        &[
-            (PASSWORD_FILE_ENV, pg_password.to_str().unwrap()),
-            (SASL_PASSWORD_FILE_ENV, sasl_password.to_str().unwrap()),
-        ],
-    );
+    let mut relay = secured_relay(&db, &url, SASL_PASSWORD, &[]);
     relay.wait_http("/healthz", 200, Duration::from_secs(10));
     relay.wait_log(
         "invalid peer certificate: UnknownIssuer",
@@ -521,19 +521,8 @@ async fn wrong_scram_password_is_not_ready_and_marks_nothing() {
     let topic = unique("sec_badpw");
     create_topics(&[&topic], 1).await;
     insert_rows(&db, &topic, 5).await;
-    let pg_password = secret_file(PG_PASSWORD);
-    let sasl_password = secret_file("not-the-scram-password");
     let url = tls_url(&db.name, PG_ROLE, "127.0.0.1", "verify-full", &ca());
-    let mut relay = Relay::spawn(
-        &db.name,
-        &url,
-        &kafka_sasl_brokers(),
-        &strs(&sasl_config(SASL_USER, &ca())),
-        &[
-            (PASSWORD_FILE_ENV, pg_password.to_str().unwrap()),
-            (SASL_PASSWORD_FILE_ENV, sasl_password.to_str().unwrap()),
-        ],
-    );
+    let mut relay = secured_relay(&db, &url, "not-the-scram-password", &[]);
     relay.wait_log("Authentication failed", Duration::from_secs(20));
     relay.wait_log("Kafka metadata request failed", Duration::from_secs(20));
     let body = relay.wait_http("/readyz", 503, Duration::from_secs(10));
