@@ -1055,7 +1055,10 @@ class Harness:
         os.makedirs(self.outdir, exist_ok=True)
         os.makedirs(self.logdir, exist_ok=True)
         self.relay_bin = args.relay_bin
-        self.relay_profile = "release" if "/release/" in self.relay_bin else "debug"
+        # Cargo's profile from the binary's directory; a binary given from
+        # elsewhere (a copy of another build) is labelled as the BENCH_RELAY_BIN build.
+        self.relay_profile = next((p for p in ("release", "debug") if f"/{p}/" in self.relay_bin),
+                                  "BENCH_RELAY_BIN")
         self.dbz_home = args.debezium_home
         self.dbz_dir = os.path.dirname(os.path.dirname(self.dbz_home)) if self.dbz_home else None
         self.dbz_java_home = args.debezium_java_home
