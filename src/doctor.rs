@@ -234,18 +234,6 @@ async fn database_checks(
             "run `outbox-relay migrate` to upgrade it",
         );
     }
-    if !columns.iter().any(|have| have == "emitted_lsn") {
-        r.warn(
-            "table",
-            format!(
-                "{} lacks the column emitted_lsn (added by this release's migrate): the relay runs, \
-                 but in log mode an emitted event set aside (parked or dead-lettered) is found by its \
-                 last_error and may be set aside twice after `failed retry` or a crash",
-                db.table
-            ),
-            "run `outbox-relay migrate` to upgrade it",
-        );
-    }
     let (lease, replicas): (bool, bool) =
         sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
             .bind(db.table.lease_table())
@@ -271,6 +259,11 @@ async fn database_checks(
     let migrated_for =
         crate::store::migrated_mode(&mut *conn, &db.table, &mode.log.publication).await?;
     let read_mode = mode.wanted.or(migrated_for);
+    // `migrate` without the relay's read mode would migrate the table for claim mode.
+    let migrate_fix = format!(
+        "run `outbox-relay migrate --read-mode {}`",
+        read_mode.map_or("<the mode the relay runs with>", |m| m.as_str())
+    );
     match (read_mode, migrated_for) {
         (Some(ReadMode::Log), None | Some(ReadMode::Log)) => r.ok(
             "indexes",
@@ -292,7 +285,7 @@ async fn database_checks(
                 have.as_str(),
                 want.as_str()
             ),
-            format!("run `outbox-relay migrate --read-mode {}`", want.as_str()),
+            &migrate_fix,
         ),
         (Some(want), None) => r.warn(
             "indexes",
@@ -300,13 +293,25 @@ async fn database_checks(
                 "no read index for --read-mode {}: every read scans the table",
                 want.as_str()
             ),
-            format!("run `outbox-relay migrate --read-mode {}`", want.as_str()),
+            &migrate_fix,
         ),
         (None, _) => r.warn(
             "indexes",
             "no read index (claim mode's <table>_pending_idx) and no log mode publication: every read scans the table",
-            "run `outbox-relay migrate --read-mode <the mode the relay runs with>`",
+            &migrate_fix,
         ),
+    }
+    if !columns.iter().any(|have| have == "emitted_lsn") {
+        r.warn(
+            "table",
+            format!(
+                "{} lacks the column emitted_lsn (added by this release's migrate): the relay runs, \
+                 but in log mode an emitted event set aside (parked or dead-lettered) is found by its \
+                 last_error and may be set aside twice after `failed retry` or a crash",
+                db.table
+            ),
+            &migrate_fix,
+        );
     }
     let log_mode = read_mode == Some(ReadMode::Log);
 

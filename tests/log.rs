@@ -988,14 +988,32 @@ async fn an_emitted_event_parked_twice_is_one_parked_row() {
         assert_eq!(done.await.unwrap(), inserted, "older schema, time {n}");
     }
     assert_eq!(log.db.count("true").await, 4);
+    // doctor with the relay's flags, as an operator runs it.
+    let brokers = common::kafka_brokers();
     let doctor = || {
-        log.db
-            .run(&["doctor", "--kafka-brokers", &common::kafka_brokers()])
-            .1
+        let flags = [
+            "--read-mode",
+            "log",
+            "--slot",
+            &log.slot,
+            "--publication",
+            &log.slot,
+        ];
+        let args = [&["doctor", "--kafka-brokers", &brokers][..], &flags[..]].concat();
+        log.db.run(&args).1
     };
     let warning = "[WARN] table: public.outbox lacks the column emitted_lsn";
     let before = doctor();
-    assert!(before.contains(warning), "{before}");
+    // The fix keeps the table in log mode (a bare `migrate` would migrate it for claim mode).
+    let fix = before
+        .split(warning)
+        .nth(1)
+        .and_then(|rest| rest.lines().nth(1));
+    assert_eq!(
+        fix.map(str::trim),
+        Some("fix: run `outbox-relay migrate --read-mode log`"),
+        "{before}"
+    );
     migrate_to_log(&log.db, &log.slot);
     let after = doctor();
     assert!(!after.contains("emitted_lsn"), "{after}");
